@@ -1,0 +1,269 @@
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::OnceLock;
+
+use apache_avro::types::Value;
+use apache_avro::{from_avro_datum, Reader, Schema};
+
+use crate::error::DecodeError;
+use crate::event::Event;
+use crate::fields::{build_event, flatten, Fields, FlatValue, FIELD_NAMES};
+use crate::time_fmt::parse_rfc3339_millis;
+
+/// The Avro schema of an input event, shipped with the project (`schemas/event.avsc`).
+pub const EVENT_SCHEMA_JSON: &str = include_str!("../schemas/event.avsc");
+
+/// The parsed input-event schema; readers resolve every writer schema to it.
+pub fn event_schema() -> &'static Schema {
+    static SCHEMA: OnceLock<Schema> = OnceLock::new();
+    SCHEMA.get_or_init(|| Schema::parse_str(EVENT_SCHEMA_JSON).expect("shipped event.avsc is a valid schema"))
+}
+
+struct AvroRecord<'a>(&'a [(String, Value)]);
+
+fn unwrap_union(v: &Value) -> &Value {
+    match v {
+        Value::Union(_, inner) => inner,
+        other => other,
+    }
+}
+
+fn kind_of(v: &Value) -> String {
+    let s = format!("{v:?}");
+    let head = s.split(['(', ' ', '{']).next().unwrap_or("value");
+    head.to_string()
+}
+
+impl AvroRecord<'_> {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| unwrap_union(v))
+            .filter(|v| !matches!(v, Value::Null))
+    }
+}
+
+impl Fields for AvroRecord<'_> {
+    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) | Some(Value::Enum(_, s)) => Ok(Some(s.clone())),
+            Some(other) => Err(DecodeError::WrongType { field: name, expected: "a string", found: kind_of(other) }),
+        }
+    }
+
+    fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Long(i)) => Ok(Some(*i)),
+            Some(Value::Int(i)) => Ok(Some(i64::from(*i))),
+            Some(other) => Err(DecodeError::WrongType { field: name, expected: "an integer", found: kind_of(other) }),
+        }
+    }
+
+    fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::TimestampMillis(t)) | Some(Value::Long(t)) => Ok(Some(*t)),
+            Some(Value::TimestampMicros(t)) => Ok(Some(t.div_euclid(1000))),
+            Some(Value::String(s)) => parse_rfc3339_millis(s)
+                .map(Some)
+                .map_err(|reason| DecodeError::BadTimestamp { value: s.clone(), reason }),
+            Some(other) => Err(DecodeError::BadTimestamp {
+                value: kind_of(other),
+                reason: "expected timestamp-millis, long or an RFC 3339 string".into(),
+            }),
+        }
+    }
+}
+
+/// Builds an event from a decoded Avro value (already resolved to [`event_schema`]).
+fn event_from_value(v: &Value) -> Result<Event, DecodeError> {
+    match v {
+        Value::Record(fields) => build_event(&AvroRecord(fields)),
+        other => Err(DecodeError::Avro(format!("expected a record, got {}", kind_of(other)))),
+    }
+}
+
+/// The Avro value of an event under [`event_schema`], for writing container
+/// files or wire-format messages.
+pub fn event_to_avro_value(e: &Event) -> Value {
+    let flat = flatten(e);
+    let fields = FIELD_NAMES
+        .iter()
+        .map(|&name| {
+            let found = flat.iter().find(|(n, _)| *n == name).map(|(_, v)| v);
+            let v = match (name, found) {
+                ("ts", Some(FlatValue::Int(t))) => Value::TimestampMillis(*t),
+                ("event_id" | "customer_id" | "type", Some(FlatValue::Str(s))) => Value::String((*s).to_string()),
+                ("score", Some(FlatValue::Int(i))) => Value::Union(1, Box::new(Value::Int(*i as i32))),
+                (_, Some(FlatValue::Int(i))) => Value::Union(1, Box::new(Value::Long(*i))),
+                (_, Some(FlatValue::Str(s))) => Value::Union(1, Box::new(Value::String((*s).to_string()))),
+                (_, None) => Value::Union(0, Box::new(Value::Null)),
+            };
+            (name.to_string(), v)
+        })
+        .collect();
+    Value::Record(fields)
+}
+
+/// Reads events from an Avro object container file, resolving the file's
+/// writer schema to [`event_schema`]. Yields one result per record; a record
+/// that cannot be read at all ends the iteration after its error, since the
+/// rest of the block cannot be located.
+pub struct AvroFileReader<R: Read> {
+    inner: Reader<'static, R>,
+    failed: bool,
+}
+
+impl<R: Read> AvroFileReader<R> {
+    pub fn new(input: R) -> Result<Self, DecodeError> {
+        let inner = Reader::with_schema(event_schema(), input).map_err(|e| DecodeError::Avro(e.to_string()))?;
+        Ok(Self { inner, failed: false })
+    }
+}
+
+impl<R: Read> Iterator for AvroFileReader<R> {
+    type Item = Result<Event, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.inner.next()? {
+            Ok(v) => Some(event_from_value(&v)),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(DecodeError::Avro(format!("unreadable record, rest of file skipped: {e}"))))
+            }
+        }
+    }
+}
+
+/// Where writer schemas come from for the Schema Registry wire format.
+pub trait SchemaLookup {
+    fn writer_schema(&self, id: u32) -> Result<&Schema, DecodeError>;
+}
+
+/// A fixed map of schema id → writer schema (from local `.avsc` files).
+#[derive(Default)]
+pub struct StaticSchemas(HashMap<u32, Schema>);
+
+impl StaticSchemas {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert_json(&mut self, id: u32, schema_json: &str) -> Result<(), DecodeError> {
+        let schema = Schema::parse_str(schema_json).map_err(|e| DecodeError::Avro(e.to_string()))?;
+        self.0.insert(id, schema);
+        Ok(())
+    }
+}
+
+impl SchemaLookup for StaticSchemas {
+    fn writer_schema(&self, id: u32) -> Result<&Schema, DecodeError> {
+        self.0.get(&id).ok_or(DecodeError::UnknownSchemaId(id))
+    }
+}
+
+/// Decodes one message in the Schema Registry wire format: magic byte 0, a
+/// 4-byte big-endian schema id, then the Avro datum written with that schema.
+pub fn decode_wire(bytes: &[u8], schemas: &dyn SchemaLookup) -> Result<Event, DecodeError> {
+    if bytes.len() < 5 {
+        return Err(DecodeError::WireFormat(format!("{} bytes, need at least 5", bytes.len())));
+    }
+    if bytes[0] != 0 {
+        return Err(DecodeError::WireFormat(format!("magic byte {} (expected 0)", bytes[0])));
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let writer = schemas.writer_schema(id)?;
+    let mut datum = &bytes[5..];
+    let value = from_avro_datum(writer, &mut datum, Some(event_schema()))
+        .map_err(|e| DecodeError::Avro(e.to_string()))?;
+    if !datum.is_empty() {
+        return Err(DecodeError::WireFormat(format!("{} trailing bytes after the datum", datum.len())));
+    }
+    event_from_value(&value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventKind, PaymentStatus};
+    use apache_avro::{to_avro_datum, Writer};
+
+    fn sample() -> Event {
+        Event {
+            event_id: "e1".into(),
+            customer_id: "c1".into(),
+            ts: 1_767_225_600_000,
+            kind: EventKind::Payment { amount_cents: 990, status: PaymentStatus::Failed },
+        }
+    }
+
+    fn wire(id: u32, schema: &Schema, v: Value) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend(to_avro_datum(schema, v).expect("encodes"));
+        out
+    }
+
+    #[test]
+    fn container_file_round_trip() {
+        let mut w = Writer::new(event_schema(), Vec::new());
+        w.append(event_to_avro_value(&sample())).expect("append");
+        let bytes = w.into_inner().expect("flush");
+        let events: Vec<_> = AvroFileReader::new(&bytes[..]).expect("header").collect();
+        assert_eq!(events, vec![Ok(sample())]);
+    }
+
+    #[test]
+    fn wire_format_resolves_an_older_writer_schema() {
+        // An older producer schema: fewer optional fields, `status` absent
+        // from the writer, and fields in another order.
+        let old = r#"{"type":"record","name":"CustomerEvent","namespace":"io.segstream","fields":[
+            {"name":"ts","type":"long"},
+            {"name":"type","type":"string"},
+            {"name":"customer_id","type":"string"},
+            {"name":"event_id","type":"string"},
+            {"name":"score","type":["null","int"],"default":null}]}"#;
+        let mut schemas = StaticSchemas::new();
+        schemas.insert_json(7, old).expect("schema");
+        let writer = schemas.writer_schema(7).expect("present").clone();
+        let v = Value::Record(vec![
+            ("ts".into(), Value::Long(1000)),
+            ("type".into(), Value::String("nps".into())),
+            ("customer_id".into(), Value::String("c".into())),
+            ("event_id".into(), Value::String("e".into())),
+            ("score".into(), Value::Union(1, Box::new(Value::Int(9)))),
+        ]);
+        let e = decode_wire(&wire(7, &writer, v), &schemas).expect("decodes");
+        assert_eq!(e.kind, EventKind::Nps { score: 9 });
+        assert_eq!(e.ts, 1000);
+
+        let v = Value::Record(vec![
+            ("ts".into(), Value::Long(1000)),
+            ("type".into(), Value::String("nps".into())),
+            ("customer_id".into(), Value::String("c".into())),
+            ("event_id".into(), Value::String("e".into())),
+            ("score".into(), Value::Union(1, Box::new(Value::Int(12)))),
+        ]);
+        assert!(matches!(decode_wire(&wire(7, &writer, v), &schemas), Err(DecodeError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn wire_format_errors() {
+        let mut schemas = StaticSchemas::new();
+        schemas.insert_json(1, EVENT_SCHEMA_JSON).expect("schema");
+        assert!(matches!(decode_wire(&[0, 0], &schemas), Err(DecodeError::WireFormat(_))));
+        assert!(matches!(decode_wire(&[1, 0, 0, 0, 1, 2], &schemas), Err(DecodeError::WireFormat(_))));
+        assert_eq!(decode_wire(&[0, 0, 0, 0, 9, 2], &schemas), Err(DecodeError::UnknownSchemaId(9)));
+        assert!(matches!(decode_wire(&[0, 0, 0, 0, 1, 0xff, 0xff], &schemas), Err(DecodeError::Avro(_))));
+        let mut good = wire(1, event_schema(), event_to_avro_value(&sample()));
+        assert_eq!(decode_wire(&good, &schemas), Ok(sample()));
+        good.push(0);
+        assert!(matches!(decode_wire(&good, &schemas), Err(DecodeError::WireFormat(_))));
+    }
+}

@@ -1,0 +1,179 @@
+//! The one validation path shared by every decoder: a decoder exposes the raw
+//! record through [`Fields`], and [`build_event`] checks it against SPEC §1.
+
+use crate::error::DecodeError;
+use crate::event::{
+    Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction,
+};
+
+/// Typed access to one field of a raw record. `Ok(None)` means absent or null;
+/// a present value of the wrong type is an error naming the field.
+pub(crate) trait Fields {
+    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError>;
+    fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
+    /// A timestamp: an RFC 3339 string or integer epoch milliseconds.
+    fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
+}
+
+fn required<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
+    v.ok_or(DecodeError::MissingField { field })
+}
+
+fn non_empty(f: &impl Fields, field: &'static str) -> Result<String, DecodeError> {
+    let s = required(f.string(field)?, field)?;
+    if s.is_empty() {
+        return Err(DecodeError::OutOfRange { field, value: "\"\"".into(), reason: "must not be empty" });
+    }
+    Ok(s)
+}
+
+fn non_negative(f: &impl Fields, field: &'static str) -> Result<i64, DecodeError> {
+    let v = required(f.integer(field)?, field)?;
+    if v < 0 {
+        return Err(DecodeError::OutOfRange { field, value: v.to_string(), reason: "must be >= 0" });
+    }
+    Ok(v)
+}
+
+fn enum_field<T>(
+    f: &impl Fields,
+    field: &'static str,
+    parse: fn(&str) -> Option<T>,
+    allowed: &'static str,
+) -> Result<T, DecodeError> {
+    let s = required(f.string(field)?, field)?;
+    parse(&s).ok_or(DecodeError::BadEnum { field, value: s, allowed })
+}
+
+pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
+    let event_id = non_empty(f, "event_id")?;
+    let customer_id = non_empty(f, "customer_id")?;
+    let type_name = required(f.string("type")?, "type")?;
+    let ts = required(f.timestamp("ts")?, "ts")?;
+    let kind = match type_name.as_str() {
+        "login" => EventKind::Login { user_id: f.string("user_id")? },
+        "session" => EventKind::Session {
+            user_id: f.string("user_id")?,
+            duration_s: non_negative(f, "duration_s")?,
+        },
+        "feature_used" => EventKind::FeatureUsed {
+            user_id: f.string("user_id")?,
+            feature: non_empty(f, "feature")?,
+        },
+        "workflow_completed" => EventKind::WorkflowCompleted {
+            user_id: f.string("user_id")?,
+            workflow: non_empty(f, "workflow")?,
+        },
+        "subscription" => EventKind::Subscription {
+            plan: required(f.string("plan")?, "plan")?,
+            mrr_cents: non_negative(f, "mrr_cents")?,
+            status: enum_field(f, "status", SubscriptionStatus::parse, SubscriptionStatus::ALLOWED)?,
+        },
+        "payment" => EventKind::Payment {
+            amount_cents: non_negative(f, "amount_cents")?,
+            status: enum_field(f, "status", PaymentStatus::parse, PaymentStatus::ALLOWED)?,
+        },
+        "ticket" => EventKind::Ticket {
+            ticket_id: non_empty(f, "ticket_id")?,
+            action: enum_field(f, "action", TicketAction::parse, TicketAction::ALLOWED)?,
+            priority: enum_field(f, "priority", Priority::parse, Priority::ALLOWED)?,
+        },
+        "nps" => {
+            let score = required(f.integer("score")?, "score")?;
+            if !(0..=10).contains(&score) {
+                return Err(DecodeError::OutOfRange {
+                    field: "score",
+                    value: score.to_string(),
+                    reason: "nps score must be 0..10",
+                });
+            }
+            EventKind::Nps { score: score as u8 }
+        }
+        "profile" => {
+            let employees = f.integer("employees")?;
+            if let Some(e) = employees.filter(|e| *e < 0) {
+                return Err(DecodeError::OutOfRange {
+                    field: "employees",
+                    value: e.to_string(),
+                    reason: "must be >= 0",
+                });
+            }
+            EventKind::Profile {
+                industry: f.string("industry")?,
+                employees,
+                country: f.string("country")?,
+            }
+        }
+        "customer_deleted" => EventKind::CustomerDeleted,
+        _ => return Err(DecodeError::UnknownType(type_name)),
+    };
+    Ok(Event { event_id, customer_id, ts, kind })
+}
+
+/// Field names of the flat record layout shared by JSON and the Avro schema.
+pub(crate) const FIELD_NAMES: [&str; 19] = [
+    "event_id", "customer_id", "type", "ts", "user_id", "duration_s", "feature", "workflow",
+    "plan", "mrr_cents", "status", "amount_cents", "ticket_id", "action", "priority", "score",
+    "industry", "employees", "country",
+];
+
+/// The flat `(field, value)` view of an event, the inverse of [`build_event`].
+pub(crate) enum FlatValue<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+pub(crate) fn flatten(e: &Event) -> Vec<(&'static str, FlatValue<'_>)> {
+    use FlatValue::{Int, Str};
+    let mut v = vec![
+        ("event_id", Str(e.event_id.as_str())),
+        ("customer_id", Str(e.customer_id.as_str())),
+        ("type", Str(e.kind.type_name())),
+        ("ts", Int(e.ts)),
+    ];
+    match &e.kind {
+        EventKind::Login { user_id } => push_opt(&mut v, "user_id", user_id),
+        EventKind::Session { user_id, duration_s } => {
+            push_opt(&mut v, "user_id", user_id);
+            v.push(("duration_s", Int(*duration_s)));
+        }
+        EventKind::FeatureUsed { user_id, feature } => {
+            push_opt(&mut v, "user_id", user_id);
+            v.push(("feature", Str(feature)));
+        }
+        EventKind::WorkflowCompleted { user_id, workflow } => {
+            push_opt(&mut v, "user_id", user_id);
+            v.push(("workflow", Str(workflow)));
+        }
+        EventKind::Subscription { plan, mrr_cents, status } => {
+            v.push(("plan", Str(plan)));
+            v.push(("mrr_cents", Int(*mrr_cents)));
+            v.push(("status", Str(status.as_str())));
+        }
+        EventKind::Payment { amount_cents, status } => {
+            v.push(("amount_cents", Int(*amount_cents)));
+            v.push(("status", Str(status.as_str())));
+        }
+        EventKind::Ticket { ticket_id, action, priority } => {
+            v.push(("ticket_id", Str(ticket_id)));
+            v.push(("action", Str(action.as_str())));
+            v.push(("priority", Str(priority.as_str())));
+        }
+        EventKind::Nps { score } => v.push(("score", Int(i64::from(*score)))),
+        EventKind::Profile { industry, employees, country } => {
+            push_opt(&mut v, "industry", industry);
+            if let Some(n) = employees {
+                v.push(("employees", Int(*n)));
+            }
+            push_opt(&mut v, "country", country);
+        }
+        EventKind::CustomerDeleted => {}
+    }
+    v
+}
+
+fn push_opt<'a>(v: &mut Vec<(&'static str, FlatValue<'a>)>, name: &'static str, s: &'a Option<String>) {
+    if let Some(s) = s {
+        v.push((name, FlatValue::Str(s)));
+    }
+}

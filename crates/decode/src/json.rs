@@ -1,0 +1,256 @@
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::DecodeError;
+use crate::event::Event;
+use crate::fields::{build_event, flatten, Fields, FlatValue};
+use crate::time_fmt::parse_rfc3339_millis;
+
+/// The known fields of a JSON event, each kept as raw JSON text so that a
+/// wrong type is reported against its field (and only if the event's type uses
+/// it: a stray `feature` on a login is an ignored extra field, as SPEC says).
+#[derive(Deserialize, Default)]
+struct JsonRecord<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    customer_id: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    type_: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ts: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    duration_s: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    feature: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    workflow: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    plan: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    mrr_cents: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    status: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    amount_cents: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ticket_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    action: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    score: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    industry: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    employees: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    country: Option<&'a RawValue>,
+}
+
+impl<'a> JsonRecord<'a> {
+    fn raw(&self, name: &str) -> Option<&'a RawValue> {
+        let v = match name {
+            "event_id" => self.event_id,
+            "customer_id" => self.customer_id,
+            "type" => self.type_,
+            "ts" => self.ts,
+            "user_id" => self.user_id,
+            "duration_s" => self.duration_s,
+            "feature" => self.feature,
+            "workflow" => self.workflow,
+            "plan" => self.plan,
+            "mrr_cents" => self.mrr_cents,
+            "status" => self.status,
+            "amount_cents" => self.amount_cents,
+            "ticket_id" => self.ticket_id,
+            "action" => self.action,
+            "priority" => self.priority,
+            "score" => self.score,
+            "industry" => self.industry,
+            "employees" => self.employees,
+            "country" => self.country,
+            _ => None,
+        };
+        // `null` counts as absent, like a missing key.
+        v.filter(|r| r.get() != "null")
+    }
+}
+
+fn shown(raw: &RawValue) -> String {
+    let s = raw.get();
+    if s.len() > 64 {
+        let cut = (0..=64).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        format!("{}…", &s[..cut])
+    } else {
+        s.to_string()
+    }
+}
+
+fn wrong(field: &'static str, expected: &'static str, raw: &RawValue) -> DecodeError {
+    DecodeError::WrongType { field, expected, found: shown(raw) }
+}
+
+impl Fields for JsonRecord<'_> {
+    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        self.raw(name)
+            .map(|r| serde_json::from_str::<String>(r.get()).map_err(|_| wrong(name, "a string", r)))
+            .transpose()
+    }
+
+    fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError> {
+        self.raw(name)
+            .map(|r| serde_json::from_str::<i64>(r.get()).map_err(|_| wrong(name, "an integer", r)))
+            .transpose()
+    }
+
+    fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError> {
+        let Some(r) = self.raw(name) else { return Ok(None) };
+        if r.get().starts_with('"') {
+            let s: String = serde_json::from_str(r.get()).map_err(|_| wrong(name, "a timestamp", r))?;
+            parse_rfc3339_millis(&s)
+                .map(Some)
+                .map_err(|reason| DecodeError::BadTimestamp { value: shown(r), reason })
+        } else {
+            serde_json::from_str::<i64>(r.get()).map(Some).map_err(|_| DecodeError::BadTimestamp {
+                value: shown(r),
+                reason: "expected an RFC 3339 string or integer epoch milliseconds".into(),
+            })
+        }
+    }
+}
+
+/// Decodes one JSON line (without its newline) into an [`Event`].
+pub fn decode_json_line(line: &[u8]) -> Result<Event, DecodeError> {
+    let text = std::str::from_utf8(line).map_err(|e| DecodeError::Utf8(e.to_string()))?;
+    // Serde would also accept a JSON array as a positional record: refuse it.
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => DecodeError::Json("expected a json object".into()),
+            Err(e) => DecodeError::Json(e.to_string()),
+        });
+    }
+    let record: JsonRecord<'_> = serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
+    build_event(&record)
+}
+
+/// Encodes an event as one JSON object (no newline), `ts` as epoch milliseconds.
+pub fn event_to_json(e: &Event) -> String {
+    let mut m = serde_json::Map::new();
+    for (name, v) in flatten(e) {
+        let v = match v {
+            FlatValue::Str(s) => serde_json::Value::from(s),
+            FlatValue::Int(i) => serde_json::Value::from(i),
+        };
+        m.insert(name.to_string(), v);
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventKind, Priority, SubscriptionStatus, TicketAction};
+
+    fn ok(s: &str) -> Event {
+        decode_json_line(s.as_bytes()).expect("valid event")
+    }
+
+    fn err(s: &str) -> DecodeError {
+        decode_json_line(s.as_bytes()).expect_err("invalid event")
+    }
+
+    #[test]
+    fn decodes_every_type() {
+        let base = r#""event_id":"e1","customer_id":"c1","ts":"2026-01-01T00:00:00Z""#;
+        let cases = [
+            (r#""type":"login","user_id":"u""#, "login"),
+            (r#""type":"session","duration_s":30"#, "session"),
+            (r#""type":"feature_used","feature":"reports""#, "feature_used"),
+            (r#""type":"workflow_completed","workflow":"w""#, "workflow_completed"),
+            (r#""type":"subscription","plan":"pro","mrr_cents":5000,"status":"active""#, "subscription"),
+            (r#""type":"payment","amount_cents":5000,"status":"failed""#, "payment"),
+            (r#""type":"ticket","ticket_id":"t","action":"opened","priority":"urgent""#, "ticket"),
+            (r#""type":"nps","score":9"#, "nps"),
+            (r#""type":"profile","industry":"fintech","employees":40"#, "profile"),
+            (r#""type":"customer_deleted""#, "customer_deleted"),
+        ];
+        for (extra, ty) in cases {
+            let e = ok(&format!("{{{base},{extra}}}"));
+            assert_eq!(e.kind.type_name(), ty);
+            assert_eq!(e.ts, 1_767_225_600_000);
+            let again = decode_json_line(event_to_json(&e).as_bytes()).expect("round trip");
+            assert_eq!(again, e);
+        }
+    }
+
+    #[test]
+    fn epoch_millis_and_extra_fields() {
+        let e = ok(r#"{"event_id":"e","customer_id":"c","type":"ticket","ts":1000,"ticket_id":"t9","action":"closed","priority":"low","feature":7,"x":{"y":[1]}}"#);
+        assert_eq!(e.ts, 1000);
+        assert_eq!(
+            e.kind,
+            EventKind::Ticket { ticket_id: "t9".into(), action: TicketAction::Closed, priority: Priority::Low }
+        );
+        let s = ok(r#"{"event_id":"e","customer_id":"c","type":"subscription","ts":5,"plan":"p","mrr_cents":0,"status":"canceled","user_id":null}"#);
+        assert!(matches!(s.kind, EventKind::Subscription { status: SubscriptionStatus::Canceled, .. }));
+    }
+
+    #[test]
+    fn every_invalid_kind_is_typed() {
+        assert!(matches!(err("not json"), DecodeError::Json(_)));
+        assert_eq!(err("[1,2]"), DecodeError::Json("expected a json object".into()));
+        assert!(matches!(decode_json_line(b"{\"a\":\"\xff\"}"), Err(DecodeError::Utf8(_))));
+        assert_eq!(
+            err(r#"{"customer_id":"c","type":"login","ts":1}"#),
+            DecodeError::MissingField { field: "event_id" }
+        );
+        assert_eq!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"login"}"#),
+            DecodeError::MissingField { field: "ts" }
+        );
+        assert_eq!(
+            err(r#"{"event_id":"e","customer_id":7,"type":"login","ts":1}"#),
+            DecodeError::WrongType { field: "customer_id", expected: "a string", found: "7".into() }
+        );
+        assert_eq!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"click","ts":1}"#),
+            DecodeError::UnknownType("click".into())
+        );
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"login","ts":"2026-02-30T00:00:00Z"}"#),
+            DecodeError::BadTimestamp { .. }
+        ));
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"login","ts":1.5}"#),
+            DecodeError::BadTimestamp { .. }
+        ));
+        assert_eq!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"nps","ts":1,"score":11}"#),
+            DecodeError::OutOfRange { field: "score", value: "11".into(), reason: "nps score must be 0..10" }
+        );
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"payment","ts":1,"amount_cents":-5,"status":"failed"}"#),
+            DecodeError::OutOfRange { field: "amount_cents", .. }
+        ));
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"payment","ts":1,"amount_cents":5,"status":"bounced"}"#),
+            DecodeError::BadEnum { field: "status", .. }
+        ));
+        assert_eq!(
+            err(r#"{"event_id":"e","customer_id":"","type":"login","ts":1}"#),
+            DecodeError::OutOfRange { field: "customer_id", value: "\"\"".into(), reason: "must not be empty" }
+        );
+        assert_eq!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"feature_used","ts":1}"#),
+            DecodeError::MissingField { field: "feature" }
+        );
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"session","ts":1,"duration_s":"long"}"#),
+            DecodeError::WrongType { field: "duration_s", .. }
+        ));
+    }
+}

@@ -1,0 +1,24 @@
+//! Event decoding for segstream: the SPEC §1 event model and the decoders that
+//! turn bytes into it — JSON lines, Avro object container files and single Avro
+//! messages in the Confluent Schema Registry wire format.
+//!
+//! Every decoder goes through one validation path ([`fields`]), so JSON and Avro
+//! accept and reject exactly the same records, with the same typed errors.
+
+mod avro;
+mod error;
+mod event;
+mod fields;
+mod json;
+mod time_fmt;
+
+pub use avro::{
+    decode_wire, event_schema, event_to_avro_value, AvroFileReader, SchemaLookup, StaticSchemas,
+    EVENT_SCHEMA_JSON,
+};
+pub use error::{DecodeError, ErrorClass, InvalidRecord};
+pub use event::{
+    Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction,
+};
+pub use json::{decode_json_line, event_to_json};
+pub use time_fmt::{format_rfc3339_millis, parse_rfc3339_millis, DAY_MS};
