@@ -1,0 +1,212 @@
+//! Scoring configuration: every number of SPEC §4–5, with SPEC's defaults.
+//! `config/default.toml` spells the same values out; a test keeps them equal.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoringConfig {
+    pub recency: RecencyConfig,
+    pub frequency: FrequencyConfig,
+    pub monetary: MonetaryConfig,
+    pub adoption: AdoptionConfig,
+    pub health: HealthConfig,
+}
+
+/// R: 5 if `r < thresholds_days[0]`, 4 if `< [1]`, 3 if `< [2]`, 2 if `< [3]`, else 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecencyConfig {
+    /// Days since last activity (or since first seen, before any activity), ascending.
+    pub thresholds_days: [u32; 4],
+}
+
+/// F: 5 if `active_days >= min_active_days[0]`, 4 if `>= [1]`, 3 if `>= [2]`, 2 if `>= [3]`, else 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyConfig {
+    /// Length of the active-days window, in days (at most 120).
+    pub window_days: u32,
+    /// Descending.
+    pub min_active_days: [u32; 4],
+}
+
+/// M: 5 if `mrr_cents >= min_mrr_cents[0]`, … 2 if `>= [3]`, else 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonetaryConfig {
+    /// Descending.
+    pub min_mrr_cents: [i64; 4],
+}
+
+/// adoption = `min(max, points_per_feature × features used in the last window_days)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptionConfig {
+    pub window_days: u32,
+    pub points_per_feature: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Weights of the components; they must add up to 100.
+    pub weights: HealthWeights,
+    /// Support component = `max(0, 100 − Σ penalty)` over open tickets.
+    pub ticket_penalty: TicketPenalty,
+    pub sentiment: SentimentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthWeights {
+    pub engagement: u32,
+    pub recency: u32,
+    pub adoption: u32,
+    pub support: u32,
+    pub billing: u32,
+    pub sentiment: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketPenalty {
+    pub low: u32,
+    pub normal: u32,
+    pub high: u32,
+    pub urgent: u32,
+}
+
+/// Sentiment component from the latest NPS score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentimentConfig {
+    /// Value when no NPS answer was ever given.
+    pub no_answer: u32,
+    /// Scores `>= promoter_min` are promoters.
+    pub promoter_min: u8,
+    /// Scores `>= passive_min` (and below `promoter_min`) are passives; the rest detractors.
+    pub passive_min: u8,
+    pub promoter: u32,
+    pub passive: u32,
+    pub detractor: u32,
+}
+
+/// Segment groups: the four SPEC §5 groups and any custom ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentsConfig {
+    pub rfm: RfmConfig,
+    pub health: HealthSegmentsConfig,
+    pub value: ValueConfig,
+    pub engagement: EngagementConfig,
+    /// Custom groups, evaluated in this order after the built-in ones.
+    pub custom: Vec<CustomGroupConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RfmConfig {
+    /// `grid[5 − R][F − 1]`: rows R = 5 down to 1, columns F = 1 to 5.
+    pub grid: [[String; 5]; 5],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSegmentsConfig {
+    /// `green` if health >= green_min.
+    pub green_min: u32,
+    /// `yellow` if health >= yellow_min, else `red`.
+    pub yellow_min: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueConfig {
+    /// `high_touch` if M >= this.
+    pub high_touch_min_m: u8,
+    /// `low_touch` if M >= this (and below high_touch_min_m), else `tech_touch`.
+    pub low_touch_min_m: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngagementConfig {
+    /// `power_user` needs R >= this, F >= power_min_f and adoption >= power_min_adoption.
+    pub power_min_r: u8,
+    pub power_min_f: u8,
+    pub power_min_adoption: u32,
+    /// `non_active` if R <= this (checked after power_user); else `on_the_fence`.
+    pub non_active_max_r: u8,
+}
+
+/// A custom group: ordered rules, first match wins, `default` when none matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomGroupConfig {
+    pub name: String,
+    pub rules: Vec<RuleConfig>,
+    /// Segment when no rule matches, so every customer is in exactly one segment.
+    pub default: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub segment: String,
+    /// A condition such as `R >= 4 and profile.industry == "fintech"`; see README.
+    pub when: String,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        Self {
+            recency: RecencyConfig { thresholds_days: [7, 14, 30, 60] },
+            frequency: FrequencyConfig { window_days: 90, min_active_days: [45, 25, 10, 3] },
+            monetary: MonetaryConfig { min_mrr_cents: [200_000, 50_000, 10_000, 1] },
+            adoption: AdoptionConfig { window_days: 30, points_per_feature: 20, max: 100 },
+            health: HealthConfig {
+                weights: HealthWeights { engagement: 30, recency: 20, adoption: 20, support: 10, billing: 10, sentiment: 10 },
+                ticket_penalty: TicketPenalty { low: 10, normal: 20, high: 35, urgent: 50 },
+                sentiment: SentimentConfig {
+                    no_answer: 50,
+                    promoter_min: 9,
+                    passive_min: 7,
+                    promoter: 100,
+                    passive: 50,
+                    detractor: 0,
+                },
+            },
+        }
+    }
+}
+
+fn row(names: [&str; 5]) -> [String; 5] {
+    names.map(str::to_string)
+}
+
+impl Default for SegmentsConfig {
+    fn default() -> Self {
+        Self {
+            rfm: RfmConfig {
+                grid: [
+                    row(["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"]),
+                    row(["promising", "potential_loyalists", "potential_loyalists", "loyal_customers", "loyal_customers"]),
+                    row(["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"]),
+                    row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
+                    row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
+                ],
+            },
+            health: HealthSegmentsConfig { green_min: 70, yellow_min: 40 },
+            value: ValueConfig { high_touch_min_m: 5, low_touch_min_m: 3 },
+            engagement: EngagementConfig {
+                power_min_r: 4,
+                power_min_f: 4,
+                power_min_adoption: 60,
+                non_active_max_r: 2,
+            },
+            custom: Vec::new(),
+        }
+    }
+}

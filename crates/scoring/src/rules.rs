@@ -1,0 +1,352 @@
+//! The condition language of custom segment rules.
+//!
+//! ```text
+//! expr    := and ("or" and)*
+//! and     := unary ("and" unary)*
+//! unary   := "not" unary | "(" expr ")" | operand (op operand)?
+//! op      := "==" | "!=" | "<" | "<=" | ">" | ">="
+//! operand := metric | profile.FIELD | number | "string" | true | false
+//! ```
+//! A bare operand is true when it is `true` or a non-zero number. A comparison
+//! with an absent value (a profile field never sent, no NPS answer) is false,
+//! whatever the operator, so `not (x == 1)` is how to say "x is not 1 or unknown".
+
+use std::fmt;
+
+/// The values a rule can read, at one instant.
+pub trait RuleInput {
+    fn metric(&self, m: Metric) -> Val<'_>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Val<'a> {
+    Num(f64),
+    Str(&'a str),
+    Bool(bool),
+    Absent,
+}
+
+macro_rules! metrics {
+    ($($variant:ident => $name:literal),+ $(,)?) => {
+        /// Everything a rule may name.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Metric { $($variant),+ }
+        impl Metric {
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            fn parse(s: &str) -> Option<Self> {
+                match s { $($name => Some(Metric::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+metrics!(
+    R => "R", F => "F", M => "M", Adoption => "adoption", Health => "health",
+    Engagement => "engagement", Recency => "recency", Support => "support",
+    Billing => "billing", Sentiment => "sentiment", ActiveDays => "active_days",
+    MrrCents => "mrr_cents", OpenTickets => "open_tickets", Nps => "nps",
+    SubStatus => "sub_status", PaymentFailed => "payment_failed",
+    Industry => "profile.industry", Employees => "profile.employees", Country => "profile.country",
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Operand {
+    Metric(Metric),
+    Num(f64),
+    Str(String),
+    Bool(bool),
+}
+
+/// A parsed condition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition(Expr);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Expr {
+    Or(Box<Expr>, Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+    Cmp(Operand, Op, Operand),
+    Truthy(Operand),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad rule condition `{input}` at column {column}: {message}")]
+pub struct RuleError {
+    pub input: String,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Num(f64),
+    Str(String),
+    Op(Op),
+    LParen,
+    RParen,
+}
+
+fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, (usize, String)> {
+    let b = input.as_bytes();
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < b.len() {
+        let c = b[i];
+        let start = i;
+        match c {
+            b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+            b'(' => {
+                out.push((start, Tok::LParen));
+                i += 1;
+            }
+            b')' => {
+                out.push((start, Tok::RParen));
+                i += 1;
+            }
+            b'=' | b'!' | b'<' | b'>' => {
+                let two = b.get(i + 1) == Some(&b'=');
+                let op = match (c, two) {
+                    (b'=', true) => Op::Eq,
+                    (b'!', true) => Op::Ne,
+                    (b'<', true) => Op::Le,
+                    (b'>', true) => Op::Ge,
+                    (b'<', false) => Op::Lt,
+                    (b'>', false) => Op::Gt,
+                    _ => return Err((start, "expected `==` or `!=`".into())),
+                };
+                out.push((start, Tok::Op(op)));
+                i += if two { 2 } else { 1 };
+            }
+            b'"' | b'\'' => {
+                let end = input[i + 1..].find(c as char).ok_or((start, "unterminated string".to_string()))?;
+                out.push((start, Tok::Str(input[i + 1..i + 1 + end].to_string())));
+                i += end + 2;
+            }
+            b'0'..=b'9' | b'-' | b'.' => {
+                while i < b.len() && (b[i].is_ascii_digit() || matches!(b[i], b'.' | b'-' | b'_' | b'e' | b'E')) {
+                    i += 1;
+                }
+                let text: String = input[start..i].chars().filter(|c| *c != '_').collect();
+                let n = text.parse::<f64>().map_err(|_| (start, format!("bad number `{text}`")))?;
+                out.push((start, Tok::Num(n)));
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || matches!(b[i], b'_' | b'.')) {
+                    i += 1;
+                }
+                out.push((start, Tok::Ident(input[start..i].to_string())));
+            }
+            _ => return Err((start, format!("unexpected character `{}`", c as char))),
+        }
+    }
+    Ok(out)
+}
+
+struct Parser {
+    toks: Vec<(usize, Tok)>,
+    pos: usize,
+    len: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Tok> {
+        self.toks.get(self.pos).map(|(_, t)| t)
+    }
+    fn col(&self) -> usize {
+        self.toks.get(self.pos).map_or(self.len, |(c, _)| *c)
+    }
+    fn keyword(&mut self, kw: &str) -> bool {
+        if matches!(self.peek(), Some(Tok::Ident(s)) if s == kw) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+    fn or(&mut self) -> Result<Expr, (usize, String)> {
+        let mut left = self.and()?;
+        while self.keyword("or") {
+            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+    fn and(&mut self) -> Result<Expr, (usize, String)> {
+        let mut left = self.unary()?;
+        while self.keyword("and") {
+            left = Expr::And(Box::new(left), Box::new(self.unary()?));
+        }
+        Ok(left)
+    }
+    fn unary(&mut self) -> Result<Expr, (usize, String)> {
+        if self.keyword("not") {
+            return Ok(Expr::Not(Box::new(self.unary()?)));
+        }
+        if self.peek() == Some(&Tok::LParen) {
+            self.pos += 1;
+            let inner = self.or()?;
+            if self.peek() != Some(&Tok::RParen) {
+                return Err((self.col(), "expected `)`".into()));
+            }
+            self.pos += 1;
+            return Ok(inner);
+        }
+        let left = self.operand()?;
+        if let Some(Tok::Op(op)) = self.peek() {
+            let op = *op;
+            self.pos += 1;
+            let right = self.operand()?;
+            return Ok(Expr::Cmp(left, op, right));
+        }
+        Ok(Expr::Truthy(left))
+    }
+    fn operand(&mut self) -> Result<Operand, (usize, String)> {
+        let col = self.col();
+        let tok = self.toks.get(self.pos).map(|(_, t)| t.clone());
+        self.pos += 1;
+        match tok {
+            Some(Tok::Num(n)) => Ok(Operand::Num(n)),
+            Some(Tok::Str(s)) => Ok(Operand::Str(s)),
+            Some(Tok::Ident(s)) if s == "true" => Ok(Operand::Bool(true)),
+            Some(Tok::Ident(s)) if s == "false" => Ok(Operand::Bool(false)),
+            Some(Tok::Ident(s)) => Metric::parse(&s).map(Operand::Metric).ok_or((
+                col,
+                format!("unknown name `{s}` (known: {})", Metric::NAMES.join(", ")),
+            )),
+            Some(t) => Err((col, format!("unexpected {t:?}"))),
+            None => Err((col, "unexpected end of condition".into())),
+        }
+    }
+}
+
+impl Condition {
+    pub fn parse(input: &str) -> Result<Self, RuleError> {
+        let err = |(column, message): (usize, String)| RuleError { input: input.to_string(), column: column + 1, message };
+        let toks = tokenize(input).map_err(err)?;
+        let mut p = Parser { toks, pos: 0, len: input.len() };
+        let c = p.or().map_err(err)?;
+        if p.pos < p.toks.len() {
+            return Err(err((p.col(), "unexpected trailing input".into())));
+        }
+        Ok(Condition(c))
+    }
+
+    pub fn eval(&self, input: &dyn RuleInput) -> bool {
+        self.0.eval(input)
+    }
+}
+
+impl Expr {
+    fn eval(&self, input: &dyn RuleInput) -> bool {
+        match self {
+            Expr::Or(a, b) => a.eval(input) || b.eval(input),
+            Expr::And(a, b) => a.eval(input) && b.eval(input),
+            Expr::Not(a) => !a.eval(input),
+            Expr::Truthy(o) => match value(o, input) {
+                Val::Bool(b) => b,
+                Val::Num(n) => n != 0.0,
+                Val::Str(s) => !s.is_empty(),
+                Val::Absent => false,
+            },
+            Expr::Cmp(l, op, r) => compare(value(l, input), *op, value(r, input)),
+        }
+    }
+}
+
+fn value<'a>(o: &'a Operand, input: &'a dyn RuleInput) -> Val<'a> {
+    match o {
+        Operand::Metric(m) => input.metric(*m),
+        Operand::Num(n) => Val::Num(*n),
+        Operand::Str(s) => Val::Str(s),
+        Operand::Bool(b) => Val::Bool(*b),
+    }
+}
+
+fn compare(l: Val<'_>, op: Op, r: Val<'_>) -> bool {
+    use std::cmp::Ordering;
+    let ord: Option<Ordering> = match (l, r) {
+        (Val::Num(a), Val::Num(b)) => a.partial_cmp(&b),
+        (Val::Str(a), Val::Str(b)) => Some(a.cmp(b)),
+        (Val::Bool(a), Val::Bool(b)) => Some(a.cmp(&b)),
+        _ => None,
+    };
+    let Some(ord) = ord else { return false };
+    match op {
+        Op::Eq => ord == Ordering::Equal,
+        Op::Ne => ord != Ordering::Equal,
+        Op::Lt => ord == Ordering::Less,
+        Op::Le => ord != Ordering::Greater,
+        Op::Gt => ord == Ordering::Greater,
+        Op::Ge => ord != Ordering::Less,
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = *self as usize;
+        f.write_str(Metric::NAMES[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+    impl RuleInput for Fixed {
+        fn metric(&self, m: Metric) -> Val<'_> {
+            match m {
+                Metric::R => Val::Num(4.0),
+                Metric::MrrCents => Val::Num(120_000.0),
+                Metric::Industry => Val::Str("fintech"),
+                Metric::PaymentFailed => Val::Bool(false),
+                _ => Val::Absent,
+            }
+        }
+    }
+
+    fn t(s: &str) -> bool {
+        Condition::parse(s).expect("parses").eval(&Fixed)
+    }
+
+    #[test]
+    fn evaluates() {
+        assert!(t("R >= 4"));
+        assert!(!t("R > 4"));
+        assert!(t("R == 4 and mrr_cents >= 100_000"));
+        assert!(t("R < 2 or profile.industry == 'fintech'"));
+        assert!(t("not payment_failed"));
+        assert!(t("not (R == 5) and (profile.industry != \"retail\")"));
+        assert!(t("true"));
+        // absent values never compare true
+        assert!(!t("profile.country == 'DE'"));
+        assert!(!t("profile.country != 'DE'"));
+        assert!(t("not (profile.country == 'DE')"));
+        assert!(!t("nps >= 0"));
+        // precedence: and binds tighter than or
+        assert!(t("R == 1 and R == 2 or R == 4"));
+    }
+
+    #[test]
+    fn errors_name_the_column() {
+        let e = Condition::parse("R >= 4 and bogus > 1").expect_err("unknown name");
+        assert_eq!(e.column, 12);
+        assert!(e.message.contains("unknown name `bogus`"));
+        assert!(Condition::parse("R >=").is_err());
+        assert!(Condition::parse("(R >= 4").is_err());
+        assert!(Condition::parse("R = 4").is_err());
+        assert!(Condition::parse("R >= 4 4").is_err());
+        assert!(Condition::parse("'open").is_err());
+    }
+}

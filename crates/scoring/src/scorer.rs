@@ -1,0 +1,459 @@
+//! SPEC §4–5: scores and segments at an instant, the next time boundary, and
+//! the per-customer state machine that turns events and passing time into
+//! transitions (SPEC §2, §6).
+
+use std::sync::Arc;
+
+use segstream_decode::{Event, EventKind, Priority, SubscriptionStatus, DAY_MS};
+
+use crate::config::{ScoringConfig, SegmentsConfig};
+use crate::rules::{Condition, Metric, RuleError, RuleInput, Val};
+use crate::state::CustomerState;
+use crate::transition::{Boundary, Cause, Transition};
+
+/// Scores of one customer at one instant (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scores {
+    pub r: u8,
+    pub f: u8,
+    pub m: u8,
+    pub adoption: u8,
+    pub health: u8,
+    pub engagement: u8,
+    pub recency: u8,
+    pub support: u8,
+    pub billing: u8,
+    pub sentiment: u8,
+    /// Active days in the frequency window.
+    pub active_days: u16,
+    /// Features used in the adoption window.
+    pub features: u16,
+}
+
+/// A segment group and the names of its segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: Arc<str>,
+    pub segments: Vec<Arc<str>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid scoring config: {0}")]
+    Invalid(String),
+    #[error("custom group `{group}`: {source}")]
+    Rule { group: String, source: RuleError },
+}
+
+struct CustomGroup {
+    rules: Vec<(Condition, u16)>,
+    default: u16,
+}
+
+/// The validated scoring settings: computes scores, labels and boundaries.
+pub struct Scorer {
+    cfg: ScoringConfig,
+    seg: SegmentsConfig,
+    groups: Vec<Group>,
+    rfm_grid: [[u16; 5]; 5],
+    custom: Vec<CustomGroup>,
+}
+
+const HEALTH_GROUP: [&str; 3] = ["green", "yellow", "red"];
+const VALUE_GROUP: [&str; 3] = ["high_touch", "low_touch", "tech_touch"];
+const ENGAGEMENT_GROUP: [&str; 3] = ["power_user", "on_the_fence", "non_active"];
+const MAX_WINDOW_DAYS: u32 = 120;
+
+fn intern(segments: &mut Vec<Arc<str>>, name: &str) -> u16 {
+    match segments.iter().position(|s| &**s == name) {
+        Some(i) => i as u16,
+        None => {
+            segments.push(Arc::from(name));
+            (segments.len() - 1) as u16
+        }
+    }
+}
+
+fn group(name: &str, segments: &[&str]) -> Group {
+    Group { name: Arc::from(name), segments: segments.iter().map(|s| Arc::from(*s)).collect() }
+}
+
+impl Scorer {
+    pub fn new(cfg: ScoringConfig, seg: SegmentsConfig) -> Result<Self, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let r = cfg.recency.thresholds_days;
+        if r[0] == 0 || r.windows(2).any(|w| w[0] >= w[1]) {
+            return bad(format!("recency.thresholds_days must be positive and strictly ascending, got {r:?}"));
+        }
+        let f = cfg.frequency.min_active_days;
+        if f.windows(2).any(|w| w[0] <= w[1]) {
+            return bad(format!("frequency.min_active_days must be strictly descending, got {f:?}"));
+        }
+        let m = cfg.monetary.min_mrr_cents;
+        if m.windows(2).any(|w| w[0] <= w[1]) {
+            return bad(format!("monetary.min_mrr_cents must be strictly descending, got {m:?}"));
+        }
+        for (name, w) in [("frequency", cfg.frequency.window_days), ("adoption", cfg.adoption.window_days)] {
+            if w == 0 || w > MAX_WINDOW_DAYS {
+                return bad(format!("{name}.window_days must be 1..={MAX_WINDOW_DAYS}, got {w}"));
+            }
+        }
+        if cfg.adoption.max > 100 {
+            return bad(format!("adoption.max must be <= 100, got {}", cfg.adoption.max));
+        }
+        let w = &cfg.health.weights;
+        let sum = w.engagement + w.recency + w.adoption + w.support + w.billing + w.sentiment;
+        if sum != 100 {
+            return bad(format!("health.weights must add up to 100, got {sum}"));
+        }
+        let s = &cfg.health.sentiment;
+        if s.passive_min > s.promoter_min || [s.no_answer, s.promoter, s.passive, s.detractor].iter().any(|v| *v > 100) {
+            return bad("health.sentiment: passive_min must be <= promoter_min and values <= 100".into());
+        }
+        if seg.health.yellow_min > seg.health.green_min {
+            return bad("segments.health: yellow_min must be <= green_min".into());
+        }
+        if seg.value.low_touch_min_m > seg.value.high_touch_min_m {
+            return bad("segments.value: low_touch_min_m must be <= high_touch_min_m".into());
+        }
+
+        let mut rfm_segments = Vec::new();
+        let mut rfm_grid = [[0u16; 5]; 5];
+        for (ri, row) in seg.rfm.grid.iter().enumerate() {
+            for (fi, name) in row.iter().enumerate() {
+                if name.is_empty() {
+                    return bad("segments.rfm.grid has an empty segment name".into());
+                }
+                rfm_grid[ri][fi] = intern(&mut rfm_segments, name);
+            }
+        }
+        let mut groups = vec![
+            Group { name: Arc::from("rfm"), segments: rfm_segments },
+            group("health", &HEALTH_GROUP),
+            group("value", &VALUE_GROUP),
+            group("engagement", &ENGAGEMENT_GROUP),
+        ];
+        let mut custom = Vec::new();
+        for g in &seg.custom {
+            if g.name.is_empty() || groups.iter().any(|x| *x.name == *g.name) {
+                return bad(format!("custom group name `{}` is empty or used twice", g.name));
+            }
+            let mut segments = Vec::new();
+            let mut rules = Vec::new();
+            for rule in &g.rules {
+                let cond = Condition::parse(&rule.when)
+                    .map_err(|source| ConfigError::Rule { group: g.name.clone(), source })?;
+                rules.push((cond, intern(&mut segments, &rule.segment)));
+            }
+            let default = intern(&mut segments, &g.default);
+            groups.push(Group { name: Arc::from(g.name.as_str()), segments });
+            custom.push(CustomGroup { rules, default });
+        }
+        Ok(Self { cfg, seg, groups, rfm_grid, custom })
+    }
+
+    /// Scorer with SPEC's defaults and no custom groups.
+    pub fn spec_default() -> Self {
+        Self::new(ScoringConfig::default(), SegmentsConfig::default()).expect("SPEC defaults are valid")
+    }
+
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    pub fn config(&self) -> (&ScoringConfig, &SegmentsConfig) {
+        (&self.cfg, &self.seg)
+    }
+
+    fn frequency_window(&self) -> i64 {
+        i64::from(self.cfg.frequency.window_days)
+    }
+
+    fn adoption_window(&self) -> i64 {
+        i64::from(self.cfg.adoption.window_days)
+    }
+
+    fn r_score(&self, st: &CustomerState, tau: i64) -> u8 {
+        let reference = st.last_active.unwrap_or(st.first_seen);
+        let r = tau - reference;
+        let th = &self.cfg.recency.thresholds_days;
+        match th.iter().position(|d| r < i64::from(*d) * DAY_MS) {
+            Some(i) => 5 - i as u8,
+            None => 1,
+        }
+    }
+
+    /// The parts of the scores that move with time alone.
+    fn time_varying(&self, st: &CustomerState, tau: i64) -> (u8, u32, u32) {
+        (
+            self.r_score(st, tau),
+            st.active_days_in_window(tau, self.frequency_window()),
+            st.features_in_window(tau, self.adoption_window()),
+        )
+    }
+
+    /// All scores of `st` at instant `tau` (SPEC §4).
+    pub fn scores(&self, st: &CustomerState, tau: i64) -> Scores {
+        let (r, active_days, features) = self.time_varying(st, tau);
+        self.scores_from(st, r, active_days, features)
+    }
+
+    fn scores_from(&self, st: &CustomerState, r: u8, active_days: u32, features: u32) -> Scores {
+        let c = &self.cfg;
+        let f = match c.frequency.min_active_days.iter().position(|n| active_days >= *n) {
+            Some(i) => 5 - i as u8,
+            None => 1,
+        };
+        let m = match c.monetary.min_mrr_cents.iter().position(|n| st.mrr_cents >= *n) {
+            Some(i) => 5 - i as u8,
+            None => 1,
+        };
+        let adoption = (c.adoption.points_per_feature.saturating_mul(features)).min(c.adoption.max);
+        let engagement = u32::from(f - 1) * 25;
+        let recency = u32::from(r - 1) * 25;
+        let p = &c.health.ticket_penalty;
+        let penalty: u32 = st
+            .open_tickets
+            .iter()
+            .map(|(_, pr)| match pr {
+                Priority::Low => p.low,
+                Priority::Normal => p.normal,
+                Priority::High => p.high,
+                Priority::Urgent => p.urgent,
+            })
+            .sum();
+        let support = 100u32.saturating_sub(penalty);
+        let billing = if st.payment_failed || st.sub_status == Some(SubscriptionStatus::PastDue) { 0 } else { 100 };
+        let s = &c.health.sentiment;
+        let sentiment = match st.last_nps {
+            None => s.no_answer,
+            Some(n) if n >= s.promoter_min => s.promoter,
+            Some(n) if n >= s.passive_min => s.passive,
+            Some(_) => s.detractor,
+        };
+        let w = &c.health.weights;
+        let total = w.engagement * engagement
+            + w.recency * recency
+            + w.adoption * adoption
+            + w.support * support
+            + w.billing * billing
+            + w.sentiment * sentiment;
+        let health = (total + 50) / 100;
+        Scores {
+            r,
+            f,
+            m,
+            adoption: adoption as u8,
+            health: health as u8,
+            engagement: engagement as u8,
+            recency: recency as u8,
+            support: support as u8,
+            billing: billing as u8,
+            sentiment: sentiment as u8,
+            active_days: active_days.min(u32::from(u16::MAX)) as u16,
+            features: features.min(u32::from(u16::MAX)) as u16,
+        }
+    }
+
+    /// The segment of every group (SPEC §5), as indexes into [`Scorer::groups`].
+    pub fn labels(&self, st: &CustomerState, s: &Scores) -> Vec<u16> {
+        let mut out = Vec::with_capacity(self.groups.len());
+        out.push(self.rfm_grid[usize::from(5 - s.r)][usize::from(s.f - 1)]);
+        let h = &self.seg.health;
+        out.push(if u32::from(s.health) >= h.green_min {
+            0
+        } else if u32::from(s.health) >= h.yellow_min {
+            1
+        } else {
+            2
+        });
+        let v = &self.seg.value;
+        out.push(if s.m >= v.high_touch_min_m {
+            0
+        } else if s.m >= v.low_touch_min_m {
+            1
+        } else {
+            2
+        });
+        let e = &self.seg.engagement;
+        out.push(if s.r >= e.power_min_r && s.f >= e.power_min_f && u32::from(s.adoption) >= e.power_min_adoption {
+            0
+        } else if s.r <= e.non_active_max_r {
+            2
+        } else {
+            1
+        });
+        if !self.custom.is_empty() {
+            let input = RuleView { st, s };
+            for g in &self.custom {
+                let seg = g.rules.iter().find(|(c, _)| c.eval(&input)).map_or(g.default, |(_, i)| *i);
+                out.push(seg);
+            }
+        }
+        out
+    }
+
+    /// The first instant `> after` at which time alone changes any of the
+    /// customer's labels, with the scores and labels from that instant on.
+    /// Labels only move when R, the active-day count or the feature count
+    /// moves, and those only at the candidate instants listed here.
+    pub fn next_boundary(&self, st: &CustomerState, after: i64) -> Option<Boundary> {
+        let reference = st.last_active.unwrap_or(st.first_seen);
+        let mut candidates: Vec<i64> = Vec::with_capacity(16);
+        candidates.extend(self.cfg.recency.thresholds_days.iter().map(|d| reference + i64::from(*d) * DAY_MS));
+        let fw = self.frequency_window();
+        candidates.extend(st.active_days().map(|d| (d + fw) * DAY_MS));
+        let aw = self.adoption_window();
+        candidates.extend(st.features.iter().map(|(_, d)| (d + aw) * DAY_MS));
+        candidates.retain(|c| *c > after);
+        candidates.sort_unstable();
+        candidates.dedup();
+
+        let mut prev = self.time_varying(st, after);
+        for at in candidates {
+            let tv = self.time_varying(st, at);
+            if tv == prev {
+                continue;
+            }
+            let scores = self.scores_from(st, tv.0, tv.1, tv.2);
+            let labels = self.labels(st, &scores);
+            if labels != st.labels {
+                // What moved at this very instant (not since `after`).
+                let kind = Boundary::kinds(prev, tv);
+                return Some(Boundary { at, kind, scores, labels });
+            }
+            prev = tv;
+        }
+        None
+    }
+
+    fn emit(
+        &self,
+        customer_id: &str,
+        from: &[u16],
+        to: Option<&[u16]>,
+        at: i64,
+        cause: &Cause,
+        scores: &Scores,
+        out: &mut Vec<Transition>,
+    ) {
+        for (gi, g) in self.groups.iter().enumerate() {
+            let before = from.get(gi).map(|i| g.segments[usize::from(*i)].clone());
+            let after = to.and_then(|t| t.get(gi)).map(|i| g.segments[usize::from(*i)].clone());
+            if before != after {
+                out.push(Transition {
+                    customer_id: customer_id.to_string(),
+                    group: g.name.clone(),
+                    from: before,
+                    to: after,
+                    at,
+                    cause: cause.clone(),
+                    scores: *scores,
+                });
+            }
+        }
+    }
+
+    /// Emits every time-driven change of the customer at instants `≤ until`.
+    pub fn advance(&self, customer_id: &str, st: &mut CustomerState, until: i64, out: &mut Vec<Transition>) {
+        while let Some(b) = self.next_boundary(st, st.evaluated_at) {
+            if b.at > until {
+                break;
+            }
+            self.emit(customer_id, &st.labels, Some(&b.labels), b.at, &Cause::Time(b.kind), &b.scores, out);
+            st.labels = b.labels;
+            st.evaluated_at = b.at;
+        }
+        self.reschedule(st);
+    }
+
+    fn reschedule(&self, st: &mut CustomerState) {
+        st.prune(self.frequency_window(), self.adoption_window());
+        st.timer = self.next_boundary(st, st.evaluated_at).map(|b| b.at);
+    }
+
+    /// Runs one event through the customer's state machine (SPEC §2): first
+    /// the boundaries at or before its `ts`, then the event itself. `state`
+    /// is `None` for a customer that does not exist (yet, or any more).
+    pub fn on_event(&self, state: &mut Option<CustomerState>, e: &Event, out: &mut Vec<Transition>) -> Outcome {
+        let Some(st) = state else {
+            if e.kind == EventKind::CustomerDeleted {
+                return Outcome::DeletedUnknown;
+            }
+            let mut st = CustomerState::new(e.ts);
+            st.apply(e);
+            let scores = self.scores(&st, e.ts);
+            let labels = self.labels(&st, &scores);
+            self.emit(&e.customer_id, &[], Some(&labels), e.ts, &Cause::Event(e.event_id.clone()), &scores, out);
+            st.labels = labels;
+            self.reschedule(&mut st);
+            *state = Some(st);
+            return Outcome::Created;
+        };
+        if st.has_seen(&e.event_id) {
+            return Outcome::Duplicate;
+        }
+        self.advance(&e.customer_id, st, e.ts, out);
+        let late = e.ts < st.evaluated_at;
+        let tau = e.ts.max(st.evaluated_at);
+        let cause = Cause::Event(e.event_id.clone());
+        if e.kind == EventKind::CustomerDeleted {
+            let scores = self.scores(st, tau);
+            self.emit(&e.customer_id, &st.labels, None, tau, &cause, &scores, out);
+            *state = None;
+            return Outcome::Deleted { late };
+        }
+        st.apply(e);
+        let scores = self.scores(st, tau);
+        let labels = self.labels(st, &scores);
+        self.emit(&e.customer_id, &st.labels, Some(&labels), tau, &cause, &scores, out);
+        st.labels = labels;
+        st.evaluated_at = tau;
+        self.reschedule(st);
+        Outcome::Applied { late }
+    }
+}
+
+/// What [`Scorer::on_event`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Applied { late: bool },
+    Deleted { late: bool },
+    /// `customer_deleted` for a customer that does not exist: nothing to erase.
+    DeletedUnknown,
+    /// The event id is among the customer's last 32: ignored entirely.
+    Duplicate,
+}
+
+struct RuleView<'a> {
+    st: &'a CustomerState,
+    s: &'a Scores,
+}
+
+impl RuleInput for RuleView<'_> {
+    fn metric(&self, m: Metric) -> Val<'_> {
+        let n = |v: u8| Val::Num(f64::from(v));
+        match m {
+            Metric::R => n(self.s.r),
+            Metric::F => n(self.s.f),
+            Metric::M => n(self.s.m),
+            Metric::Adoption => n(self.s.adoption),
+            Metric::Health => n(self.s.health),
+            Metric::Engagement => n(self.s.engagement),
+            Metric::Recency => n(self.s.recency),
+            Metric::Support => n(self.s.support),
+            Metric::Billing => n(self.s.billing),
+            Metric::Sentiment => n(self.s.sentiment),
+            Metric::ActiveDays => Val::Num(f64::from(self.s.active_days)),
+            Metric::MrrCents => Val::Num(self.st.mrr_cents as f64),
+            Metric::OpenTickets => Val::Num(self.st.open_tickets.len() as f64),
+            Metric::Nps => self.st.last_nps.map_or(Val::Absent, n),
+            Metric::SubStatus => self.st.sub_status.map_or(Val::Absent, |s| Val::Str(s.as_str())),
+            Metric::PaymentFailed => Val::Bool(self.st.payment_failed),
+            Metric::Industry => self.st.profile.industry.as_deref().map_or(Val::Absent, Val::Str),
+            Metric::Employees => self.st.profile.employees.map_or(Val::Absent, |e| Val::Num(e as f64)),
+            Metric::Country => self.st.profile.country.as_deref().map_or(Val::Absent, Val::Str),
+        }
+    }
+}

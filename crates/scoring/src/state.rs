@@ -1,0 +1,247 @@
+//! The per-customer rolling state of SPEC §3 and how events change it.
+
+use segstream_decode::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction, DAY_MS};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// How many applied event ids a customer remembers for de-duplication.
+pub const DEDUP_IDS: usize = 32;
+
+/// `day(t) = floor(t / 86_400_000)`.
+pub fn day(t: i64) -> i64 {
+    t.div_euclid(DAY_MS)
+}
+
+/// Everything SPEC §3 keeps about a customer, plus the engine's bookkeeping
+/// (labels, last evaluated instant, pending timer). Compact on purpose: it is
+/// stored once per customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerState {
+    /// `ts` of the earliest event seen.
+    pub first_seen: i64,
+    /// Largest `ts` of an activity event.
+    pub last_active: Option<i64>,
+    /// Active days as a bitmap: bit k set means day `active_anchor − k` was active.
+    pub active_anchor: i64,
+    pub active_bits: u128,
+    /// (xxh3 of the feature name, last day it was used).
+    pub features: Vec<(u64, i64)>,
+    pub mrr_cents: i64,
+    pub sub_status: Option<SubscriptionStatus>,
+    pub sub_ts: i64,
+    pub payment_failed: bool,
+    pub payment_ts: i64,
+    /// (xxh3 of the ticket id, priority) of tickets opened and not closed.
+    pub open_tickets: Vec<(u64, Priority)>,
+    pub last_nps: Option<u8>,
+    pub nps_ts: i64,
+    pub profile: Profile,
+    pub profile_ts: i64,
+    /// xxh3 of the last [`DEDUP_IDS`] applied event ids, oldest first.
+    pub recent_ids: Vec<u64>,
+    /// The customer's last evaluated instant: the largest of the applied
+    /// events' `ts` and the boundary instants already emitted.
+    pub evaluated_at: i64,
+    /// Current segment of each group (index into the group's segment list).
+    pub labels: Vec<u16>,
+    /// The next boundary instant, as registered in the timer index.
+    pub timer: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    pub industry: Option<String>,
+    pub employees: Option<i64>,
+    pub country: Option<String>,
+}
+
+/// Hash used for event ids, feature names and ticket ids (64-bit xxh3; see ADR 001).
+pub fn id_hash(s: &str) -> u64 {
+    xxh3_64(s.as_bytes())
+}
+
+impl CustomerState {
+    /// A customer created by its first event (not yet applied).
+    pub fn new(ts: i64) -> Self {
+        Self {
+            first_seen: ts,
+            last_active: None,
+            active_anchor: day(ts),
+            active_bits: 0,
+            features: Vec::new(),
+            mrr_cents: 0,
+            sub_status: None,
+            sub_ts: i64::MIN,
+            payment_failed: false,
+            payment_ts: i64::MIN,
+            open_tickets: Vec::new(),
+            last_nps: None,
+            nps_ts: i64::MIN,
+            profile: Profile::default(),
+            profile_ts: i64::MIN,
+            recent_ids: Vec::new(),
+            evaluated_at: ts,
+            labels: Vec::new(),
+            timer: None,
+        }
+    }
+
+    pub fn has_seen(&self, event_id: &str) -> bool {
+        let h = id_hash(event_id);
+        self.recent_ids.contains(&h)
+    }
+
+    fn remember(&mut self, event_id: &str) {
+        if self.recent_ids.len() >= DEDUP_IDS {
+            self.recent_ids.remove(0);
+        }
+        self.recent_ids.push(id_hash(event_id));
+    }
+
+    fn mark_active_day(&mut self, d: i64) {
+        if d > self.active_anchor {
+            let shift = d - self.active_anchor;
+            self.active_bits = if shift >= 128 { 0 } else { self.active_bits << shift };
+            self.active_anchor = d;
+        }
+        let k = self.active_anchor - d;
+        if k < 128 {
+            self.active_bits |= 1u128 << k;
+        }
+    }
+
+    /// Active days `d` with `day(τ) − (window − 1) ≤ d ≤ day(τ)`.
+    pub fn active_days_in_window(&self, tau: i64, window_days: i64) -> u32 {
+        let today = day(tau);
+        // Days newer than `today` cannot exist for a τ the engine evaluates,
+        // but stay exact anyway.
+        let newest_k = (self.active_anchor - today).max(0);
+        let oldest_k = self.active_anchor - today + window_days - 1;
+        if oldest_k < newest_k || newest_k >= 128 {
+            return 0;
+        }
+        let hi = oldest_k.min(127);
+        let width = hi - newest_k + 1;
+        let mask = if width >= 128 { u128::MAX } else { ((1u128 << width) - 1) << newest_k };
+        (self.active_bits & mask).count_ones()
+    }
+
+    /// Iterates the active days, newest first.
+    pub fn active_days(&self) -> impl Iterator<Item = i64> + '_ {
+        (0..128i64).filter(move |k| self.active_bits & (1u128 << k) != 0).map(move |k| self.active_anchor - k)
+    }
+
+    /// Features whose last day of use is `≥ day(τ) − (window − 1)`.
+    pub fn features_in_window(&self, tau: i64, window_days: i64) -> u32 {
+        let from = day(tau) - (window_days - 1);
+        self.features.iter().filter(|(_, d)| *d >= from).count() as u32
+    }
+
+    /// Applies one event's facts (SPEC §3). "Latest" fields keep the value of
+    /// the event with the largest `ts` (the later one on ties), so an old event
+    /// arriving late cannot overwrite a newer fact.
+    pub fn apply(&mut self, e: &Event) {
+        self.first_seen = self.first_seen.min(e.ts);
+        if e.kind.is_activity() {
+            self.last_active = Some(self.last_active.map_or(e.ts, |t| t.max(e.ts)));
+            self.mark_active_day(day(e.ts));
+        }
+        match &e.kind {
+            EventKind::FeatureUsed { feature, .. } => {
+                let h = id_hash(feature);
+                let d = day(e.ts);
+                match self.features.iter_mut().find(|(f, _)| *f == h) {
+                    Some(entry) => entry.1 = entry.1.max(d),
+                    None => self.features.push((h, d)),
+                }
+            }
+            EventKind::Subscription { mrr_cents, status, .. } if e.ts >= self.sub_ts => {
+                self.sub_ts = e.ts;
+                self.sub_status = Some(*status);
+                self.mrr_cents = if *status == SubscriptionStatus::Canceled { 0 } else { *mrr_cents };
+            }
+            EventKind::Payment { status, .. } if *status != PaymentStatus::Refunded && e.ts >= self.payment_ts => {
+                self.payment_ts = e.ts;
+                self.payment_failed = *status == PaymentStatus::Failed;
+            }
+            EventKind::Ticket { ticket_id, action, priority } => {
+                let h = id_hash(ticket_id);
+                self.open_tickets.retain(|(t, _)| *t != h);
+                if *action == TicketAction::Opened {
+                    self.open_tickets.push((h, *priority));
+                }
+            }
+            EventKind::Nps { score } if e.ts >= self.nps_ts => {
+                self.nps_ts = e.ts;
+                self.last_nps = Some(*score);
+            }
+            EventKind::Profile { industry, employees, country } if e.ts >= self.profile_ts => {
+                self.profile_ts = e.ts;
+                if industry.is_some() {
+                    self.profile.industry.clone_from(industry);
+                }
+                if employees.is_some() {
+                    self.profile.employees = *employees;
+                }
+                if country.is_some() {
+                    self.profile.country.clone_from(country);
+                }
+            }
+            _ => {}
+        }
+        self.remember(&e.event_id);
+    }
+
+    /// Drops what can no longer matter at any instant `≥ self.evaluated_at`.
+    pub fn prune(&mut self, frequency_window_days: i64, adoption_window_days: i64) {
+        let today = day(self.evaluated_at);
+        let oldest_k = self.active_anchor - today + frequency_window_days - 1;
+        if oldest_k < 0 {
+            self.active_bits = 0;
+        } else if oldest_k < 127 {
+            self.active_bits &= (1u128 << (oldest_k + 1)) - 1;
+        }
+        let from = today - (adoption_window_days - 1);
+        self.features.retain(|(_, d)| *d >= from);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_day_window_counts_exactly() {
+        let mut s = CustomerState::new(0);
+        for d in [0, 1, 5, 89, 90, 200] {
+            s.mark_active_day(d);
+        }
+        // τ on day 200: window [111, 200]
+        assert_eq!(s.active_days_in_window(200 * DAY_MS, 90), 1);
+        let mut s = CustomerState::new(0);
+        for d in [0, 1, 5, 89] {
+            s.mark_active_day(d);
+        }
+        assert_eq!(s.active_days_in_window(89 * DAY_MS, 90), 4);
+        assert_eq!(s.active_days_in_window(90 * DAY_MS - 1, 90), 4);
+        assert_eq!(s.active_days_in_window(90 * DAY_MS, 90), 3);
+        assert_eq!(s.active_days_in_window(95 * DAY_MS, 90), 1);
+        assert_eq!(s.active_days_in_window(179 * DAY_MS, 90), 0);
+        // a late, older day is still recorded
+        s.mark_active_day(3);
+        assert_eq!(s.active_days_in_window(89 * DAY_MS, 90), 5);
+        assert_eq!(s.active_days().collect::<Vec<_>>(), vec![89, 5, 3, 1, 0]);
+    }
+
+    #[test]
+    fn dedup_ring_keeps_the_last_32() {
+        let mut s = CustomerState::new(0);
+        for i in 0..40 {
+            let e = Event { event_id: format!("e{i}"), customer_id: "c".into(), ts: i, kind: EventKind::Login { user_id: None } };
+            s.apply(&e);
+        }
+        assert!(!s.has_seen("e7"));
+        assert!(s.has_seen("e8"));
+        assert!(s.has_seen("e39"));
+    }
+}

@@ -1,0 +1,116 @@
+use std::sync::{Arc, OnceLock};
+
+use uuid::Uuid;
+
+use crate::scorer::Scores;
+
+/// One label change of one customer in one group (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub customer_id: String,
+    pub group: Arc<str>,
+    /// `None` when the customer first appears.
+    pub from: Option<Arc<str>>,
+    /// `None` when the customer is deleted.
+    pub to: Option<Arc<str>>,
+    /// Epoch milliseconds: the event's `ts` or the boundary instant.
+    pub at: i64,
+    pub cause: Cause,
+    /// Scores at `at` (for a deletion: just before the customer was erased).
+    pub scores: Scores,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// Caused by the event with this id.
+    Event(String),
+    /// Caused by time passing across a boundary.
+    Time(BoundaryKind),
+}
+
+/// Which time-varying inputs crossed a threshold at a boundary (a bit set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BoundaryKind(u8);
+
+impl BoundaryKind {
+    pub const RECENCY: u8 = 1;
+    pub const FREQUENCY: u8 = 2;
+    pub const ADOPTION: u8 = 4;
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// `recency`, `frequency`, `adoption`, joined with `+` when several moved at once.
+    pub fn name(self) -> String {
+        let names = [(Self::RECENCY, "recency"), (Self::FREQUENCY, "frequency"), (Self::ADOPTION, "adoption")];
+        let parts: Vec<&str> = names.iter().filter(|(b, _)| self.0 & b != 0).map(|(_, n)| *n).collect();
+        parts.join("+")
+    }
+
+    /// Human explanation, for the demo and logs.
+    pub fn explain(self) -> String {
+        let mut parts = Vec::new();
+        if self.0 & Self::RECENCY != 0 {
+            parts.push("time since last activity crossed a recency threshold");
+        }
+        if self.0 & Self::FREQUENCY != 0 {
+            parts.push("an active day left the frequency window");
+        }
+        if self.0 & Self::ADOPTION != 0 {
+            parts.push("a feature left the adoption window");
+        }
+        parts.join("; ")
+    }
+}
+
+/// A time boundary found by [`crate::Scorer::next_boundary`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boundary {
+    pub at: i64,
+    pub kind: BoundaryKind,
+    pub scores: Scores,
+    pub labels: Vec<u16>,
+}
+
+impl Boundary {
+    /// Which of (R, active days, features) differ between two instants.
+    pub(crate) fn kinds(before: (u8, u32, u32), after: (u8, u32, u32)) -> BoundaryKind {
+        let mut bits = 0;
+        if before.0 != after.0 {
+            bits |= BoundaryKind::RECENCY;
+        }
+        if before.1 != after.1 {
+            bits |= BoundaryKind::FREQUENCY;
+        }
+        if before.2 != after.2 {
+            bits |= BoundaryKind::ADOPTION;
+        }
+        BoundaryKind(bits)
+    }
+}
+
+fn namespace() -> &'static Uuid {
+    static NS: OnceLock<Uuid> = OnceLock::new();
+    NS.get_or_init(|| Uuid::new_v5(&Uuid::NAMESPACE_URL, b"urn:segstream:transition"))
+}
+
+impl Transition {
+    /// Deterministic id from (customer, group, at, to): a UUID v5, so a replay
+    /// of the same input yields the same ids and consumers can de-duplicate.
+    pub fn transition_id(&self) -> Uuid {
+        let mut name = Vec::with_capacity(self.customer_id.len() + 48);
+        for part in [self.customer_id.as_bytes(), self.group.as_bytes(), self.at.to_string().as_bytes()] {
+            name.extend_from_slice(part);
+            name.push(0x1f);
+        }
+        match &self.to {
+            Some(to) => {
+                name.push(b's');
+                name.extend_from_slice(to.as_bytes());
+            }
+            None => name.push(b'n'),
+        }
+        Uuid::new_v5(namespace(), &name)
+    }
+}
