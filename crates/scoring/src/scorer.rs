@@ -393,7 +393,10 @@ impl Scorer {
         if st.has_seen(&e.event_id) {
             return Outcome::Duplicate;
         }
-        self.advance(&e.customer_id, st, e.ts, out);
+        // `timer` is the next boundary, kept exact by `reschedule`.
+        if st.timer.is_some_and(|t| t <= e.ts) {
+            self.advance(&e.customer_id, st, e.ts, out);
+        }
         let late = e.ts < st.evaluated_at;
         let tau = e.ts.max(st.evaluated_at);
         let cause = Cause::Event(e.event_id.clone());

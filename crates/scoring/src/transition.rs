@@ -37,6 +37,10 @@ impl BoundaryKind {
     pub const FREQUENCY: u8 = 2;
     pub const ADOPTION: u8 = 4;
 
+    pub const fn from_bits(bits: u8) -> Self {
+        Self(bits & (Self::RECENCY | Self::FREQUENCY | Self::ADOPTION))
+    }
+
     pub fn bits(self) -> u8 {
         self.0
     }

@@ -1,0 +1,105 @@
+//! Criterion benchmarks of the per-event hot path: decoding (JSON lines, Avro
+//! wire format), pure scoring, and the engine on RocksDB-backed state with the
+//! working set in memory. Run: `cargo bench -p segstream --bench micro`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use segstream::{generate, Config, Engine, GenerateArgs, InputFormat};
+use segstream_decode::{decode_json_line, decode_wire, event_schema, event_to_avro_value, Event, StaticSchemas, EVENT_SCHEMA_JSON};
+use segstream_scoring::{CustomerState, Scorer};
+
+const START: i64 = 1_767_225_600_000;
+
+/// A realistic sample: 5 000 customers over 30 days, in event-time order.
+fn sample() -> (Vec<String>, Vec<Event>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("e.jsonl");
+    let args = GenerateArgs { customers: 5_000, days: 30, start_ms: START, seed: 1, format: InputFormat::Json, invalid_every: None };
+    generate(&args, &path).expect("generate");
+    let lines: Vec<String> = std::fs::read_to_string(&path).expect("read").lines().map(str::to_string).collect();
+    let events = lines.iter().map(|l| decode_json_line(l.as_bytes()).expect("valid")).collect();
+    (lines, events)
+}
+
+fn benches(c: &mut Criterion) {
+    let (lines, events) = sample();
+    let n = events.len() as u64;
+
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("json_line", |b| {
+        b.iter(|| {
+            for l in &lines {
+                black_box(decode_json_line(l.as_bytes()).expect("valid"));
+            }
+        })
+    });
+    let mut schemas = StaticSchemas::new();
+    schemas.insert_json(7, EVENT_SCHEMA_JSON).expect("schema");
+    let wire: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| {
+            let mut m = vec![0, 0, 0, 0, 7];
+            m.extend(apache_avro::to_avro_datum(event_schema(), event_to_avro_value(e)).expect("datum"));
+            m
+        })
+        .collect();
+    g.bench_function("avro_wire", |b| {
+        b.iter(|| {
+            for m in &wire {
+                black_box(decode_wire(m, &schemas).expect("valid"));
+            }
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("score");
+    g.throughput(Throughput::Elements(n));
+    let scorer = Scorer::spec_default();
+    g.bench_function("on_event_in_memory", |b| {
+        b.iter_batched(
+            HashMap::<String, Option<CustomerState>>::new,
+            |mut states| {
+                let mut out = Vec::new();
+                for e in &events {
+                    let st = states.entry(e.customer_id.clone()).or_default();
+                    scorer.on_event(st, e, &mut out);
+                    out.clear();
+                }
+                states
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(n));
+    g.sample_size(10);
+    g.bench_function("decode_score_state_rocksdb", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().expect("tempdir"),
+            |dir| {
+                let mut engine = Engine::open(dir.path(), &Config::default()).expect("open");
+                let mut out = Vec::new();
+                for (i, l) in lines.iter().enumerate() {
+                    let e = decode_json_line(l.as_bytes()).expect("valid");
+                    engine.on_event(&e, &mut out).expect("event");
+                    out.clear();
+                    if i % 100_000 == 99_999 {
+                        engine.commit(Vec::new()).expect("commit");
+                    }
+                }
+                engine.commit(Vec::new()).expect("commit");
+                dir
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(micro, benches);
+criterion_main!(micro);

@@ -1,0 +1,233 @@
+//! The SPEC §6 transition record, in JSON and Avro.
+
+use std::sync::OnceLock;
+
+use apache_avro::types::Value;
+use apache_avro::Schema;
+use segstream_decode::format_rfc3339_millis;
+use segstream_scoring::{Cause, Scores, Transition};
+use serde::{Deserialize, Serialize};
+
+pub const TRANSITION_SCHEMA_JSON: &str = include_str!("../schemas/transition.avsc");
+
+/// The parsed `transition.avsc`.
+pub fn transition_schema() -> &'static Schema {
+    static SCHEMA: OnceLock<Schema> = OnceLock::new();
+    SCHEMA.get_or_init(|| Schema::parse_str(TRANSITION_SCHEMA_JSON).expect("the shipped transition schema is valid"))
+}
+
+/// A transition as it appears on the wire; also what tests and consumers read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    pub customer_id: String,
+    pub group: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// RFC 3339, milliseconds, UTC.
+    pub at: String,
+    pub cause: CauseRecord,
+    pub scores: ScoresRecord,
+    pub transition_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CauseRecord {
+    Event { event_id: String },
+    Time { boundary: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScoresRecord {
+    #[serde(rename = "R")]
+    pub r: u8,
+    #[serde(rename = "F")]
+    pub f: u8,
+    #[serde(rename = "M")]
+    pub m: u8,
+    pub adoption: u8,
+    pub health: u8,
+    pub engagement: u8,
+    pub recency: u8,
+    pub support: u8,
+    pub billing: u8,
+    pub sentiment: u8,
+    pub active_days: u16,
+    pub features: u16,
+}
+
+impl From<&Scores> for ScoresRecord {
+    fn from(s: &Scores) -> Self {
+        Self {
+            r: s.r,
+            f: s.f,
+            m: s.m,
+            adoption: s.adoption,
+            health: s.health,
+            engagement: s.engagement,
+            recency: s.recency,
+            support: s.support,
+            billing: s.billing,
+            sentiment: s.sentiment,
+            active_days: s.active_days,
+            features: s.features,
+        }
+    }
+}
+
+impl From<&Transition> for TransitionRecord {
+    fn from(t: &Transition) -> Self {
+        Self {
+            customer_id: t.customer_id.clone(),
+            group: t.group.to_string(),
+            from: t.from.as_deref().map(str::to_string),
+            to: t.to.as_deref().map(str::to_string),
+            at: format_rfc3339_millis(t.at),
+            cause: match &t.cause {
+                Cause::Event(id) => CauseRecord::Event { event_id: id.clone() },
+                Cause::Time(kind) => CauseRecord::Time { boundary: kind.name() },
+            },
+            scores: ScoresRecord::from(&t.scores),
+            transition_id: t.transition_id().to_string(),
+        }
+    }
+}
+
+/// One JSON line (without the newline).
+pub fn transition_to_json(t: &Transition) -> String {
+    serde_json::to_string(&TransitionRecord::from(t)).expect("a transition record always serializes")
+}
+
+fn opt_str(v: Option<&str>) -> Value {
+    match v {
+        Some(s) => Value::Union(1, Box::new(Value::String(s.to_string()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    }
+}
+
+/// The Avro value of a transition, matching [`transition_schema`].
+pub fn transition_to_avro_value(t: &Transition) -> Value {
+    let (kind, event_id, boundary) = match &t.cause {
+        Cause::Event(id) => ("event", Some(id.as_str()), None),
+        Cause::Time(k) => ("time", None, Some(k.name())),
+    };
+    let s = &t.scores;
+    let int = |v: u8| Value::Int(i32::from(v));
+    Value::Record(vec![
+        ("customer_id".into(), Value::String(t.customer_id.clone())),
+        ("group".into(), Value::String(t.group.to_string())),
+        ("from".into(), opt_str(t.from.as_deref())),
+        ("to".into(), opt_str(t.to.as_deref())),
+        ("at".into(), Value::TimestampMillis(t.at)),
+        (
+            "cause".into(),
+            Value::Record(vec![
+                ("kind".into(), Value::String(kind.into())),
+                ("event_id".into(), opt_str(event_id)),
+                ("boundary".into(), opt_str(boundary.as_deref())),
+            ]),
+        ),
+        (
+            "scores".into(),
+            Value::Record(vec![
+                ("R".into(), int(s.r)),
+                ("F".into(), int(s.f)),
+                ("M".into(), int(s.m)),
+                ("adoption".into(), int(s.adoption)),
+                ("health".into(), int(s.health)),
+                ("engagement".into(), int(s.engagement)),
+                ("recency".into(), int(s.recency)),
+                ("support".into(), int(s.support)),
+                ("billing".into(), int(s.billing)),
+                ("sentiment".into(), int(s.sentiment)),
+                ("active_days".into(), Value::Int(i32::from(s.active_days))),
+                ("features".into(), Value::Int(i32::from(s.features))),
+            ]),
+        ),
+        ("transition_id".into(), Value::Uuid(t.transition_id())),
+    ])
+}
+
+/// Reads a transition back from an Avro value (for tests and tools).
+pub fn transition_from_avro_value(v: &Value) -> Result<TransitionRecord, String> {
+    let json = avro_to_json(v)?;
+    serde_json::from_value(json).map_err(|e| e.to_string())
+}
+
+fn avro_to_json(v: &Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    Ok(match v {
+        Value::Null => J::Null,
+        Value::String(s) => J::String(s.clone()),
+        Value::Int(i) => J::from(*i),
+        Value::Long(i) => J::from(*i),
+        Value::TimestampMillis(ms) => J::String(format_rfc3339_millis(*ms)),
+        Value::Uuid(u) => J::String(u.to_string()),
+        Value::Union(_, inner) => avro_to_json(inner)?,
+        Value::Record(fields) => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in fields {
+                map.insert(k.clone(), avro_to_json(v)?);
+            }
+            if let Some(J::String(kind)) = map.get("kind").cloned() {
+                // The cause's unused branch is null in Avro and absent in JSON.
+                map.retain(|_, v| !v.is_null());
+                map.insert("kind".into(), J::String(kind));
+            }
+            J::Object(map)
+        }
+        other => return Err(format!("unexpected avro value {other:?}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use segstream_scoring::BoundaryKind;
+    use std::sync::Arc;
+
+    fn sample(cause: Cause) -> Transition {
+        Transition {
+            customer_id: "acme".into(),
+            group: Arc::from("rfm"),
+            from: Some(Arc::from("champions")),
+            to: Some(Arc::from("loyal_customers")),
+            at: 1_700_000_000_123,
+            cause,
+            scores: Scores { r: 4, f: 5, m: 3, adoption: 40, health: 71, engagement: 100, recency: 75, support: 100, billing: 100, sentiment: 50, active_days: 50, features: 2 },
+        }
+    }
+
+    #[test]
+    fn json_record_has_spec_fields() {
+        let t = sample(Cause::Event("e-1".into()));
+        let v: serde_json::Value = serde_json::from_str(&transition_to_json(&t)).expect("json");
+        assert_eq!(v["customer_id"], "acme");
+        assert_eq!(v["group"], "rfm");
+        assert_eq!(v["from"], "champions");
+        assert_eq!(v["to"], "loyal_customers");
+        assert_eq!(v["at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["cause"], serde_json::json!({"kind": "event", "event_id": "e-1"}));
+        assert_eq!(v["scores"]["R"], 4);
+        assert_eq!(v["scores"]["health"], 71);
+        assert_eq!(v["transition_id"], t.transition_id().to_string());
+    }
+
+    #[test]
+    fn avro_round_trips_to_the_json_record() {
+        let kind = BoundaryKind::from_bits(BoundaryKind::RECENCY | BoundaryKind::FREQUENCY);
+        for cause in [Cause::Event("e-9".into()), Cause::Time(kind)] {
+            let mut t = sample(cause);
+            t.from = None;
+            let v = transition_to_avro_value(&t);
+            let bytes = apache_avro::to_avro_datum(transition_schema(), v).expect("valid against schema");
+            let back = apache_avro::from_avro_datum(transition_schema(), &mut bytes.as_slice(), None).expect("reads");
+            let rec = transition_from_avro_value(&back).expect("converts");
+            if let CauseRecord::Time { boundary } = &rec.cause {
+                assert_eq!(boundary, "recency+frequency");
+            }
+            let json: TransitionRecord = serde_json::from_str(&transition_to_json(&t)).expect("json");
+            assert_eq!(rec, json);
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Files whose length is committed with the engine's state.
+//!
+//! Bytes are buffered in memory and written on [`CommittedFile::sync`], which
+//! also fsyncs; the engine then stores the returned length in the same RocksDB
+//! batch as the state that produced those bytes. On the next start the file is
+//! cut back to that length, so whatever a crash left after it is replaced by
+//! the byte-identical replay.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use apache_avro::Writer;
+use segstream_decode::InvalidRecord;
+use segstream_scoring::Transition;
+
+use crate::error::OutputError;
+use crate::record::{transition_schema, transition_to_avro_value, transition_to_json};
+
+/// Written to the file when this much is buffered, even between commits.
+const WRITE_THRESHOLD: usize = 1 << 20;
+/// Avro sync marker: fixed, so a resumed run writes the same bytes as an
+/// uninterrupted one (a random marker would differ per process).
+const AVRO_SYNC_MARKER: [u8; 16] = *b"segstream:transi";
+/// Avro block size before the writer ends a block by itself.
+const AVRO_BLOCK_BYTES: usize = 64 * 1024;
+
+/// How transitions are encoded in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// One JSON object per line.
+    Json,
+    /// An Avro object container file with `transition.avsc`.
+    Avro,
+}
+
+impl OutputFormat {
+    /// From a file extension: `.avro` is Avro, `.json`, `.jsonl` and `.ndjson` are JSON.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "avro" => Some(Self::Avro),
+            "json" | "jsonl" | "ndjson" => Some(Self::Json),
+            _ => None,
+        }
+    }
+}
+
+/// An append-only file cut back to its committed length when opened.
+pub struct CommittedFile {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+    /// Bytes already handed to the OS.
+    written: u64,
+}
+
+impl CommittedFile {
+    /// Opens (creating it if needed) and truncates to `committed` bytes.
+    pub fn open(path: &Path, committed: u64) -> Result<Self, OutputError> {
+        let io = |source| OutputError::Io { path: path.to_path_buf(), source };
+        let mut file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path).map_err(io)?;
+        let actual = file.metadata().map_err(io)?.len();
+        if actual < committed {
+            return Err(OutputError::Shortened { path: path.to_path_buf(), committed, actual });
+        }
+        file.set_len(committed).map_err(io)?;
+        file.seek(SeekFrom::Start(committed)).map_err(io)?;
+        Ok(Self { path: path.to_path_buf(), file, buf: Vec::with_capacity(WRITE_THRESHOLD), written: committed })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&mut self, bytes: &[u8]) -> Result<(), OutputError> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= WRITE_THRESHOLD {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the buffer to the OS without fsync: the bytes are not committed.
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        if !self.buf.is_empty() {
+            self.file.write_all(&self.buf).map_err(|source| OutputError::Io { path: self.path.clone(), source })?;
+            self.written += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes and fsyncs everything; returns the length to commit.
+    pub fn sync(&mut self) -> Result<u64, OutputError> {
+        self.flush()?;
+        self.file.sync_data().map_err(|source| OutputError::Io { path: self.path.clone(), source })?;
+        Ok(self.written)
+    }
+
+    /// Length including what is still buffered.
+    pub fn len(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+enum Encoder {
+    Json,
+    Avro(Box<Writer<'static, Vec<u8>>>),
+}
+
+/// The transition output file, JSON lines or Avro.
+pub struct TransitionFile {
+    file: CommittedFile,
+    enc: Encoder,
+    count: u64,
+}
+
+impl TransitionFile {
+    pub fn open(path: &Path, format: OutputFormat, committed: u64) -> Result<Self, OutputError> {
+        let file = CommittedFile::open(path, committed)?;
+        let enc = match format {
+            OutputFormat::Json => Encoder::Json,
+            OutputFormat::Avro => Encoder::Avro(Box::new(
+                Writer::builder()
+                    .schema(transition_schema())
+                    .writer(Vec::new())
+                    .marker(AVRO_SYNC_MARKER)
+                    .block_size(AVRO_BLOCK_BYTES)
+                    // A committed prefix already holds the header.
+                    .has_header(committed > 0)
+                    .build(),
+            )),
+        };
+        Ok(Self { file, enc, count: 0 })
+    }
+
+    pub fn write(&mut self, t: &Transition) -> Result<(), OutputError> {
+        self.count += 1;
+        match &mut self.enc {
+            Encoder::Json => {
+                let mut line = transition_to_json(t);
+                line.push('\n');
+                self.file.append(line.as_bytes())
+            }
+            Encoder::Avro(w) => {
+                w.append(transition_to_avro_value(t)).map_err(|e| OutputError::Avro(e.to_string()))?;
+                if !w.get_ref().is_empty() {
+                    let bytes = std::mem::take(w.get_mut());
+                    self.file.append(&bytes)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the current Avro block (if any) so the committed prefix is a valid file.
+    fn end_block(&mut self) -> Result<(), OutputError> {
+        if let Encoder::Avro(w) = &mut self.enc {
+            w.flush().map_err(|e| OutputError::Avro(e.to_string()))?;
+            let bytes = std::mem::take(w.get_mut());
+            self.file.append(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Writes and fsyncs everything written so far; returns the length to commit.
+    pub fn sync(&mut self) -> Result<u64, OutputError> {
+        self.end_block()?;
+        self.file.sync()
+    }
+
+    /// Hands buffered bytes to the OS without committing them (used to
+    /// simulate the worst crash in tests: bytes on disk past the commit).
+    pub fn flush_uncommitted(&mut self) -> Result<(), OutputError> {
+        self.end_block()?;
+        self.file.flush()
+    }
+
+    /// Transitions written by this process.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+/// Invalid input records, one JSON object per line:
+/// `{"location", "error_kind", "error", "raw"}` (`raw_hex` when the bytes are not UTF-8).
+pub struct DeadLetterFile {
+    file: CommittedFile,
+}
+
+impl DeadLetterFile {
+    pub fn open(path: &Path, committed: u64) -> Result<Self, OutputError> {
+        Ok(Self { file: CommittedFile::open(path, committed)? })
+    }
+
+    pub fn write(&mut self, r: &InvalidRecord) -> Result<(), OutputError> {
+        let mut obj = serde_json::Map::new();
+        obj.insert("location".into(), r.location.clone().into());
+        obj.insert("error_kind".into(), r.error.kind().into());
+        obj.insert("error".into(), r.error.to_string().into());
+        match std::str::from_utf8(&r.raw) {
+            Ok(s) => obj.insert("raw".into(), s.into()),
+            Err(_) => obj.insert("raw_hex".into(), r.raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()),
+        };
+        let mut line = serde_json::Value::Object(obj).to_string();
+        line.push('\n');
+        self.file.append(line.as_bytes())
+    }
+
+    pub fn sync(&mut self) -> Result<u64, OutputError> {
+        self.file.sync()
+    }
+
+    pub fn flush_uncommitted(&mut self) -> Result<(), OutputError> {
+        self.file.flush()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{transition_from_avro_value, TransitionRecord};
+    use segstream_scoring::{Cause, Scores};
+    use std::sync::Arc;
+
+    fn t(i: i64) -> Transition {
+        Transition {
+            customer_id: format!("c{i}"),
+            group: Arc::from("health"),
+            from: None,
+            to: Some(Arc::from("green")),
+            at: 1_000 * i,
+            cause: Cause::Event(format!("e{i}")),
+            scores: Scores::default(),
+        }
+    }
+
+    fn read_avro(path: &Path) -> Vec<TransitionRecord> {
+        let f = File::open(path).expect("open");
+        apache_avro::Reader::new(f)
+            .expect("valid avro header")
+            .map(|v| transition_from_avro_value(&v.expect("valid record")).expect("converts"))
+            .collect()
+    }
+
+    #[test]
+    fn resumed_files_equal_uninterrupted_ones() {
+        for format in [OutputFormat::Json, OutputFormat::Avro] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let whole = dir.path().join("whole");
+            let mut w = TransitionFile::open(&whole, format, 0).expect("open");
+            for i in 0..500 {
+                w.write(&t(i)).expect("write");
+                if i == 199 {
+                    w.sync().expect("sync");
+                }
+            }
+            w.sync().expect("sync");
+
+            let resumed = dir.path().join("resumed");
+            let mut w = TransitionFile::open(&resumed, format, 0).expect("open");
+            for i in 0..200 {
+                w.write(&t(i)).expect("write");
+            }
+            let committed = w.sync().expect("sync");
+            // Written but never committed: a crash leaves these bytes behind.
+            for i in 200..350 {
+                w.write(&t(i)).expect("write");
+            }
+            w.flush_uncommitted().expect("flush");
+            drop(w);
+            assert!(std::fs::metadata(&resumed).expect("meta").len() > committed);
+            let mut w = TransitionFile::open(&resumed, format, committed).expect("reopen");
+            for i in 200..500 {
+                w.write(&t(i)).expect("write");
+            }
+            w.sync().expect("sync");
+            assert_eq!(std::fs::read(&whole).expect("read"), std::fs::read(&resumed).expect("read"), "{format:?}");
+            if format == OutputFormat::Avro {
+                let recs = read_avro(&resumed);
+                assert_eq!(recs.len(), 500);
+                assert_eq!(recs[499].customer_id, "c499");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_avro_output_is_a_valid_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("o.avro");
+        let mut w = TransitionFile::open(&p, OutputFormat::Avro, 0).expect("open");
+        w.sync().expect("sync");
+        assert!(read_avro(&p).is_empty());
+    }
+
+    #[test]
+    fn a_shortened_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("o.jsonl");
+        std::fs::write(&p, b"abc").expect("write");
+        assert!(matches!(CommittedFile::open(&p, 10), Err(OutputError::Shortened { committed: 10, actual: 3, .. })));
+    }
+
+    #[test]
+    fn dead_letters_keep_raw_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("dlq.jsonl");
+        let mut d = DeadLetterFile::open(&p, 0).expect("open");
+        d.write(&InvalidRecord {
+            location: "in.jsonl:3".into(),
+            error: segstream_decode::DecodeError::UnknownType("lgoin".into()),
+            raw: br#"{"type":"lgoin"}"#.to_vec(),
+        })
+        .expect("write");
+        d.write(&InvalidRecord { location: "in.jsonl:4".into(), error: segstream_decode::DecodeError::Utf8("x".into()), raw: vec![0xff, 0x00] })
+            .expect("write");
+        d.sync().expect("sync");
+        let text = std::fs::read_to_string(&p).expect("read");
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        assert_eq!(lines[0]["error_kind"], "unknown_type");
+        assert_eq!(lines[0]["raw"], r#"{"type":"lgoin"}"#);
+        assert_eq!(lines[1]["raw_hex"], "ff00");
+        assert_eq!(lines[1]["location"], "in.jsonl:4");
+    }
+}

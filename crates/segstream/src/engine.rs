@@ -1,0 +1,365 @@
+//! The engine: events and the passage of event time in, transitions out, on
+//! durable per-customer state.
+//!
+//! Time (SPEC §2) is one watermark: the largest `ts` seen less the allowed
+//! lateness. Whenever it moves, every customer whose next boundary it passed
+//! is advanced to it, found through the state's timer index. After an event,
+//! a customer whose new next boundary is already behind the watermark (a late
+//! event, or a new customer created by one) is advanced at once, so that at
+//! every moment no customer has an unevaluated boundary at or before the
+//! watermark. Everything the output depends on is in the state store and
+//! committed with the input position, so a restart from a commit continues
+//! exactly as the uninterrupted run did.
+
+use std::collections::BTreeMap;
+
+use segstream_decode::Event;
+use segstream_scoring::{Outcome, Scorer, Transition};
+use segstream_state::{StateError, StateStore};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::Config;
+
+const META_CONFIG: &str = "config_fingerprint";
+const META_CLOCK: &str = "clock";
+const META_COUNTERS: &str = "counters";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(
+        "the state in {dir} was built with a different scoring or segments configuration \
+         (fingerprint {stored:016x}, now {current:016x}); its segments would not match the new rules. \
+         Use a new --state-dir, or the configuration it was built with"
+    )]
+    ConfigChanged { dir: String, stored: u64, current: u64 },
+    #[error("corrupt engine metadata `{key}`: {reason}")]
+    Meta { key: &'static str, reason: String },
+}
+
+/// Event-time clock, persisted with every commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clock {
+    /// Largest event `ts` seen.
+    pub max_ts: Option<i64>,
+    /// Every boundary at or before this instant has been evaluated.
+    pub watermark: i64,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self { max_ts: None, watermark: i64::MIN }
+    }
+}
+
+/// Cumulative counts over the life of the state dir.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    /// Valid events handed to the engine.
+    pub events: u64,
+    /// Events that changed state (including creations and deletions).
+    pub applied: u64,
+    /// Events ignored because their id was among the customer's last 32.
+    pub duplicate: u64,
+    /// Events older than their customer's last evaluated instant (applied all the same).
+    pub late: u64,
+    /// Records that could not be decoded (dead-lettered).
+    pub invalid: u64,
+    /// `customer_deleted` for a customer that did not exist.
+    pub deleted_unknown: u64,
+    /// Customers existing now.
+    pub customers: u64,
+    pub transitions: u64,
+}
+
+pub struct Engine {
+    scorer: Scorer,
+    store: StateStore,
+    lateness: i64,
+    clock: Clock,
+    counters: Counters,
+    /// No timer is due before this instant (a lower bound; may be stale low).
+    next_due: Option<i64>,
+    dir: String,
+}
+
+/// A stable hash of the settings that decide segments: a state dir built with
+/// one set of rules must not silently continue under another.
+pub fn config_fingerprint(cfg: &Config) -> u64 {
+    let text = serde_json::to_string(&(&cfg.scoring, &cfg.segments)).expect("config serializes");
+    xxh3_64(text.as_bytes())
+}
+
+fn read_meta<T: for<'de> Deserialize<'de>>(store: &StateStore, key: &'static str) -> Result<Option<T>, EngineError> {
+    match store.meta(key)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| EngineError::Meta { key, reason: e.to_string() }),
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the state in `dir`.
+    pub fn open(dir: &std::path::Path, cfg: &Config) -> Result<Self, EngineError> {
+        let scorer =
+            Scorer::new(cfg.scoring.clone(), cfg.segments.clone()).map_err(|e| EngineError::Config(e.to_string()))?;
+        let mut store = StateStore::open(dir, cfg.state_options())?;
+        let current = config_fingerprint(cfg);
+        match read_meta::<u64>(&store, META_CONFIG)? {
+            Some(stored) if stored != current => {
+                return Err(EngineError::ConfigChanged { dir: dir.display().to_string(), stored, current })
+            }
+            Some(_) => {}
+            None => store.commit(&[(META_CONFIG.into(), current.to_string().into_bytes())])?,
+        }
+        let clock = read_meta(&store, META_CLOCK)?.unwrap_or_default();
+        let counters = read_meta(&store, META_COUNTERS)?.unwrap_or_default();
+        let lateness = i64::try_from(cfg.time.allowed_lateness_ms)
+            .map_err(|_| EngineError::Config("time.allowed_lateness_ms is too large".into()))?;
+        let mut engine = Self { scorer, store, lateness, clock, counters, next_due: None, dir: dir.display().to_string() };
+        engine.next_due = engine.first_timer_after(engine.clock.watermark)?;
+        Ok(engine)
+    }
+
+    pub fn scorer(&self) -> &Scorer {
+        &self.scorer
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    pub fn state_dir(&self) -> &str {
+        &self.dir
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.store.meta(key)?)
+    }
+
+    fn first_timer_after(&self, after: i64) -> Result<Option<i64>, EngineError> {
+        Ok(self.store.due_timers(after, i64::MAX)?.first().map(|(due, _)| *due))
+    }
+
+    /// Counts a record that could not be decoded.
+    pub fn count_invalid(&mut self) {
+        self.counters.invalid += 1;
+    }
+
+    /// Applies one event (SPEC §2): moves the watermark, fires the boundaries
+    /// it passed, then runs the event through its customer's state machine.
+    pub fn on_event(&mut self, e: &Event, out: &mut Vec<Transition>) -> Result<Outcome, EngineError> {
+        self.counters.events += 1;
+        let max_ts = self.clock.max_ts.map_or(e.ts, |m| m.max(e.ts));
+        self.clock.max_ts = Some(max_ts);
+        self.advance_watermark(max_ts.saturating_sub(self.lateness), out)?;
+
+        let before = out.len();
+        let watermark = self.clock.watermark;
+        let slot = self.store.customer(&e.customer_id)?;
+        let old_timer = slot.state.as_ref().and_then(|s| s.timer);
+        let outcome = self.scorer.on_event(&mut slot.state, e, out);
+        if let Some(st) = &mut slot.state {
+            // A late event can leave a boundary behind the watermark: catch up now.
+            if st.timer.is_some_and(|t| t <= watermark) {
+                self.scorer.advance(&e.customer_id, st, watermark, out);
+            }
+        }
+        let new_timer = slot.state.as_ref().and_then(|s| s.timer);
+        match outcome {
+            Outcome::Duplicate => self.counters.duplicate += 1,
+            Outcome::DeletedUnknown => self.counters.deleted_unknown += 1,
+            Outcome::Created | Outcome::Applied { .. } | Outcome::Deleted { .. } => {
+                slot.dirty = true;
+                self.counters.applied += 1;
+            }
+        }
+        match outcome {
+            Outcome::Created => self.counters.customers += 1,
+            Outcome::Deleted { late } => {
+                self.counters.customers = self.counters.customers.saturating_sub(1);
+                self.counters.late += u64::from(late);
+            }
+            Outcome::Applied { late } => self.counters.late += u64::from(late),
+            Outcome::Duplicate | Outcome::DeletedUnknown => {}
+        }
+        self.set_timer(&e.customer_id, old_timer, new_timer);
+        self.counters.transitions += (out.len() - before) as u64;
+        Ok(outcome)
+    }
+
+    fn set_timer(&mut self, id: &str, old: Option<i64>, new: Option<i64>) {
+        self.store.set_timer(id, old, new);
+        if let Some(n) = new {
+            if self.next_due.is_none_or(|d| n < d) {
+                self.next_due = Some(n);
+            }
+        }
+    }
+
+    /// Moves the watermark to `to` (never back), emitting every boundary
+    /// `≤ to` of every customer, in (boundary, customer) order.
+    pub fn advance_watermark(&mut self, to: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
+        let from = self.clock.watermark;
+        if to <= from {
+            return Ok(());
+        }
+        self.clock.watermark = to;
+        if self.next_due.is_none_or(|d| d > to) {
+            return Ok(());
+        }
+        let before = out.len();
+        for (due, id) in self.store.due_timers(from, to)? {
+            let slot = self.store.customer(&id)?;
+            let Some(st) = &mut slot.state else {
+                // A timer left by an erased customer: drop it.
+                self.store.set_timer(&id, Some(due), None);
+                continue;
+            };
+            self.scorer.advance(&id, st, to, out);
+            let new = st.timer;
+            slot.dirty = true;
+            self.store.set_timer(&id, Some(due), new);
+        }
+        self.counters.transitions += (out.len() - before) as u64;
+        self.next_due = self.first_timer_after(to)?;
+        Ok(())
+    }
+
+    /// Commits every change so far, with the caller's entries (input position,
+    /// output lengths), in one synced RocksDB write.
+    pub fn commit(&mut self, extra: Vec<(String, Vec<u8>)>) -> Result<(), EngineError> {
+        let mut meta = extra;
+        meta.push((META_CLOCK.into(), serde_json::to_vec(&self.clock).expect("clock serializes")));
+        meta.push((META_COUNTERS.into(), serde_json::to_vec(&self.counters).expect("counters serialize")));
+        self.store.commit(&meta)?;
+        Ok(())
+    }
+
+    /// Segment sizes per group over every committed customer.
+    pub fn segment_sizes(&self) -> Result<BTreeMap<(String, String), u64>, EngineError> {
+        let mut sizes = BTreeMap::new();
+        let groups = self.scorer.groups();
+        self.store.for_each_customer(|_, st| {
+            for (g, &label) in groups.iter().zip(&st.labels) {
+                *sizes.entry((g.name.to_string(), g.segments[usize::from(label)].to_string())).or_insert(0) += 1;
+            }
+        })?;
+        Ok(sizes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use segstream_decode::{decode_json_line, DAY_MS};
+
+    const T0: i64 = 1_767_225_600_000;
+
+    fn ev(id: &str, customer: &str, ts: i64, kind: &str) -> Event {
+        let extra = match kind {
+            "customer_deleted" | "login" => String::new(),
+            "feature_used" => r#","feature":"api""#.to_string(),
+            other => panic!("no test event of type {other}"),
+        };
+        let line = format!(r#"{{"event_id":"{id}","customer_id":"{customer}","type":"{kind}","ts":{ts}{extra}}}"#);
+        decode_json_line(line.as_bytes()).expect("valid test event")
+    }
+
+    fn rfm(out: &[Transition], customer: &str) -> Vec<(Option<String>, i64)> {
+        out.iter()
+            .filter(|t| t.customer_id == customer && &*t.group == "rfm")
+            .map(|t| (t.to.as_deref().map(str::to_string), t.at))
+            .collect()
+    }
+
+    #[test]
+    fn another_customers_event_moves_time_for_everyone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
+        let mut out = Vec::new();
+        e.on_event(&ev("1", "quiet", T0, "login"), &mut out).expect("event");
+        out.clear();
+        e.on_event(&ev("2", "busy", T0 + 8 * DAY_MS, "login"), &mut out).expect("event");
+        // The quiet customer's 7-day boundary fired first, at its own instant.
+        assert_eq!(rfm(&out, "quiet"), vec![(Some("promising".into()), T0 + 7 * DAY_MS)]);
+        assert_eq!(out[0].customer_id, "quiet");
+        assert_eq!(e.clock().watermark, T0 + 8 * DAY_MS);
+    }
+
+    #[test]
+    fn a_late_newcomer_is_caught_up_to_the_watermark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
+        let mut out = Vec::new();
+        e.on_event(&ev("1", "busy", T0 + 20 * DAY_MS, "login"), &mut out).expect("event");
+        out.clear();
+        // Twenty days older than the watermark: created at its ts, then every
+        // boundary up to the watermark is emitted at once.
+        e.on_event(&ev("2", "late", T0, "login"), &mut out).expect("event");
+        assert_eq!(
+            rfm(&out, "late"),
+            vec![
+                (Some("new_customers".into()), T0),
+                (Some("promising".into()), T0 + 7 * DAY_MS),
+                (Some("about_to_sleep".into()), T0 + 14 * DAY_MS),
+            ]
+        );
+        // Nothing is left behind the watermark: the next timer is ahead of it.
+        let due = e.store().due_timers(i64::MIN, e.clock().watermark).expect("scan");
+        assert!(due.is_empty(), "{due:?}");
+    }
+
+    #[test]
+    fn deletion_erases_state_and_timer_and_emits_to_null_everywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
+        let mut out = Vec::new();
+        e.on_event(&ev("1", "gone", T0, "feature_used"), &mut out).expect("event");
+        e.on_event(&ev("2", "stays", T0, "login"), &mut out).expect("event");
+        e.commit(Vec::new()).expect("commit");
+        out.clear();
+        let outcome = e.on_event(&ev("3", "gone", T0 + 1000, "customer_deleted"), &mut out).expect("event");
+        assert_eq!(outcome, Outcome::Deleted { late: false });
+        assert_eq!(out.len(), 4, "one transition to null per built-in group");
+        assert!(out.iter().all(|t| t.to.is_none() && t.at == T0 + 1000));
+        e.commit(Vec::new()).expect("commit");
+        let mut ids = Vec::new();
+        e.store().for_each_customer(|id, _| ids.push(id.to_string())).expect("scan");
+        assert_eq!(ids, vec!["stays"]);
+        let timers = e.store().due_timers(i64::MIN, i64::MAX).expect("scan");
+        assert!(timers.iter().all(|(_, id)| id == "stays"), "{timers:?}");
+        assert_eq!(e.counters().customers, 1);
+    }
+
+    #[test]
+    fn clock_and_counters_survive_a_reopen_but_not_uncommitted_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config::default();
+        {
+            let mut e = Engine::open(dir.path(), &cfg).expect("open");
+            let mut out = Vec::new();
+            e.on_event(&ev("1", "a", T0, "login"), &mut out).expect("event");
+            e.on_event(&ev("1", "a", T0, "login"), &mut out).expect("event");
+            e.commit(Vec::new()).expect("commit");
+            e.on_event(&ev("2", "b", T0 + 5, "login"), &mut out).expect("event");
+        }
+        let e = Engine::open(dir.path(), &cfg).expect("reopen");
+        assert_eq!(e.clock(), Clock { max_ts: Some(T0), watermark: T0 });
+        assert_eq!(e.counters().events, 2);
+        assert_eq!(e.counters().duplicate, 1);
+        assert_eq!(e.counters().customers, 1);
+    }
+}

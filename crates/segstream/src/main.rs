@@ -1,0 +1,153 @@
+//! The `segstream` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use segstream::demo::{run_demo, DemoArgs};
+use segstream::{generate, run_file, Config, GenerateArgs, InputFormat, RunArgs};
+use segstream_decode::parse_rfc3339_millis;
+use segstream_output::OutputFormat;
+
+#[derive(Parser)]
+#[command(name = "segstream", version, about = "Streaming SaaS customer segmentation: events in, segment transitions out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an event file through the engine; re-running continues from the last commit.
+    Run {
+        /// Events: JSON lines, or an Avro container file (`.avro`).
+        #[arg(long)]
+        input: PathBuf,
+        /// Transitions: JSON lines, or Avro if the name ends in `.avro`.
+        #[arg(long)]
+        output: PathBuf,
+        /// RocksDB state: customers, timers, input positions, output lengths.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Pipeline configuration (TOML); built-in SPEC defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// After the input, advance time to this instant (RFC 3339 or epoch ms) and emit every boundary up to it.
+        #[arg(long, value_parser = parse_instant)]
+        until: Option<i64>,
+        /// Input format; from the file extension by default.
+        #[arg(long, value_enum)]
+        format: Option<InputFormat>,
+        /// Output format; from the file extension by default (`.avro`: Avro, else JSON lines).
+        #[arg(long, value_enum)]
+        output_format: Option<OutputFormatArg>,
+        /// Where invalid records go; default `<output>.dead-letter.jsonl`.
+        #[arg(long)]
+        dead_letter: Option<PathBuf>,
+    },
+    /// Generate a sample, run it, and show segment sizes and a few explained transitions.
+    Demo {
+        /// Directory for the sample, its state and its transitions (replaced on each run).
+        #[arg(long, default_value = "segstream-demo")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2_000)]
+        customers: u64,
+        #[arg(long, default_value_t = 120)]
+        days: u32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a realistic sample of SaaS events (several kinds of account) to a file.
+    Generate {
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 1_000)]
+        customers: u64,
+        #[arg(long, default_value_t = 120)]
+        days: u32,
+        /// First day (RFC 3339 or epoch ms).
+        #[arg(long, value_parser = parse_instant, default_value = "2026-01-01T00:00:00Z")]
+        start: i64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output format; from the file extension by default.
+        #[arg(long, value_enum)]
+        format: Option<InputFormat>,
+        /// Add an invalid record after every N valid ones (JSON only), to exercise dead-lettering.
+        #[arg(long)]
+        invalid_every: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormatArg {
+    Json,
+    Avro,
+}
+
+fn parse_instant(s: &str) -> Result<i64, String> {
+    match s.parse::<i64>() {
+        Ok(ms) => Ok(ms),
+        Err(_) => parse_rfc3339_millis(s),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    path.map_or_else(|| Ok(Config::default()), |p| Config::load(p))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("segstream: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { input, output, state_dir, config, until, format, output_format, dead_letter } => {
+            let cfg = load_config(config.as_ref())?;
+            let mut args = RunArgs::new(input, output, state_dir);
+            args.until = until;
+            args.input_format = format;
+            args.output_format = output_format.map(|f| match f {
+                OutputFormatArg::Json => OutputFormat::Json,
+                OutputFormatArg::Avro => OutputFormat::Avro,
+            });
+            args.dead_letter = dead_letter;
+            args.progress = true;
+            let summary = run_file(&cfg, &args)?;
+            eprint!("{}", summary.render());
+        }
+        Command::Demo { dir, customers, days, seed, config } => {
+            let cfg = load_config(config.as_ref())?;
+            let report = run_demo(&cfg, &DemoArgs { dir, customers, days, seed })?;
+            eprint!("{}", report.summary.render());
+            println!("\n{}", report.text);
+        }
+        Command::Generate { output, customers, days, start, seed, format, invalid_every } => {
+            let format = format.unwrap_or_else(|| InputFormat::from_path(&output));
+            let args = GenerateArgs { customers, days, start_ms: start, seed, format, invalid_every };
+            let stats = generate(&args, &output).with_context(|| format!("generating {}", output.display()))?;
+            eprintln!(
+                "wrote {} events ({} invalid) for {customers} customers over {days} days to {}",
+                stats.events,
+                stats.invalid,
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use segstream::{generate, Config, GenerateArgs, InputFormat};
+use segstream_output::TransitionRecord;
+
+pub const START: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+pub fn sample(dir: &Path, name: &str, customers: u64, days: u32, seed: u64, format: InputFormat, invalid_every: Option<u64>) -> (PathBuf, i64) {
+    let path = dir.join(name);
+    let stats = generate(&GenerateArgs { customers, days, start_ms: START, seed, format, invalid_every }, &path).expect("generate");
+    (path, stats.end_ms)
+}
+
+pub fn config_committing_every(n: u64) -> Config {
+    let mut cfg = Config::default();
+    cfg.state.commit_every_records = std::num::NonZeroU64::new(n).expect("non-zero");
+    cfg
+}
+
+pub fn read_json(path: &Path) -> Vec<TransitionRecord> {
+    std::fs::read_to_string(path)
+        .expect("read output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("valid transition record"))
+        .collect()
+}
+
+pub fn read_avro(path: &Path) -> Vec<TransitionRecord> {
+    let f = std::fs::File::open(path).expect("open");
+    apache_avro::Reader::new(f)
+        .expect("avro header")
+        .map(|v| segstream_output::transition_from_avro_value(&v.expect("record")).expect("transition"))
+        .collect()
+}
