@@ -49,8 +49,10 @@ proptest! {
         }
         args.crash_after = None;
         run_file(&cfg, &args).expect("final run");
-        prop_assert_eq!(std::fs::read(&out).expect("output"), want);
-        prop_assert_eq!(std::fs::read(args.dead_letter_path()).unwrap_or_default(), want_dlq);
+        let got = std::fs::read(&out).expect("output");
+        let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+        prop_assert!(got == want, "output differs: {} vs {} bytes, first difference at {:?}", got.len(), want.len(), first_diff);
+        prop_assert!(std::fs::read(args.dead_letter_path()).unwrap_or_default() == want_dlq, "dead letters differ");
     }
 }
 

@@ -158,7 +158,7 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
     if day < c.start_day || c.deleted_on.is_some_and(|d| day > d) {
         return;
     }
-    let mut at = |rng: &mut StdRng| day_ms + rng.random_range(0..DAY_MS);
+    let at = |rng: &mut StdRng| day_ms + rng.random_range(0..DAY_MS);
     let cid = c.id.clone();
     let mut push = |c: &mut Customer, ts: i64, kind: EventKind| {
         out.push(Event { event_id: c.next_id(), customer_id: cid.clone(), ts, kind });
