@@ -155,7 +155,7 @@ fn describe(r: &TransitionRecord) -> String {
     };
     let s = &r.scores;
     format!(
-        "  {} {}: {} -> {} at {}\n      because {}\n      R={} F={} M={} adoption={} health={} (active days {}, open-ticket support {}, billing {}, sentiment {})\n",
+        "  {} {}: {} -> {} at {}\n      because {}\n      R={} F={} M={} adoption={} health={} (active days {}, support {}, billing {}, sentiment {})\n",
         r.customer_id, r.group, from, to, r.at, why, s.r, s.f, s.m, s.adoption, s.health, s.active_days, s.support, s.billing, s.sentiment
     )
 }

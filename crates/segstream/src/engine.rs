@@ -150,7 +150,7 @@ impl Engine {
     }
 
     fn first_timer_after(&self, after: i64) -> Result<Option<i64>, EngineError> {
-        Ok(self.store.due_timers(after, i64::MAX)?.first().map(|(due, _)| *due))
+        Ok(self.store.next_timer_after(after)?)
     }
 
     /// Counts a record that could not be decoded.

@@ -141,7 +141,7 @@ fn activity_probability(c: &Customer, day: u32) -> f64 {
     }
     match c.kind {
         Archetype::Champion => 0.85,
-        Archetype::Steady => 0.45,
+        Archetype::Steady => 0.2,
         Archetype::Declining => {
             let span = f64::from(c.stop_day.saturating_sub(c.start_day).max(1));
             0.75 * (1.0 - f64::from(day - c.start_day) / span).max(0.1)
@@ -149,8 +149,8 @@ fn activity_probability(c: &Customer, day: u32) -> f64 {
         Archetype::Churning => 0.6,
         Archetype::New => 0.6,
         Archetype::SurfaceActive => 0.7,
-        Archetype::PaymentTrouble => 0.5,
-        Archetype::SupportHeavy => 0.5,
+        Archetype::PaymentTrouble => 0.35,
+        Archetype::SupportHeavy => 0.4,
     }
 }
 
