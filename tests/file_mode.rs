@@ -5,6 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
+use proptest::prelude::*;
 use segstream::{run_file, Config, InputFormat, RunArgs};
 use segstream_decode::parse_rfc3339_millis;
 use segstream_output::CauseRecord;
@@ -54,32 +55,43 @@ fn invalid_records_are_counted_located_and_dead_lettered() {
     assert!(s.render().contains("invalid"));
 }
 
-#[test]
-fn halves_on_one_state_dir_equal_the_whole() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (input, end) = sample(dir.path(), "e.jsonl", 80, 90, 5, InputFormat::Json, None);
-    let text = std::fs::read_to_string(&input).expect("read");
-    let lines: Vec<&str> = text.lines().collect();
-    let cut = lines.len() * 2 / 5;
-    let first = dir.path().join("first.jsonl");
-    let second = dir.path().join("second.jsonl");
-    std::fs::write(&first, lines[..cut].join("\n") + "\n").expect("write");
-    std::fs::write(&second, lines[cut..].join("\n") + "\n").expect("write");
-    let cfg = Config::default();
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
 
-    let mut whole = RunArgs::new(&input, dir.path().join("whole.jsonl"), dir.path().join("s1"));
-    whole.until = Some(end);
-    run_file(&cfg, &whole).expect("whole");
+    /// Any split of the input into consecutive files, run one after the other
+    /// on one state dir, gives the transitions of the whole file.
+    #[test]
+    fn any_split_on_one_state_dir_equals_the_whole(
+        seed in 0u64..1000,
+        cuts in proptest::collection::vec(0.0f64..1.0, 1..4),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (input, end) = sample(dir.path(), "e.jsonl", 40, 60, seed, InputFormat::Json, None);
+        let text = std::fs::read_to_string(&input).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| (c * lines.len() as f64) as usize).collect();
+        bounds.push(0);
+        bounds.push(lines.len());
+        bounds.sort_unstable();
+        let cfg = Config::default();
 
-    let halves_state = dir.path().join("s2");
-    run_file(&cfg, &RunArgs::new(&first, dir.path().join("h1.jsonl"), &halves_state)).expect("first half");
-    let mut second_args = RunArgs::new(&second, dir.path().join("h2.jsonl"), &halves_state);
-    second_args.until = Some(end);
-    run_file(&cfg, &second_args).expect("second half");
+        let mut whole = RunArgs::new(&input, dir.path().join("whole.jsonl"), dir.path().join("s1"));
+        whole.until = Some(end);
+        run_file(&cfg, &whole).expect("whole");
 
-    let mut halves = read_json(&dir.path().join("h1.jsonl"));
-    halves.extend(read_json(&dir.path().join("h2.jsonl")));
-    assert_eq!(halves, read_json(&whole.output));
+        let mut pieces = Vec::new();
+        for (i, w) in bounds.windows(2).enumerate() {
+            let part = dir.path().join(format!("part{i}.jsonl"));
+            std::fs::write(&part, lines[w[0]..w[1]].iter().map(|l| format!("{l}\n")).collect::<String>()).expect("write");
+            let mut args = RunArgs::new(&part, dir.path().join(format!("out{i}.jsonl")), dir.path().join("s2"));
+            if w[1] == lines.len() {
+                args.until = Some(end);
+            }
+            run_file(&cfg, &args).expect("piece");
+            pieces.extend(read_json(&args.output));
+        }
+        prop_assert!(pieces == read_json(&whole.output), "split run differs from the whole (bounds {:?})", bounds);
+    }
 }
 
 #[test]

@@ -173,7 +173,7 @@ fn reference(events: &[Event], until: i64) -> Timeline {
 /// The engine's transitions as label timelines: several changes at one
 /// instant collapse to the last, and changes back to the same label vanish.
 fn engine_timeline(records: &[segstream_output::TransitionRecord]) -> Timeline {
-    let mut raw: BTreeMap<(String, &'static str), Vec<(i64, Option<String>)>> = BTreeMap::new();
+    let mut raw = Timeline::new();
     for r in records {
         let g = GROUPS.iter().find(|g| **g == r.group).expect("built-in group");
         let at = segstream_decode::parse_rfc3339_millis(&r.at).expect("at");

@@ -12,7 +12,7 @@ mod sink;
 
 pub use error::OutputError;
 pub use record::{
-    transition_from_avro_value, transition_schema, transition_to_avro_value, transition_to_json, CauseRecord, ScoresRecord,
+    transition_from_avro_value, transition_schema, transition_to_avro_value, transition_to_json, CauseRecord,
     TransitionRecord,
     TRANSITION_SCHEMA_JSON,
 };

@@ -26,7 +26,7 @@ pub struct TransitionRecord {
     /// RFC 3339, milliseconds, UTC.
     pub at: String,
     pub cause: CauseRecord,
-    pub scores: ScoresRecord,
+    pub scores: Scores,
     pub transition_id: String,
 }
 
@@ -35,44 +35,6 @@ pub struct TransitionRecord {
 pub enum CauseRecord {
     Event { event_id: String },
     Time { boundary: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScoresRecord {
-    #[serde(rename = "R")]
-    pub r: u8,
-    #[serde(rename = "F")]
-    pub f: u8,
-    #[serde(rename = "M")]
-    pub m: u8,
-    pub adoption: u8,
-    pub health: u8,
-    pub engagement: u8,
-    pub recency: u8,
-    pub support: u8,
-    pub billing: u8,
-    pub sentiment: u8,
-    pub active_days: u16,
-    pub features: u16,
-}
-
-impl From<&Scores> for ScoresRecord {
-    fn from(s: &Scores) -> Self {
-        Self {
-            r: s.r,
-            f: s.f,
-            m: s.m,
-            adoption: s.adoption,
-            health: s.health,
-            engagement: s.engagement,
-            recency: s.recency,
-            support: s.support,
-            billing: s.billing,
-            sentiment: s.sentiment,
-            active_days: s.active_days,
-            features: s.features,
-        }
-    }
 }
 
 impl From<&Transition> for TransitionRecord {
@@ -87,7 +49,7 @@ impl From<&Transition> for TransitionRecord {
                 Cause::Event(id) => CauseRecord::Event { event_id: id.clone() },
                 Cause::Time(kind) => CauseRecord::Time { boundary: kind.name() },
             },
-            scores: ScoresRecord::from(&t.scores),
+            scores: t.scores,
             transition_id: t.transition_id().to_string(),
         }
     }

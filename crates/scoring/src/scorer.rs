@@ -11,11 +11,15 @@ use crate::rules::{Condition, Metric, RuleError, RuleInput, Val};
 use crate::state::CustomerState;
 use crate::transition::{Boundary, Cause, Transition};
 
-/// Scores of one customer at one instant (SPEC §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Scores of one customer at one instant (SPEC §4). The serde names are
+/// those of the transition record's `scores` (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Scores {
+    #[serde(rename = "R")]
     pub r: u8,
+    #[serde(rename = "F")]
     pub f: u8,
+    #[serde(rename = "M")]
     pub m: u8,
     pub adoption: u8,
     pub health: u8,
@@ -327,6 +331,8 @@ impl Scorer {
         None
     }
 
+    // Private: each argument is one field of the transitions it builds.
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         &self,
         customer_id: &str,

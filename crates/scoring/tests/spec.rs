@@ -18,8 +18,11 @@ fn login(id: &str, ts: i64) -> Event {
     ev(id, ts, r#""type":"login""#)
 }
 
-/// (group, from, to, at, cause) of each transition, for compact assertions.
-fn rows(ts: &[Transition]) -> Vec<(String, Option<String>, Option<String>, i64, String)> {
+/// (group, from, to, at, cause) of a transition.
+type Row = (String, Option<String>, Option<String>, i64, String);
+
+/// The rows of transitions, for compact assertions.
+fn rows(ts: &[Transition]) -> Vec<Row> {
     ts.iter()
         .map(|t| {
             let cause = match &t.cause {

@@ -182,7 +182,7 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
         push(c, at(rng), EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::Canceled });
     }
     // Monthly invoice.
-    if age > 0 && age % 30 == 0 && !(c.kind == Archetype::Churning && day > c.stop_day + 10) {
+    if age > 0 && age.is_multiple_of(30) && !(c.kind == Archetype::Churning && day > c.stop_day + 10) {
         let failed = c.kind == Archetype::PaymentTrouble && rng.random_bool(0.6);
         let status = if failed { PaymentStatus::Failed } else { PaymentStatus::Succeeded };
         push(c, at(rng), EventKind::Payment { amount_cents: c.mrr, status });
@@ -217,7 +217,7 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
         let closes_after = if c.kind == Archetype::SupportHeavy { rng.random_range(5..40) } else { rng.random_range(1..5) };
         c.open_tickets.push((day + closes_after, ticket_id, priority));
     }
-    if age > 0 && age % 45 == 0 && rng.random_bool(0.5) {
+    if age > 0 && age.is_multiple_of(45) && rng.random_bool(0.5) {
         let score = match c.kind {
             Archetype::Champion => rng.random_range(9..=10),
             Archetype::SupportHeavy | Archetype::Churning => rng.random_range(0..=6),

@@ -180,6 +180,9 @@ pub fn run_file(cfg: &Config, args: &RunArgs) -> anyhow::Result<RunSummary> {
         }
     };
 
+    if path_key("input", &args.output)? == input_key || path_key("output", &args.input)? == path_key("output", &args.dead_letter_path())? {
+        anyhow::bail!("the output and dead-letter files must not be the input file {}", args.input.display());
+    }
     let output_format = args.output_format.or_else(|| OutputFormat::from_path(&args.output)).unwrap_or(OutputFormat::Json);
     let transitions_key = path_key("output", &args.output)?;
     let committed = committed_len(&engine, &transitions_key)?;
