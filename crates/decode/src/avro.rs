@@ -141,14 +141,28 @@ impl<R: Read> Iterator for AvroFileReader<R> {
     }
 }
 
+/// A writer schema, and whether data written with it needs resolution to
+/// [`event_schema`] (it does not when the two are the same schema, the common
+/// case, and resolution is the most expensive part of decoding).
+#[derive(Debug, Clone, Copy)]
+pub struct WriterSchema<'a> {
+    pub schema: &'a Schema,
+    pub needs_resolution: bool,
+}
+
 /// Where writer schemas come from for the Schema Registry wire format.
 pub trait SchemaLookup {
-    fn writer_schema(&self, id: u32) -> Result<&Schema, DecodeError>;
+    fn writer_schema(&self, id: u32) -> Result<WriterSchema<'_>, DecodeError>;
+}
+
+/// Whether a writer schema differs from the reader schema (by Parsing Canonical Form).
+pub fn needs_resolution(writer: &Schema) -> bool {
+    writer.canonical_form() != event_schema().canonical_form()
 }
 
 /// A fixed map of schema id → writer schema (from local `.avsc` files).
 #[derive(Default)]
-pub struct StaticSchemas(HashMap<u32, Schema>);
+pub struct StaticSchemas(HashMap<u32, (Schema, bool)>);
 
 impl StaticSchemas {
     pub fn new() -> Self {
@@ -157,14 +171,18 @@ impl StaticSchemas {
 
     pub fn insert_json(&mut self, id: u32, schema_json: &str) -> Result<(), DecodeError> {
         let schema = Schema::parse_str(schema_json).map_err(|e| DecodeError::Avro(e.to_string()))?;
-        self.0.insert(id, schema);
+        let resolve = needs_resolution(&schema);
+        self.0.insert(id, (schema, resolve));
         Ok(())
     }
 }
 
 impl SchemaLookup for StaticSchemas {
-    fn writer_schema(&self, id: u32) -> Result<&Schema, DecodeError> {
-        self.0.get(&id).ok_or(DecodeError::UnknownSchemaId(id))
+    fn writer_schema(&self, id: u32) -> Result<WriterSchema<'_>, DecodeError> {
+        self.0
+            .get(&id)
+            .map(|(schema, needs_resolution)| WriterSchema { schema, needs_resolution: *needs_resolution })
+            .ok_or(DecodeError::UnknownSchemaId(id))
     }
 }
 
@@ -180,7 +198,8 @@ pub fn decode_wire(bytes: &[u8], schemas: &dyn SchemaLookup) -> Result<Event, De
     let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
     let writer = schemas.writer_schema(id)?;
     let mut datum = &bytes[5..];
-    let value = from_avro_datum(writer, &mut datum, Some(event_schema()))
+    let reader = writer.needs_resolution.then(event_schema);
+    let value = from_avro_datum(writer.schema, &mut datum, reader)
         .map_err(|e| DecodeError::Avro(e.to_string()))?;
     if !datum.is_empty() {
         return Err(DecodeError::WireFormat(format!("{} trailing bytes after the datum", datum.len())));
@@ -231,7 +250,9 @@ mod tests {
             {"name":"score","type":["null","int"],"default":null}]}"#;
         let mut schemas = StaticSchemas::new();
         schemas.insert_json(7, old).expect("schema");
-        let writer = schemas.writer_schema(7).expect("present").clone();
+        let writer = schemas.writer_schema(7).expect("present");
+        assert!(writer.needs_resolution);
+        let writer = writer.schema.clone();
         let v = Value::Record(vec![
             ("ts".into(), Value::Long(1000)),
             ("type".into(), Value::String("nps".into())),
@@ -257,6 +278,7 @@ mod tests {
     fn wire_format_errors() {
         let mut schemas = StaticSchemas::new();
         schemas.insert_json(1, EVENT_SCHEMA_JSON).expect("schema");
+        assert!(!schemas.writer_schema(1).expect("present").needs_resolution);
         assert!(matches!(decode_wire(&[0, 0], &schemas), Err(DecodeError::WireFormat(_))));
         assert!(matches!(decode_wire(&[1, 0, 0, 0, 1, 2], &schemas), Err(DecodeError::WireFormat(_))));
         assert_eq!(decode_wire(&[0, 0, 0, 0, 9, 2], &schemas), Err(DecodeError::UnknownSchemaId(9)));

@@ -13,7 +13,8 @@ mod json;
 mod time_fmt;
 
 pub use avro::{
-    decode_wire, event_schema, event_to_avro_value, AvroFileReader, SchemaLookup, StaticSchemas,
+    decode_wire, event_schema, event_to_avro_value, needs_resolution, AvroFileReader, SchemaLookup, StaticSchemas,
+    WriterSchema,
     EVENT_SCHEMA_JSON,
 };
 pub use error::{DecodeError, ErrorClass, InvalidRecord};

@@ -116,13 +116,12 @@ impl Engine {
             Some(_) => {}
             None => store.commit(&[(META_CONFIG.into(), current.to_string().into_bytes())])?,
         }
-        let clock = read_meta(&store, META_CLOCK)?.unwrap_or_default();
+        let clock: Clock = read_meta(&store, META_CLOCK)?.unwrap_or_default();
         let counters = read_meta(&store, META_COUNTERS)?.unwrap_or_default();
         let lateness = i64::try_from(cfg.time.allowed_lateness_ms)
             .map_err(|_| EngineError::Config("time.allowed_lateness_ms is too large".into()))?;
-        let mut engine = Self { scorer, store, lateness, clock, counters, next_due: None, dir: dir.display().to_string() };
-        engine.next_due = engine.first_timer_after(engine.clock.watermark)?;
-        Ok(engine)
+        let next_due = store.next_due(clock.watermark)?;
+        Ok(Self { scorer, store, lateness, clock, counters, next_due, dir: dir.display().to_string() })
     }
 
     pub fn scorer(&self) -> &Scorer {
@@ -149,10 +148,6 @@ impl Engine {
         Ok(self.store.meta(key)?)
     }
 
-    fn first_timer_after(&self, after: i64) -> Result<Option<i64>, EngineError> {
-        Ok(self.store.next_timer_after(after)?)
-    }
-
     /// Counts a record that could not be decoded.
     pub fn count_invalid(&mut self) {
         self.counters.invalid += 1;
@@ -168,8 +163,8 @@ impl Engine {
 
         let before = out.len();
         let watermark = self.clock.watermark;
-        let slot = self.store.customer(&e.customer_id)?;
-        let old_timer = slot.state.as_ref().and_then(|s| s.timer);
+        let sid = self.store.customer(&e.customer_id)?;
+        let slot = self.store.slot_mut(sid);
         let outcome = self.scorer.on_event(&mut slot.state, e, out);
         if let Some(st) = &mut slot.state {
             // A late event can leave a boundary behind the watermark: catch up now.
@@ -182,8 +177,11 @@ impl Engine {
             Outcome::Duplicate => self.counters.duplicate += 1,
             Outcome::DeletedUnknown => self.counters.deleted_unknown += 1,
             Outcome::Created | Outcome::Applied { .. } | Outcome::Deleted { .. } => {
-                slot.dirty = true;
+                self.store.touch(sid);
                 self.counters.applied += 1;
+                if let Some(n) = new_timer {
+                    self.next_due = Some(self.next_due.map_or(n, |d| d.min(n)));
+                }
             }
         }
         match outcome {
@@ -195,18 +193,8 @@ impl Engine {
             Outcome::Applied { late } => self.counters.late += u64::from(late),
             Outcome::Duplicate | Outcome::DeletedUnknown => {}
         }
-        self.set_timer(&e.customer_id, old_timer, new_timer);
         self.counters.transitions += (out.len() - before) as u64;
         Ok(outcome)
-    }
-
-    fn set_timer(&mut self, id: &str, old: Option<i64>, new: Option<i64>) {
-        self.store.set_timer(id, old, new);
-        if let Some(n) = new {
-            if self.next_due.is_none_or(|d| n < d) {
-                self.next_due = Some(n);
-            }
-        }
     }
 
     /// Moves the watermark to `to` (never back), emitting every boundary
@@ -221,20 +209,15 @@ impl Engine {
             return Ok(());
         }
         let before = out.len();
-        for (due, id) in self.store.due_timers(from, to)? {
-            let slot = self.store.customer(&id)?;
-            let Some(st) = &mut slot.state else {
-                // A timer left by an erased customer: drop it.
-                self.store.set_timer(&id, Some(due), None);
-                continue;
-            };
-            self.scorer.advance(&id, st, to, out);
-            let new = st.timer;
-            slot.dirty = true;
-            self.store.set_timer(&id, Some(due), new);
+        for sid in self.store.due(from, to)? {
+            let (id, state) = self.store.slot_mut(sid).parts();
+            if let Some(st) = state {
+                self.scorer.advance(id, st, to, out);
+            }
+            self.store.touch(sid);
         }
         self.counters.transitions += (out.len() - before) as u64;
-        self.next_due = self.first_timer_after(to)?;
+        self.next_due = self.store.next_due(to)?;
         Ok(())
     }
 
@@ -317,9 +300,10 @@ mod tests {
                 (Some("about_to_sleep".into()), T0 + 14 * DAY_MS),
             ]
         );
-        // Nothing is left behind the watermark: the next timer is ahead of it.
-        let due = e.store().due_timers(i64::MIN, e.clock().watermark).expect("scan");
-        assert!(due.is_empty(), "{due:?}");
+        // Nothing is left behind the watermark: every timer is ahead of it.
+        e.commit(Vec::new()).expect("commit");
+        let timers = e.store().committed_timers().expect("scan");
+        assert!(timers.iter().all(|(due, _)| *due > e.clock().watermark), "{timers:?}");
     }
 
     #[test]
@@ -339,7 +323,7 @@ mod tests {
         let mut ids = Vec::new();
         e.store().for_each_customer(|id, _| ids.push(id.to_string())).expect("scan");
         assert_eq!(ids, vec!["stays"]);
-        let timers = e.store().due_timers(i64::MIN, i64::MAX).expect("scan");
+        let timers = e.store().committed_timers().expect("scan");
         assert!(timers.iter().all(|(_, id)| id == "stays"), "{timers:?}");
         assert_eq!(e.counters().customers, 1);
     }

@@ -13,4 +13,4 @@
 
 mod store;
 
-pub use store::{decode_state, encode_state, Slot, StateError, StateOptions, StateStore};
+pub use store::{decode_state, encode_state, Slot, SlotId, StateError, StateOptions, StateStore};

@@ -1,4 +1,5 @@
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::path::Path;
 
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
@@ -8,6 +9,8 @@ const CF_CUSTOMERS: &str = "customers";
 const CF_TIMERS: &str = "timers";
 const CF_META: &str = "meta";
 const STATE_FORMAT: u8 = 1;
+/// Committed timers read from RocksDB at a time.
+const TIMER_BATCH: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -35,20 +38,54 @@ impl Default for StateOptions {
     }
 }
 
+/// A handle to a cached customer, valid until the next [`StateStore::commit`].
+pub type SlotId = u32;
+
 /// One cached customer. `state` is `None` for a customer that does not exist
-/// (never seen, or erased); `dirty` marks it for the next commit.
+/// (never seen, or erased).
 #[derive(Debug)]
 pub struct Slot {
     pub state: Option<CustomerState>,
-    pub dirty: bool,
+    id: Box<str>,
+    dirty: bool,
     used: bool,
+    /// The timer as it is in the committed index: what a commit must delete
+    /// when the customer's timer has moved.
+    committed_timer: Option<i64>,
+    /// Bumped on eviction, so that stale timer-heap entries are recognised.
+    generation: u32,
 }
 
+impl Slot {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The customer id and its state, borrowed together.
+    pub fn parts(&mut self) -> (&str, &mut Option<CustomerState>) {
+        (&self.id, &mut self.state)
+    }
+}
+
+/// Per-customer state, its timer index and the engine's metadata.
+///
+/// Timers: every customer's next boundary is `CustomerState::timer`; the
+/// `timers` column family indexes them by due instant, rewritten only at
+/// commit (one delete and one put per customer whose timer moved). Between
+/// commits, timers set in memory go to a min-heap; committed ones are read
+/// ahead in batches. Both may hold stale entries, so each candidate is checked
+/// against the customer's current timer before it fires.
 pub struct StateStore {
     db: DB,
-    cache: HashMap<Box<str>, Slot>,
-    /// Timer changes not yet committed: `true` put, `false` delete.
-    pending_timers: BTreeMap<(i64, Box<str>), bool>,
+    index: HashMap<Box<str>, SlotId, foldhash::fast::RandomState>,
+    slots: Vec<Slot>,
+    free: Vec<SlotId>,
+    heap: BinaryHeap<Reverse<(i64, SlotId, u32)>>,
+    /// Committed timers after the last scan position, in order.
+    ahead: VecDeque<(i64, Box<str>)>,
+    /// Every committed timer `≤ ahead_through` (and after the scan start) is
+    /// in `ahead` or was consumed; `None` when nothing is loaded.
+    ahead_through: Option<i64>,
     opts: StateOptions,
 }
 
@@ -60,10 +97,12 @@ fn timer_key(due: i64, id: &str) -> Vec<u8> {
     k
 }
 
-fn parse_timer_key(k: &[u8]) -> Option<(i64, String)> {
-    let (due, id) = k.split_at_checked(8)?;
-    let due = (u64::from_be_bytes(due.try_into().ok()?) ^ (1 << 63)) as i64;
-    Some((due, String::from_utf8(id.to_vec()).ok()?))
+fn parse_timer_key(k: &[u8]) -> Result<(i64, Box<str>), StateError> {
+    let bad = || StateError::Corrupt { key: format!("{k:?}"), reason: "bad timer key".into() };
+    let (due, id) = k.split_at_checked(8).ok_or_else(bad)?;
+    let due = (u64::from_be_bytes(due.try_into().map_err(|_| bad())?) ^ (1 << 63)) as i64;
+    let id = std::str::from_utf8(id).map_err(|_| bad())?;
+    Ok((due, id.into()))
 }
 
 /// Encodes a customer's state: a format byte, then postcard (varint) fields.
@@ -99,124 +138,169 @@ impl StateStore {
         db_opts.set_max_background_jobs(2);
         let cfs = [CF_CUSTOMERS, CF_TIMERS, CF_META].map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(Self { db, cache: HashMap::new(), pending_timers: BTreeMap::new(), opts })
+        Ok(Self {
+            db,
+            index: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            heap: BinaryHeap::new(),
+            ahead: VecDeque::new(),
+            ahead_through: None,
+            opts,
+        })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(name).expect("column families are created at open")
     }
 
-    /// The cached slot of a customer, loaded from RocksDB on a miss.
-    pub fn customer(&mut self, id: &str) -> Result<&mut Slot, StateError> {
-        if !self.cache.contains_key(id) {
-            let state = match self.db.get_pinned_cf(self.cf(CF_CUSTOMERS), id.as_bytes())? {
-                Some(v) => Some(decode_state(id.as_bytes(), &v)?),
-                None => None,
-            };
-            self.cache.insert(id.into(), Slot { state, dirty: false, used: true });
+    /// The slot of a customer, loaded from RocksDB on a cache miss.
+    pub fn customer(&mut self, id: &str) -> Result<SlotId, StateError> {
+        if let Some(&sid) = self.index.get(id) {
+            self.slots[sid as usize].used = true;
+            return Ok(sid);
         }
-        let slot = self.cache.get_mut(id).expect("inserted above");
-        slot.used = true;
-        Ok(slot)
-    }
-
-    /// Moves a customer's timer from `old` to `new` in the index.
-    pub fn set_timer(&mut self, id: &str, old: Option<i64>, new: Option<i64>) {
-        if old == new {
-            return;
-        }
-        if let Some(o) = old {
-            self.pending_timers.insert((o, id.into()), false);
-        }
-        if let Some(n) = new {
-            self.pending_timers.insert((n, id.into()), true);
-        }
-    }
-
-    /// Every timer with `after < due ≤ through`, in (due, customer) order,
-    /// including changes not yet committed.
-    pub fn due_timers(&self, after: i64, through: i64) -> Result<Vec<(i64, String)>, StateError> {
-        let mut out = Vec::new();
-        if through <= after {
-            return Ok(out);
-        }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(timer_key(after.saturating_add(1), ""));
-        if through < i64::MAX {
-            ro.set_iterate_upper_bound(timer_key(through + 1, ""));
-        }
-        let start = timer_key(after.saturating_add(1), "");
-        for item in self.db.iterator_cf_opt(self.cf(CF_TIMERS), ro, IteratorMode::From(&start, Direction::Forward)) {
-            let (k, _) = item?;
-            let (due, id) = parse_timer_key(&k).ok_or_else(|| StateError::Corrupt {
-                key: format!("{k:?}"),
-                reason: "bad timer key".into(),
-            })?;
-            if self.pending_timers.get(&(due, id.as_str().into())) != Some(&false) {
-                out.push((due, id));
+        let state = match self.db.get_pinned_cf(self.cf(CF_CUSTOMERS), id.as_bytes())? {
+            Some(v) => Some(decode_state(id.as_bytes(), &v)?),
+            None => None,
+        };
+        let committed_timer = state.as_ref().and_then(|s| s.timer);
+        let sid = match self.free.pop() {
+            Some(sid) => {
+                let slot = &mut self.slots[sid as usize];
+                slot.state = state;
+                slot.id = id.into();
+                slot.dirty = false;
+                slot.used = true;
+                slot.committed_timer = committed_timer;
+                sid
             }
+            None => {
+                let sid = SlotId::try_from(self.slots.len()).expect("fewer than 2^32 cached customers");
+                self.slots.push(Slot { state, id: id.into(), dirty: false, used: true, committed_timer, generation: 0 });
+                sid
+            }
+        };
+        self.index.insert(id.into(), sid);
+        Ok(sid)
+    }
+
+    pub fn slot(&self, sid: SlotId) -> &Slot {
+        &self.slots[sid as usize]
+    }
+
+    pub fn slot_mut(&mut self, sid: SlotId) -> &mut Slot {
+        &mut self.slots[sid as usize]
+    }
+
+    /// Marks a customer changed: written at the next commit, and its current
+    /// timer (if any) becomes a candidate for [`StateStore::due`].
+    pub fn touch(&mut self, sid: SlotId) {
+        let slot = &mut self.slots[sid as usize];
+        slot.dirty = true;
+        if let Some(t) = slot.state.as_ref().and_then(|s| s.timer) {
+            self.heap.push(Reverse((t, sid, slot.generation)));
         }
-        let lo = (after.saturating_add(1), Box::<str>::from(""));
-        for ((due, id), put) in self.pending_timers.range(lo..) {
-            if *due > through {
+    }
+
+    /// Loads committed timers until `ahead` covers `through` (or the end).
+    fn fill_ahead(&mut self, after: i64, through: i64) -> Result<(), StateError> {
+        while self.ahead_through.is_none_or(|t| t < through) {
+            let from = self.ahead_through.map_or(after, |t| t.max(after)).saturating_add(1);
+            let start = timer_key(from, "");
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(start.clone());
+            let mut n = 0;
+            let mut last = None;
+            let mut complete = true;
+            for item in self.db.iterator_cf_opt(self.cf(CF_TIMERS), ro, IteratorMode::From(&start, Direction::Forward)) {
+                let (k, _) = item?;
+                let (due, id) = parse_timer_key(&k)?;
+                if n >= TIMER_BATCH && last != Some(due) {
+                    complete = false;
+                    break;
+                }
+                last = Some(due);
+                self.ahead.push_back((due, id));
+                n += 1;
+            }
+            self.ahead_through = Some(if complete { i64::MAX } else { last.unwrap_or(i64::MAX) });
+        }
+        Ok(())
+    }
+
+    /// The customers whose current timer is in `(after, through]`, in
+    /// (due, customer id) order. Loads them into the cache.
+    pub fn due(&mut self, after: i64, through: i64) -> Result<Vec<SlotId>, StateError> {
+        let mut found: Vec<(i64, SlotId)> = Vec::new();
+        while let Some(&Reverse((due, sid, generation))) = self.heap.peek() {
+            if due > through {
                 break;
             }
-            if *put {
-                out.push((*due, id.to_string()));
+            self.heap.pop();
+            let slot = &self.slots[sid as usize];
+            if due > after && slot.generation == generation && slot.state.as_ref().and_then(|s| s.timer) == Some(due) {
+                found.push((due, sid));
             }
         }
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
+        self.fill_ahead(after, through)?;
+        while self.ahead.front().is_some_and(|(due, _)| *due <= through) {
+            let (due, id) = self.ahead.pop_front().expect("checked non-empty");
+            if due <= after {
+                continue;
+            }
+            let sid = self.customer(&id)?;
+            if self.slots[sid as usize].state.as_ref().and_then(|s| s.timer) == Some(due) {
+                found.push((due, sid));
+            }
+        }
+        found.sort_unstable_by(|a, b| (a.0, &self.slots[a.1 as usize].id).cmp(&(b.0, &self.slots[b.1 as usize].id)));
+        found.dedup();
+        Ok(found.into_iter().map(|(_, sid)| sid).collect())
     }
 
-    /// The earliest timer due after `after`, including changes not yet
-    /// committed: one seek, not a scan.
-    pub fn next_timer_after(&self, after: i64) -> Result<Option<i64>, StateError> {
-        let lo = (after.saturating_add(1), Box::<str>::from(""));
-        let pending = self.pending_timers.range(lo..).find(|(_, put)| **put).map(|((due, _), _)| *due);
-        let mut ro = ReadOptions::default();
-        let start = timer_key(after.saturating_add(1), "");
-        ro.set_iterate_lower_bound(start.clone());
-        if let Some(p) = pending {
-            // Only an earlier committed timer can matter.
-            ro.set_iterate_upper_bound(timer_key(p, ""));
+    /// A lower bound of the earliest timer after `after` (exact, or earlier
+    /// when a stale entry is in the way): the engine needs no scan before it.
+    pub fn next_due(&mut self, after: i64) -> Result<Option<i64>, StateError> {
+        while self.ahead.front().is_some_and(|(due, _)| *due <= after) {
+            self.ahead.pop_front();
         }
-        for item in self.db.iterator_cf_opt(self.cf(CF_TIMERS), ro, IteratorMode::From(&start, Direction::Forward)) {
-            let (k, _) = item?;
-            let (due, id) = parse_timer_key(&k)
-                .ok_or_else(|| StateError::Corrupt { key: format!("{k:?}"), reason: "bad timer key".into() })?;
-            if self.pending_timers.get(&(due, id.into_boxed_str())) != Some(&false) {
-                return Ok(Some(due));
-            }
+        if self.ahead.is_empty() && self.ahead_through != Some(i64::MAX) {
+            let through = self.ahead_through.map_or(after, |t| t.max(after)).saturating_add(1);
+            self.fill_ahead(after, through)?;
         }
-        Ok(pending)
+        let heap = self.heap.peek().map(|Reverse((due, _, _))| *due);
+        let committed = self.ahead.front().map(|(due, _)| *due);
+        Ok(match (heap, committed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
         Ok(self.db.get_cf(self.cf(CF_META), key.as_bytes())?)
     }
 
-    /// Writes every dirty customer, every timer change and the given meta
-    /// entries in one synced `WriteBatch`, then trims the cache.
+    /// Writes every changed customer, its timer move and the given meta
+    /// entries in one synced `WriteBatch`, then trims the cache. Slot ids of
+    /// evicted customers become invalid.
     pub fn commit(&mut self, meta: &[(String, Vec<u8>)]) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
         let customers = self.cf(CF_CUSTOMERS);
-        for (id, slot) in &self.cache {
-            if slot.dirty {
-                match &slot.state {
-                    Some(st) => batch.put_cf(customers, id.as_bytes(), encode_state(st)),
-                    None => batch.delete_cf(customers, id.as_bytes()),
-                }
-            }
-        }
         let timers = self.cf(CF_TIMERS);
-        for ((due, id), put) in &self.pending_timers {
-            let k = timer_key(*due, id);
-            if *put {
-                batch.put_cf(timers, k, []);
-            } else {
-                batch.delete_cf(timers, k);
+        for slot in self.slots.iter().filter(|s| s.dirty) {
+            match &slot.state {
+                Some(st) => batch.put_cf(customers, slot.id.as_bytes(), encode_state(st)),
+                None => batch.delete_cf(customers, slot.id.as_bytes()),
+            }
+            let timer = slot.state.as_ref().and_then(|s| s.timer);
+            if timer != slot.committed_timer {
+                if let Some(old) = slot.committed_timer {
+                    batch.delete_cf(timers, timer_key(old, &slot.id));
+                }
+                if let Some(new) = timer {
+                    batch.put_cf(timers, timer_key(new, &slot.id), []);
+                }
             }
         }
         let meta_cf = self.cf(CF_META);
@@ -226,33 +310,45 @@ impl StateStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
-        self.pending_timers.clear();
-        for slot in self.cache.values_mut() {
-            slot.dirty = false;
+        for slot in &mut self.slots {
+            if slot.dirty {
+                slot.dirty = false;
+                slot.committed_timer = slot.state.as_ref().and_then(|s| s.timer);
+            }
         }
+        // Every timer is in the index now; the read-ahead may lack new ones.
+        self.heap.clear();
+        self.ahead.clear();
+        self.ahead_through = None;
         self.trim_cache();
         Ok(())
     }
 
-    /// Evicts clean customers not used since the last commit, then any clean
-    /// ones, until the cache is within its capacity.
+    /// Evicts customers not used since the last commit, then any, until the
+    /// cache is within its capacity. Runs right after a commit: all are clean.
     fn trim_cache(&mut self) {
         let cap = self.opts.cache_customers;
-        if self.cache.len() > cap {
-            self.cache.retain(|_, s| std::mem::take(&mut s.used));
-        }
-        if self.cache.len() > cap {
-            let mut excess = self.cache.len() - cap;
-            self.cache.retain(|_, _| {
-                if excess > 0 {
-                    excess -= 1;
-                    false
-                } else {
-                    true
+        let mut excess = self.index.len().saturating_sub(cap);
+        for pass in 0..2 {
+            if excess == 0 {
+                break;
+            }
+            for (sid, slot) in self.slots.iter_mut().enumerate() {
+                if excess == 0 {
+                    break;
                 }
-            });
+                let live = self.index.get(&slot.id) == Some(&(sid as SlotId));
+                if live && (pass == 1 || !slot.used) {
+                    self.index.remove(&slot.id);
+                    slot.state = None;
+                    slot.id = "".into();
+                    slot.generation = slot.generation.wrapping_add(1);
+                    self.free.push(sid as SlotId);
+                    excess -= 1;
+                }
+            }
         }
-        for s in self.cache.values_mut() {
+        for s in &mut self.slots {
             s.used = false;
         }
     }
@@ -265,6 +361,17 @@ impl StateStore {
             f(&String::from_utf8_lossy(&k), &st);
         }
         Ok(())
+    }
+
+    /// Every committed timer, in order (for checks and tools; a full scan).
+    pub fn committed_timers(&self) -> Result<Vec<(i64, String)>, StateError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TIMERS), IteratorMode::Start) {
+            let (k, _) = item?;
+            let (due, id) = parse_timer_key(&k)?;
+            out.push((due, id.into()));
+        }
+        Ok(out)
     }
 
     /// Compacts every column family (for size measurements and `compact` runs).
@@ -283,7 +390,7 @@ impl StateStore {
     }
 
     pub fn cached_customers(&self) -> usize {
-        self.cache.len()
+        self.index.len()
     }
 }
 
@@ -292,10 +399,22 @@ mod tests {
     use super::*;
     use segstream_decode::{Event, EventKind};
 
-    fn state(ts: i64) -> CustomerState {
+    fn state(ts: i64, timer: Option<i64>) -> CustomerState {
         let mut s = CustomerState::new(ts);
         s.apply(&Event { event_id: "e".into(), customer_id: "c".into(), ts, kind: EventKind::Login { user_id: None } });
+        s.timer = timer;
         s
+    }
+
+    fn set(s: &mut StateStore, id: &str, st: Option<CustomerState>) {
+        let sid = s.customer(id).expect("load");
+        s.slot_mut(sid).state = st;
+        s.touch(sid);
+    }
+
+    fn due_ids(s: &mut StateStore, after: i64, through: i64) -> Vec<String> {
+        let sids = s.due(after, through).expect("due");
+        sids.into_iter().map(|sid| s.slot(sid).id().to_string()).collect()
     }
 
     #[test]
@@ -303,44 +422,63 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let mut s = StateStore::open(dir.path(), StateOptions::default()).expect("open");
-            let slot = s.customer("alice").expect("load");
-            assert!(slot.state.is_none());
-            slot.state = Some(state(1000));
-            slot.dirty = true;
+            let sid = s.customer("alice").expect("load");
+            assert!(s.slot(sid).state.is_none());
+            set(&mut s, "alice", Some(state(1000, Some(5000))));
             s.commit(&[("input".into(), b"42".to_vec())]).expect("commit");
             // A change that is never committed is lost with the process.
-            let slot = s.customer("bob").expect("load");
-            slot.state = Some(state(5));
-            slot.dirty = true;
+            set(&mut s, "bob", Some(state(5, None)));
         }
         let mut s = StateStore::open(dir.path(), StateOptions::default()).expect("reopen");
         assert_eq!(s.meta("input").expect("meta"), Some(b"42".to_vec()));
-        assert_eq!(s.customer("alice").expect("load").state, Some(state(1000)));
-        assert!(s.customer("bob").expect("load").state.is_none());
+        let sid = s.customer("alice").expect("load");
+        assert_eq!(s.slot(sid).state, Some(state(1000, Some(5000))));
+        let sid = s.customer("bob").expect("load");
+        assert!(s.slot(sid).state.is_none());
+        assert_eq!(s.committed_timers().expect("scan"), vec![(5000, "alice".into())]);
     }
 
     #[test]
-    fn timers_merge_committed_and_pending() {
+    fn due_merges_committed_and_uncommitted_timers_and_skips_stale_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = StateStore::open(dir.path(), StateOptions::default()).expect("open");
-        s.set_timer("a", None, Some(10));
-        s.set_timer("b", None, Some(-5));
-        s.set_timer("c", None, Some(30));
+        set(&mut s, "a", Some(state(0, Some(10))));
+        set(&mut s, "b", Some(state(0, Some(-5))));
+        set(&mut s, "c", Some(state(0, Some(30))));
         s.commit(&[]).expect("commit");
-        s.set_timer("a", Some(10), Some(25));
-        s.set_timer("d", None, Some(20));
-        assert_eq!(s.due_timers(-10, 25).expect("scan"), vec![(-5, "b".into()), (20, "d".into()), (25, "a".into())]);
-        assert_eq!(s.due_timers(-5, 100).expect("scan").len(), 3);
+        // Uncommitted moves: a's committed timer at 10 is now stale.
+        set(&mut s, "a", Some(state(0, Some(25))));
+        set(&mut s, "d", Some(state(0, Some(20))));
+        set(&mut s, "d", Some(state(0, Some(21))));
+        assert_eq!(s.next_due(-10).expect("peek"), Some(-5));
+        assert_eq!(due_ids(&mut s, -10, 25), vec!["b", "d", "a"]);
+        assert_eq!(due_ids(&mut s, 25, 100), vec!["c"]);
         s.commit(&[]).expect("commit");
-        assert_eq!(s.due_timers(i64::MIN, i64::MAX).expect("scan").len(), 4);
-        s.set_timer("b", Some(-5), None);
-        assert_eq!(s.due_timers(i64::MIN, 0).expect("scan"), vec![]);
-        // Peeking agrees with scanning, across committed, pending and deleted timers.
-        s.set_timer("e", None, Some(22));
-        for after in [i64::MIN, -5, 0, 19, 20, 21, 22, 25, 30, 40] {
-            let scanned = s.due_timers(after, i64::MAX).expect("scan").first().map(|(d, _)| *d);
-            assert_eq!(s.next_timer_after(after).expect("peek"), scanned, "after {after}");
+        let timers = s.committed_timers().expect("scan");
+        assert_eq!(timers, vec![(-5, "b".into()), (21, "d".into()), (25, "a".into()), (30, "c".into())]);
+        assert_eq!(s.next_due(21).expect("peek"), Some(25));
+        assert_eq!(due_ids(&mut s, 21, 29), vec!["a"]);
+    }
+
+    #[test]
+    fn timers_of_evicted_customers_still_fire_and_batches_cover_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = StateStore::open(dir.path(), StateOptions { cache_customers: 10, ..Default::default() }).expect("open");
+        let n = TIMER_BATCH as i64 * 2 + 17;
+        for i in 0..n {
+            set(&mut s, &format!("c{i:05}"), Some(state(0, Some(1000 + i / 3))));
         }
+        s.commit(&[]).expect("commit");
+        assert!(s.cached_customers() <= 10);
+        let mut fired = Vec::new();
+        let mut w = 0;
+        while let Some(next) = s.next_due(w).expect("peek") {
+            let to = next + 97;
+            fired.extend(due_ids(&mut s, w, to));
+            w = to;
+        }
+        let want: Vec<String> = (0..n).map(|i| format!("c{i:05}")).collect();
+        assert_eq!(fired, want);
     }
 
     #[test]
@@ -348,29 +486,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = StateStore::open(dir.path(), StateOptions { cache_customers: 1, ..Default::default() }).expect("open");
         for id in ["x", "y", "z"] {
-            let slot = s.customer(id).expect("load");
-            slot.state = Some(state(1));
-            slot.dirty = true;
-            s.set_timer(id, None, Some(99));
+            set(&mut s, id, Some(state(1, Some(99))));
         }
         s.commit(&[]).expect("commit");
         assert!(s.cached_customers() <= 1);
-        let slot = s.customer("y").expect("load");
-        slot.state = None;
-        slot.dirty = true;
-        s.set_timer("y", Some(99), None);
+        set(&mut s, "y", None);
         s.commit(&[]).expect("commit");
         let mut ids = Vec::new();
         s.for_each_customer(|id, _| ids.push(id.to_string())).expect("scan");
         assert_eq!(ids, vec!["x", "z"]);
-        assert_eq!(s.due_timers(0, 100).expect("scan"), vec![(99, "x".into()), (99, "z".into())]);
+        assert_eq!(s.committed_timers().expect("scan"), vec![(99, "x".into()), (99, "z".into())]);
+        assert_eq!(due_ids(&mut s, 0, 100), vec!["x", "z"]);
     }
 
     #[test]
     fn corrupt_values_are_reported() {
         assert!(matches!(decode_state(b"k", &[9, 1]), Err(StateError::Corrupt { .. })));
         assert!(matches!(decode_state(b"k", &[]), Err(StateError::Corrupt { .. })));
-        let st = state(77);
+        let st = state(77, None);
         assert_eq!(decode_state(b"k", &encode_state(&st)).expect("decodes"), st);
     }
 }
