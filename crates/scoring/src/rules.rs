@@ -245,9 +245,24 @@ impl Condition {
     pub fn eval(&self, input: &dyn RuleInput) -> bool {
         self.0.eval(input)
     }
+
+    /// Whether the condition reads metric `m`.
+    pub fn uses(&self, m: Metric) -> bool {
+        self.0.uses(m)
+    }
 }
 
 impl Expr {
+    fn uses(&self, m: Metric) -> bool {
+        let op = |o: &Operand| matches!(o, Operand::Metric(x) if *x == m);
+        match self {
+            Expr::Or(a, b) | Expr::And(a, b) => a.uses(m) || b.uses(m),
+            Expr::Not(a) => a.uses(m),
+            Expr::Cmp(a, _, b) => op(a) || op(b),
+            Expr::Truthy(o) => op(o),
+        }
+    }
+
     fn eval(&self, input: &dyn RuleInput) -> bool {
         match self {
             Expr::Or(a, b) => a.eval(input) || b.eval(input),

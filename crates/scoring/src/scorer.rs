@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use segstream_decode::{Event, EventKind, Priority, SubscriptionStatus, DAY_MS};
 
 use crate::config::{ScoringConfig, SegmentsConfig};
@@ -61,7 +62,13 @@ pub struct Scorer {
     groups: Vec<Group>,
     rfm_grid: [[u16; 5]; 5],
     custom: Vec<CustomGroup>,
+    /// Whether a custom rule reads the raw active-day count (then every
+    /// change of it may move a label, not only changes of F).
+    custom_uses_active_days: bool,
 }
+
+/// Labels of one customer, without a heap allocation for the usual few groups.
+type LabelSet = SmallVec<[u16; 8]>;
 
 const HEALTH_GROUP: [&str; 3] = ["green", "yellow", "red"];
 const VALUE_GROUP: [&str; 3] = ["high_touch", "low_touch", "tech_touch"];
@@ -153,7 +160,9 @@ impl Scorer {
             groups.push(Group { name: Arc::from(g.name.as_str()), segments });
             custom.push(CustomGroup { rules, default });
         }
-        Ok(Self { cfg, seg, groups, rfm_grid, custom })
+        let custom_uses_active_days =
+            custom.iter().any(|g| g.rules.iter().any(|(c, _)| c.uses(Metric::ActiveDays)));
+        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days })
     }
 
     /// Scorer with SPEC's defaults and no custom groups.
@@ -202,17 +211,33 @@ impl Scorer {
         self.scores_from(st, r, active_days, features)
     }
 
-    fn scores_from(&self, st: &CustomerState, r: u8, active_days: u32, features: u32) -> Scores {
-        let c = &self.cfg;
-        let f = match c.frequency.min_active_days.iter().position(|n| active_days >= *n) {
+    fn f_score(&self, active_days: u32) -> u8 {
+        match self.cfg.frequency.min_active_days.iter().position(|n| active_days >= *n) {
             Some(i) => 5 - i as u8,
             None => 1,
-        };
+        }
+    }
+
+    fn adoption_score(&self, features: u32) -> u32 {
+        let a = &self.cfg.adoption;
+        a.points_per_feature.saturating_mul(features).min(a.max)
+    }
+
+    /// What labels can depend on among the time-varying inputs: two instants
+    /// with the same key have the same labels.
+    fn label_key(&self, tv: (u8, u32, u32)) -> (u8, u8, u32, u32) {
+        let raw_days = if self.custom_uses_active_days { tv.1 } else { 0 };
+        (tv.0, self.f_score(tv.1), self.adoption_score(tv.2), raw_days)
+    }
+
+    fn scores_from(&self, st: &CustomerState, r: u8, active_days: u32, features: u32) -> Scores {
+        let c = &self.cfg;
+        let f = self.f_score(active_days);
         let m = match c.monetary.min_mrr_cents.iter().position(|n| st.mrr_cents >= *n) {
             Some(i) => 5 - i as u8,
             None => 1,
         };
-        let adoption = (c.adoption.points_per_feature.saturating_mul(features)).min(c.adoption.max);
+        let adoption = self.adoption_score(features);
         let engagement = u32::from(f - 1) * 25;
         let recency = u32::from(r - 1) * 25;
         let p = &c.health.ticket_penalty;
@@ -261,7 +286,11 @@ impl Scorer {
 
     /// The segment of every group (SPEC §5), as indexes into [`Scorer::groups`].
     pub fn labels(&self, st: &CustomerState, s: &Scores) -> Vec<u16> {
-        let mut out = Vec::with_capacity(self.groups.len());
+        self.label_set(st, s).to_vec()
+    }
+
+    fn label_set(&self, st: &CustomerState, s: &Scores) -> LabelSet {
+        let mut out = LabelSet::new();
         out.push(self.rfm_grid[usize::from(5 - s.r)][usize::from(s.f - 1)]);
         let h = &self.seg.health;
         out.push(if u32::from(s.health) >= h.green_min {
@@ -300,35 +329,67 @@ impl Scorer {
     /// The first instant `> after` at which time alone changes any of the
     /// customer's labels, with the scores and labels from that instant on.
     /// Labels only move when R, the active-day count or the feature count
-    /// moves, and those only at the candidate instants listed here.
+    /// moves, and those only at candidate instants: a recency threshold after
+    /// the last activity, an active day leaving the frequency window, a
+    /// feature leaving the adoption window. The candidates are merged in
+    /// ascending order from three sorted sources and evaluated until one
+    /// changes a label.
     pub fn next_boundary(&self, st: &CustomerState, after: i64) -> Option<Boundary> {
         let reference = st.last_active.unwrap_or(st.first_seen);
-        let mut candidates: Vec<i64> = Vec::with_capacity(16);
-        candidates.extend(self.cfg.recency.thresholds_days.iter().map(|d| reference + i64::from(*d) * DAY_MS));
+        let thresholds = self.cfg.recency.thresholds_days.map(|d| reference + i64::from(d) * DAY_MS);
+        let mut ti = thresholds.iter().position(|t| *t > after).unwrap_or(thresholds.len());
+        // Active day `anchor − k` leaves the window at `(anchor − k + window) × day`:
+        // the highest set bit is the earliest.
         let fw = self.frequency_window();
-        candidates.extend(st.active_days().map(|d| (d + fw) * DAY_MS));
+        let mut bits = st.active_bits;
+        let mut next_day_exit = move || -> Option<i64> {
+            while bits != 0 {
+                let k = 127 - i64::from(bits.leading_zeros());
+                bits &= !(1u128 << k);
+                let exit = (st.active_anchor - k + fw) * DAY_MS;
+                if exit > after {
+                    return Some(exit);
+                }
+            }
+            None
+        };
+        let mut day_exit = next_day_exit();
         let aw = self.adoption_window();
-        candidates.extend(st.features.iter().map(|(_, d)| (d + aw) * DAY_MS));
-        candidates.retain(|c| *c > after);
-        candidates.sort_unstable();
-        candidates.dedup();
+        let mut feature_exits: SmallVec<[i64; 16]> =
+            st.features.iter().map(|(_, d)| (d + aw) * DAY_MS).filter(|t| *t > after).collect();
+        feature_exits.sort_unstable();
+        let mut fi = 0;
 
         let mut prev = self.time_varying(st, after);
-        for at in candidates {
+        let mut prev_key = self.label_key(prev);
+        loop {
+            let at = [thresholds.get(ti).copied(), day_exit, feature_exits.get(fi).copied()].into_iter().flatten().min()?;
+            while thresholds.get(ti) == Some(&at) {
+                ti += 1;
+            }
+            while day_exit == Some(at) {
+                day_exit = next_day_exit();
+            }
+            while feature_exits.get(fi) == Some(&at) {
+                fi += 1;
+            }
             let tv = self.time_varying(st, at);
             if tv == prev {
                 continue;
             }
-            let scores = self.scores_from(st, tv.0, tv.1, tv.2);
-            let labels = self.labels(st, &scores);
-            if labels != st.labels {
-                // What moved at this very instant (not since `after`).
-                let kind = Boundary::kinds(prev, tv);
-                return Some(Boundary { at, kind, scores, labels });
+            let key = self.label_key(tv);
+            if key != prev_key {
+                let scores = self.scores_from(st, tv.0, tv.1, tv.2);
+                let labels = self.label_set(st, &scores);
+                if labels[..] != st.labels[..] {
+                    // What moved at this very instant (not since `after`).
+                    let kind = Boundary::kinds(prev, tv);
+                    return Some(Boundary { at, kind, scores, labels: labels.to_vec() });
+                }
             }
             prev = tv;
+            prev_key = key;
         }
-        None
     }
 
     // Private: each argument is one field of the transitions it builds.
@@ -344,9 +405,10 @@ impl Scorer {
         out: &mut Vec<Transition>,
     ) {
         for (gi, g) in self.groups.iter().enumerate() {
-            let before = from.get(gi).map(|i| g.segments[usize::from(*i)].clone());
-            let after = to.and_then(|t| t.get(gi)).map(|i| g.segments[usize::from(*i)].clone());
-            if before != after {
+            let (i_before, i_after) = (from.get(gi), to.and_then(|t| t.get(gi)));
+            if i_before != i_after {
+                let before = i_before.map(|i| g.segments[usize::from(*i)].clone());
+                let after = i_after.map(|i| g.segments[usize::from(*i)].clone());
                 out.push(Transition {
                     customer_id: customer_id.to_string(),
                     group: g.name.clone(),
@@ -362,15 +424,21 @@ impl Scorer {
 
     /// Emits every time-driven change of the customer at instants `≤ until`.
     pub fn advance(&self, customer_id: &str, st: &mut CustomerState, until: i64, out: &mut Vec<Transition>) {
-        while let Some(b) = self.next_boundary(st, st.evaluated_at) {
-            if b.at > until {
-                break;
+        loop {
+            match self.next_boundary(st, st.evaluated_at) {
+                Some(b) if b.at <= until => {
+                    self.emit(customer_id, &st.labels, Some(&b.labels), b.at, &Cause::Time(b.kind), &b.scores, out);
+                    st.labels = b.labels;
+                    st.evaluated_at = b.at;
+                }
+                // The boundary that stopped the loop is the next one.
+                next => {
+                    st.timer = next.map(|b| b.at);
+                    break;
+                }
             }
-            self.emit(customer_id, &st.labels, Some(&b.labels), b.at, &Cause::Time(b.kind), &b.scores, out);
-            st.labels = b.labels;
-            st.evaluated_at = b.at;
         }
-        self.reschedule(st);
+        st.prune(self.frequency_window(), self.adoption_window());
     }
 
     fn reschedule(&self, st: &mut CustomerState) {
@@ -405,18 +473,20 @@ impl Scorer {
         }
         let late = e.ts < st.evaluated_at;
         let tau = e.ts.max(st.evaluated_at);
-        let cause = Cause::Event(e.event_id.clone());
+        let cause = || Cause::Event(e.event_id.clone());
         if e.kind == EventKind::CustomerDeleted {
             let scores = self.scores(st, tau);
-            self.emit(&e.customer_id, &st.labels, None, tau, &cause, &scores, out);
+            self.emit(&e.customer_id, &st.labels, None, tau, &cause(), &scores, out);
             *state = None;
             return Outcome::Deleted { late };
         }
         st.apply(e);
         let scores = self.scores(st, tau);
-        let labels = self.labels(st, &scores);
-        self.emit(&e.customer_id, &st.labels, Some(&labels), tau, &cause, &scores, out);
-        st.labels = labels;
+        let labels = self.label_set(st, &scores);
+        if labels[..] != st.labels[..] {
+            self.emit(&e.customer_id, &st.labels, Some(&labels), tau, &cause(), &scores, out);
+            st.labels = labels.to_vec();
+        }
         st.evaluated_at = tau;
         self.reschedule(st);
         Outcome::Applied { late }

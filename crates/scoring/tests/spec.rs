@@ -361,3 +361,22 @@ fn transition_ids_depend_on_customer_group_at_to_only() {
     assert_eq!(x[0].transition_id(), y[0].transition_id());
     assert_ne!(x[0].transition_id(), x[1].transition_id());
 }
+
+#[test]
+fn a_custom_rule_on_the_raw_active_day_count_has_its_own_boundaries() {
+    // Two active days then one: F stays 1 throughout, so no built-in label
+    // moves, but the custom rule does, at the instant day D0 leaves the window.
+    let mut seg = SegmentsConfig::default();
+    seg.custom.push(CustomGroupConfig {
+        name: "habit".into(),
+        rules: vec![RuleConfig { segment: "two_days".into(), when: "active_days >= 2".into() }],
+        default: "fewer".into(),
+    });
+    let mut c = Customer { scorer: Scorer::new(ScoringConfig::default(), seg).expect("valid"), state: None };
+    c.event(login("a", T0));
+    let second = rows(&c.event(login("b", T0 + DAY_MS)));
+    assert!(second.contains(&row("habit", Some("fewer"), Some("two_days"), T0 + DAY_MS, "event:b")));
+    // R drops too as time passes; look at the habit group alone.
+    let later: Vec<_> = rows(&c.until(T0 + 100 * DAY_MS)).into_iter().filter(|r| r.0 == "habit").collect();
+    assert_eq!(later, vec![row("habit", Some("two_days"), Some("fewer"), (D0 + 90) * DAY_MS, "time:frequency")]);
+}
