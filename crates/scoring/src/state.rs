@@ -25,19 +25,26 @@ pub struct CustomerState {
     pub active_anchor: i64,
     pub active_bits: u128,
     /// (xxh3 of the feature name, last day it was used).
+    #[serde(with = "compact::hashed_pairs")]
     pub features: Vec<(u64, i64)>,
     pub mrr_cents: i64,
     pub sub_status: Option<SubscriptionStatus>,
+    #[serde(with = "compact::instant")]
     pub sub_ts: i64,
     pub payment_failed: bool,
+    #[serde(with = "compact::instant")]
     pub payment_ts: i64,
     /// (xxh3 of the ticket id, priority) of tickets opened and not closed.
+    #[serde(with = "compact::hashed_pairs")]
     pub open_tickets: Vec<(u64, Priority)>,
     pub last_nps: Option<u8>,
+    #[serde(with = "compact::instant")]
     pub nps_ts: i64,
     pub profile: Profile,
+    #[serde(with = "compact::instant")]
     pub profile_ts: i64,
     /// xxh3 of the last [`DEDUP_IDS`] applied event ids, oldest first.
+    #[serde(with = "compact::hashes")]
     pub recent_ids: Vec<u64>,
     /// The customer's last evaluated instant: the largest of the applied
     /// events' `ts` and the boundary instants already emitted.
@@ -46,6 +53,49 @@ pub struct CustomerState {
     pub labels: Vec<u16>,
     /// The next boundary instant, as registered in the timer index.
     pub timer: Option<i64>,
+}
+
+/// Serde encodings that keep the stored state small (ADR 001): hashes as 8
+/// fixed bytes (a varint of a random 64-bit value takes 9–10), and "never"
+/// (`i64::MIN`) instants as an absent option (a varint of `i64::MIN` takes 10).
+mod compact {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub mod instant {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(t: &i64, s: S) -> Result<S::Ok, S::Error> {
+            (*t != i64::MIN).then_some(*t).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+            Ok(Option::<i64>::deserialize(d)?.unwrap_or(i64::MIN))
+        }
+    }
+
+    pub mod hashes {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|h| h.to_le_bytes()))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+            Ok(Vec::<[u8; 8]>::deserialize(d)?.into_iter().map(u64::from_le_bytes).collect())
+        }
+    }
+
+    pub mod hashed_pairs {
+        use super::*;
+
+        pub fn serialize<S: Serializer, T: Serialize>(v: &[(u64, T)], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|(h, t)| (h.to_le_bytes(), t)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<(u64, T)>, D::Error> {
+            Ok(Vec::<([u8; 8], T)>::deserialize(d)?.into_iter().map(|(h, t)| (u64::from_le_bytes(h), t)).collect())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
