@@ -173,25 +173,32 @@ impl Engine {
             }
         }
         let new_timer = slot.state.as_ref().and_then(|s| s.timer);
-        match outcome {
-            Outcome::Duplicate => self.counters.duplicate += 1,
-            Outcome::DeletedUnknown => self.counters.deleted_unknown += 1,
-            Outcome::Created | Outcome::Applied { .. } | Outcome::Deleted { .. } => {
-                self.store.touch(sid);
-                self.counters.applied += 1;
-                if let Some(n) = new_timer {
-                    self.next_due = Some(self.next_due.map_or(n, |d| d.min(n)));
-                }
+        let (applied, late) = match outcome {
+            Outcome::Duplicate => {
+                self.counters.duplicate += 1;
+                (false, false)
             }
-        }
-        match outcome {
-            Outcome::Created => self.counters.customers += 1,
+            Outcome::DeletedUnknown => {
+                self.counters.deleted_unknown += 1;
+                (false, false)
+            }
+            Outcome::Created => {
+                self.counters.customers += 1;
+                (true, false)
+            }
             Outcome::Deleted { late } => {
                 self.counters.customers = self.counters.customers.saturating_sub(1);
-                self.counters.late += u64::from(late);
+                (true, late)
             }
-            Outcome::Applied { late } => self.counters.late += u64::from(late),
-            Outcome::Duplicate | Outcome::DeletedUnknown => {}
+            Outcome::Applied { late } => (true, late),
+        };
+        if applied {
+            self.store.touch(sid);
+            self.counters.applied += 1;
+            self.counters.late += u64::from(late);
+            if let Some(n) = new_timer {
+                self.next_due = Some(self.next_due.map_or(n, |d| d.min(n)));
+            }
         }
         self.counters.transitions += (out.len() - before) as u64;
         Ok(outcome)

@@ -210,19 +210,19 @@ impl StateStore {
             let start = timer_key(from, "");
             let mut ro = ReadOptions::default();
             ro.set_iterate_lower_bound(start.clone());
-            let mut n = 0;
             let mut last = None;
             let mut complete = true;
-            for item in self.db.iterator_cf_opt(self.cf(CF_TIMERS), ro, IteratorMode::From(&start, Direction::Forward)) {
+            let iter = self.db.iterator_cf_opt(self.cf(CF_TIMERS), ro, IteratorMode::From(&start, Direction::Forward));
+            for (n, item) in iter.enumerate() {
                 let (k, _) = item?;
                 let (due, id) = parse_timer_key(&k)?;
+                // A batch ends between two instants, never inside one.
                 if n >= TIMER_BATCH && last != Some(due) {
                     complete = false;
                     break;
                 }
                 last = Some(due);
                 self.ahead.push_back((due, id));
-                n += 1;
             }
             self.ahead_through = Some(if complete { i64::MAX } else { last.unwrap_or(i64::MAX) });
         }
