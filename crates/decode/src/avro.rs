@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::OnceLock;
@@ -45,10 +46,10 @@ impl AvroRecord<'_> {
 }
 
 impl Fields for AvroRecord<'_> {
-    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
+    fn text(&self, name: &'static str) -> Result<Option<Cow<'_, str>>, DecodeError> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::String(s)) | Some(Value::Enum(_, s)) => Ok(Some(s.clone())),
+            Some(Value::String(s)) | Some(Value::Enum(_, s)) => Ok(Some(Cow::Borrowed(s))),
             Some(other) => Err(DecodeError::WrongType { field: name, expected: "a string", found: kind_of(other) }),
         }
     }

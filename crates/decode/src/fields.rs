@@ -1,6 +1,8 @@
 //! The one validation path shared by every decoder: a decoder exposes the raw
 //! record through [`Fields`], and [`build_event`] checks it against SPEC §1.
 
+use std::borrow::Cow;
+
 use crate::error::DecodeError;
 use crate::event::{
     Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction,
@@ -9,7 +11,11 @@ use crate::event::{
 /// Typed access to one field of a raw record. `Ok(None)` means absent or null;
 /// a present value of the wrong type is an error naming the field.
 pub(crate) trait Fields {
-    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError>;
+    /// A string field, borrowed from the record where it can be.
+    fn text(&self, name: &'static str) -> Result<Option<Cow<'_, str>>, DecodeError>;
+    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        Ok(self.text(name)?.map(Cow::into_owned))
+    }
     fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
     /// A timestamp: an RFC 3339 string or integer epoch milliseconds.
     fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
@@ -41,16 +47,16 @@ fn enum_field<T>(
     parse: fn(&str) -> Option<T>,
     allowed: &'static str,
 ) -> Result<T, DecodeError> {
-    let s = required(f.string(field)?, field)?;
-    parse(&s).ok_or(DecodeError::BadEnum { field, value: s, allowed })
+    let s = required(f.text(field)?, field)?;
+    parse(&s).ok_or_else(|| DecodeError::BadEnum { field, value: s.into_owned(), allowed })
 }
 
 pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
     let event_id = non_empty(f, "event_id")?;
     let customer_id = non_empty(f, "customer_id")?;
-    let type_name = required(f.string("type")?, "type")?;
+    let type_name = required(f.text("type")?, "type")?;
     let ts = required(f.timestamp("ts")?, "ts")?;
-    let kind = match type_name.as_str() {
+    let kind = match type_name.as_ref() {
         "login" => EventKind::Login { user_id: f.string("user_id")? },
         "session" => EventKind::Session {
             user_id: f.string("user_id")?,
@@ -105,7 +111,7 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
             }
         }
         "customer_deleted" => EventKind::CustomerDeleted,
-        _ => return Err(DecodeError::UnknownType(type_name)),
+        _ => return Err(DecodeError::UnknownType(type_name.into_owned())),
     };
     Ok(Event { event_id, customer_id, ts, kind })
 }

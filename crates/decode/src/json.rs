@@ -1,3 +1,5 @@
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -95,25 +97,36 @@ fn wrong(field: &'static str, expected: &'static str, raw: &RawValue) -> DecodeE
 }
 
 impl Fields for JsonRecord<'_> {
-    fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
-        self.raw(name)
-            .map(|r| serde_json::from_str::<String>(r.get()).map_err(|_| wrong(name, "a string", r)))
-            .transpose()
+    fn text(&self, name: &'static str) -> Result<Option<Cow<'_, str>>, DecodeError> {
+        let Some(r) = self.raw(name) else { return Ok(None) };
+        // The raw value is valid JSON already: a string without escapes is
+        // its own content, borrowed.
+        let s = r.get();
+        if let Some(inner) = s.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            if !inner.contains('\\') {
+                return Ok(Some(Cow::Borrowed(inner)));
+            }
+        }
+        serde_json::from_str::<String>(s).map(|v| Some(Cow::Owned(v))).map_err(|_| wrong(name, "a string", r))
     }
 
     fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError> {
-        self.raw(name)
-            .map(|r| serde_json::from_str::<i64>(r.get()).map_err(|_| wrong(name, "an integer", r)))
-            .transpose()
+        let Some(r) = self.raw(name) else { return Ok(None) };
+        if let Ok(v) = r.get().parse::<i64>() {
+            return Ok(Some(v));
+        }
+        serde_json::from_str::<i64>(r.get()).map(Some).map_err(|_| wrong(name, "an integer", r))
     }
 
     fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError> {
         let Some(r) = self.raw(name) else { return Ok(None) };
         if r.get().starts_with('"') {
-            let s: String = serde_json::from_str(r.get()).map_err(|_| wrong(name, "a timestamp", r))?;
+            let s = self.text(name)?.ok_or_else(|| wrong(name, "a timestamp", r))?;
             parse_rfc3339_millis(&s)
                 .map(Some)
                 .map_err(|reason| DecodeError::BadTimestamp { value: shown(r), reason })
+        } else if let Ok(ms) = r.get().parse::<i64>() {
+            Ok(Some(ms))
         } else {
             serde_json::from_str::<i64>(r.get()).map(Some).map_err(|_| DecodeError::BadTimestamp {
                 value: shown(r),
