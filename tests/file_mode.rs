@@ -55,6 +55,23 @@ fn invalid_records_are_counted_located_and_dead_lettered() {
     assert!(s.render().contains("invalid"));
 }
 
+#[test]
+fn invalid_avro_records_are_dead_lettered_with_their_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, _) = sample(dir.path(), "e.avro", 20, 20, 4, InputFormat::Avro, Some(40));
+    let args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    let s = run_file(&Config::default(), &args).expect("run");
+    assert!(s.counts.invalid >= 3, "{}", s.counts.invalid);
+    let dlq = std::fs::read_to_string(args.dead_letter_path()).expect("dead letters written");
+    for line in dlq.lines() {
+        let l: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(l["error_kind"], "unknown_type");
+        assert!(l["location"].as_str().expect("location").contains(".avro#record "));
+        let raw: serde_json::Value = serde_json::from_str(l["raw"].as_str().expect("raw")).expect("raw is the record as json");
+        assert_eq!(raw["type"], "signup");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
 

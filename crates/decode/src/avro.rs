@@ -116,12 +116,20 @@ pub fn event_to_avro_value(e: &Event) -> Value {
 pub struct AvroFileReader<R: Read> {
     inner: Reader<'static, R>,
     failed: bool,
+    last_invalid: Option<Value>,
 }
 
 impl<R: Read> AvroFileReader<R> {
     pub fn new(input: R) -> Result<Self, DecodeError> {
         let inner = Reader::with_schema(event_schema(), input).map_err(|e| DecodeError::Avro(e.to_string()))?;
-        Ok(Self { inner, failed: false })
+        Ok(Self { inner, failed: false, last_invalid: None })
+    }
+
+    /// The record behind the last error, as JSON text, for the dead-letter
+    /// destination (`None` when the record could not be read at all).
+    pub fn take_invalid_json(&mut self) -> Option<String> {
+        let v = self.last_invalid.take()?;
+        serde_json::Value::try_from(v).ok().map(|j| j.to_string())
     }
 }
 
@@ -132,8 +140,15 @@ impl<R: Read> Iterator for AvroFileReader<R> {
         if self.failed {
             return None;
         }
+        self.last_invalid = None;
         match self.inner.next()? {
-            Ok(v) => Some(event_from_value(&v)),
+            Ok(v) => {
+                let e = event_from_value(&v);
+                if e.is_err() {
+                    self.last_invalid = Some(v);
+                }
+                Some(e)
+            }
             Err(e) => {
                 self.failed = true;
                 Some(Err(DecodeError::Avro(format!("unreadable record, rest of file skipped: {e}"))))
@@ -237,6 +252,31 @@ mod tests {
         let bytes = w.into_inner().expect("flush");
         let events: Vec<_> = AvroFileReader::new(&bytes[..]).expect("header").collect();
         assert_eq!(events, vec![Ok(sample())]);
+    }
+
+    #[test]
+    fn invalid_container_records_are_kept_for_dead_letters() {
+        let mut bad = sample();
+        bad.kind = EventKind::Nps { score: 10 };
+        let mut v = event_to_avro_value(&bad);
+        if let Value::Record(fields) = &mut v {
+            for (name, value) in fields.iter_mut() {
+                if name == "score" {
+                    *value = Value::Union(1, Box::new(Value::Int(42)));
+                }
+            }
+        }
+        let mut w = Writer::new(event_schema(), Vec::new());
+        w.append(v).expect("append");
+        w.append(event_to_avro_value(&sample())).expect("append");
+        let bytes = w.into_inner().expect("flush");
+        let mut r = AvroFileReader::new(&bytes[..]).expect("header");
+        assert!(matches!(r.next(), Some(Err(DecodeError::OutOfRange { field: "score", .. }))));
+        let raw: serde_json::Value = serde_json::from_str(&r.take_invalid_json().expect("kept")).expect("json");
+        assert_eq!(raw["score"], 42);
+        assert_eq!(raw["event_id"], "e1");
+        assert_eq!(r.next(), Some(Ok(sample())));
+        assert_eq!(r.take_invalid_json(), None);
     }
 
     #[test]

@@ -63,7 +63,8 @@ pub struct GenerateArgs {
     pub start_ms: i64,
     pub seed: u64,
     pub format: InputFormat,
-    /// Write an invalid record after every this many valid ones (JSON only).
+    /// Write an invalid record after every this many valid ones (JSON: five
+    /// kinds in rotation; Avro: an unknown event type).
     pub invalid_every: Option<u64>,
 }
 
@@ -283,7 +284,7 @@ pub fn generate(args: &GenerateArgs, path: &Path) -> anyhow::Result<GenerateStat
                 Sink::Json(w) => {
                     w.write_all(event_to_json(e).as_bytes())?;
                     w.write_all(b"\n")?;
-                    if args.invalid_every.is_some_and(|n| (stats.events + 1) % n == 0) {
+                    if args.invalid_every.is_some_and(|n| (stats.events + 1).is_multiple_of(n)) {
                         w.write_all(invalid_line(stats.invalid, e).as_bytes())?;
                         w.write_all(b"\n")?;
                         stats.invalid += 1;
@@ -291,6 +292,21 @@ pub fn generate(args: &GenerateArgs, path: &Path) -> anyhow::Result<GenerateStat
                 }
                 Sink::Avro(w) => {
                     w.append(event_to_avro_value(e)).map_err(|err| anyhow::anyhow!("avro: {err}"))?;
+                    if args.invalid_every.is_some_and(|n| (stats.events + 1).is_multiple_of(n)) {
+                        // Valid Avro, invalid event: a type SPEC does not know.
+                        let mut v = event_to_avro_value(e);
+                        if let apache_avro::types::Value::Record(fields) = &mut v {
+                            for (name, value) in fields.iter_mut() {
+                                match name.as_str() {
+                                    "type" => *value = apache_avro::types::Value::String("signup".into()),
+                                    "event_id" => *value = apache_avro::types::Value::String(format!("bad-{}", stats.invalid)),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        w.append(v).map_err(|err| anyhow::anyhow!("avro: {err}"))?;
+                        stats.invalid += 1;
+                    }
                 }
             }
             stats.events += 1;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use segstream_decode::{decode_json_line, AvroFileReader, DecodeError, Event, InvalidRecord};
+use segstream_decode::{decode_json_line, AvroFileReader, Event, InvalidRecord};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -152,17 +152,18 @@ impl InputReader {
                 self.pos.records += 1;
                 Some(Ok(match item {
                     Ok(e) => Record::Event(e),
-                    Err(error) => Record::Invalid(invalid_avro(&self.name, self.pos.records, error)),
+                    Err(error) => {
+                        let raw = r.take_invalid_json().map(String::into_bytes).unwrap_or_default();
+                        Record::Invalid(InvalidRecord {
+                            location: format!("{}#record {}", self.name, self.pos.records),
+                            error,
+                            raw,
+                        })
+                    }
                 }))
             }
         }
     }
-}
-
-fn invalid_avro(name: &str, record: u64, error: DecodeError) -> InvalidRecord {
-    // The container reader hands out decoded values, not datum bytes; the
-    // location names the record so it can be found with any Avro tool.
-    InvalidRecord { location: format!("{name}#record {record}"), error, raw: Vec::new() }
 }
 
 #[cfg(test)]

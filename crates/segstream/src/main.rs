@@ -76,7 +76,7 @@ enum Command {
         /// Output format; from the file extension by default.
         #[arg(long, value_enum)]
         format: Option<InputFormat>,
-        /// Add an invalid record after every N valid ones (JSON only), to exercise dead-lettering.
+        /// Add an invalid record after every N valid ones, to exercise dead-lettering.
         #[arg(long)]
         invalid_every: Option<u64>,
     },
