@@ -21,6 +21,10 @@ pub(crate) trait Fields {
     fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
 }
 
+/// 0001-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z, epoch ms.
+pub const MIN_TS: i64 = -62_135_596_800_000;
+pub const MAX_TS: i64 = 253_402_300_799_999;
+
 fn required<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     v.ok_or(DecodeError::MissingField { field })
 }
@@ -56,6 +60,10 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
     let customer_id = non_empty(f, "customer_id")?;
     let type_name = required(f.text("type")?, "type")?;
     let ts = required(f.timestamp("ts")?, "ts")?;
+    if !(MIN_TS..=MAX_TS).contains(&ts) {
+        // Keeps every instant arithmetic of the engine (ts + windows) in range.
+        return Err(DecodeError::BadTimestamp { value: ts.to_string(), reason: "outside the years 0001 to 9999".into() });
+    }
     let kind = match type_name.as_ref() {
         "login" => EventKind::Login { user_id: f.string("user_id")? },
         "session" => EventKind::Session {

@@ -241,6 +241,16 @@ mod tests {
             err(r#"{"event_id":"e","customer_id":"c","type":"login","ts":1.5}"#),
             DecodeError::BadTimestamp { .. }
         ));
+        // Far outside any calendar the engine can add windows to.
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"login","ts":9223372036854775807}"#),
+            DecodeError::BadTimestamp { .. }
+        ));
+        assert!(matches!(
+            err(r#"{"event_id":"e","customer_id":"c","type":"login","ts":-9223372036854775808}"#),
+            DecodeError::BadTimestamp { .. }
+        ));
+        assert_eq!(ok(r#"{"event_id":"e","customer_id":"c","type":"login","ts":"9999-12-31T23:59:59.999Z"}"#).ts, crate::MAX_TS);
         assert_eq!(
             err(r#"{"event_id":"e","customer_id":"c","type":"nps","ts":1,"score":11}"#),
             DecodeError::OutOfRange { field: "score", value: "11".into(), reason: "nps score must be 0..10" }

@@ -21,5 +21,6 @@ pub use error::{DecodeError, ErrorClass, InvalidRecord};
 pub use event::{
     Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction,
 };
+pub use fields::{MAX_TS, MIN_TS};
 pub use json::{decode_json_line, event_to_json};
 pub use time_fmt::{format_rfc3339_millis, parse_rfc3339_millis, DAY_MS};

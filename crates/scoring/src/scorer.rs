@@ -113,7 +113,7 @@ impl Scorer {
             return bad(format!("adoption.max must be <= 100, got {}", cfg.adoption.max));
         }
         let w = &cfg.health.weights;
-        let sum = w.engagement + w.recency + w.adoption + w.support + w.billing + w.sentiment;
+        let sum: u64 = [w.engagement, w.recency, w.adoption, w.support, w.billing, w.sentiment].iter().map(|v| u64::from(*v)).sum();
         if sum != 100 {
             return bad(format!("health.weights must add up to 100, got {sum}"));
         }

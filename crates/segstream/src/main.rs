@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use segstream::demo::{run_demo, DemoArgs};
 use segstream::{generate, run_file, Config, GenerateArgs, InputFormat, RunArgs};
-use segstream_decode::parse_rfc3339_millis;
+use segstream_decode::{parse_rfc3339_millis, MAX_TS, MIN_TS};
 use segstream_output::OutputFormat;
 
 #[derive(Parser)]
@@ -89,9 +89,14 @@ enum OutputFormatArg {
 }
 
 fn parse_instant(s: &str) -> Result<i64, String> {
-    match s.parse::<i64>() {
-        Ok(ms) => Ok(ms),
-        Err(_) => parse_rfc3339_millis(s),
+    let ms = match s.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => parse_rfc3339_millis(s)?,
+    };
+    if (MIN_TS..=MAX_TS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(format!("{ms} is outside the years 0001 to 9999"))
     }
 }
 
