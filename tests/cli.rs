@@ -1,0 +1,63 @@
+//! The command line as a user runs it: `demo`, `generate` then `run`, errors.
+
+use std::process::Command;
+
+fn segstream(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_segstream")).args(args).env("RUST_LOG", "warn").output().expect("run segstream")
+}
+
+#[test]
+fn demo_prints_segment_sizes_and_explained_transitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("demo");
+    let out = segstream(&["demo", "--dir", d.to_str().expect("utf-8"), "--customers", "150", "--days", "100"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for group in ["rfm", "health", "value", "engagement"] {
+        assert!(stdout.contains(&format!("\n  {group}\n")), "no {group} table in:\n{stdout}");
+    }
+    assert!(stdout.contains("because time passed"), "{stdout}");
+    assert!(stdout.contains("because event"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("records read") && stderr.contains("events/s"), "{stderr}");
+    // A second demo replaces the first instead of resuming it.
+    let again = segstream(&["demo", "--dir", d.to_str().expect("utf-8"), "--customers", "150", "--days", "100"]);
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+}
+
+#[test]
+fn generate_then_run_with_avro_in_and_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
+    let gen = segstream(&["generate", "--output", &p("e.avro"), "--customers", "40", "--days", "30", "--seed", "3"]);
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let run = segstream(&["run", "--input", &p("e.avro"), "--output", &p("t.avro"), "--state-dir", &p("s"), "--until", "2026-03-01T00:00:00Z"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("customers 40"), "{stderr}");
+    assert!(stderr.contains("rfm:"), "{stderr}");
+    let f = std::fs::File::open(p("t.avro")).expect("output");
+    let n = apache_avro::Reader::new(f).expect("avro").count();
+    assert!(n > 100, "{n} transitions");
+}
+
+#[test]
+fn bad_arguments_fail_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nope.jsonl");
+    let out = segstream(&["run", "--input", missing.to_str().expect("utf-8"), "--output", "o.jsonl", "--state-dir", dir.path().to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope.jsonl"), "{stderr}");
+
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[segments.health]\ngreen_min = 30\nyellow_min = 40\n").expect("write");
+    let out = segstream(&["demo", "--dir", dir.path().join("d").to_str().expect("utf-8"), "--config", cfg.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("yellow_min must be <= green_min"));
+
+    let out = segstream(&["run", "--input", "a", "--output", "b", "--state-dir", "c", "--until", "yesterday"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--until"));
+}
