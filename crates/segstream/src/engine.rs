@@ -314,6 +314,26 @@ mod tests {
     }
 
     #[test]
+    fn allowed_lateness_holds_time_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Config::default();
+        cfg.time.allowed_lateness_ms = DAY_MS as u64;
+        let mut e = Engine::open(dir.path(), &cfg).expect("open");
+        let mut out = Vec::new();
+        e.on_event(&ev("1", "quiet", T0, "login"), &mut out).expect("event");
+        e.on_event(&ev("2", "busy", T0 + 7 * DAY_MS + 3_600_000, "login"), &mut out).expect("event");
+        // max ts is 7d 1h after the login, the watermark a day behind it: the
+        // quiet customer's 7-day boundary has not fired yet…
+        assert_eq!(e.clock().watermark, T0 + 6 * DAY_MS + 3_600_000);
+        assert!(rfm(&out, "quiet").iter().all(|(_, at)| *at == T0));
+        // …so its event 12 hours older than max ts is on time, not late.
+        out.clear();
+        let outcome = e.on_event(&ev("3", "quiet", T0 + 6 * DAY_MS + 4 * 3_600_000, "login"), &mut out).expect("event");
+        assert_eq!(outcome, Outcome::Applied { late: false });
+        assert!(rfm(&out, "quiet").is_empty(), "still new_customers: {out:?}");
+    }
+
+    #[test]
     fn deletion_erases_state_and_timer_and_emits_to_null_everywhere() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
