@@ -98,14 +98,6 @@ impl CommittedFile {
         Ok(self.written)
     }
 
-    /// Length including what is still buffered.
-    pub fn len(&self) -> u64 {
-        self.written + self.buf.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The container file header. apache-avro writes its metadata map from a
@@ -143,7 +135,6 @@ enum Encoder {
 pub struct TransitionFile {
     file: CommittedFile,
     enc: Encoder,
-    count: u64,
 }
 
 impl TransitionFile {
@@ -165,11 +156,10 @@ impl TransitionFile {
                     .build(),
             )),
         };
-        Ok(Self { file, enc, count: 0 })
+        Ok(Self { file, enc })
     }
 
     pub fn write(&mut self, t: &Transition) -> Result<(), OutputError> {
-        self.count += 1;
         match &mut self.enc {
             Encoder::Json => {
                 let mut line = transition_to_json(t);
@@ -210,14 +200,6 @@ impl TransitionFile {
         self.file.flush()
     }
 
-    /// Transitions written by this process.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    pub fn path(&self) -> &Path {
-        self.file.path()
-    }
 }
 
 /// Invalid input records, one JSON object per line:

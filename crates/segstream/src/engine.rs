@@ -85,7 +85,6 @@ pub struct Engine {
     counters: Counters,
     /// No timer is due before this instant (a lower bound; may be stale low).
     next_due: Option<i64>,
-    dir: String,
 }
 
 /// A stable hash of the settings that decide segments: a state dir built with
@@ -121,7 +120,7 @@ impl Engine {
         let lateness = i64::try_from(cfg.time.allowed_lateness_ms)
             .map_err(|_| EngineError::Config("time.allowed_lateness_ms is too large".into()))?;
         let next_due = store.next_due(clock.watermark)?;
-        Ok(Self { scorer, store, lateness, clock, counters, next_due, dir: dir.display().to_string() })
+        Ok(Self { scorer, store, lateness, clock, counters, next_due })
     }
 
     pub fn scorer(&self) -> &Scorer {
@@ -138,10 +137,6 @@ impl Engine {
 
     pub fn store(&self) -> &StateStore {
         &self.store
-    }
-
-    pub fn state_dir(&self) -> &str {
-        &self.dir
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, EngineError> {
