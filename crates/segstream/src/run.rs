@@ -82,16 +82,13 @@ pub struct RunSummary {
 
 /// A path's stable identity in the state dir: absolute and normalised, also
 /// for a file that does not exist yet.
-fn path_key(kind: &str, path: &Path) -> anyhow::Result<String> {
-    let abs = match path.canonicalize() {
-        Ok(p) => p,
-        Err(_) => {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let parent = parent.canonicalize().with_context(|| format!("directory of {}", path.display()))?;
-            parent.join(path.file_name().with_context(|| format!("{} is not a file path", path.display()))?)
-        }
-    };
-    Ok(format!("{kind}:{}", abs.display()))
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Ok(p);
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = parent.canonicalize().with_context(|| format!("directory of {}", path.display()))?;
+    Ok(parent.join(path.file_name().with_context(|| format!("{} is not a file path", path.display()))?))
 }
 
 fn committed_len(engine: &Engine, key: &str) -> anyhow::Result<u64> {
@@ -164,34 +161,37 @@ pub fn run_file(cfg: &Config, args: &RunArgs) -> anyhow::Result<RunSummary> {
     let mut engine = Engine::open(&args.state_dir, cfg)?;
     let start_counters = engine.counters().clone();
 
-    let input_key = path_key("input", &args.input)?;
+    let input_abs = absolute(&args.input)?;
+    let output_abs = absolute(&args.output)?;
+    let dead_letter_path = args.dead_letter_path();
+    let dead_letter_abs = absolute(&dead_letter_path)?;
+    if output_abs == input_abs || dead_letter_abs == input_abs {
+        anyhow::bail!("the output and dead-letter files must not be the input file {}", args.input.display());
+    }
+    let input_key = format!("input:{}", input_abs.display());
     let input_format = args.input_format.unwrap_or_else(|| InputFormat::from_path(&args.input));
-    let fresh = InputProgress::start(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let fresh = || InputProgress::start(&args.input).with_context(|| format!("reading {}", args.input.display()));
     let position = match engine.meta(&input_key)? {
-        None => fresh,
+        None => fresh()?,
         Some(v) => {
             let p: InputProgress = serde_json::from_slice(&v).with_context(|| format!("corrupt meta {input_key}"))?;
             if p.same_file(&args.input)? {
                 p
             } else {
                 tracing::warn!(input = %args.input.display(), "input differs from the file of that name read before; reading it from the start as a new input");
-                fresh
+                fresh()?
             }
         }
     };
 
-    if path_key("input", &args.output)? == input_key || path_key("output", &args.input)? == path_key("output", &args.dead_letter_path())? {
-        anyhow::bail!("the output and dead-letter files must not be the input file {}", args.input.display());
-    }
     let output_format = args.output_format.or_else(|| OutputFormat::from_path(&args.output)).unwrap_or(OutputFormat::Json);
-    let transitions_key = path_key("output", &args.output)?;
+    let transitions_key = format!("output:{}", output_abs.display());
     let committed = committed_len(&engine, &transitions_key)?;
-    let dead_letter_path = args.dead_letter_path();
     let mut outputs = Outputs {
         transitions: TransitionFile::open(&args.output, output_format, committed)?,
         transitions_key,
         dead_letter: None,
-        dead_letter_key: path_key("output", &dead_letter_path)?,
+        dead_letter_key: format!("output:{}", dead_letter_abs.display()),
         dead_letter_path,
     };
     if committed_len(&engine, &outputs.dead_letter_key)? > 0 {
