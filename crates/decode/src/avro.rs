@@ -191,6 +191,10 @@ impl StaticSchemas {
         self.0.insert(id, (schema, resolve));
         Ok(())
     }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.0.contains_key(&id)
+    }
 }
 
 impl SchemaLookup for StaticSchemas {

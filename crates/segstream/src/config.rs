@@ -14,6 +14,8 @@ pub struct Config {
     pub state: StateConfig,
     pub scoring: ScoringConfig,
     pub segments: SegmentsConfig,
+    /// Kafka mode (`segstream run` without `--input`); absent in file mode.
+    pub kafka: Option<crate::kafka::KafkaConfig>,
 }
 
 /// SPEC §2: time advances with the largest event `ts` seen, less this lateness.

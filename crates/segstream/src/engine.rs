@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use segstream_decode::Event;
-use segstream_scoring::{Outcome, Scorer, Transition};
+use segstream_scoring::{CustomerState, Outcome, Scorer, Transition};
 use segstream_state::{StateError, StateStore};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
@@ -197,6 +197,46 @@ impl Engine {
         }
         self.counters.transitions += (out.len() - before) as u64;
         Ok(outcome)
+    }
+
+    /// Moves the clock for an event without applying it: for a record whose
+    /// customer's restored state already includes it (Kafka recovery), so
+    /// that time moves exactly as it did when the event was first applied.
+    pub fn skip_event(&mut self, e: &Event, out: &mut Vec<Transition>) -> Result<(), EngineError> {
+        let max_ts = self.clock.max_ts.map_or(e.ts, |m| m.max(e.ts));
+        self.clock.max_ts = Some(max_ts);
+        self.advance_watermark(max_ts.saturating_sub(self.lateness), out)
+    }
+
+    /// Replaces a customer's state with a restored one (`None`: erased), to
+    /// be written at the next commit.
+    pub fn restore_customer(&mut self, id: &str, state: Option<CustomerState>) -> Result<(), EngineError> {
+        let sid = self.store.customer(id)?;
+        let timer = state.as_ref().and_then(|s| s.timer);
+        self.store.slot_mut(sid).state = state;
+        self.store.touch(sid);
+        if let Some(n) = timer {
+            self.next_due = Some(self.next_due.map_or(n, |d| d.min(n)));
+        }
+        Ok(())
+    }
+
+    /// Sets the clock and counters restored with a commit marker.
+    pub fn restore_clock(&mut self, clock: Clock, counters: Counters) -> Result<(), EngineError> {
+        self.clock = clock;
+        self.counters = counters;
+        self.next_due = self.store.next_due(clock.watermark)?;
+        Ok(())
+    }
+
+    /// Calls `f` for every customer changed since the last commit (`None`: erased).
+    pub fn for_each_dirty(&self, f: impl FnMut(&str, Option<&CustomerState>)) {
+        self.store.for_each_dirty(f);
+    }
+
+    /// A lower bound of the earliest pending boundary: nothing is due before it.
+    pub fn next_due(&self) -> Option<i64> {
+        self.next_due
     }
 
     /// Moves the watermark to `to` (never back), emitting every boundary

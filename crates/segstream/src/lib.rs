@@ -12,6 +12,7 @@ pub mod demo;
 pub mod engine;
 pub mod generate;
 pub mod input;
+pub mod kafka;
 pub mod run;
 
 pub use config::Config;

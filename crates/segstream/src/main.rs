@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use segstream::demo::{run_demo, DemoArgs};
+use segstream::kafka::{run_kafka, KafkaRunArgs};
 use segstream::{generate, run_file, Config, GenerateArgs, InputFormat, RunArgs};
 use segstream_decode::{parse_rfc3339_millis, MAX_TS, MIN_TS};
 use segstream_output::OutputFormat;
@@ -19,17 +20,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run an event file through the engine; re-running continues from the last commit.
+    /// Run the engine: on an event file with `--input` (re-running continues
+    /// from the last commit), else as a Kafka consumer group from the
+    /// configuration's `[kafka]` section.
     Run {
-        /// Events: JSON lines, or an Avro container file (`.avro`).
-        #[arg(long)]
-        input: PathBuf,
+        /// Events: JSON lines, or an Avro container file (`.avro`). Selects file mode.
+        #[arg(long, requires_all = ["output", "state_dir"])]
+        input: Option<PathBuf>,
         /// Transitions: JSON lines, or Avro if the name ends in `.avro`.
         #[arg(long)]
-        output: PathBuf,
-        /// RocksDB state: customers, timers, input positions, output lengths.
+        output: Option<PathBuf>,
+        /// RocksDB state: customers, timers, input positions, output lengths
+        /// (Kafka mode: overrides kafka.state_dir).
         #[arg(long)]
-        state_dir: PathBuf,
+        state_dir: Option<PathBuf>,
         /// Pipeline configuration (TOML); built-in SPEC defaults otherwise.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -45,6 +49,24 @@ enum Command {
         /// Where invalid records go; default `<output>.dead-letter.jsonl`.
         #[arg(long)]
         dead_letter: Option<PathBuf>,
+        /// Kafka mode: overrides kafka.brokers.
+        #[arg(long, env = "SEGSTREAM_BROKERS")]
+        brokers: Option<String>,
+        /// Kafka mode: overrides kafka.group_id.
+        #[arg(long)]
+        group_id: Option<String>,
+        /// Kafka mode: overrides kafka.input_topic.
+        #[arg(long)]
+        input_topic: Option<String>,
+        /// Kafka mode: overrides kafka.output_topic.
+        #[arg(long)]
+        output_topic: Option<String>,
+        /// Kafka mode: overrides kafka.dead_letter_topic.
+        #[arg(long)]
+        dead_letter_topic: Option<String>,
+        /// Kafka mode: overrides kafka.metrics_addr ("" disables the endpoint).
+        #[arg(long)]
+        metrics_addr: Option<String>,
     },
     /// Generate a sample, run it, and show segment sizes and a few explained transitions.
     Demo {
@@ -123,8 +145,50 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { input, output, state_dir, config, until, format, output_format, dead_letter } => {
-            let cfg = load_config(config.as_ref())?;
+        Command::Run {
+            input,
+            output,
+            state_dir,
+            config,
+            until,
+            format,
+            output_format,
+            dead_letter,
+            brokers,
+            group_id,
+            input_topic,
+            output_topic,
+            dead_letter_topic,
+            metrics_addr,
+        } => {
+            let mut cfg = load_config(config.as_ref())?;
+            let Some(input) = input else {
+                let k = cfg.kafka.as_mut().ok_or_else(|| {
+                    anyhow::anyhow!("nothing to run: give --input/--output/--state-dir (file mode) or a --config with a [kafka] section")
+                })?;
+                let set = |field: &mut String, v: Option<String>| {
+                    if let Some(v) = v {
+                        *field = v;
+                    }
+                };
+                set(&mut k.brokers, brokers);
+                set(&mut k.group_id, group_id);
+                set(&mut k.input_topic, input_topic);
+                set(&mut k.output_topic, output_topic);
+                set(&mut k.dead_letter_topic, dead_letter_topic);
+                set(&mut k.metrics_addr, metrics_addr);
+                if let Some(dir) = state_dir {
+                    k.state_dir = dir;
+                }
+                let args = KafkaRunArgs::default();
+                for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                    signal_hook::flag::register(sig, args.stop.clone()).context("installing signal handlers")?;
+                }
+                return run_kafka(&cfg, &args);
+            };
+            let (Some(output), Some(state_dir)) = (output, state_dir) else {
+                anyhow::bail!("file mode needs --output and --state-dir");
+            };
             let mut args = RunArgs::new(input, output, state_dir);
             args.until = until;
             args.input_format = format;

@@ -193,6 +193,16 @@ impl StateStore {
         &mut self.slots[sid as usize]
     }
 
+    /// Calls `f` for every customer changed since the last commit (state
+    /// `None`: erased), in customer id order: what a commit will write.
+    pub fn for_each_dirty(&self, mut f: impl FnMut(&str, Option<&CustomerState>)) {
+        let mut dirty: Vec<&Slot> = self.slots.iter().filter(|s| s.dirty).collect();
+        dirty.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        for slot in dirty {
+            f(&slot.id, slot.state.as_ref());
+        }
+    }
+
     /// Marks a customer changed: written at the next commit, and its current
     /// timer (if any) becomes a candidate for [`StateStore::due`].
     pub fn touch(&mut self, sid: SlotId) {

@@ -1,0 +1,300 @@
+//! Kafka mode: a consumer group in, transitions exactly once out, per
+//! partition state in RocksDB backed by a changelog topic. The protocol is
+//! in ARCHITECTURE.md ("Kafka mode"); ADR 004 says why it does not use
+//! broker transactions.
+//!
+//! Threads: the main thread polls the group consumer (and runs rebalance
+//! callbacks); each assigned partition is a [`task::Task`] on its own thread
+//! with its own engine and idempotent producer; the metrics endpoint runs a
+//! small tokio runtime on another. Nothing blocking runs on a tokio worker.
+
+pub mod changelog;
+pub mod config;
+pub mod metrics;
+pub mod registry;
+pub mod task;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+pub use config::{KafkaConfig, TopicFormat};
+use metrics::Metrics;
+use task::{partition_count, Msg, Rec, Shared, Task};
+
+use crate::Config;
+
+/// Batches queued per partition before its fetching is paused.
+const TASK_QUEUE: usize = 8;
+const BATCH: usize = 2_000;
+
+struct TaskHandle {
+    tx: SyncSender<Msg>,
+    join: JoinHandle<anyhow::Result<()>>,
+    /// Batches the task's queue had no room for.
+    pending: VecDeque<Vec<Rec>>,
+    paused: bool,
+}
+
+/// Owns the partition tasks; the rebalance callbacks start and stop them.
+struct GroupContext {
+    shared: Arc<Shared>,
+    tasks: Mutex<HashMap<i32, TaskHandle>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl GroupContext {
+    fn fail(&self, msg: String) {
+        tracing::error!("{msg}");
+        self.failure.lock().expect("failure").get_or_insert(msg);
+    }
+
+    fn start(&self, partition: i32) {
+        let (tx, rx) = sync_channel(TASK_QUEUE);
+        let shared = self.shared.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("partition-{partition}"))
+            .spawn(move || Task::open(shared, partition)?.run(rx))
+            .expect("spawning a partition thread");
+        self.tasks.lock().expect("tasks").insert(partition, TaskHandle { tx, join, pending: VecDeque::new(), paused: false });
+        self.shared.metrics.assigned_partitions.inc();
+    }
+
+    /// Stops a task after it commits: returns once its state and outputs
+    /// are durable, so the next owner starts from them.
+    fn stop(&self, partition: i32) {
+        let Some(h) = self.tasks.lock().expect("tasks").remove(&partition) else { return };
+        self.shared.metrics.assigned_partitions.dec();
+        // A task that already ended dropped its receiver: nothing to tell it.
+        let _ = h.tx.send(Msg::Stop);
+        match h.join.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.fail(format!("partition {partition}: {e:#}")),
+            Err(_) => self.fail(format!("partition {partition}: the task panicked")),
+        }
+    }
+
+    fn stop_all(&self) {
+        let parts: Vec<i32> = self.tasks.lock().expect("tasks").keys().copied().collect();
+        for p in parts {
+            self.stop(p);
+        }
+    }
+
+    fn commit_offsets(&self, consumer: &BaseConsumer<GroupContext>, parts: Option<&[i32]>, mode: CommitMode) {
+        let committed = self.shared.committed.lock().expect("committed").clone();
+        let mut tpl = TopicPartitionList::new();
+        for (p, off) in committed {
+            if parts.is_none_or(|ps| ps.contains(&p)) {
+                // Cannot fail: the offset is a plain number.
+                let _ = tpl.add_partition_offset(&self.shared.kafka.input_topic, p, Offset::Offset(off));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, mode) {
+                // Informational only: the authoritative position is the commit marker.
+                tracing::debug!("committing group offsets: {e}");
+            }
+        }
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?parts, "partitions revoked: committing and handing over");
+            for &p in &parts {
+                self.stop(p);
+            }
+            self.commit_offsets(consumer, Some(&parts), CommitMode::Sync);
+            self.shared.committed.lock().expect("committed").retain(|p, _| !parts.contains(p));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?parts, "partitions assigned: restoring");
+                for p in parts {
+                    self.start(p);
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// What `segstream run` in Kafka mode needs besides the configuration.
+#[derive(Debug, Default, Clone)]
+pub struct KafkaRunArgs {
+    /// Set to stop: every partition commits and the process returns.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Runs the consumer group until `args.stop` is set (or a partition fails,
+/// which is an error: a restart recovers exactly).
+pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
+    let k = cfg.kafka.clone().ok_or_else(|| anyhow!("the configuration has no [kafka] section"))?;
+    let metrics = Arc::new(Metrics::new());
+    if !k.metrics_addr.is_empty() {
+        let addr = metrics::serve(&k.metrics_addr, metrics.clone())?;
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    let output_schema_id = match (k.output_format, k.output_schema_id, &k.schema_registry_url) {
+        (TopicFormat::Json, _, _) => None,
+        (TopicFormat::Avro, Some(id), _) => Some(id),
+        (TopicFormat::Avro, None, Some(url)) => {
+            let subject = format!("{}-value", k.output_topic);
+            let schema = segstream_output::transition_schema().canonical_form();
+            let id = registry::Registry::new(url)
+                .register(&subject, &schema)
+                .map_err(|e| anyhow!("registering the transition schema under {subject}: {e}"))?;
+            tracing::info!(subject, id, "transition schema registered");
+            Some(id)
+        }
+        (TopicFormat::Avro, None, None) => {
+            bail!("kafka.output_format = \"avro\" needs kafka.output_schema_id or kafka.schema_registry_url")
+        }
+    };
+    let changelog = k.changelog();
+    // Check the topics before joining the group: a clear error beats a crash loop.
+    {
+        let probe = task::create_restore_consumer(&k)?;
+        let inputs = partition_count(&probe, &k.input_topic)?;
+        let logs = partition_count(&probe, &changelog)?;
+        if logs < inputs {
+            bail!(
+                "changelog topic {changelog} has {logs} partitions, the input {} has {inputs}: \
+                 it needs at least as many (one per input partition), and cleanup.policy=compact",
+                k.input_topic
+            );
+        }
+        partition_count(&probe, &k.output_topic)?;
+        partition_count(&probe, &k.dead_letter_topic)?;
+    }
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        kafka: k.clone(),
+        changelog,
+        metrics: metrics.clone(),
+        output_schema_id,
+        committed: Mutex::new(HashMap::new()),
+    });
+    let ctx = GroupContext { shared, tasks: Mutex::new(HashMap::new()), failure: Mutex::new(None) };
+    let consumer: BaseConsumer<GroupContext> = k
+        .client_config(
+            &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest"), ("session.timeout.ms", "10000")],
+            &k.consumer_properties,
+            &[
+                ("group.id", k.group_id.as_str()),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("partition.assignment.strategy", "range"),
+            ],
+        )
+        .create_with_context(ctx)
+        .context("creating the group consumer")?;
+    consumer.subscribe(&[&k.input_topic]).context("subscribing")?;
+    metrics.ready.store(true, Ordering::Relaxed);
+    tracing::info!(group = k.group_id, input = k.input_topic, output = k.output_topic, "consuming");
+    let result = consume(&consumer, args);
+    metrics.ready.store(false, Ordering::Relaxed);
+    let ctx = consumer.context();
+    ctx.stop_all();
+    ctx.commit_offsets(&consumer, None, CommitMode::Sync);
+    consumer.unsubscribe();
+    result?;
+    let failure = ctx.failure.lock().expect("failure").take();
+    match failure {
+        Some(f) => bail!("{f}"),
+        None => Ok(()),
+    }
+}
+
+fn consume(consumer: &BaseConsumer<GroupContext>, args: &KafkaRunArgs) -> anyhow::Result<()> {
+    let ctx = consumer.context();
+    let topic = ctx.shared.kafka.input_topic.clone();
+    let mut batches: HashMap<i32, Vec<Rec>> = HashMap::new();
+    let mut last_offset_commit = Instant::now();
+    while !args.stop.load(Ordering::Relaxed) {
+        if let Some(f) = ctx.failure.lock().expect("failure").clone() {
+            bail!("{f}");
+        }
+        let mut n = 0;
+        let mut wait = Duration::from_millis(100);
+        while n < BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    n += 1;
+                    batches.entry(m.partition()).or_default().push(Rec {
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("consumer: {e}");
+                    break;
+                }
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
+        let mut tasks = ctx.tasks.lock().expect("tasks");
+        for (p, recs) in batches.drain() {
+            match tasks.get_mut(&p) {
+                Some(h) => h.pending.push_back(recs),
+                None => tracing::debug!(partition = p, "records of a partition no longer assigned: dropped (refetched by its owner)"),
+            }
+        }
+        let mut ended = Vec::new();
+        for (&p, h) in tasks.iter_mut() {
+            while let Some(b) = h.pending.pop_front() {
+                match h.tx.try_send(Msg::Records(b)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(Msg::Records(b))) => {
+                        h.pending.push_front(b);
+                        break;
+                    }
+                    Err(_) => {
+                        ended.push(p);
+                        break;
+                    }
+                }
+            }
+            let want_pause = !h.pending.is_empty();
+            if want_pause != h.paused {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&topic, p);
+                let r = if want_pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+                if let Err(e) = r {
+                    tracing::warn!(partition = p, "pause/resume: {e}");
+                }
+                h.paused = want_pause;
+            }
+        }
+        drop(tasks);
+        for p in ended {
+            // The task ended on an error: collect it.
+            ctx.stop(p);
+        }
+        if last_offset_commit.elapsed() >= Duration::from_secs(1) {
+            ctx.commit_offsets(consumer, None, CommitMode::Async);
+            last_offset_commit = Instant::now();
+        }
+    }
+    Ok(())
+}

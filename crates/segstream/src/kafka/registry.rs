@@ -1,0 +1,105 @@
+//! Writer schemas for the Schema Registry wire format: local `.avsc` files
+//! mapped to ids in the configuration, then the registry's
+//! `GET /schemas/ids/{id}`, cached per id.
+
+use std::time::Duration;
+
+use segstream_decode::{decode_wire, DecodeError, Event, StaticSchemas};
+
+use super::config::KafkaConfig;
+
+/// A Schema Registry client (blocking; called from partition threads only).
+#[derive(Clone)]
+pub struct Registry {
+    base: String,
+    agent: ureq::Agent,
+}
+
+#[derive(serde::Deserialize)]
+struct SchemaResponse {
+    schema: String,
+}
+
+#[derive(serde::Deserialize)]
+struct IdResponse {
+    id: u32,
+}
+
+impl Registry {
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self { base: base.trim_end_matches('/').to_string(), agent }
+    }
+
+    /// The schema text of `id`: `Ok(None)` when the registry does not know
+    /// it (the record is poison), `Err` when the registry cannot be reached
+    /// or answers with a server error (retry later).
+    pub fn schema(&self, id: u32) -> Result<Option<String>, String> {
+        let url = format!("{}/schemas/ids/{id}", self.base);
+        let mut resp = self.agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+        match resp.status().as_u16() {
+            200 => resp
+                .body_mut()
+                .read_json::<SchemaResponse>()
+                .map(|r| Some(r.schema))
+                .map_err(|e| format!("{url}: {e}")),
+            404 => Ok(None),
+            s => Err(format!("{url}: HTTP {s}")),
+        }
+    }
+
+    /// Registers `schema` under `subject` (idempotent in the registry) and
+    /// returns its id.
+    pub fn register(&self, subject: &str, schema: &str) -> Result<u32, String> {
+        let url = format!("{}/subjects/{subject}/versions", self.base);
+        let body = serde_json::json!({ "schema": schema });
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .send_json(&body)
+            .map_err(|e| format!("{url}: {e}"))?;
+        match resp.status().as_u16() {
+            200 => resp.body_mut().read_json::<IdResponse>().map(|r| r.id).map_err(|e| format!("{url}: {e}")),
+            s => Err(format!("{url}: HTTP {s}: {}", resp.body_mut().read_to_string().unwrap_or_default())),
+        }
+    }
+}
+
+/// Decodes wire-format records, fetching unknown writer schemas once.
+pub struct WireDecoder {
+    schemas: StaticSchemas,
+    registry: Option<Registry>,
+}
+
+impl WireDecoder {
+    pub fn from_config(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+        let mut schemas = StaticSchemas::new();
+        for (id, path) in &cfg.schemas {
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("schema {id}: {}: {e}", path.display()))?;
+            schemas.insert_json(*id, &text).map_err(|e| anyhow::anyhow!("schema {id}: {}: {e}", path.display()))?;
+        }
+        Ok(Self { schemas, registry: cfg.schema_registry_url.as_deref().map(Registry::new) })
+    }
+
+    /// Decodes one message. `DecodeError::RegistryUnavailable` is transient:
+    /// the caller retries the same record.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        if bytes.len() >= 5 && bytes[0] == 0 {
+            let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+            if !self.schemas.contains(id) {
+                if let Some(reg) = &self.registry {
+                    match reg.schema(id).map_err(DecodeError::RegistryUnavailable)? {
+                        Some(text) => self.schemas.insert_json(id, &text)?,
+                        None => return Err(DecodeError::UnknownSchemaId(id)),
+                    }
+                }
+            }
+        }
+        decode_wire(bytes, &self.schemas)
+    }
+}

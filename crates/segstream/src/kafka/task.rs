@@ -1,0 +1,717 @@
+//! One input partition: restore, then records in and transitions out, with
+//! the commit protocol of ARCHITECTURE.md ("Kafka mode"). Runs on its own
+//! thread; owns its RocksDB state and its idempotent producer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use segstream_decode::{decode_json_line, DecodeError, ErrorClass, Event};
+use segstream_output::{transition_schema, transition_to_avro_value, transition_to_json};
+use segstream_scoring::{Outcome, Transition};
+
+use super::changelog::{
+    customer_key, decode_entry, encode_customer, Entry, LocalMarker, Marker, LOCAL_MARKER_META, MARKER_KEY,
+};
+use super::config::{KafkaConfig, TopicFormat};
+use super::metrics::{KindLabel, Metrics, PartitionLabel, SourceLabel, TransitionLabel};
+use super::registry::WireDecoder;
+use crate::engine::{config_fingerprint, Engine};
+use crate::Config;
+
+/// One input record, copied off the consumer's queue.
+pub struct Rec {
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+pub enum Msg {
+    Records(Vec<Rec>),
+    /// Commit and end (revocation, shutdown).
+    Stop,
+}
+
+/// What every task of the process shares.
+pub struct Shared {
+    pub cfg: Config,
+    pub kafka: KafkaConfig,
+    pub changelog: String,
+    pub metrics: Arc<Metrics>,
+    pub output_schema_id: Option<u32>,
+    /// Next input offset per partition at its last commit, for the main
+    /// thread to commit to the consumer group.
+    pub committed: Mutex<HashMap<i32, i64>>,
+}
+
+#[derive(Default)]
+struct Delivery {
+    /// (topic, partition) → offset after the last acknowledged record.
+    ends: HashMap<(String, i32), i64>,
+    error: Option<String>,
+}
+
+/// Producer callbacks: acknowledged end offsets and the first failure.
+#[derive(Default)]
+pub struct DeliveryContext {
+    state: Mutex<Delivery>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut st = self.state.lock().expect("delivery state");
+        match result {
+            Ok(m) => {
+                let end = st.ends.entry((m.topic().to_string(), m.partition())).or_insert(0);
+                *end = (*end).max(m.offset() + 1);
+            }
+            Err((e, m)) => {
+                if st.error.is_none() {
+                    st.error = Some(format!("delivery to {}/{} failed: {e}", m.topic(), m.partition()));
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+pub struct Task {
+    shared: Arc<Shared>,
+    partition: i32,
+    engine: Engine,
+    producer: BaseProducer<DeliveryContext>,
+    /// The last commit.
+    marker: Marker,
+    /// Next input offset to process.
+    next_offset: i64,
+    /// Customer → offset of its last event applied since the last commit.
+    epoch_applied: HashMap<String, i64>,
+    /// Customer → offset through which its restored state already includes events.
+    skip: BTreeMap<String, i64>,
+    /// Transitions (by id) and dead letters (`dlq:<offset>`) the uncommitted
+    /// tail of a previous owner already wrote: not sent again.
+    already_out: HashSet<String>,
+    /// Highest input offset among `already_out`'s sources.
+    already_out_through: i64,
+    decoder: Option<WireDecoder>,
+    out: Vec<Transition>,
+    records_since_commit: u64,
+    last_commit: Instant,
+    last_record: Instant,
+    source_prefix: String,
+    /// Fault injection for tests (`SEGSTREAM_CRASH_AT=<point>:<offset>`):
+    /// abort the process at a step of the first commit at or past an input
+    /// offset, as `kill -9` would.
+    crash_at: Option<(String, i64)>,
+}
+
+fn restore_consumer(k: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
+    k.client_config(
+        &[("fetch.wait.max.ms", "10")],
+        &k.consumer_properties,
+        &[
+            ("group.id", "segstream-restore"),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            ("auto.offset.reset", "earliest"),
+        ],
+    )
+    .create()
+    .context("creating the restore consumer")
+}
+
+/// Reads `topic`/`partition` from `from` up to (not including) `to`.
+fn read_range(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    mut f: impl FnMut(&BorrowedMessage<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
+    consumer.assign(&tpl)?;
+    let mut quiet_since = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = Instant::now();
+                if m.offset() >= to {
+                    break;
+                }
+                f(&m)?;
+                if m.offset() + 1 >= to {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
+                tracing::warn!(topic, partition, "reading: {e}");
+                if quiet_since.elapsed() > Duration::from_secs(60) {
+                    bail!("cannot read {topic}/{partition} from offset {from}: {e}");
+                }
+            }
+            None => {
+                if quiet_since.elapsed() > Duration::from_secs(60) {
+                    bail!("no data from {topic}/{partition} for 60 s while reading offsets {from}..{to}");
+                }
+            }
+        }
+    }
+    consumer.unassign()?;
+    Ok(())
+}
+
+fn header_str<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
+    let h = m.headers()?;
+    h.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+impl Task {
+    /// Opens the partition's state and brings it up to date (ARCHITECTURE.md,
+    /// "Recovery"): local RocksDB, then the changelog after it, then what
+    /// the outputs already hold.
+    pub fn open(shared: Arc<Shared>, partition: i32) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let k = &shared.kafka;
+        let dir: PathBuf = k.state_dir.join(format!("{}-{partition}", k.input_topic));
+        std::fs::create_dir_all(&k.state_dir).with_context(|| format!("creating {}", k.state_dir.display()))?;
+        let mut engine = Engine::open(&dir, &shared.cfg)?;
+        let mut local: Option<LocalMarker> = match engine.meta(LOCAL_MARKER_META)? {
+            Some(v) => Some(serde_json::from_slice(&v).context("corrupt local commit marker")?),
+            None => None,
+        };
+        let consumer = restore_consumer(k)?;
+        let timeout = Duration::from_secs(30);
+        let (low, high) = consumer
+            .fetch_watermarks(&shared.changelog, partition, timeout)
+            .with_context(|| format!("changelog {}/{partition}", shared.changelog))?;
+        if let Some(l) = &local {
+            if l.changelog_offset >= high || l.changelog_offset + 1 < low {
+                tracing::warn!(
+                    partition,
+                    local = l.changelog_offset,
+                    low,
+                    high,
+                    "local state does not match the changelog (recreated or truncated): rebuilding it from the changelog"
+                );
+                drop(engine);
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+                engine = Engine::open(&dir, &shared.cfg)?;
+                local = None;
+            }
+        }
+        let from = local.as_ref().map_or(low, |l| l.changelog_offset + 1);
+        let mut last = local.map(|l| (l.marker, l.changelog_offset));
+        let mut ahead: HashMap<String, i64> = HashMap::new();
+        let mut restored = 0u64;
+        read_range(&consumer, &shared.changelog, partition, from, high, |m| {
+            let entry = decode_entry(m.key().unwrap_or_default(), m.payload())
+                .map_err(|e| anyhow!("changelog {}/{partition}@{}: {e}", shared.changelog, m.offset()))?;
+            match entry {
+                Entry::Marker(marker) => {
+                    last = Some((*marker, m.offset()));
+                    ahead.clear();
+                }
+                Entry::Customer { id, applied_through, state } => {
+                    engine.restore_customer(&id, state)?;
+                    match applied_through {
+                        Some(a) => ahead.insert(id, a),
+                        None => ahead.remove(&id),
+                    };
+                }
+            }
+            restored += 1;
+            if restored % 100_000 == 0 {
+                engine.commit(Vec::new())?;
+                tracing::info!(partition, restored, of = high - from, "restoring from the changelog");
+            }
+            Ok(())
+        })?;
+        shared.metrics.restore_records.inc_by(restored);
+        let fingerprint = config_fingerprint(&shared.cfg);
+        let (marker, changelog_offset, fresh) = match last {
+            Some((m, off)) => (m, off, false),
+            None => (
+                Marker {
+                    seq: 0,
+                    input_offset: -1,
+                    clock: Default::default(),
+                    counters: Default::default(),
+                    pending_watermark: None,
+                    outputs: Self::output_ends(&consumer, k)?,
+                    skip: BTreeMap::new(),
+                    config_fingerprint: fingerprint,
+                },
+                -1,
+                true,
+            ),
+        };
+        if marker.config_fingerprint != fingerprint {
+            bail!(
+                "partition {partition} was built with a different scoring or segments configuration \
+                 (fingerprint {:016x}, now {fingerprint:016x}); use a new group id and changelog, or the old configuration",
+                marker.config_fingerprint
+            );
+        }
+        engine.restore_clock(marker.clock, marker.counters.clone())?;
+        let mut skip = marker.skip.clone();
+        for (id, a) in ahead {
+            if a >= marker.input_offset {
+                let e = skip.entry(id).or_insert(a);
+                *e = (*e).max(a);
+            }
+        }
+        if !fresh {
+            engine.commit(vec![(
+                LOCAL_MARKER_META.into(),
+                serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset })?,
+            )])?;
+        }
+        let producer: BaseProducer<DeliveryContext> = k
+            .client_config(
+                &[("linger.ms", "5"), ("partitioner", "murmur2_random")],
+                &k.producer_properties,
+                &[("enable.idempotence", "true"), ("acks", "all")],
+            )
+            .create_with_context(DeliveryContext::default())
+            .context("creating the producer")?;
+        let decoder = match k.input_format {
+            TopicFormat::Avro => Some(WireDecoder::from_config(k)?),
+            TopicFormat::Json => None,
+        };
+        let mut task = Self {
+            source_prefix: format!("{}/{partition}/", k.input_topic),
+            next_offset: marker.input_offset,
+            marker,
+            shared: shared.clone(),
+            partition,
+            engine,
+            producer,
+            epoch_applied: HashMap::new(),
+            skip,
+            already_out: HashSet::new(),
+            already_out_through: -1,
+            decoder,
+            out: Vec::new(),
+            records_since_commit: 0,
+            last_commit: Instant::now(),
+            last_record: Instant::now(),
+            crash_at: std::env::var("SEGSTREAM_CRASH_AT").ok().and_then(|v| {
+                let (point, offset) = v.split_once(':')?;
+                Some((point.to_string(), offset.parse().ok()?))
+            }),
+        };
+        if fresh {
+            // The outputs' current ends must be durable before anything is produced.
+            task.commit(None)?;
+        } else {
+            task.read_outputs(&consumer)?;
+            if let Some(w) = task.marker.pending_watermark {
+                task.engine.advance_watermark(w, &mut task.out)?;
+                task.emit(task.next_offset - 1)?;
+            }
+        }
+        let source = if restored > 0 { "changelog" } else { "local" };
+        shared.metrics.restores.get_or_create(&SourceLabel { source: source.into() }).inc();
+        shared.metrics.restore_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            partition,
+            changelog_records = restored,
+            from = source,
+            input_offset = task.next_offset,
+            already_written = task.already_out.len(),
+            replay_skips = task.skip.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "partition restored"
+        );
+        Ok(task)
+    }
+
+    /// The current end offsets of every output and dead-letter partition.
+    fn output_ends(consumer: &BaseConsumer, k: &KafkaConfig) -> anyhow::Result<BTreeMap<String, BTreeMap<i32, i64>>> {
+        let mut outputs = BTreeMap::new();
+        for topic in [&k.output_topic, &k.dead_letter_topic] {
+            let mut ends = BTreeMap::new();
+            for q in 0..partition_count(consumer, topic)? {
+                let (_, high) = consumer.fetch_watermarks(topic, q, Duration::from_secs(30))?;
+                ends.insert(q, high);
+            }
+            outputs.insert(topic.clone(), ends);
+        }
+        Ok(outputs)
+    }
+
+    /// Learns what the uncommitted tail wrote: every output and dead-letter
+    /// record after the marker's end offsets whose source is this partition.
+    fn read_outputs(&mut self, consumer: &BaseConsumer) -> anyhow::Result<()> {
+        let k = &self.shared.kafka;
+        for (topic, is_dlq) in [(&k.output_topic, false), (&k.dead_letter_topic, true)] {
+            for q in 0..partition_count(consumer, topic)? {
+                let (low, high) = consumer.fetch_watermarks(topic, q, Duration::from_secs(30))?;
+                let from = self.marker.outputs.get(topic.as_str()).and_then(|o| o.get(&q)).copied().unwrap_or(0).max(low);
+                read_range(consumer, topic, q, from, high, |m| {
+                    let Some(offset) = header_str(m, "source")
+                        .and_then(|s| s.strip_prefix(self.source_prefix.as_str()))
+                        .and_then(|o| o.parse::<i64>().ok())
+                    else {
+                        return Ok(());
+                    };
+                    let id = if is_dlq {
+                        format!("dlq:{offset}")
+                    } else {
+                        match header_str(m, "transition_id") {
+                            Some(id) => id.to_string(),
+                            None => return Ok(()),
+                        }
+                    };
+                    self.already_out.insert(id);
+                    self.already_out_through = self.already_out_through.max(offset);
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Runs until told to stop (or the channel closes): records, commits,
+    /// wall-clock advances.
+    pub fn run(mut self, rx: Receiver<Msg>) -> anyhow::Result<()> {
+        let k = &self.shared.kafka;
+        let interval = Duration::from_millis(k.commit_interval_ms.max(1));
+        let idle = Duration::from_millis(k.idle_advance_ms);
+        let every = self.shared.cfg.state.commit_every_records.get();
+        let wait = Duration::from_millis(100).min(interval);
+        loop {
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Records(recs)) => {
+                    for r in recs {
+                        self.process(r)?;
+                    }
+                    self.last_record = Instant::now();
+                }
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    self.commit(None)?;
+                    tracing::info!(partition = self.partition, input_offset = self.next_offset, "partition handed over");
+                    return Ok(());
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.producer.poll(Duration::ZERO);
+            if self.records_since_commit >= every
+                || (self.records_since_commit > 0 && self.last_commit.elapsed() >= interval)
+            {
+                self.commit(None)?;
+            }
+            if !idle.is_zero() && self.last_record.elapsed() >= idle {
+                self.advance_with_wall_clock()?;
+            }
+        }
+    }
+
+    /// An idle partition's watermark follows the wall clock (less the
+    /// allowed lateness), when that fires a boundary. The advance is
+    /// committed before its transitions are produced, so a replay applies it
+    /// at the same point.
+    fn advance_with_wall_clock(&mut self) -> anyhow::Result<()> {
+        let lateness = i64::try_from(self.shared.cfg.time.allowed_lateness_ms).unwrap_or(i64::MAX);
+        let target = now_ms().saturating_sub(lateness);
+        if target <= self.engine.clock().watermark || self.engine.next_due().is_none_or(|d| d > target) {
+            return Ok(());
+        }
+        self.commit(Some(target))?;
+        self.engine.advance_watermark(target, &mut self.out)?;
+        self.shared.metrics.wall_clock_advances.inc();
+        self.emit(self.next_offset - 1)?;
+        Ok(())
+    }
+
+    fn decode(&mut self, payload: &[u8]) -> Result<Event, DecodeError> {
+        match &mut self.decoder {
+            None => decode_json_line(payload),
+            Some(d) => {
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    match d.decode(payload) {
+                        Err(e) if e.class() == ErrorClass::Transient => {
+                            self.shared.metrics.registry_errors.inc();
+                            tracing::warn!(partition = self.partition, "{e}; retrying in {backoff:?}");
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                        other => return other,
+                    }
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, r: Rec) -> anyhow::Result<()> {
+        if r.offset < self.next_offset {
+            return Ok(()); // already in the committed state
+        }
+        let decoded = match &r.payload {
+            None => Err(DecodeError::Json("empty message (null value)".into())),
+            Some(p) => self.decode(p),
+        };
+        match decoded {
+            Err(e) => {
+                self.engine.count_invalid();
+                self.dead_letter(&r, &e)?;
+            }
+            Ok(ev) => {
+                let m = &self.shared.metrics;
+                m.events.inc();
+                if self.skip.get(&ev.customer_id).is_some_and(|&a| r.offset <= a) {
+                    self.engine.skip_event(&ev, &mut self.out)?;
+                    m.replay_skipped_events.inc();
+                } else {
+                    match self.engine.on_event(&ev, &mut self.out)? {
+                        Outcome::Duplicate => m.duplicates.inc(),
+                        Outcome::Applied { late: true } | Outcome::Deleted { late: true } => m.late.inc(),
+                        _ => 0,
+                    };
+                    self.epoch_applied.insert(ev.customer_id, r.offset);
+                }
+                self.emit(r.offset)?;
+            }
+        }
+        self.next_offset = r.offset + 1;
+        self.records_since_commit += 1;
+        if r.offset >= self.already_out_through && !self.already_out.is_empty() {
+            tracing::info!(partition = self.partition, left = self.already_out.len(), "replay past the previous owner's output");
+            self.already_out.clear();
+        }
+        Ok(())
+    }
+
+    fn send(&self, mut rec: BaseRecord<'_, [u8], [u8], ()>) -> anyhow::Result<()> {
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((e, back)) => bail!("producing to {}: {e}", back.topic),
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, r: &Rec, e: &DecodeError) -> anyhow::Result<()> {
+        let k = &self.shared.kafka;
+        let source = format!("{}{}", self.source_prefix, r.offset);
+        tracing::warn!(partition = self.partition, offset = r.offset, kind = e.kind(), "dead letter {source}: {e}");
+        self.shared.metrics.dead_letters.get_or_create(&KindLabel { kind: e.kind().into() }).inc();
+        if self.already_out.remove(&format!("dlq:{}", r.offset)) {
+            return Ok(());
+        }
+        let message = e.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "error_kind", value: Some(e.kind()) })
+            .insert(Header { key: "error", value: Some(message.as_str()) })
+            .insert(Header { key: "source", value: Some(source.as_str()) });
+        let mut rec = BaseRecord::to(&k.dead_letter_topic).headers(headers);
+        if let Some(key) = &r.key {
+            rec = rec.key(key.as_slice());
+        }
+        if let Some(p) = &r.payload {
+            rec = rec.payload(p.as_slice());
+        }
+        self.send(rec)
+    }
+
+    /// Produces the transitions in `self.out` (source: input offset `source`),
+    /// except those the previous owner already wrote.
+    fn emit(&mut self, source: i64) -> anyhow::Result<()> {
+        let mut out = std::mem::take(&mut self.out);
+        let k = &self.shared.kafka;
+        let source = format!("{}{source}", self.source_prefix);
+        for t in out.drain(..) {
+            let id = t.transition_id().to_string();
+            if !self.already_out.is_empty() && self.already_out.remove(&id) {
+                self.shared.metrics.replay_suppressed.inc();
+                continue;
+            }
+            self.shared
+                .metrics
+                .transitions
+                .get_or_create(&TransitionLabel {
+                    group: t.group.to_string(),
+                    to: t.to.as_deref().unwrap_or("null").to_string(),
+                })
+                .inc();
+            let payload = match (k.output_format, self.shared.output_schema_id) {
+                (TopicFormat::Avro, Some(schema_id)) => {
+                    let datum = apache_avro::to_avro_datum(transition_schema(), transition_to_avro_value(&t))
+                        .map_err(|e| anyhow!("encoding a transition: {e}"))?;
+                    let mut v = Vec::with_capacity(5 + datum.len());
+                    v.push(0);
+                    v.extend_from_slice(&schema_id.to_be_bytes());
+                    v.extend(datum);
+                    v
+                }
+                _ => transition_to_json(&t).into_bytes(),
+            };
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "transition_id", value: Some(id.as_str()) })
+                .insert(Header { key: "source", value: Some(source.as_str()) });
+            self.send(
+                BaseRecord::to(&k.output_topic).key(t.customer_id.as_bytes()).payload(payload.as_slice()).headers(headers),
+            )?;
+        }
+        self.out = out;
+        Ok(())
+    }
+
+    /// Waits until every record produced so far is acknowledged.
+    fn flush(&self) -> anyhow::Result<()> {
+        loop {
+            match self.producer.flush(Duration::from_secs(10)) {
+                Ok(()) => break,
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
+                    tracing::warn!(partition = self.partition, "producer flush still waiting for acknowledgements");
+                }
+                Err(e) => bail!("producer flush: {e}"),
+            }
+        }
+        match &self.producer.context().state.lock().expect("delivery state").error {
+            Some(e) => bail!("{e}; stopping so that recovery re-sends it exactly once"),
+            None => Ok(()),
+        }
+    }
+
+    fn delivered_end(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.producer.context().state.lock().expect("delivery state").ends.get(&(topic.to_string(), partition)).copied()
+    }
+
+    fn maybe_crash(&self, point: &str) {
+        if let Some((p, offset)) = &self.crash_at {
+            if p == point && self.next_offset >= *offset {
+                // What was produced so far reaches the broker, as it may before a real crash.
+                let _ = self.producer.flush(Duration::from_secs(10));
+                tracing::warn!(partition = self.partition, point, "SEGSTREAM_CRASH_AT: aborting");
+                std::process::abort();
+            }
+        }
+    }
+
+    /// The commit protocol: outputs acknowledged, then the changelog (states,
+    /// then the marker), then RocksDB, then the group offset.
+    fn commit(&mut self, pending_watermark: Option<i64>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let k = &self.shared.kafka;
+        self.flush()?;
+        self.maybe_crash("after_output");
+        let mut outputs = self.marker.outputs.clone();
+        {
+            let st = self.producer.context().state.lock().expect("delivery state");
+            for ((topic, q), end) in &st.ends {
+                if topic == &k.output_topic || topic == &k.dead_letter_topic {
+                    outputs.entry(topic.clone()).or_default().insert(*q, *end);
+                }
+            }
+        }
+        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut erased: Vec<String> = Vec::new();
+        self.engine.for_each_dirty(|id, st| {
+            let applied = self.epoch_applied.get(id).or_else(|| self.skip.get(id)).copied().unwrap_or(-1);
+            records.push((customer_key(id), encode_customer(applied, st)));
+            if st.is_none() {
+                erased.push(id.to_string());
+            }
+        });
+        let changelog = self.shared.changelog.as_str();
+        for (key, value) in &records {
+            self.send(BaseRecord::to(changelog).partition(self.partition).key(key.as_slice()).payload(value.as_slice()))?;
+        }
+        self.maybe_crash("after_changelog_states");
+        let next = self.next_offset;
+        self.skip.retain(|_, a| *a >= next);
+        let marker = Marker {
+            seq: self.marker.seq + 1,
+            input_offset: next,
+            clock: self.engine.clock(),
+            counters: self.engine.counters().clone(),
+            pending_watermark,
+            outputs,
+            skip: self.skip.clone(),
+            config_fingerprint: self.marker.config_fingerprint,
+        };
+        let marker_bytes = serde_json::to_vec(&marker)?;
+        self.send(BaseRecord::to(changelog).partition(self.partition).key(MARKER_KEY).payload(marker_bytes.as_slice()))?;
+        self.flush()?;
+        let changelog_offset = self
+            .delivered_end(changelog, self.partition)
+            .ok_or_else(|| anyhow!("no acknowledgement for the commit marker"))?
+            - 1;
+        self.maybe_crash("after_marker");
+        // Erasures are committed once the marker is written: tombstones now
+        // let compaction drop the customer's key.
+        for id in &erased {
+            let key = customer_key(id);
+            self.send(BaseRecord::<[u8], [u8], ()>::to(changelog).partition(self.partition).key(key.as_slice()))?;
+        }
+        self.engine.commit(vec![(
+            LOCAL_MARKER_META.into(),
+            serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset })?,
+        )])?;
+        if next >= 0 {
+            self.shared.committed.lock().expect("committed offsets").insert(self.partition, next);
+        }
+        let m = &self.shared.metrics;
+        m.commits.inc();
+        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        let label = PartitionLabel { partition: self.partition };
+        m.input_offset.get_or_create(&label).set(next);
+        m.watermark.get_or_create(&label).set(marker.clock.watermark.max(0));
+        tracing::debug!(partition = self.partition, seq = marker.seq, input_offset = next, customers = records.len(), "committed");
+        self.marker = marker;
+        self.epoch_applied.clear();
+        self.records_since_commit = 0;
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+}
+
+pub fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .with_context(|| format!("metadata of topic {topic}"))?;
+    let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for topic {topic}"))?;
+    if let Some(e) = t.error() {
+        bail!("topic {topic}: {e:?} (create it first; see README, \"Run with Kafka\")");
+    }
+    if t.partitions().is_empty() {
+        bail!("topic {topic} does not exist or has no partitions (create it first; see README, \"Run with Kafka\")");
+    }
+    Ok(t.partitions().len() as i32)
+}
+
+/// Creates a topic consumer-independent helper for the main loop and tests.
+pub fn create_restore_consumer(k: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
+    restore_consumer(k)
+}

@@ -1,0 +1,256 @@
+//! A real Kafka-protocol broker (tansu) for tests and benchmarks, with
+//! helpers to create topics, produce events and read topics back.
+//!
+//! The broker binary comes from `$TANSU_BIN`, else `tansu` on `PATH`, else
+//! where `.ci/run` installs it (`~/.cache/segstream-tools/tansu-0.6.0/bin`).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("tansu");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let p = home.join(".cache/segstream-tools/tansu-0.6.0/bin/tansu");
+    assert!(
+        p.is_file(),
+        "the tansu broker is not installed: run `bash .ci/run` once (it installs it), or set TANSU_BIN"
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Where the broker keeps its data.
+#[derive(Clone)]
+pub enum Storage {
+    Memory,
+    /// In a SQLite file in this directory: survives a broker restart.
+    Sqlite(PathBuf),
+}
+
+/// A broker process on 127.0.0.1, killed on drop.
+pub struct Broker {
+    pub addr: String,
+    port: u16,
+    storage: Storage,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Broker {
+    pub fn start(storage: Storage, log_dir: &Path) -> Self {
+        let port = free_port();
+        let mut b = Broker {
+            addr: format!("127.0.0.1:{port}"),
+            port,
+            storage,
+            child: None,
+            log: log_dir.join(format!("tansu-{port}.log")),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // tansu resolves a SQLite path against its working directory.
+        let (storage, cwd) = match &self.storage {
+            Storage::Memory => ("memory://tansu/", std::env::temp_dir()),
+            Storage::Sqlite(dir) => ("sqlite://tansu.db", dir.clone()),
+        };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("broker log");
+        let child = Command::new(tansu_bin())
+            .current_dir(cwd)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting tansu");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c: BaseConsumer = client_config(&self.addr).create().expect("probe");
+        loop {
+            if c.fetch_metadata(None, Duration::from_secs(2)).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "broker at {} did not start; see {}", self.addr, self.log.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn client_config(addr: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", addr);
+    c
+}
+
+pub fn create_topics(addr: &str, topics: &[(&str, i32, bool)]) {
+    let admin: AdminClient<DefaultClientContext> = client_config(addr).create().expect("admin client");
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, parts, compact)| {
+            let t = NewTopic::new(name, *parts, TopicReplication::Fixed(1));
+            if *compact {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let results = rt.block_on(admin.create_topics(new.iter(), &AdminOptions::new())).expect("create topics");
+    for r in results {
+        r.expect("topic created");
+    }
+}
+
+/// Produces `(partition, key, payload)` records and waits for every acknowledgement.
+pub fn produce(addr: &str, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) {
+    let p: BaseProducer = client_config(addr)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    for (part, key, payload) in records {
+        let mut rec = BaseRecord::to(topic).partition(*part).key(key.as_slice()).payload(payload.as_slice());
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    p.poll(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// The partition a test puts a customer in.
+pub fn partition_of(customer: &str, partitions: i32) -> i32 {
+    (xxhash_rust::xxh3::xxh3_64(customer.as_bytes()) % partitions as u64) as i32
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every partition of `topic` from the start to its current end.
+pub fn read_all(addr: &str, topic: &str) -> Vec<Read> {
+    let c: BaseConsumer = client_config(addr)
+        .set("group.id", "segstream-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("consumer");
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let parts = md.topics()[0].partitions().len() as i32;
+    let mut out = Vec::new();
+    for p in 0..parts {
+        let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low)).expect("tpl");
+        c.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "reading {topic}/{p} timed out");
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let headers = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    out.push(Read {
+                        partition: p,
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                    if m.offset() + 1 >= high {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => panic!("reading {topic}/{p}: {e}"),
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// Number of records in `topic` (sum of end − start over its partitions).
+pub fn count(addr: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = client_config(addr).create().expect("consumer");
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    (0..md.topics()[0].partitions().len() as i32)
+        .map(|p| {
+            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            high - low
+        })
+        .sum()
+}
