@@ -83,6 +83,16 @@ mod tests {
     }
 
     #[test]
+    fn the_kafka_example_parses_with_its_stated_values() {
+        let cfg = Config::from_toml(include_str!("../../../config/kafka.example.toml")).expect("parses");
+        let k = cfg.kafka.expect("[kafka] section");
+        assert_eq!(k.input_topic, "segstream.events");
+        assert_eq!(k.changelog(), "segstream.changelog");
+        assert_eq!(k.metrics_addr, "0.0.0.0:9464");
+        assert_eq!(cfg.scoring, Config::default().scoring);
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_name() {
         let err = Config::from_toml("[time]\nallowed_lateness = 5\n").expect_err("unknown field");
         assert!(err.to_string().contains("allowed_lateness"), "{err}");
