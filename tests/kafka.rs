@@ -22,6 +22,36 @@ const OUTPUT: &str = "transitions";
 const DLQ: &str = "dead-letters";
 const CHANGELOG: &str = "g.changelog";
 
+/// A generated sample (ordered by time, with invalid records when
+/// `invalid_every` is set) as JSON lines, plus one event per partition at the
+/// last instant (placed by [`place`]), so that every partition's watermark
+/// ends where file mode's does.
+fn sample_lines(dir: &Path, customers: u64, days: u32, invalid_every: Option<u64>, partitions: i32) -> Vec<String> {
+    let (input, _) = sample(dir, "events.jsonl", customers, days, 5, InputFormat::Json, invalid_every);
+    let text = std::fs::read_to_string(&input).expect("sample");
+    let max_ts = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("ts").and_then(|t| t.as_i64()))
+        .max()
+        .expect("events");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    for p in 0..partitions {
+        lines.push(format!(r#"{{"event_id":"end-{p}","customer_id":"zz-end-{p}","type":"login","ts":{max_ts}}}"#));
+    }
+    lines
+}
+
+/// The partition of a sample line: by customer, the end markers one to each
+/// partition, unparsable records to 0.
+fn place(line: &str, partitions: i32) -> i32 {
+    match customer_of(line) {
+        Some(c) if c.starts_with("zz-end-") => c["zz-end-".len()..].parse().expect("partition"),
+        Some(c) => partition_of(&c, partitions),
+        None => 0,
+    }
+}
+
 /// A test pipeline: a broker, its topics, the events produced, and what file
 /// mode makes of the same events.
 struct Pipeline {
@@ -41,32 +71,11 @@ fn customer_of(line: &str) -> Option<String> {
 }
 
 impl Pipeline {
-    /// Generates a sample (ordered by time, with invalid records when
-    /// `invalid_every` is set), adds one event per partition at the last
-    /// instant (so that every partition's watermark ends where file mode's
-    /// does), runs file mode on it for the expected output, and creates the
-    /// topics.
+    /// A pipeline on [`sample_lines`].
     fn new(storage: impl FnOnce(&Path) -> Storage, partitions: i32, customers: u64, days: u32, invalid_every: Option<u64>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (input, _) = sample(dir.path(), "events.jsonl", customers, days, 5, InputFormat::Json, invalid_every);
-        let text = std::fs::read_to_string(&input).expect("sample");
-        let max_ts = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v.get("ts").and_then(|t| t.as_i64()))
-            .max()
-            .expect("events");
-        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-        for p in 0..partitions {
-            let c = format!("zz-end-{p}");
-            lines.push(format!(r#"{{"event_id":"end-{p}","customer_id":"{c}","type":"login","ts":{max_ts}}}"#));
-        }
-        Self::from_lines(dir, storage, partitions, lines, |line, parts| match customer_of(line) {
-            // The end markers go one to each partition.
-            Some(c) if c.starts_with("zz-end-") => c["zz-end-".len()..].parse().expect("partition"),
-            Some(c) => partition_of(&c, parts),
-            None => 0,
-        })
+        let lines = sample_lines(dir.path(), customers, days, invalid_every, partitions);
+        Self::from_lines(dir, storage, partitions, lines, place)
     }
 
     /// Produces nothing yet: `lines` are the events in order, `place` picks
@@ -494,4 +503,104 @@ fn a_crash_at_each_step_of_the_commit_protocol_recovers_exactly() {
         assert!(log_max(&p.log("a"), trace) > 0, "{point}: recovery found {trace}0\n{}", p.log("a"));
         sigterm(&mut child);
     }
+}
+
+/// A minimal Schema Registry: `GET /schemas/ids/{id}` answers `schemas`,
+/// `POST /subjects/{s}/versions` answers `{"id": register_id}`; anything
+/// else is 404. Returns its base URL.
+fn schema_registry(schemas: Vec<(u32, String)>, register_id: u32) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let found = if request_line.starts_with("POST") && path.starts_with("/subjects/") {
+                Some(serde_json::json!({ "id": register_id }).to_string())
+            } else {
+                path.strip_prefix("/schemas/ids/")
+                    .and_then(|id| id.parse::<u32>().ok())
+                    .and_then(|id| schemas.iter().find(|(i, _)| *i == id))
+                    .map(|(_, s)| serde_json::json!({ "schema": s }).to_string())
+            };
+            let (status, body) = match found {
+                Some(b) => ("200 OK", b),
+                None => ("404 Not Found", r#"{"error_code":40403,"message":"Schema not found"}"#.to_string()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn avro_in_through_the_schema_registry_and_avro_out_match_file_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = sample_lines(dir.path(), 40, 45, None, 2);
+    let mut p = Pipeline::from_lines(dir, sqlite, 2, lines, place);
+    // The same events as Avro datums in the wire format, schema id 1; one more
+    // record names a schema id the registry does not know.
+    let wire = |id: u32, json: &[u8]| {
+        let e = segstream_decode::decode_json_line(json).expect("valid event");
+        let datum = apache_avro::to_avro_datum(segstream_decode::event_schema(), segstream_decode::event_to_avro_value(&e))
+            .expect("encodes");
+        let mut v = vec![0];
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend(datum);
+        v
+    };
+    for r in &mut p.produced {
+        r.2 = wire(1, &r.2);
+    }
+    let stray = p.produced[0].clone();
+    p.produced.push((stray.0, b"stranger".to_vec(), wire(99, br#"{"event_id":"x","customer_id":"stranger","type":"login","ts":1767225600000}"#)));
+    let registry = schema_registry(vec![(1, segstream_decode::EVENT_SCHEMA_JSON.to_string())], 7);
+    p.produce_all();
+    let mut child = p.start(
+        "a",
+        &format!("input_format = \"avro\"\noutput_format = \"avro\"\nschema_registry_url = \"{registry}\""),
+    );
+    p.wait_output(p.expected.len(), "avro output", &["a"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut got: Vec<segstream_output::TransitionRecord> = read_all(&p.broker.addr, OUTPUT)
+        .into_iter()
+        .map(|r| {
+            let bytes = r.payload.expect("payload");
+            assert_eq!(&bytes[..5], &[0, 0, 0, 0, 7], "wire format with the registered schema id");
+            let v = apache_avro::from_avro_datum(segstream_output::transition_schema(), &mut &bytes[5..], None).expect("avro");
+            segstream_output::transition_from_avro_value(&v).expect("transition")
+        })
+        .collect();
+    let mut expected: Vec<segstream_output::TransitionRecord> =
+        p.expected.iter().map(|l| serde_json::from_str(l).expect("json")).collect();
+    got.sort_by(|a, b| a.transition_id.cmp(&b.transition_id));
+    expected.sort_by(|a, b| a.transition_id.cmp(&b.transition_id));
+    assert_eq!(got, expected);
+    let dead = read_all(&p.broker.addr, DLQ);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["error_kind"], "unknown_schema_id");
+    assert_eq!(dead[0].key.as_deref(), Some(&b"stranger"[..]));
+    sigterm(&mut child);
 }
