@@ -61,3 +61,30 @@ fn bad_arguments_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--until"));
 }
+
+#[test]
+fn kafka_mode_errors_name_what_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Neither file mode nor a [kafka] section.
+    let out = segstream(&["run"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[kafka] section"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A broker nobody listens on: the topic check fails with the broker named, not a hang.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(&cfg, "[kafka]\nmetrics_addr = \"\"\n[kafka.properties]\n\"socket.connection.setup.timeout.ms\" = \"1000\"\n")
+        .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["run", "--config", cfg.to_str().expect("utf-8"), "--brokers", &format!("127.0.0.1:{port}")])
+        .args(["--input-topic", "my-events"])
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("my-events"), "the overridden topic is named: {err}");
+    // Avro output without a schema id or registry is refused before connecting.
+    std::fs::write(&cfg, "[kafka]\noutput_format = \"avro\"\nmetrics_addr = \"\"\n").expect("config");
+    let out = segstream(&["run", "--config", cfg.to_str().expect("utf-8")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("output_schema_id"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -28,7 +28,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 pub use config::{KafkaConfig, TopicFormat};
 use metrics::Metrics;
-use task::{partition_count, Msg, Rec, Shared, Task};
+use task::{check_topic, Msg, Rec, Shared, Task};
 
 use crate::Config;
 
@@ -173,8 +173,8 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
     // Check the topics before joining the group: a clear error beats a crash loop.
     {
         let probe = task::create_restore_consumer(&k)?;
-        let inputs = partition_count(&probe, &k.input_topic)?;
-        let logs = partition_count(&probe, &changelog)?;
+        let inputs = check_topic(&probe, &k.input_topic)?;
+        let logs = check_topic(&probe, &changelog)?;
         if logs < inputs {
             bail!(
                 "changelog topic {changelog} has {logs} partitions, the input {} has {inputs}: \
@@ -182,8 +182,8 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
                 k.input_topic
             );
         }
-        partition_count(&probe, &k.output_topic)?;
-        partition_count(&probe, &k.dead_letter_topic)?;
+        check_topic(&probe, &k.output_topic)?;
+        check_topic(&probe, &k.dead_letter_topic)?;
     }
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -196,7 +196,7 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
     let ctx = GroupContext { shared, tasks: Mutex::new(HashMap::new()), failure: Mutex::new(None) };
     let consumer: BaseConsumer<GroupContext> = k
         .client_config(
-            &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest"), ("session.timeout.ms", "10000")],
+            &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest")],
             &k.consumer_properties,
             &[
                 ("group.id", k.group_id.as_str()),

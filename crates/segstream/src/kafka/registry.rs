@@ -103,3 +103,48 @@ impl WireDecoder {
         decode_wire(bytes, &self.schemas)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use segstream_decode::ErrorClass;
+
+    fn wire(id: u32) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&id.to_be_bytes());
+        v.push(0);
+        v
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_transient_and_an_unknown_id_without_one_is_poison() {
+        // A port nothing listens on: connection refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let cfg = KafkaConfig { schema_registry_url: Some(format!("http://127.0.0.1:{port}")), ..Default::default() };
+        let err = WireDecoder::from_config(&cfg).expect("decoder").decode(&wire(5)).expect_err("no registry");
+        assert_eq!(err.class(), ErrorClass::Transient, "{err}");
+        let cfg = KafkaConfig::default();
+        let err = WireDecoder::from_config(&cfg).expect("decoder").decode(&wire(5)).expect_err("unknown id");
+        assert_eq!(err, DecodeError::UnknownSchemaId(5));
+        assert_eq!(err.class(), ErrorClass::Poison);
+    }
+
+    #[test]
+    fn a_local_schema_file_is_used_without_a_registry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("event.avsc");
+        std::fs::write(&path, segstream_decode::EVENT_SCHEMA_JSON).expect("write");
+        let mut cfg = KafkaConfig::default();
+        cfg.schemas.insert(3, path);
+        let e = segstream_decode::decode_json_line(br#"{"event_id":"e","customer_id":"c","type":"login","ts":1767225600000}"#)
+            .expect("event");
+        let datum =
+            apache_avro::to_avro_datum(segstream_decode::event_schema(), segstream_decode::event_to_avro_value(&e)).expect("datum");
+        let mut bytes = vec![0, 0, 0, 0, 3];
+        bytes.extend(datum);
+        assert_eq!(WireDecoder::from_config(&cfg).expect("decoder").decode(&bytes).expect("decodes"), e);
+        cfg.schemas.insert(4, dir.path().join("missing.avsc"));
+        let err = WireDecoder::from_config(&cfg).err().expect("missing file is an error");
+        assert!(err.to_string().contains("missing.avsc"), "{err}");
+    }
+}

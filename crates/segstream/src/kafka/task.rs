@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -181,6 +181,24 @@ fn read_range(
     Ok(())
 }
 
+/// Retries a broker request that failed (timeouts while the broker is
+/// restarting or overloaded) for up to two minutes, then gives up with its error.
+fn retry<T>(what: &str, mut f: impl FnMut() -> KafkaResult<T>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < Duration::from_secs(120) => {
+                tracing::warn!("{what}: {e}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => bail!("{what}: {e} (gave up after {:?})", started.elapsed()),
+        }
+    }
+}
+
 fn header_str<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
     let h = m.headers()?;
     h.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
@@ -202,9 +220,9 @@ impl Task {
         };
         let consumer = restore_consumer(k)?;
         let timeout = Duration::from_secs(30);
-        let (low, high) = consumer
-            .fetch_watermarks(&shared.changelog, partition, timeout)
-            .with_context(|| format!("changelog {}/{partition}", shared.changelog))?;
+        let (low, high) = retry(&format!("changelog {}/{partition} offsets", shared.changelog), || {
+            consumer.fetch_watermarks(&shared.changelog, partition, timeout)
+        })?;
         if let Some(l) = &local {
             if l.changelog_offset >= high || l.changelog_offset + 1 < low {
                 tracing::warn!(
@@ -353,7 +371,8 @@ impl Task {
         for topic in [&k.output_topic, &k.dead_letter_topic] {
             let mut ends = BTreeMap::new();
             for q in 0..partition_count(consumer, topic)? {
-                let (_, high) = consumer.fetch_watermarks(topic, q, Duration::from_secs(30))?;
+                let (_, high) =
+                    retry(&format!("{topic}/{q} offsets"), || consumer.fetch_watermarks(topic, q, Duration::from_secs(30)))?;
                 ends.insert(q, high);
             }
             outputs.insert(topic.clone(), ends);
@@ -367,7 +386,8 @@ impl Task {
         let k = &self.shared.kafka;
         for (topic, is_dlq) in [(&k.output_topic, false), (&k.dead_letter_topic, true)] {
             for q in 0..partition_count(consumer, topic)? {
-                let (low, high) = consumer.fetch_watermarks(topic, q, Duration::from_secs(30))?;
+                let (low, high) =
+                    retry(&format!("{topic}/{q} offsets"), || consumer.fetch_watermarks(topic, q, Duration::from_secs(30)))?;
                 let from = self.marker.outputs.get(topic.as_str()).and_then(|o| o.get(&q)).copied().unwrap_or(0).max(low);
                 read_range(consumer, topic, q, from, high, |m| {
                     let Some(offset) = header_str(m, "source")
@@ -502,7 +522,9 @@ impl Task {
         self.next_offset = r.offset + 1;
         self.records_since_commit += 1;
         if r.offset >= self.already_out_through && !self.already_out.is_empty() {
-            tracing::info!(partition = self.partition, left = self.already_out.len(), "replay past the previous owner's output");
+            // Left over: records of customers whose restored state was
+            // already past them (skip map), which the replay does not recompute.
+            tracing::info!(partition = self.partition, left = self.already_out.len(), "replay caught up with the previous run's output");
             self.already_out.clear();
         }
         Ok(())
@@ -697,10 +719,23 @@ impl Task {
     }
 }
 
+/// Partitions of `topic`; broker errors are retried for two minutes (see
+/// [`check_topic`] for the start-up check, which fails at once).
 pub fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+    let md = retry(&format!("metadata of topic {topic}"), || consumer.fetch_metadata(Some(topic), Duration::from_secs(30)))?;
+    topic_partitions(&md, topic)
+}
+
+/// Partitions of `topic`, failing on the first broker error: the check at
+/// start, where a wrong address or a missing topic must be reported at once.
+pub fn check_topic(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .with_context(|| format!("metadata of topic {topic}"))?;
+        .with_context(|| format!("metadata of topic {topic} (are the brokers right?)"))?;
+    topic_partitions(&md, topic)
+}
+
+fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> anyhow::Result<i32> {
     let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for topic {topic}"))?;
     if let Some(e) = t.error() {
         bail!("topic {topic}: {e:?} (create it first; see README, \"Run with Kafka\")");
