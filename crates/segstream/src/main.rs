@@ -19,6 +19,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Run the engine: on an event file with `--input` (re-running continues
     /// from the last commit), else as a Kafka consumer group from the

@@ -69,8 +69,10 @@ pub fn encode_customer(applied_through: i64, state: Option<&CustomerState>) -> V
     v
 }
 
-/// One changelog record, decoded.
+/// One changelog record, decoded (one at a time: the size difference of the
+/// variants does not matter).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Entry {
     Marker(Box<Marker>),
     /// `state` is `None` for an erased customer; `applied_through` is `None`

@@ -259,7 +259,7 @@ impl Task {
                 }
             }
             restored += 1;
-            if restored % 100_000 == 0 {
+            if restored.is_multiple_of(100_000) {
                 engine.commit(Vec::new())?;
                 tracing::info!(partition, restored, of = high - from, "restoring from the changelog");
             }
