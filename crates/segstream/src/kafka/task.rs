@@ -15,7 +15,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use segstream_decode::{decode_json_line, DecodeError, ErrorClass, Event};
-use segstream_output::{transition_schema, transition_to_avro_value, transition_to_json};
+use segstream_output::{transition_schema, transition_to_avro_value, TransitionRecord};
 use segstream_scoring::{Outcome, Transition};
 
 use super::changelog::{
@@ -573,7 +573,19 @@ impl Task {
         let k = &self.shared.kafka;
         let source = format!("{}{source}", self.source_prefix);
         for t in out.drain(..) {
-            let id = t.transition_id().to_string();
+            enum Encoding {
+                Json(Vec<u8>),
+                Avro(u32),
+            }
+            // JSON: the record carries the id, computed once (SHA-1).
+            let (id, encoding) = match (k.output_format, self.shared.output_schema_id) {
+                (TopicFormat::Avro, Some(schema_id)) => (t.transition_id().to_string(), Encoding::Avro(schema_id)),
+                _ => {
+                    let rec = TransitionRecord::from(&t);
+                    let json = serde_json::to_vec(&rec).map_err(|e| anyhow!("encoding a transition: {e}"))?;
+                    (rec.transition_id, Encoding::Json(json))
+                }
+            };
             if !self.already_out.is_empty() && self.already_out.remove(&id) {
                 self.shared.metrics.replay_suppressed.inc();
                 continue;
@@ -586,8 +598,9 @@ impl Task {
                     to: t.to.as_deref().unwrap_or("null").to_string(),
                 })
                 .inc();
-            let payload = match (k.output_format, self.shared.output_schema_id) {
-                (TopicFormat::Avro, Some(schema_id)) => {
+            let payload = match encoding {
+                Encoding::Json(json) => json,
+                Encoding::Avro(schema_id) => {
                     let datum = apache_avro::to_avro_datum(transition_schema(), transition_to_avro_value(&t))
                         .map_err(|e| anyhow!("encoding a transition: {e}"))?;
                     let mut v = Vec::with_capacity(5 + datum.len());
@@ -596,7 +609,6 @@ impl Task {
                     v.extend(datum);
                     v
                 }
-                _ => transition_to_json(&t).into_bytes(),
             };
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "transition_id", value: Some(id.as_str()) })
