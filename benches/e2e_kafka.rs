@@ -175,7 +175,7 @@ metrics_addr = "{metrics}"
         .expect("segstream");
     // Done when every partition has committed its last offset.
     loop {
-        if metric_sum(&metrics, "segstream_committed_input_offset") >= total as f64 {
+        if metric_sum(&metrics, "segstream_committed_records") >= total as f64 {
             break;
         }
         if let Some(status) = child.try_wait().expect("wait") {

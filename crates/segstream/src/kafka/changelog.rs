@@ -1,7 +1,9 @@
 //! What a partition task writes to its changelog partition, and reads back
 //! on restore (ARCHITECTURE.md, "Kafka mode").
 //!
-//! Keys: `c/<customer_id>` for a customer, `m` for the commit marker.
+//! Keys: `c/<customer_id>` for a customer, `m` for the commit marker,
+//! `b/<record number>` for a batch of several input topics' records (the
+//! order in which they were processed, written before their output).
 //! Customer values: `S` + applied-through offset (8 bytes, big-endian) +
 //! the state as RocksDB stores it; `D` + applied-through for an erased
 //! customer (replaced by a tombstone once the erasure is committed).
@@ -16,6 +18,21 @@ use crate::engine::{Clock, Counters};
 
 pub const MARKER_KEY: &[u8] = b"m";
 const CUSTOMER_PREFIX: &[u8] = b"c/";
+const BATCH_PREFIX: &[u8] = b"b/";
+
+/// Records of one input topic, processed in a row (offsets `first..=last`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub topic: String,
+    pub first: i64,
+    pub last: i64,
+}
+
+pub fn batch_key(record: i64) -> Vec<u8> {
+    let mut k = BATCH_PREFIX.to_vec();
+    k.extend_from_slice(record.to_string().as_bytes());
+    k
+}
 
 /// A commit of one partition: everything recovery needs besides the
 /// customers' states.
@@ -23,9 +40,12 @@ const CUSTOMER_PREFIX: &[u8] = b"c/";
 pub struct Marker {
     /// Commit number of this partition, from 1.
     pub seq: u64,
-    /// The next input offset to process (every record before it is in the
-    /// state); -1 before the first record.
-    pub input_offset: i64,
+    /// Per input topic, the next offset to process (every record before it
+    /// is in the state); a topic not listed starts where the group is.
+    pub input_offsets: BTreeMap<String, i64>,
+    /// Number of input records processed by this partition since it began:
+    /// the record number of the next one.
+    pub records: i64,
     pub clock: Clock,
     pub counters: Counters,
     /// A wall-clock advance decided at this commit: recovery applies it
@@ -35,10 +55,15 @@ pub struct Marker {
     /// record produced before this commit was acknowledged: recovery reads
     /// from here to learn what the uncommitted tail already wrote.
     pub outputs: BTreeMap<String, BTreeMap<i32, i64>>,
-    /// Customers whose state already includes events at or after
-    /// `input_offset` (after a recovery from a partly written commit):
-    /// customer → offset of the last event applied.
+    /// Customers whose state already includes events at or after `records`
+    /// (after a recovery from a partly written commit): customer → record
+    /// number of the last event applied.
     pub skip: BTreeMap<String, i64>,
+    /// Several input topics: runs of records the previous owner processed
+    /// (and logged) after its last commit that the replay has not reached
+    /// yet, in order (`first` unused).
+    #[serde(default)]
+    pub replay: Vec<Batch>,
     /// Fingerprint of the scoring and segments configuration.
     pub config_fingerprint: u64,
 }
@@ -78,12 +103,20 @@ pub enum Entry {
     /// `state` is `None` for an erased customer; `applied_through` is `None`
     /// for a tombstone (an erasure already committed).
     Customer { id: String, applied_through: Option<i64>, state: Option<CustomerState> },
+    /// `None`: a tombstone (the batch's commit is complete).
+    Batch(Option<Batch>),
 }
 
 pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, String> {
     if key == MARKER_KEY {
         let v = value.ok_or("empty commit marker")?;
         return serde_json::from_slice(v).map(|m| Entry::Marker(Box::new(m))).map_err(|e| e.to_string());
+    }
+    if key.starts_with(BATCH_PREFIX) {
+        return match value {
+            None => Ok(Entry::Batch(None)),
+            Some(v) => serde_json::from_slice(v).map(|b| Entry::Batch(Some(b))).map_err(|e| e.to_string()),
+        };
     }
     let id = key
         .strip_prefix(CUSTOMER_PREFIX)

@@ -16,6 +16,19 @@ pub enum TopicFormat {
     Avro,
 }
 
+/// One input topic of several (`kafka.input_topics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputTopic {
+    pub topic: String,
+    #[serde(default = "json")]
+    pub format: TopicFormat,
+}
+
+fn json() -> TopicFormat {
+    TopicFormat::Json
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -26,6 +39,12 @@ pub struct KafkaConfig {
     /// Events, keyed by `customer_id`.
     pub input_topic: String,
     pub input_format: TopicFormat,
+    /// Several input topics instead of `input_topic`, each with its format
+    /// (e.g. product events in JSON, billing in Avro). They must be
+    /// co-partitioned: the same partition count, keyed by `customer_id` with
+    /// the same partitioner, so that partition `p` of every topic holds the
+    /// same customers.
+    pub input_topics: Vec<InputTopic>,
     /// Transitions (SPEC §6), keyed by `customer_id`.
     pub output_topic: String,
     pub output_format: TopicFormat,
@@ -70,6 +89,7 @@ impl Default for KafkaConfig {
             group_id: "segstream".into(),
             input_topic: "segstream.events".into(),
             input_format: TopicFormat::Json,
+            input_topics: Vec::new(),
             output_topic: "segstream.transitions".into(),
             output_format: TopicFormat::Json,
             output_schema_id: None,
@@ -89,6 +109,15 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// The input topics: `input_topics`, else `input_topic` alone.
+    pub fn inputs(&self) -> Vec<InputTopic> {
+        if self.input_topics.is_empty() {
+            vec![InputTopic { topic: self.input_topic.clone(), format: self.input_format }]
+        } else {
+            self.input_topics.clone()
+        }
+    }
+
     pub fn changelog(&self) -> String {
         if self.changelog_topic.is_empty() {
             format!("{}.changelog", self.group_id)

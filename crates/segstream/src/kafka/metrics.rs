@@ -51,7 +51,7 @@ pub struct Metrics {
     pub wall_clock_advances: Counter,
     pub assigned_partitions: Gauge,
     pub watermark: Family<PartitionLabel, Gauge>,
-    pub input_offset: Family<PartitionLabel, Gauge>,
+    pub records: Family<PartitionLabel, Gauge>,
     pub registry_errors: Counter,
     pub ready: AtomicBool,
 }
@@ -101,8 +101,12 @@ impl Metrics {
         registry.register("assigned_partitions", "Input partitions owned by this instance", assigned_partitions.clone());
         let watermark = Family::<PartitionLabel, Gauge>::default();
         registry.register("watermark_ms", "Event-time watermark per partition (epoch ms)", watermark.clone());
-        let input_offset = Family::<PartitionLabel, Gauge>::default();
-        registry.register("committed_input_offset", "Next input offset per partition at its last commit", input_offset.clone());
+        let records = Family::<PartitionLabel, Gauge>::default();
+        registry.register(
+            "committed_records",
+            "Input records (all input topics) per partition at its last commit, since the partition began",
+            records.clone(),
+        );
         let registry_errors = Counter::default();
         registry.register("schema_registry_errors", "Failed Schema Registry lookups (retried)", registry_errors.clone());
         Self {
@@ -122,7 +126,7 @@ impl Metrics {
             wall_clock_advances,
             assigned_partitions,
             watermark,
-            input_offset,
+            records,
             registry_errors,
             ready: AtomicBool::new(false),
         }

@@ -92,10 +92,12 @@ impl GroupContext {
     fn commit_offsets(&self, consumer: &BaseConsumer<GroupContext>, parts: Option<&[i32]>, mode: CommitMode) {
         let committed = self.shared.committed.lock().expect("committed").clone();
         let mut tpl = TopicPartitionList::new();
-        for (p, off) in committed {
+        for (p, positions) in committed {
             if parts.is_none_or(|ps| ps.contains(&p)) {
-                // Cannot fail: the offset is a plain number.
-                let _ = tpl.add_partition_offset(&self.shared.kafka.input_topic, p, Offset::Offset(off));
+                for (topic, off) in positions {
+                    // Cannot fail: the offset is a plain number.
+                    let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(off));
+                }
             }
         }
         if tpl.count() > 0 {
@@ -109,10 +111,19 @@ impl GroupContext {
 
 impl ClientContext for GroupContext {}
 
+/// The partition numbers in a list (each once: co-partitioned input topics
+/// share their numbers, and one task serves partition `p` of all of them).
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
+
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let parts = partitions(tpl);
             tracing::info!(?parts, "partitions revoked: committing and handing over");
             for &p in &parts {
                 self.stop(p);
@@ -125,7 +136,7 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let parts = partitions(tpl);
                 tracing::info!(?parts, "partitions assigned: restoring");
                 for p in parts {
                     self.start(p);
@@ -173,13 +184,24 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
     // Check the topics before joining the group: a clear error beats a crash loop.
     {
         let probe = task::create_restore_consumer(&k)?;
-        let inputs = check_topic(&probe, &k.input_topic)?;
+        let mut inputs = None;
+        for input in k.inputs() {
+            let n = check_topic(&probe, &input.topic)?;
+            match inputs {
+                Some((first, m)) if m != n => bail!(
+                    "input topics must be co-partitioned: {first} has {m} partitions, {} has {n}",
+                    input.topic
+                ),
+                Some(_) => {}
+                None => inputs = Some((input.topic.clone(), n)),
+            }
+        }
+        let (_, inputs) = inputs.ok_or_else(|| anyhow!("no input topic"))?;
         let logs = check_topic(&probe, &changelog)?;
         if logs < inputs {
             bail!(
-                "changelog topic {changelog} has {logs} partitions, the input {} has {inputs}: \
-                 it needs at least as many (one per input partition), and cleanup.policy=compact",
-                k.input_topic
+                "changelog topic {changelog} has {logs} partitions, the input has {inputs}: \
+                 it needs at least as many (one per input partition), and cleanup.policy=compact"
             );
         }
         check_topic(&probe, &k.output_topic)?;
@@ -207,9 +229,11 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
         )
         .create_with_context(ctx)
         .context("creating the group consumer")?;
-    consumer.subscribe(&[&k.input_topic]).context("subscribing")?;
+    let topics: Vec<String> = k.inputs().into_iter().map(|i| i.topic).collect();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).context("subscribing")?;
     metrics.ready.store(true, Ordering::Relaxed);
-    tracing::info!(group = k.group_id, input = k.input_topic, output = k.output_topic, "consuming");
+    tracing::info!(group = k.group_id, input = ?names, output = k.output_topic, "consuming");
     let result = consume(&consumer, args);
     metrics.ready.store(false, Ordering::Relaxed);
     let ctx = consumer.context();
@@ -226,8 +250,8 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
 
 fn consume(consumer: &BaseConsumer<GroupContext>, args: &KafkaRunArgs) -> anyhow::Result<()> {
     let ctx = consumer.context();
-    let topic = ctx.shared.kafka.input_topic.clone();
-    let mut batches: HashMap<i32, Vec<Rec>> = HashMap::new();
+    let topics: Vec<String> = ctx.shared.kafka.inputs().into_iter().map(|i| i.topic).collect();
+    let mut batches: HashMap<(i32, usize), Vec<Rec>> = HashMap::new();
     let mut last_offset_commit = Instant::now();
     while !args.stop.load(Ordering::Relaxed) {
         if let Some(f) = ctx.failure.lock().expect("failure").clone() {
@@ -239,7 +263,9 @@ fn consume(consumer: &BaseConsumer<GroupContext>, args: &KafkaRunArgs) -> anyhow
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
                     n += 1;
-                    batches.entry(m.partition()).or_default().push(Rec {
+                    let Some(topic) = topics.iter().position(|t| t == m.topic()) else { continue };
+                    batches.entry((m.partition(), topic)).or_default().push(Rec {
+                        topic,
                         offset: m.offset(),
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
@@ -254,7 +280,7 @@ fn consume(consumer: &BaseConsumer<GroupContext>, args: &KafkaRunArgs) -> anyhow
             wait = Duration::ZERO;
         }
         let mut tasks = ctx.tasks.lock().expect("tasks");
-        for (p, recs) in batches.drain() {
+        for ((p, _), recs) in batches.drain() {
             match tasks.get_mut(&p) {
                 Some(h) => h.pending.push_back(recs),
                 None => tracing::debug!(partition = p, "records of a partition no longer assigned: dropped (refetched by its owner)"),
@@ -278,7 +304,9 @@ fn consume(consumer: &BaseConsumer<GroupContext>, args: &KafkaRunArgs) -> anyhow
             let want_pause = !h.pending.is_empty();
             if want_pause != h.paused {
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&topic, p);
+                for topic in &topics {
+                    tpl.add_partition(topic, p);
+                }
                 let r = if want_pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
                 if let Err(e) = r {
                     tracing::warn!(partition = p, "pause/resume: {e}");

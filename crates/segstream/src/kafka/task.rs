@@ -2,7 +2,7 @@
 //! the commit protocol of ARCHITECTURE.md ("Kafka mode"). Runs on its own
 //! thread; owns its RocksDB state and its idempotent producer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -19,9 +19,10 @@ use segstream_output::{transition_schema, transition_to_avro_value, TransitionRe
 use segstream_scoring::{Outcome, Transition};
 
 use super::changelog::{
-    customer_key, decode_entry, encode_customer, Entry, LocalMarker, Marker, LOCAL_MARKER_META, MARKER_KEY,
+    batch_key, customer_key, decode_entry, encode_customer, Batch, Entry, LocalMarker, Marker, LOCAL_MARKER_META,
+    MARKER_KEY,
 };
-use super::config::{KafkaConfig, TopicFormat};
+use super::config::{InputTopic, KafkaConfig, TopicFormat};
 use super::metrics::{KindLabel, Metrics, PartitionLabel, SourceLabel, TransitionLabel};
 use super::registry::WireDecoder;
 use crate::engine::{config_fingerprint, Engine};
@@ -29,6 +30,8 @@ use crate::Config;
 
 /// One input record, copied off the consumer's queue.
 pub struct Rec {
+    /// Index of its topic in the configured inputs.
+    pub topic: usize,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
@@ -47,9 +50,9 @@ pub struct Shared {
     pub changelog: String,
     pub metrics: Arc<Metrics>,
     pub output_schema_id: Option<u32>,
-    /// Next input offset per partition at its last commit, for the main
-    /// thread to commit to the consumer group.
-    pub committed: Mutex<HashMap<i32, i64>>,
+    /// Per partition, the next offset of each input topic at its last
+    /// commit, for the main thread to commit to the consumer group.
+    pub committed: Mutex<HashMap<i32, Vec<(String, i64)>>>,
 }
 
 #[derive(Default)]
@@ -90,6 +93,51 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// A multiset of record ids.
+#[derive(Default)]
+struct AlreadyOut {
+    counts: HashMap<String, u32>,
+    total: usize,
+}
+
+impl AlreadyOut {
+    fn add(&mut self, id: String) {
+        *self.counts.entry(id).or_insert(0) += 1;
+        self.total += 1;
+    }
+
+    /// Whether `id` was written (once fewer from now on).
+    fn take(&mut self, id: &str) -> bool {
+        if self.total == 0 {
+            return false;
+        }
+        match self.counts.get_mut(id) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(id);
+                }
+                self.total -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.total
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn clear(&mut self) {
+        self.counts.clear();
+        self.total = 0;
+    }
+}
+
 pub struct Task {
     shared: Arc<Shared>,
     partition: i32,
@@ -97,26 +145,39 @@ pub struct Task {
     producer: BaseProducer<DeliveryContext>,
     /// The last commit.
     marker: Marker,
-    /// Next input offset to process.
-    next_offset: i64,
-    /// Customer → offset of its last event applied since the last commit.
+    inputs: Vec<InputTopic>,
+    /// Per input topic, the next offset to process.
+    next_offsets: Vec<i64>,
+    /// Record number of the next record processed (all topics).
+    records: i64,
+    /// Customer → record number of its last event applied since the last commit.
     epoch_applied: HashMap<String, i64>,
-    /// Customer → offset through which its restored state already includes events.
+    /// Customer → record number through which its restored state already includes events.
     skip: BTreeMap<String, i64>,
-    /// Transitions (by id) and dead letters (`dlq:<offset>`) the uncommitted
-    /// tail of a previous owner already wrote: not sent again.
-    already_out: HashSet<String>,
-    /// Highest input offset among `already_out`'s sources.
-    already_out_through: i64,
+    /// Transitions (by id) and dead letters (`dlq:<source>`) the uncommitted
+    /// tail of a previous owner already wrote, with how many times: not sent
+    /// again. A count, because SPEC's id (customer, group, at, to) repeats when
+    /// late events move a label back and forth at one evaluated instant.
+    already_out: AlreadyOut,
+    /// Per input topic, the highest offset among `already_out`'s sources (-1: none).
+    already_out_through: Vec<i64>,
+    /// Several input topics: records wait here, per topic, until processed
+    /// in a logged order (`replay` first, after a recovery).
+    waiting: Vec<VecDeque<Rec>>,
+    /// Batches the previous owner processed after its last commit, in order.
+    replay: VecDeque<(usize, i64)>,
+    /// Keys of this epoch's batch records, tombstoned after the next marker.
+    batch_keys: Vec<Vec<u8>>,
     decoder: Option<WireDecoder>,
     out: Vec<Transition>,
     records_since_commit: u64,
     last_commit: Instant,
     last_record: Instant,
-    source_prefix: String,
-    /// Fault injection for tests (`SEGSTREAM_CRASH_AT=<point>:<offset>`):
-    /// abort the process at a step of the first commit at or past an input
-    /// offset, as `kill -9` would.
+    /// `topic/partition/` per input topic.
+    source_prefixes: Vec<String>,
+    /// Fault injection for tests (`SEGSTREAM_CRASH_AT=<point>:<record>`):
+    /// abort the process at a step of the first commit at or past a record
+    /// number, as `kill -9` would.
     crash_at: Option<(String, i64)>,
 }
 
@@ -211,7 +272,9 @@ impl Task {
     pub fn open(shared: Arc<Shared>, partition: i32) -> anyhow::Result<Self> {
         let started = Instant::now();
         let k = &shared.kafka;
-        let dir: PathBuf = k.state_dir.join(format!("{}-{partition}", k.input_topic));
+        let inputs = k.inputs();
+        let names: Vec<&str> = inputs.iter().map(|i| i.topic.as_str()).collect();
+        let dir: PathBuf = k.state_dir.join(format!("{}-{partition}", names.join("+")));
         std::fs::create_dir_all(&k.state_dir).with_context(|| format!("creating {}", k.state_dir.display()))?;
         let mut engine = Engine::open(&dir, &shared.cfg)?;
         let mut local: Option<LocalMarker> = match engine.meta(LOCAL_MARKER_META)? {
@@ -241,6 +304,7 @@ impl Task {
         let from = local.as_ref().map_or(low, |l| l.changelog_offset + 1);
         let mut last = local.map(|l| (l.marker, l.changelog_offset));
         let mut ahead: HashMap<String, i64> = HashMap::new();
+        let mut batches: Vec<(Vec<u8>, Batch)> = Vec::new();
         let mut restored = 0u64;
         read_range(&consumer, &shared.changelog, partition, from, high, |m| {
             let entry = decode_entry(m.key().unwrap_or_default(), m.payload())
@@ -249,7 +313,10 @@ impl Task {
                 Entry::Marker(marker) => {
                     last = Some((*marker, m.offset()));
                     ahead.clear();
+                    batches.clear();
                 }
+                Entry::Batch(Some(b)) => batches.push((m.key().unwrap_or_default().to_vec(), b)),
+                Entry::Batch(None) => {}
                 Entry::Customer { id, applied_through, state } => {
                     engine.restore_customer(&id, state)?;
                     match applied_through {
@@ -272,12 +339,14 @@ impl Task {
             None => (
                 Marker {
                     seq: 0,
-                    input_offset: -1,
+                    input_offsets: BTreeMap::new(),
+                    records: 0,
                     clock: Default::default(),
                     counters: Default::default(),
                     pending_watermark: None,
                     outputs: Self::output_ends(&consumer, k)?,
                     skip: BTreeMap::new(),
+                    replay: Vec::new(),
                     config_fingerprint: fingerprint,
                 },
                 -1,
@@ -294,7 +363,7 @@ impl Task {
         engine.restore_clock(marker.clock, marker.counters.clone())?;
         let mut skip = marker.skip.clone();
         for (id, a) in ahead {
-            if a >= marker.input_offset {
+            if a >= marker.records {
                 let e = skip.entry(id).or_insert(a);
                 *e = (*e).max(a);
             }
@@ -313,13 +382,32 @@ impl Task {
             )
             .create_with_context(DeliveryContext::default())
             .context("creating the producer")?;
-        let decoder = match k.input_format {
-            TopicFormat::Avro => Some(WireDecoder::from_config(k)?),
-            TopicFormat::Json => None,
-        };
+        let decoder =
+            if inputs.iter().any(|i| i.format == TopicFormat::Avro) { Some(WireDecoder::from_config(k)?) } else { None };
+        let mut replay = VecDeque::new();
+        let mut batch_keys = Vec::new();
+        let logged = batches.into_iter().map(|(key, b)| {
+            batch_keys.push(key);
+            b
+        });
+        for b in marker.replay.clone().into_iter().chain(logged.collect::<Vec<_>>()) {
+            let t = inputs
+                .iter()
+                .position(|i| i.topic == b.topic)
+                .ok_or_else(|| anyhow!("changelog names input topic {} that is not configured", b.topic))?;
+            replay.push_back((t, b.last));
+        }
+        let next_offsets: Vec<i64> =
+            inputs.iter().map(|i| marker.input_offsets.get(&i.topic).copied().unwrap_or(-1)).collect();
         let mut task = Self {
-            source_prefix: format!("{}/{partition}/", k.input_topic),
-            next_offset: marker.input_offset,
+            source_prefixes: inputs.iter().map(|i| format!("{}/{partition}/", i.topic)).collect(),
+            already_out_through: vec![-1; inputs.len()],
+            waiting: inputs.iter().map(|_| VecDeque::new()).collect(),
+            records: marker.records,
+            next_offsets,
+            replay,
+            batch_keys,
+            inputs,
             marker,
             shared: shared.clone(),
             partition,
@@ -327,8 +415,7 @@ impl Task {
             producer,
             epoch_applied: HashMap::new(),
             skip,
-            already_out: HashSet::new(),
-            already_out_through: -1,
+            already_out: AlreadyOut::default(),
             decoder,
             out: Vec::new(),
             records_since_commit: 0,
@@ -346,7 +433,7 @@ impl Task {
             task.read_outputs(&consumer)?;
             if let Some(w) = task.marker.pending_watermark {
                 task.engine.advance_watermark(w, &mut task.out)?;
-                task.emit(task.next_offset - 1)?;
+                task.emit(None)?;
             }
         }
         let source = if restored > 0 { "changelog" } else { "local" };
@@ -356,7 +443,8 @@ impl Task {
             partition,
             changelog_records = restored,
             from = source,
-            input_offset = task.next_offset,
+            records = task.records,
+            replay_batches = task.replay.len(),
             already_written = task.already_out.len(),
             replay_skips = task.skip.len(),
             seconds = started.elapsed().as_secs_f64(),
@@ -390,22 +478,25 @@ impl Task {
                     retry(&format!("{topic}/{q} offsets"), || consumer.fetch_watermarks(topic, q, Duration::from_secs(30)))?;
                 let from = self.marker.outputs.get(topic.as_str()).and_then(|o| o.get(&q)).copied().unwrap_or(0).max(low);
                 read_range(consumer, topic, q, from, high, |m| {
-                    let Some(offset) = header_str(m, "source")
-                        .and_then(|s| s.strip_prefix(self.source_prefix.as_str()))
-                        .and_then(|o| o.parse::<i64>().ok())
+                    let Some(source) = header_str(m, "source") else { return Ok(()) };
+                    let Some((t, rest)) =
+                        self.source_prefixes.iter().enumerate().find_map(|(t, pre)| Some((t, source.strip_prefix(pre.as_str())?)))
                     else {
                         return Ok(());
                     };
+                    // "time" for a wall-clock advance; else the record's offset.
+                    if let Ok(offset) = rest.parse::<i64>() {
+                        self.already_out_through[t] = self.already_out_through[t].max(offset);
+                    }
                     let id = if is_dlq {
-                        format!("dlq:{offset}")
+                        format!("dlq:{source}")
                     } else {
                         match header_str(m, "transition_id") {
                             Some(id) => id.to_string(),
                             None => return Ok(()),
                         }
                     };
-                    self.already_out.insert(id);
-                    self.already_out_through = self.already_out_through.max(offset);
+                    self.already_out.add(id);
                     Ok(())
                 })?;
             }
@@ -428,14 +519,12 @@ impl Task {
         loop {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Records(recs)) => {
-                    for r in recs {
-                        self.process(r)?;
-                    }
+                    self.take(recs)?;
                     self.last_record = Instant::now();
                 }
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     self.commit(None)?;
-                    tracing::info!(partition = self.partition, input_offset = self.next_offset, "partition handed over");
+                    tracing::info!(partition = self.partition, records = self.records, "partition handed over");
                     return Ok(());
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -465,14 +554,62 @@ impl Task {
         self.commit(Some(target))?;
         self.engine.advance_watermark(target, &mut self.out)?;
         self.shared.metrics.wall_clock_advances.inc();
-        self.emit(self.next_offset - 1)?;
+        self.emit(None)?;
         Ok(())
     }
 
-    fn decode(&mut self, payload: &[u8]) -> Result<Event, DecodeError> {
-        match &mut self.decoder {
-            None => decode_json_line(payload),
-            Some(d) => {
+    /// Records from the main thread. One input topic: processed in offset
+    /// order. Several: processed a topic's run at a time, each run logged to
+    /// the changelog (and acknowledged) before any of its output, so that a
+    /// replay processes them in the same order; after a recovery the logged
+    /// runs of the previous owner come first.
+    fn take(&mut self, recs: Vec<Rec>) -> anyhow::Result<()> {
+        if self.inputs.len() == 1 {
+            for r in recs {
+                self.process(r)?;
+            }
+            return Ok(());
+        }
+        for r in recs {
+            let t = r.topic;
+            self.waiting[t].push_back(r);
+        }
+        loop {
+            if let Some(&(t, last)) = self.replay.front() {
+                while self.waiting[t].front().is_some_and(|r| r.offset <= last) {
+                    let r = self.waiting[t].pop_front().expect("checked non-empty");
+                    self.process(r)?;
+                }
+                // Done when the run's last offset is processed, or the topic
+                // has moved past it (a gap in the offsets).
+                let done = self.next_offsets[t] > last || self.waiting[t].front().is_some_and(|r| r.offset > last);
+                if !done {
+                    return Ok(()); // more of topic t is on its way
+                }
+                self.replay.pop_front();
+                continue;
+            }
+            let Some(t) = (0..self.inputs.len()).find(|&t| !self.waiting[t].is_empty()) else { return Ok(()) };
+            let from = self.next_offsets[t];
+            let run: Vec<Rec> = self.waiting[t].drain(..).filter(|r| r.offset >= from).collect();
+            let (Some(first), Some(last)) = (run.first().map(|r| r.offset), run.last().map(|r| r.offset)) else {
+                continue;
+            };
+            let key = batch_key(self.records);
+            let value = serde_json::to_vec(&Batch { topic: self.inputs[t].topic.clone(), first, last })?;
+            let changelog = self.shared.changelog.as_str();
+            self.send(BaseRecord::to(changelog).partition(self.partition).key(key.as_slice()).payload(value.as_slice()))?;
+            self.flush()?;
+            self.batch_keys.push(key);
+            for r in run {
+                self.process(r)?;
+            }
+        }
+    }
+
+    fn decode(&mut self, topic: usize, payload: &[u8]) -> Result<Event, DecodeError> {
+        match (self.inputs[topic].format, &mut self.decoder) {
+            (TopicFormat::Avro, Some(d)) => {
                 let mut backoff = Duration::from_millis(200);
                 loop {
                     match d.decode(payload) {
@@ -486,16 +623,19 @@ impl Task {
                     }
                 }
             }
+            _ => decode_json_line(payload),
         }
     }
 
     fn process(&mut self, r: Rec) -> anyhow::Result<()> {
-        if r.offset < self.next_offset {
+        let t = r.topic;
+        if r.offset < self.next_offsets[t] {
             return Ok(()); // already in the committed state
         }
+        let record = self.records;
         let decoded = match &r.payload {
             None => Err(DecodeError::Json("empty message (null value)".into())),
-            Some(p) => self.decode(p),
+            Some(p) => self.decode(t, p),
         };
         match decoded {
             Err(e) => {
@@ -505,7 +645,7 @@ impl Task {
             Ok(ev) => {
                 let m = &self.shared.metrics;
                 m.events.inc();
-                if self.skip.get(&ev.customer_id).is_some_and(|&a| r.offset <= a) {
+                if self.skip.get(&ev.customer_id).is_some_and(|&a| record <= a) {
                     self.engine.skip_event(&ev, &mut self.out)?;
                     m.replay_skipped_events.inc();
                 } else {
@@ -514,18 +654,22 @@ impl Task {
                         Outcome::Applied { late: true } | Outcome::Deleted { late: true } => m.late.inc(),
                         _ => 0,
                     };
-                    self.epoch_applied.insert(ev.customer_id, r.offset);
+                    self.epoch_applied.insert(ev.customer_id, record);
                 }
-                self.emit(r.offset)?;
+                self.emit(Some((t, r.offset)))?;
             }
         }
-        self.next_offset = r.offset + 1;
+        self.records += 1;
+        self.next_offsets[t] = r.offset + 1;
         self.records_since_commit += 1;
-        if r.offset >= self.already_out_through && !self.already_out.is_empty() {
+        if !self.already_out.is_empty() && self.already_out_through.iter().zip(&self.next_offsets).all(|(s, n)| s < n) {
             // Left over: records of customers whose restored state was
             // already past them (skip map), which the replay does not recompute.
             tracing::info!(partition = self.partition, left = self.already_out.len(), "replay caught up with the previous run's output");
             self.already_out.clear();
+        }
+        if self.records_since_commit >= self.shared.cfg.state.commit_every_records.get() {
+            self.commit(None)?;
         }
         Ok(())
     }
@@ -545,10 +689,10 @@ impl Task {
 
     fn dead_letter(&mut self, r: &Rec, e: &DecodeError) -> anyhow::Result<()> {
         let k = &self.shared.kafka;
-        let source = format!("{}{}", self.source_prefix, r.offset);
+        let source = format!("{}{}", self.source_prefixes[r.topic], r.offset);
         tracing::warn!(partition = self.partition, offset = r.offset, kind = e.kind(), "dead letter {source}: {e}");
         self.shared.metrics.dead_letters.get_or_create(&KindLabel { kind: e.kind().into() }).inc();
-        if self.already_out.remove(&format!("dlq:{}", r.offset)) {
+        if self.already_out.take(&format!("dlq:{source}")) {
             return Ok(());
         }
         let message = e.to_string();
@@ -566,12 +710,16 @@ impl Task {
         self.send(rec)
     }
 
-    /// Produces the transitions in `self.out` (source: input offset `source`),
-    /// except those the previous owner already wrote.
-    fn emit(&mut self, source: i64) -> anyhow::Result<()> {
+    /// Produces the transitions in `self.out`, caused by the record at
+    /// (topic, offset) or, for `None`, by a wall-clock advance, except those
+    /// the previous owner already wrote.
+    fn emit(&mut self, source: Option<(usize, i64)>) -> anyhow::Result<()> {
         let mut out = std::mem::take(&mut self.out);
         let k = &self.shared.kafka;
-        let source = format!("{}{source}", self.source_prefix);
+        let source = match source {
+            Some((t, offset)) => format!("{}{offset}", self.source_prefixes[t]),
+            None => format!("{}time", self.source_prefixes[0]),
+        };
         for t in out.drain(..) {
             enum Encoding {
                 Json(Vec<u8>),
@@ -586,7 +734,7 @@ impl Task {
                     (rec.transition_id, Encoding::Json(json))
                 }
             };
-            if !self.already_out.is_empty() && self.already_out.remove(&id) {
+            if self.already_out.take(&id) {
                 self.shared.metrics.replay_suppressed.inc();
                 continue;
             }
@@ -644,7 +792,7 @@ impl Task {
 
     fn maybe_crash(&self, point: &str) {
         if let Some((p, offset)) = &self.crash_at {
-            if p == point && self.next_offset >= *offset {
+            if p == point && self.records >= *offset {
                 // What was produced so far reaches the broker, as it may before a real crash.
                 let _ = self.producer.flush(Duration::from_secs(10));
                 tracing::warn!(partition = self.partition, point, "SEGSTREAM_CRASH_AT: aborting");
@@ -661,7 +809,10 @@ impl Task {
         self.flush()?;
         self.maybe_crash("after_output");
         let mut outputs = self.marker.outputs.clone();
-        {
+        // While the replay has not passed the previous run's output, the next
+        // recovery must still read all of it: the output ends stay where the
+        // last commit before that run put them.
+        if self.already_out.is_empty() {
             let st = self.producer.context().state.lock().expect("delivery state");
             for ((topic, q), end) in &st.ends {
                 if topic == &k.output_topic || topic == &k.dead_letter_topic {
@@ -683,11 +834,23 @@ impl Task {
             self.send(BaseRecord::to(changelog).partition(self.partition).key(key.as_slice()).payload(value.as_slice()))?;
         }
         self.maybe_crash("after_changelog_states");
-        let next = self.next_offset;
+        let next = self.records;
         self.skip.retain(|_, a| *a >= next);
+        let mut input_offsets = self.marker.input_offsets.clone();
+        for (i, &o) in self.inputs.iter().zip(&self.next_offsets) {
+            if o >= 0 {
+                input_offsets.insert(i.topic.clone(), o);
+            }
+        }
         let marker = Marker {
             seq: self.marker.seq + 1,
-            input_offset: next,
+            input_offsets,
+            records: next,
+            replay: self
+                .replay
+                .iter()
+                .map(|&(t, last)| Batch { topic: self.inputs[t].topic.clone(), first: -1, last })
+                .collect(),
             clock: self.engine.clock(),
             counters: self.engine.counters().clone(),
             pending_watermark,
@@ -709,20 +872,28 @@ impl Task {
             let key = customer_key(id);
             self.send(BaseRecord::<[u8], [u8], ()>::to(changelog).partition(self.partition).key(key.as_slice()))?;
         }
+        for key in std::mem::take(&mut self.batch_keys) {
+            self.send(BaseRecord::<[u8], [u8], ()>::to(changelog).partition(self.partition).key(key.as_slice()))?;
+        }
         self.engine.commit(vec![(
             LOCAL_MARKER_META.into(),
             serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset })?,
         )])?;
-        if next >= 0 {
-            self.shared.committed.lock().expect("committed offsets").insert(self.partition, next);
-        }
+        let positions: Vec<(String, i64)> = self
+            .inputs
+            .iter()
+            .zip(&self.next_offsets)
+            .filter(|(_, o)| **o >= 0)
+            .map(|(i, o)| (i.topic.clone(), *o))
+            .collect();
+        self.shared.committed.lock().expect("committed offsets").insert(self.partition, positions);
         let m = &self.shared.metrics;
         m.commits.inc();
         m.commit_seconds.observe(started.elapsed().as_secs_f64());
         let label = PartitionLabel { partition: self.partition };
-        m.input_offset.get_or_create(&label).set(next);
+        m.records.get_or_create(&label).set(next);
         m.watermark.get_or_create(&label).set(marker.clock.watermark.max(0));
-        tracing::debug!(partition = self.partition, seq = marker.seq, input_offset = next, customers = records.len(), "committed");
+        tracing::debug!(partition = self.partition, seq = marker.seq, records = next, customers = records.len(), "committed");
         self.marker = marker;
         self.epoch_applied.clear();
         self.records_since_commit = 0;
@@ -761,4 +932,21 @@ fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> anyhow::Re
 /// Creates a topic consumer-independent helper for the main loop and tests.
 pub fn create_restore_consumer(k: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
     restore_consumer(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AlreadyOut;
+
+    #[test]
+    fn already_out_counts_repeated_ids() {
+        let mut a = AlreadyOut::default();
+        a.add("x".into());
+        a.add("x".into());
+        a.add("y".into());
+        assert!(a.take("x") && a.take("x"), "both copies were written");
+        assert!(!a.take("x"), "a third is new");
+        assert_eq!(a.len(), 1);
+        assert!(a.take("y") && a.is_empty());
+    }
 }
