@@ -168,6 +168,9 @@ pub struct Task {
     replay: VecDeque<(usize, i64)>,
     /// Keys of this epoch's batch records, tombstoned after the next marker.
     batch_keys: Vec<Vec<u8>>,
+    /// The logged run being processed (topic, last offset): a commit inside
+    /// it carries its rest in the marker, as the replay must do it first.
+    current_run: Option<(usize, i64)>,
     decoder: Option<WireDecoder>,
     out: Vec<Transition>,
     records_since_commit: u64,
@@ -407,6 +410,7 @@ impl Task {
             next_offsets,
             replay,
             batch_keys,
+            current_run: None,
             inputs,
             marker,
             shared: shared.clone(),
@@ -601,9 +605,11 @@ impl Task {
             self.send(BaseRecord::to(changelog).partition(self.partition).key(key.as_slice()).payload(value.as_slice()))?;
             self.flush()?;
             self.batch_keys.push(key);
+            self.current_run = Some((t, last));
             for r in run {
                 self.process(r)?;
             }
+            self.current_run = None;
         }
     }
 
@@ -847,8 +853,10 @@ impl Task {
             input_offsets,
             records: next,
             replay: self
-                .replay
+                .current_run
+                .filter(|&(t, last)| self.next_offsets[t] <= last)
                 .iter()
+                .chain(&self.replay)
                 .map(|&(t, last)| Batch { topic: self.inputs[t].topic.clone(), first: -1, last })
                 .collect(),
             clock: self.engine.clock(),
