@@ -152,9 +152,7 @@ impl Engine {
     /// it passed, then runs the event through its customer's state machine.
     pub fn on_event(&mut self, e: &Event, out: &mut Vec<Transition>) -> Result<Outcome, EngineError> {
         self.counters.events += 1;
-        let max_ts = self.clock.max_ts.map_or(e.ts, |m| m.max(e.ts));
-        self.clock.max_ts = Some(max_ts);
-        self.advance_watermark(max_ts.saturating_sub(self.lateness), out)?;
+        self.observe(e.ts, out)?;
 
         let before = out.len();
         let watermark = self.clock.watermark;
@@ -203,7 +201,12 @@ impl Engine {
     /// customer's restored state already includes it (Kafka recovery), so
     /// that time moves exactly as it did when the event was first applied.
     pub fn skip_event(&mut self, e: &Event, out: &mut Vec<Transition>) -> Result<(), EngineError> {
-        let max_ts = self.clock.max_ts.map_or(e.ts, |m| m.max(e.ts));
+        self.observe(e.ts, out)
+    }
+
+    /// An event time seen: the largest `ts` and with it the watermark move.
+    fn observe(&mut self, ts: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
+        let max_ts = self.clock.max_ts.map_or(ts, |m| m.max(ts));
         self.clock.max_ts = Some(max_ts);
         self.advance_watermark(max_ts.saturating_sub(self.lateness), out)
     }

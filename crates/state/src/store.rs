@@ -196,11 +196,15 @@ impl StateStore {
     /// Calls `f` for every customer changed since the last commit (state
     /// `None`: erased), in customer id order: what a commit will write.
     pub fn for_each_dirty(&self, mut f: impl FnMut(&str, Option<&CustomerState>)) {
-        let mut dirty: Vec<&Slot> = self.slots.iter().filter(|s| s.dirty).collect();
-        dirty.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        for slot in dirty {
+        for slot in self.dirty_sorted() {
             f(&slot.id, slot.state.as_ref());
         }
+    }
+
+    fn dirty_sorted(&self) -> Vec<&Slot> {
+        let mut dirty: Vec<&Slot> = self.slots.iter().filter(|s| s.dirty).collect();
+        dirty.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        dirty
     }
 
     /// Marks a customer changed: written at the next commit, and its current
@@ -300,8 +304,7 @@ impl StateStore {
         let timers = self.cf(CF_TIMERS);
         // In key order: memtable inserts in order reuse their skip-list
         // position and cost a fraction of random ones.
-        let mut dirty: Vec<&Slot> = self.slots.iter().filter(|s| s.dirty).collect();
-        dirty.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let dirty = self.dirty_sorted();
         let mut timer_ops: Vec<(Vec<u8>, bool)> = Vec::new();
         for slot in dirty {
             match &slot.state {

@@ -183,7 +183,7 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
     let changelog = k.changelog();
     // Check the topics before joining the group: a clear error beats a crash loop.
     {
-        let probe = task::create_restore_consumer(&k)?;
+        let probe = task::restore_consumer(&k)?;
         let mut inputs = None;
         for input in k.inputs() {
             let n = check_topic(&probe, &input.topic)?;

@@ -184,7 +184,9 @@ pub struct Task {
     crash_at: Option<(String, i64)>,
 }
 
-fn restore_consumer(k: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
+/// A consumer outside the group (no offsets committed), for reading given
+/// ranges: restores, output tails, metadata.
+pub fn restore_consumer(k: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
     k.client_config(
         &[("fetch.wait.max.ms", "10")],
         &k.consumer_properties,
@@ -506,10 +508,6 @@ impl Task {
             }
         }
         Ok(())
-    }
-
-    pub fn partition(&self) -> i32 {
-        self.partition
     }
 
     /// Runs until told to stop (or the channel closes): records, commits,
@@ -935,11 +933,6 @@ fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> anyhow::Re
         bail!("topic {topic} does not exist or has no partitions (create it first; see README, \"Run with Kafka\")");
     }
     Ok(t.partitions().len() as i32)
-}
-
-/// Creates a topic consumer-independent helper for the main loop and tests.
-pub fn create_restore_consumer(k: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
-    restore_consumer(k)
 }
 
 #[cfg(test)]
