@@ -166,26 +166,28 @@ state_dir = "{state}"
         })
     }
 
-    fn start(&self, instance: &str, extra: &str) -> Child {
+    fn start(&self, instance: &str, extra: &str) -> Engine {
         self.start_env(instance, extra, &[])
     }
 
-    fn start_env(&self, instance: &str, extra: &str, env: &[(&str, &str)]) -> Child {
+    fn start_env(&self, instance: &str, extra: &str, env: &[(&str, &str)]) -> Engine {
         let cfg = self.config(instance, extra);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{instance}.log")))
             .expect("log");
-        Command::new(env!("CARGO_BIN_EXE_segstream"))
-            .args(["run", "--config"])
-            .arg(cfg)
-            .env("RUST_LOG", std::env::var("SEGSTREAM_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start segstream")
+        Engine(
+            Command::new(env!("CARGO_BIN_EXE_segstream"))
+                .args(["run", "--config"])
+                .arg(cfg)
+                .env("RUST_LOG", std::env::var("SEGSTREAM_TEST_LOG").unwrap_or_else(|_| "info".into()))
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start segstream"),
+        )
     }
 
     /// Waits until `instance`'s log, from byte `from` on (the log is
@@ -274,6 +276,32 @@ state_dir = "{state}"
 /// `the_test_broker_keeps_every_acknowledged_record`).
 fn sqlite(dir: &Path) -> Storage {
     Storage::Sqlite(dir.to_path_buf())
+}
+
+/// A running `segstream` process, killed if a test ends (or fails) without
+/// stopping it.
+struct Engine(Child);
+
+impl std::ops::Deref for Engine {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Engine {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn sigterm(child: &mut Child) {

@@ -30,6 +30,12 @@ pub struct PartitionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicPartitionLabel {
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -52,6 +58,7 @@ pub struct Metrics {
     pub assigned_partitions: Gauge,
     pub watermark: Family<PartitionLabel, Gauge>,
     pub records: Family<PartitionLabel, Gauge>,
+    pub offsets: Family<TopicPartitionLabel, Gauge>,
     pub registry_errors: Counter,
     pub ready: AtomicBool,
 }
@@ -107,6 +114,8 @@ impl Metrics {
             "Input records (all input topics) per partition at its last commit, since the partition began",
             records.clone(),
         );
+        let offsets = Family::<TopicPartitionLabel, Gauge>::default();
+        registry.register("committed_offset", "Next input offset per input topic and partition at its last commit", offsets.clone());
         let registry_errors = Counter::default();
         registry.register("schema_registry_errors", "Failed Schema Registry lookups (retried)", registry_errors.clone());
         Self {
@@ -127,6 +136,7 @@ impl Metrics {
             assigned_partitions,
             watermark,
             records,
+            offsets,
             registry_errors,
             ready: AtomicBool::new(false),
         }

@@ -23,7 +23,7 @@ use super::changelog::{
     MARKER_KEY,
 };
 use super::config::{InputTopic, KafkaConfig, TopicFormat};
-use super::metrics::{KindLabel, Metrics, PartitionLabel, SourceLabel, TransitionLabel};
+use super::metrics::{KindLabel, Metrics, PartitionLabel, SourceLabel, TopicPartitionLabel, TransitionLabel};
 use super::registry::WireDecoder;
 use crate::engine::{config_fingerprint, Engine};
 use crate::Config;
@@ -892,12 +892,15 @@ impl Task {
             .filter(|(_, o)| **o >= 0)
             .map(|(i, o)| (i.topic.clone(), *o))
             .collect();
-        self.shared.committed.lock().expect("committed offsets").insert(self.partition, positions);
+        self.shared.committed.lock().expect("committed offsets").insert(self.partition, positions.clone());
         let m = &self.shared.metrics;
         m.commits.inc();
         m.commit_seconds.observe(started.elapsed().as_secs_f64());
         let label = PartitionLabel { partition: self.partition };
         m.records.get_or_create(&label).set(next);
+        for (topic, offset) in &positions {
+            m.offsets.get_or_create(&TopicPartitionLabel { topic: topic.clone(), partition: self.partition }).set(*offset);
+        }
         m.watermark.get_or_create(&label).set(marker.clock.watermark.max(0));
         tracing::debug!(partition = self.partition, seq = marker.seq, records = next, customers = records.len(), "committed");
         self.marker = marker;
