@@ -538,9 +538,12 @@ fn a_crash_at_each_step_of_the_commit_protocol_recovers_exactly() {
 
 /// A minimal Schema Registry: `GET /schemas/ids/{id}` answers `schemas`,
 /// `POST /subjects/{s}/versions` answers `{"id": register_id}`; anything
-/// else is 404. Returns its base URL.
-fn schema_registry(schemas: Vec<(u32, String)>, register_id: u32) -> String {
+/// else is 404. With `user_info`, a request without that HTTP basic
+/// authentication gets 401. Returns its base URL.
+fn schema_registry(schemas: Vec<(u32, String)>, register_id: u32, user_info: Option<&str>) -> String {
+    use base64::Engine as _;
     use std::io::{BufRead, BufReader, Read};
+    let authorization = user_info.map(|u| format!("basic {}", base64::engine::general_purpose::STANDARD.encode(u)).to_ascii_lowercase());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     std::thread::spawn(move || {
@@ -552,13 +555,18 @@ fn schema_registry(schemas: Vec<(u32, String)>, register_id: u32) -> String {
                 continue;
             }
             let mut length = 0usize;
+            let mut authorized = authorization.is_none();
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
                     break;
                 }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                let h = h.to_ascii_lowercase();
+                if let Some(v) = h.strip_prefix("content-length:") {
                     length = v.trim().parse().unwrap_or(0);
+                }
+                if let Some(v) = h.strip_prefix("authorization:") {
+                    authorized |= Some(v.trim()) == authorization.as_deref();
                 }
             }
             let mut body = vec![0; length];
@@ -573,6 +581,7 @@ fn schema_registry(schemas: Vec<(u32, String)>, register_id: u32) -> String {
                     .map(|(_, s)| serde_json::json!({ "schema": s }).to_string())
             };
             let (status, body) = match found {
+                _ if !authorized => ("401 Unauthorized", r#"{"error_code":401,"message":"Unauthorized"}"#.to_string()),
                 Some(b) => ("200 OK", b),
                 None => ("404 Not Found", r#"{"error_code":40403,"message":"Schema not found"}"#.to_string()),
             };
@@ -607,11 +616,25 @@ fn avro_in_through_the_schema_registry_and_avro_out_match_file_mode() {
     }
     let stray = p.produced[0].clone();
     p.produced.push((stray.0, b"stranger".to_vec(), wire(99, br#"{"event_id":"x","customer_id":"stranger","type":"login","ts":1767225600000}"#)));
-    let registry = schema_registry(vec![(1, segstream_decode::EVENT_SCHEMA_JSON.to_string())], 7);
+    // The registry wants HTTP basic authentication (as Confluent Cloud's
+    // does): from the configuration, or from the environment, which wins.
+    let registry = schema_registry(vec![(1, segstream_decode::EVENT_SCHEMA_JSON.to_string())], 7, Some("sr-key:sr-secret"));
+    let with = |user_info: Option<&str>| segstream::kafka::KafkaConfig {
+        schema_registry_url: Some(registry.clone()),
+        schema_registry_user_info: user_info.map(str::to_string),
+        ..Default::default()
+    };
+    let err = with(None).registry().expect("registry").schema(1).expect_err("401 without credentials");
+    assert!(err.contains("401") && err.contains("schema_registry_user_info"), "{err}");
+    assert!(with(Some("sr-key:sr-secret")).registry().expect("registry").schema(1).expect("authorized").is_some());
     p.produce_all();
-    let mut child = p.start(
+    let mut child = p.start_env(
         "a",
-        &format!("input_format = \"avro\"\noutput_format = \"avro\"\nschema_registry_url = \"{registry}\""),
+        &format!(
+            "input_format = \"avro\"\noutput_format = \"avro\"\nschema_registry_url = \"{registry}\"\n\
+             schema_registry_user_info = \"sr-key:stale\""
+        ),
+        &[("SEGSTREAM_SCHEMA_REGISTRY_USER_INFO", "sr-key:sr-secret")],
     );
     p.wait_output(p.expected.len(), "avro output", &["a"]);
     std::thread::sleep(Duration::from_millis(1000));

@@ -29,6 +29,9 @@ fn json() -> TopicFormat {
     TopicFormat::Json
 }
 
+/// Overrides `kafka.schema_registry_user_info`.
+pub const REGISTRY_USER_INFO_ENV: &str = "SEGSTREAM_SCHEMA_REGISTRY_USER_INFO";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -67,6 +70,11 @@ pub struct KafkaConfig {
     pub idle_advance_ms: u64,
     /// Schema Registry base URL (`GET /schemas/ids/{id}`), for Avro input.
     pub schema_registry_url: Option<String>,
+    /// `user:password` for the registry's HTTP basic authentication
+    /// (Confluent's `basic.auth.user.info`, e.g. `<api key>:<api secret>`).
+    /// The environment variable `SEGSTREAM_SCHEMA_REGISTRY_USER_INFO`, when
+    /// set, takes precedence, so the secret need not be in the file.
+    pub schema_registry_user_info: Option<String>,
     /// Writer schemas from local `.avsc` files: schema id → path. Used before
     /// the registry.
     pub schemas: BTreeMap<u32, PathBuf>,
@@ -99,6 +107,7 @@ impl Default for KafkaConfig {
             commit_interval_ms: 1_000,
             idle_advance_ms: 1_000,
             schema_registry_url: None,
+            schema_registry_user_info: None,
             schemas: BTreeMap::new(),
             metrics_addr: "127.0.0.1:9464".into(),
             properties: BTreeMap::new(),
@@ -116,6 +125,12 @@ impl KafkaConfig {
         } else {
             self.input_topics.clone()
         }
+    }
+
+    /// The Schema Registry client, when a URL is configured.
+    pub fn registry(&self) -> Option<super::registry::Registry> {
+        let user_info = std::env::var(REGISTRY_USER_INFO_ENV).ok().or_else(|| self.schema_registry_user_info.clone());
+        self.schema_registry_url.as_deref().map(|url| super::registry::Registry::new(url, user_info.as_deref()))
     }
 
     pub fn changelog(&self) -> String {

@@ -164,13 +164,13 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
         let addr = metrics::serve(&k.metrics_addr, metrics.clone())?;
         tracing::info!("metrics on http://{addr}/metrics");
     }
-    let output_schema_id = match (k.output_format, k.output_schema_id, &k.schema_registry_url) {
+    let output_schema_id = match (k.output_format, k.output_schema_id, k.registry()) {
         (TopicFormat::Json, _, _) => None,
         (TopicFormat::Avro, Some(id), _) => Some(id),
-        (TopicFormat::Avro, None, Some(url)) => {
+        (TopicFormat::Avro, None, Some(registry)) => {
             let subject = format!("{}-value", k.output_topic);
             let schema = segstream_output::transition_schema().canonical_form();
-            let id = registry::Registry::new(url)
+            let id = registry
                 .register(&subject, &schema)
                 .map_err(|e| anyhow!("registering the transition schema under {subject}: {e}"))?;
             tracing::info!(subject, id, "transition schema registered");

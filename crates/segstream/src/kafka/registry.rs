@@ -13,6 +13,8 @@ use super::config::KafkaConfig;
 pub struct Registry {
     base: String,
     agent: ureq::Agent,
+    /// `Authorization` header value (HTTP basic), never logged.
+    authorization: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -26,13 +28,17 @@ struct IdResponse {
 }
 
 impl Registry {
-    pub fn new(base: &str) -> Self {
+    /// `user_info`: `user:password` for HTTP basic authentication.
+    pub fn new(base: &str, user_info: Option<&str>) -> Self {
+        use base64::Engine as _;
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
             .build()
             .into();
-        Self { base: base.trim_end_matches('/').to_string(), agent }
+        let authorization =
+            user_info.map(|u| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(u.as_bytes())));
+        Self { base: base.trim_end_matches('/').to_string(), agent, authorization }
     }
 
     /// The schema text of `id`: `Ok(None)` when the registry does not know
@@ -40,7 +46,11 @@ impl Registry {
     /// or answers with a server error (retry later).
     pub fn schema(&self, id: u32) -> Result<Option<String>, String> {
         let url = format!("{}/schemas/ids/{id}", self.base);
-        let mut resp = self.agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+        let mut req = self.agent.get(&url);
+        if let Some(a) = &self.authorization {
+            req = req.header("Authorization", a);
+        }
+        let mut resp = req.call().map_err(|e| format!("{url}: {e}"))?;
         match resp.status().as_u16() {
             200 => resp
                 .body_mut()
@@ -48,6 +58,7 @@ impl Registry {
                 .map(|r| Some(r.schema))
                 .map_err(|e| format!("{url}: {e}")),
             404 => Ok(None),
+            s @ (401 | 403) => Err(format!("{url}: HTTP {s}: check kafka.schema_registry_user_info")),
             s => Err(format!("{url}: HTTP {s}")),
         }
     }
@@ -57,10 +68,11 @@ impl Registry {
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, String> {
         let url = format!("{}/subjects/{subject}/versions", self.base);
         let body = serde_json::json!({ "schema": schema });
-        let mut resp = self
-            .agent
-            .post(&url)
-            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        let mut req = self.agent.post(&url).header("Content-Type", "application/vnd.schemaregistry.v1+json");
+        if let Some(a) = &self.authorization {
+            req = req.header("Authorization", a);
+        }
+        let mut resp = req
             .send_json(&body)
             .map_err(|e| format!("{url}: {e}"))?;
         match resp.status().as_u16() {
@@ -83,7 +95,7 @@ impl WireDecoder {
             let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("schema {id}: {}: {e}", path.display()))?;
             schemas.insert_json(*id, &text).map_err(|e| anyhow::anyhow!("schema {id}: {}: {e}", path.display()))?;
         }
-        Ok(Self { schemas, registry: cfg.schema_registry_url.as_deref().map(Registry::new) })
+        Ok(Self { schemas, registry: cfg.registry() })
     }
 
     /// Decodes one message. `DecodeError::RegistryUnavailable` is transient:
