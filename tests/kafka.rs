@@ -324,9 +324,17 @@ fn kill9(child: &mut Child) {
 
 #[test]
 fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
-    let p = Pipeline::new(sqlite, 3, 60, 60, Some(97));
+    let mut p = Pipeline::new(sqlite, 3, 60, 60, Some(97));
     assert!(p.expected.len() > 300, "a realistic sample: {} transitions", p.expected.len());
     assert!(p.expected_dead >= 5, "{}", p.expected_dead);
+    // A valid event under another customer's key is poison too: applying it
+    // would put the customer in a partition its other events do not reach.
+    p.produced.push((
+        partition_of("cus_elsewhere", 3),
+        b"cus_elsewhere".to_vec(),
+        br#"{"event_id":"rekeyed","customer_id":"cus_rekeyed","type":"login","ts":1767225600000}"#.to_vec(),
+    ));
+    p.expected_dead += 1;
     p.produce_all();
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let mut child = p.start("a", &format!("metrics_addr = \"127.0.0.1:{port}\""));
@@ -350,6 +358,7 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
     }
     let kinds: std::collections::BTreeSet<&str> = dead.iter().map(|d| d.headers["error_kind"].as_str()).collect();
     assert!(kinds.len() >= 3, "several kinds of poison: {kinds:?}");
+    assert!(kinds.contains("key_mismatch"), "{kinds:?}");
 
     // Every transition carries its id and its source record.
     let out = read_all(&p.broker.addr, OUTPUT);

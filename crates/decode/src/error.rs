@@ -38,6 +38,8 @@ pub enum DecodeError {
     UnknownSchemaId(u32),
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
+    #[error("message key `{key}` is not the event's customer_id `{customer_id}` (SPEC §1: the key is the customer id)")]
+    KeyMismatch { key: String, customer_id: String },
 }
 
 impl DecodeError {
@@ -56,6 +58,7 @@ impl DecodeError {
             DecodeError::WireFormat(_) => "wire_format",
             DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
             DecodeError::RegistryUnavailable(_) => "registry_unavailable",
+            DecodeError::KeyMismatch { .. } => "key_mismatch",
         }
     }
 

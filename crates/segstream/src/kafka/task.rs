@@ -265,6 +265,20 @@ fn retry<T>(what: &str, mut f: impl FnMut() -> KafkaResult<T>) -> anyhow::Result
     }
 }
 
+/// An event whose message key is not its `customer_id` would put the
+/// customer's state in a partition other producers do not write to: it is
+/// poison. A record without a key is accepted (the producer's partitioner
+/// placed it; with one partition that is harmless).
+fn keyed_by_customer(key: Option<&[u8]>, ev: Event) -> Result<Event, DecodeError> {
+    match key {
+        Some(k) if k != ev.customer_id.as_bytes() => Err(DecodeError::KeyMismatch {
+            key: String::from_utf8_lossy(k).into_owned(),
+            customer_id: ev.customer_id.clone(),
+        }),
+        _ => Ok(ev),
+    }
+}
+
 fn header_str<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
     let h = m.headers()?;
     h.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
@@ -640,7 +654,8 @@ impl Task {
         let decoded = match &r.payload {
             None => Err(DecodeError::Json("empty message (null value)".into())),
             Some(p) => self.decode(t, p),
-        };
+        }
+        .and_then(|ev| keyed_by_customer(r.key.as_deref(), ev));
         match decoded {
             Err(e) => {
                 self.engine.count_invalid();
