@@ -699,7 +699,7 @@ impl Task {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     rec = back;
-                    self.producer.poll(Duration::from_millis(50));
+                    self.producer.poll(Duration::from_millis(5));
                 }
                 Err((e, back)) => bail!("producing to {}: {e}", back.topic),
             }
@@ -789,14 +789,30 @@ impl Task {
     }
 
     /// Waits until every record produced so far is acknowledged.
+    ///
+    /// Not rdkafka's `flush`: it serves delivery reports with a `poll` that
+    /// always waits out its timeout, 100 ms per step, so every commit cost a
+    /// multiple of 100 ms however fast the broker answered (and a `poll` under
+    /// 1 ms spins). Here: send what lingers, then take the delivery reports
+    /// as they come, sleeping 1 ms whenever none is there.
     fn flush(&self) -> anyhow::Result<()> {
-        loop {
-            match self.producer.flush(Duration::from_secs(10)) {
-                Ok(()) => break,
-                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                    tracing::warn!(partition = self.partition, "producer flush still waiting for acknowledgements");
-                }
-                Err(e) => bail!("producer flush: {e}"),
+        let started = Instant::now();
+        let mut warn_after = Duration::from_secs(10);
+        match self.producer.flush(Duration::ZERO) {
+            Ok(()) | Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {}
+            Err(e) => bail!("producer flush: {e}"),
+        }
+        let mut in_flight = self.producer.in_flight_count();
+        while in_flight > 0 {
+            self.producer.poll(Duration::ZERO);
+            let now = self.producer.in_flight_count();
+            if now == in_flight {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            in_flight = now;
+            if started.elapsed() >= warn_after {
+                tracing::warn!(partition = self.partition, waited = ?started.elapsed(), "producer flush still waiting for acknowledgements");
+                warn_after += Duration::from_secs(10);
             }
         }
         match &self.producer.context().state.lock().expect("delivery state").error {
@@ -826,6 +842,7 @@ impl Task {
         let started = Instant::now();
         let k = &self.shared.kafka;
         self.flush()?;
+        let output_flushed = started.elapsed();
         self.maybe_crash("after_output");
         let mut outputs = self.marker.outputs.clone();
         // While the replay has not passed the previous run's output, the next
@@ -886,6 +903,7 @@ impl Task {
             .delivered_end(changelog, self.partition)
             .ok_or_else(|| anyhow!("no acknowledgement for the commit marker"))?
             - 1;
+        let marker_written = started.elapsed();
         self.maybe_crash("after_marker");
         // Erasures are committed once the marker is written: tombstones now
         // let compaction drop the customer's key.
@@ -917,7 +935,16 @@ impl Task {
             m.offsets.get_or_create(&TopicPartitionLabel { topic: topic.clone(), partition: self.partition }).set(*offset);
         }
         m.watermark.get_or_create(&label).set(marker.clock.watermark.max(0));
-        tracing::debug!(partition = self.partition, seq = marker.seq, records = next, customers = records.len(), "committed");
+        tracing::debug!(
+            partition = self.partition,
+            seq = marker.seq,
+            records = next,
+            customers = records.len(),
+            output_flush_ms = output_flushed.as_millis() as u64,
+            changelog_ms = (marker_written - output_flushed).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "committed"
+        );
         self.marker = marker;
         self.epoch_applied.clear();
         self.records_since_commit = 0;
