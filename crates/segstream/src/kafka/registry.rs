@@ -41,16 +41,19 @@ impl Registry {
         Self { base: base.trim_end_matches('/').to_string(), agent, authorization }
     }
 
+    fn authorized<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(a) => req.header("Authorization", a),
+            None => req,
+        }
+    }
+
     /// The schema text of `id`: `Ok(None)` when the registry does not know
     /// it (the record is poison), `Err` when the registry cannot be reached
     /// or answers with a server error (retry later).
     pub fn schema(&self, id: u32) -> Result<Option<String>, String> {
         let url = format!("{}/schemas/ids/{id}", self.base);
-        let mut req = self.agent.get(&url);
-        if let Some(a) = &self.authorization {
-            req = req.header("Authorization", a);
-        }
-        let mut resp = req.call().map_err(|e| format!("{url}: {e}"))?;
+        let mut resp = self.authorized(self.agent.get(&url)).call().map_err(|e| format!("{url}: {e}"))?;
         match resp.status().as_u16() {
             200 => resp
                 .body_mut()
@@ -68,11 +71,9 @@ impl Registry {
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, String> {
         let url = format!("{}/subjects/{subject}/versions", self.base);
         let body = serde_json::json!({ "schema": schema });
-        let mut req = self.agent.post(&url).header("Content-Type", "application/vnd.schemaregistry.v1+json");
-        if let Some(a) = &self.authorization {
-            req = req.header("Authorization", a);
-        }
-        let mut resp = req
+        let mut resp = self
+            .authorized(self.agent.post(&url))
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
             .send_json(&body)
             .map_err(|e| format!("{url}: {e}"))?;
         match resp.status().as_u16() {
