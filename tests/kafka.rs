@@ -791,3 +791,27 @@ fn co_partitioned_input_topics_with_their_own_formats_recover_exactly() {
     assert_eq!(read_all(&p.broker.addr, DLQ).len(), p.expected_dead, "each dead letter once");
     eprintln!("largest replay after a kill: {} logged runs", log_max(&p.log("a"), "replay_batches="));
 }
+
+#[test]
+fn a_changelog_topic_without_compaction_is_refused_at_start() {
+    // Retention on a `delete` topic would drop the state of customers that
+    // have not changed for a while: a later restore would lose them quietly.
+    let p = Pipeline::new(sqlite, 2, 5, 5, None);
+    create_topics_with_policy(&p.broker.addr, &[("plain-changelog", 2, "delete")]);
+    let mut child = p.start("a", "changelog_topic = \"plain-changelog\"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match child.try_wait().expect("wait") {
+            Some(status) => break status,
+            None if Instant::now() > deadline => panic!("still running:\n{}", p.log("a")),
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert!(!status.success(), "{}", p.log("a"));
+    assert!(p.log("a").contains("changelog topic plain-changelog has cleanup.policy=delete"), "{}", p.log("a"));
+    // The compacted one is accepted.
+    let mark = p.log("a").len();
+    let mut child = p.start("a", "");
+    p.wait_log("a", mark, "partition restored", 2);
+    sigterm(&mut child);
+}

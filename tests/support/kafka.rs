@@ -133,15 +133,23 @@ pub fn client_config(addr: &str) -> ClientConfig {
 }
 
 pub fn create_topics(addr: &str, topics: &[(&str, i32, bool)]) {
+    let topics: Vec<(&str, i32, &str)> =
+        topics.iter().map(|&(name, parts, compact)| (name, parts, if compact { "compact" } else { "" })).collect();
+    create_topics_with_policy(addr, &topics);
+}
+
+/// Creates `(name, partitions, cleanup.policy)` topics; an empty policy is
+/// left to the broker's default.
+pub fn create_topics_with_policy(addr: &str, topics: &[(&str, i32, &str)]) {
     let admin: AdminClient<DefaultClientContext> = client_config(addr).create().expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, parts, compact)| {
+        .map(|(name, parts, policy)| {
             let t = NewTopic::new(name, *parts, TopicReplication::Fixed(1));
-            if *compact {
-                t.set("cleanup.policy", "compact")
-            } else {
+            if policy.is_empty() {
                 t
+            } else {
+                t.set("cleanup.policy", policy)
             }
         })
         .collect();

@@ -155,6 +155,42 @@ pub struct KafkaRunArgs {
     pub stop: Arc<AtomicBool>,
 }
 
+/// The changelog must be compacted: under `cleanup.policy=delete`, retention
+/// would remove the records of customers that have not changed for a while,
+/// and a restore from it would silently lose them. A broker that does not
+/// answer `DescribeConfigs` gets a warning, not a refusal.
+fn check_compacted(k: &KafkaConfig, changelog: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        k.client_config(&[], &Default::default(), &[]).create().context("creating an admin client")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build().context("admin runtime")?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = runtime.block_on(admin.describe_configs([&ResourceSpecifier::Topic(changelog)], &opts));
+    let policy = match described.as_ref().map(|r| r.first()) {
+        Ok(Some(Ok(resource))) => resource.get("cleanup.policy").and_then(|e| e.value.clone()),
+        Ok(Some(Err(code))) => {
+            tracing::warn!(changelog, "cannot read the changelog topic's cleanup.policy ({code}); it must be compact");
+            return Ok(());
+        }
+        Ok(None) | Err(_) => {
+            tracing::warn!(changelog, error = ?described.err(), "cannot read the changelog topic's cleanup.policy; it must be compact");
+            return Ok(());
+        }
+    };
+    match policy {
+        Some(p) if p.split(',').any(|x| x.trim() == "compact") => Ok(()),
+        Some(p) => bail!(
+            "changelog topic {changelog} has cleanup.policy={p}: it must be compact, or retention would drop \
+             the state of customers that have not changed for a while (see README, \"Run with Kafka\")"
+        ),
+        None => {
+            tracing::warn!(changelog, "the broker did not report the changelog topic's cleanup.policy; it must be compact");
+            Ok(())
+        }
+    }
+}
+
 /// Runs the consumer group until `args.stop` is set (or a partition fails,
 /// which is an error: a restart recovers exactly).
 pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
@@ -204,6 +240,7 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
                  it needs at least as many (one per input partition), and cleanup.policy=compact"
             );
         }
+        check_compacted(&k, &changelog)?;
         check_topic(&probe, &k.output_topic)?;
         check_topic(&probe, &k.dead_letter_topic)?;
     }
