@@ -133,24 +133,21 @@ pub fn client_config(addr: &str) -> ClientConfig {
 }
 
 pub fn create_topics(addr: &str, topics: &[(&str, i32, bool)]) {
-    let topics: Vec<(&str, i32, &str)> =
-        topics.iter().map(|&(name, parts, compact)| (name, parts, if compact { "compact" } else { "" })).collect();
-    create_topics_with_policy(addr, &topics);
+    let compact: &[(&str, &str)] = &[("cleanup.policy", "compact")];
+    let topics: Vec<TopicSpec<'_>> =
+        topics.iter().map(|&(name, parts, c)| (name, parts, if c { compact } else { &[] })).collect();
+    create_topics_with_config(addr, &topics);
 }
 
-/// Creates `(name, partitions, cleanup.policy)` topics; an empty policy is
-/// left to the broker's default.
-pub fn create_topics_with_policy(addr: &str, topics: &[(&str, i32, &str)]) {
+/// A topic to create: name, partitions, topic configuration.
+pub type TopicSpec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+
+pub fn create_topics_with_config(addr: &str, topics: &[TopicSpec<'_>]) {
     let admin: AdminClient<DefaultClientContext> = client_config(addr).create().expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, parts, policy)| {
-            let t = NewTopic::new(name, *parts, TopicReplication::Fixed(1));
-            if policy.is_empty() {
-                t
-            } else {
-                t.set("cleanup.policy", policy)
-            }
+        .map(|(name, parts, config)| {
+            config.iter().fold(NewTopic::new(name, *parts, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v))
         })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

@@ -73,6 +73,10 @@ pub struct Marker {
 pub struct LocalMarker {
     pub marker: Marker,
     pub changelog_offset: i64,
+    /// Wall clock (epoch ms) when the local state last matched the changelog
+    /// (0 in markers written before this field: treated as old).
+    #[serde(default)]
+    pub committed_at_ms: i64,
 }
 
 pub const LOCAL_MARKER_META: &str = "kafka:marker";

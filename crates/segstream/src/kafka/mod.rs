@@ -155,11 +155,16 @@ pub struct KafkaRunArgs {
     pub stop: Arc<AtomicBool>,
 }
 
-/// The changelog must be compacted: under `cleanup.policy=delete`, retention
-/// would remove the records of customers that have not changed for a while,
-/// and a restore from it would silently lose them. A broker that does not
-/// answer `DescribeConfigs` gets a warning, not a refusal.
-fn check_compacted(k: &KafkaConfig, changelog: &str) -> anyhow::Result<()> {
+/// Kafka's default `delete.retention.ms`, assumed where the broker does not
+/// report the changelog's.
+const DEFAULT_DELETE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Checks that the changelog is compacted and returns its
+/// `delete.retention.ms`. Under `cleanup.policy=delete`, retention would
+/// remove the records of customers that have not changed for a while, and a
+/// restore from it would silently lose them. A broker that does not report
+/// the topic's configuration gets a warning, not a refusal.
+fn check_compacted(k: &KafkaConfig, changelog: &str) -> anyhow::Result<Duration> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> =
@@ -167,26 +172,26 @@ fn check_compacted(k: &KafkaConfig, changelog: &str) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("admin runtime")?;
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     let described = runtime.block_on(admin.describe_configs([&ResourceSpecifier::Topic(changelog)], &opts));
-    let policy = match described.as_ref().map(|r| r.first()) {
-        Ok(Some(Ok(resource))) => resource.get("cleanup.policy").and_then(|e| e.value.clone()),
-        Ok(Some(Err(code))) => {
-            tracing::warn!(changelog, "cannot read the changelog topic's cleanup.policy ({code}); it must be compact");
-            return Ok(());
-        }
-        Ok(None) | Err(_) => {
-            tracing::warn!(changelog, error = ?described.err(), "cannot read the changelog topic's cleanup.policy; it must be compact");
-            return Ok(());
-        }
+    let resource = match described {
+        Ok(mut r) if !r.is_empty() => r.swap_remove(0).map_err(|code| code.to_string()),
+        Ok(_) => Err("no answer".to_string()),
+        Err(e) => Err(e.to_string()),
     };
-    match policy {
-        Some(p) if p.split(',').any(|x| x.trim() == "compact") => Ok(()),
+    let value = |name: &str| resource.as_ref().ok().and_then(|r| r.get(name)).and_then(|e| e.value.clone());
+    let retention = match value("delete.retention.ms").and_then(|v| v.parse::<u64>().ok()) {
+        Some(ms) => Duration::from_millis(ms),
+        None => DEFAULT_DELETE_RETENTION,
+    };
+    match value("cleanup.policy") {
+        Some(p) if p.split(',').any(|x| x.trim() == "compact") => Ok(retention),
         Some(p) => bail!(
             "changelog topic {changelog} has cleanup.policy={p}: it must be compact, or retention would drop \
              the state of customers that have not changed for a while (see README, \"Run with Kafka\")"
         ),
         None => {
-            tracing::warn!(changelog, "the broker did not report the changelog topic's cleanup.policy; it must be compact");
-            Ok(())
+            let error = resource.err().unwrap_or_else(|| "not reported".into());
+            tracing::warn!(changelog, error, "cannot read the changelog topic's cleanup.policy; it must be compact");
+            Ok(retention)
         }
     }
 }
@@ -217,6 +222,7 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
         }
     };
     let changelog = k.changelog();
+    let changelog_delete_retention;
     // Check the topics before joining the group: a clear error beats a crash loop.
     {
         let probe = task::restore_consumer(&k)?;
@@ -240,7 +246,7 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
                  it needs at least as many (one per input partition), and cleanup.policy=compact"
             );
         }
-        check_compacted(&k, &changelog)?;
+        changelog_delete_retention = check_compacted(&k, &changelog)?;
         check_topic(&probe, &k.output_topic)?;
         check_topic(&probe, &k.dead_letter_topic)?;
     }
@@ -250,6 +256,7 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
         changelog,
         metrics: metrics.clone(),
         output_schema_id,
+        changelog_delete_retention,
         committed: Mutex::new(HashMap::new()),
     });
     let ctx = GroupContext { shared, tasks: Mutex::new(HashMap::new()), failure: Mutex::new(None) };

@@ -50,6 +50,9 @@ pub struct Shared {
     pub changelog: String,
     pub metrics: Arc<Metrics>,
     pub output_schema_id: Option<u32>,
+    /// The changelog's `delete.retention.ms`: local state older than this
+    /// may miss erasures whose tombstones compaction has removed since.
+    pub changelog_delete_retention: Duration,
     /// Per partition, the next offset of each input topic at its last
     /// commit, for the main thread to commit to the consumer group.
     pub committed: Mutex<HashMap<i32, Vec<(String, i64)>>>,
@@ -306,13 +309,22 @@ impl Task {
             consumer.fetch_watermarks(&shared.changelog, partition, timeout)
         })?;
         if let Some(l) = &local {
-            if l.changelog_offset >= high || l.changelog_offset + 1 < low {
+            let age = Duration::from_millis(now_ms().saturating_sub(l.committed_at_ms).max(0) as u64);
+            let stale = if l.changelog_offset >= high || l.changelog_offset + 1 < low {
+                Some("it does not match the changelog (recreated or truncated)")
+            } else if age >= shared.changelog_delete_retention {
+                Some("it is older than the changelog's delete.retention.ms: tombstones it never saw may be gone")
+            } else {
+                None
+            };
+            if let Some(why) = stale {
                 tracing::warn!(
                     partition,
                     local = l.changelog_offset,
                     low,
                     high,
-                    "local state does not match the changelog (recreated or truncated): rebuilding it from the changelog"
+                    age_s = age.as_secs(),
+                    "local state not used, {why}: rebuilding it from the changelog"
                 );
                 drop(engine);
                 std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -390,7 +402,7 @@ impl Task {
         if !fresh {
             engine.commit(vec![(
                 LOCAL_MARKER_META.into(),
-                serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset })?,
+                serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset, committed_at_ms: now_ms() })?,
             )])?;
         }
         let producer: BaseProducer<DeliveryContext> = k
@@ -916,7 +928,7 @@ impl Task {
         }
         self.engine.commit(vec![(
             LOCAL_MARKER_META.into(),
-            serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset })?,
+            serde_json::to_vec(&LocalMarker { marker: marker.clone(), changelog_offset, committed_at_ms: now_ms() })?,
         )])?;
         let positions: Vec<(String, i64)> = self
             .inputs
