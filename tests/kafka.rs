@@ -335,6 +335,9 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         br#"{"event_id":"rekeyed","customer_id":"cus_rekeyed","type":"login","ts":1767225600000}"#.to_vec(),
     ));
     p.expected_dead += 1;
+    // A record without a key, in its customer's partition: processed, and counted.
+    let keyless = p.produced.iter().position(|(_, key, _)| key.starts_with(b"cus_")).expect("a customer's record");
+    p.produced[keyless].1.clear();
     p.produce_all();
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let mut child = p.start("a", &format!("metrics_addr = \"127.0.0.1:{port}\""));
@@ -377,6 +380,7 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         .map(|l| l.rsplit(' ').next().expect("value").parse::<f64>().expect("number"))
         .sum();
     assert_eq!(dead_total as usize, p.expected_dead, "{body}");
+    assert!(body.contains("segstream_unkeyed_records_total 1\n"), "{body}");
     assert!(body.contains("segstream_transitions_total{"), "{body}");
     assert!(!body.contains("cus_"), "no customer ids in metrics");
     assert!(http_get(&format!("127.0.0.1:{port}"), "/healthz").contains("ok"));

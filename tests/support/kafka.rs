@@ -157,7 +157,8 @@ pub fn create_topics_with_config(addr: &str, topics: &[TopicSpec<'_>]) {
     }
 }
 
-/// Produces `(partition, key, payload)` records and waits for every acknowledgement.
+/// Produces `(partition, key, payload)` records (an empty key: none) and
+/// waits for every acknowledgement.
 pub fn produce(addr: &str, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) {
     let p: BaseProducer = client_config(addr)
         .set("linger.ms", "5")
@@ -166,7 +167,10 @@ pub fn produce(addr: &str, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) {
         .create()
         .expect("producer");
     for (part, key, payload) in records {
-        let mut rec = BaseRecord::to(topic).partition(*part).key(key.as_slice()).payload(payload.as_slice());
+        let mut rec = BaseRecord::to(topic).partition(*part).payload(payload.as_slice());
+        if !key.is_empty() {
+            rec = rec.key(key.as_slice());
+        }
         loop {
             match p.send(rec) {
                 Ok(()) => break,

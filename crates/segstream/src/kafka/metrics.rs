@@ -45,6 +45,7 @@ pub struct Metrics {
     pub events: Counter,
     pub late: Counter,
     pub duplicates: Counter,
+    pub unkeyed: Counter,
     pub dead_letters: Family<KindLabel, Counter>,
     pub transitions: Family<TransitionLabel, Counter>,
     pub replay_suppressed: Counter,
@@ -72,6 +73,12 @@ impl Metrics {
         registry.register("late_events", "Events older than their customer's evaluated instant", late.clone());
         let duplicates = Counter::default();
         registry.register("duplicate_events", "Events ignored as duplicates (SPEC §2)", duplicates.clone());
+        let unkeyed = Counter::default();
+        registry.register(
+            "unkeyed_records",
+            "Input records without a message key (with several partitions, a customer's events may be split)",
+            unkeyed.clone(),
+        );
         let dead_letters = Family::<KindLabel, Counter>::default();
         registry.register("dead_letters", "Records sent to the dead-letter topic, by error kind", dead_letters.clone());
         let transitions = Family::<TransitionLabel, Counter>::default();
@@ -123,6 +130,7 @@ impl Metrics {
             events,
             late,
             duplicates,
+            unkeyed,
             dead_letters,
             transitions,
             replay_suppressed,

@@ -663,6 +663,9 @@ impl Task {
             return Ok(()); // already in the committed state
         }
         let record = self.records;
+        if r.key.is_none() {
+            self.shared.metrics.unkeyed.inc();
+        }
         let decoded = match &r.payload {
             None => Err(DecodeError::Json("empty message (null value)".into())),
             Some(p) => self.decode(t, p),
