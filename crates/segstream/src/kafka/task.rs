@@ -312,7 +312,7 @@ impl Task {
             let age = Duration::from_millis(now_ms().saturating_sub(l.committed_at_ms).max(0) as u64);
             let stale = if l.changelog_offset >= high || l.changelog_offset + 1 < low {
                 Some("it does not match the changelog (recreated or truncated)")
-            } else if age >= shared.changelog_delete_retention {
+            } else if l.changelog_offset + 1 < high && age >= shared.changelog_delete_retention {
                 Some("it is older than the changelog's delete.retention.ms: tombstones it never saw may be gone")
             } else {
                 None
