@@ -164,7 +164,7 @@ const DEFAULT_DELETE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// remove the records of customers that have not changed for a while, and a
 /// restore from it would silently lose them. A broker that does not report
 /// the topic's configuration gets a warning, not a refusal.
-fn check_compacted(k: &KafkaConfig, changelog: &str) -> anyhow::Result<Duration> {
+fn check_changelog_config(k: &KafkaConfig, changelog: &str) -> anyhow::Result<Duration> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> =
@@ -222,9 +222,8 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
         }
     };
     let changelog = k.changelog();
-    let changelog_delete_retention;
     // Check the topics before joining the group: a clear error beats a crash loop.
-    {
+    let changelog_delete_retention = {
         let probe = task::restore_consumer(&k)?;
         let mut inputs = None;
         for input in k.inputs() {
@@ -246,10 +245,10 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
                  it needs at least as many (one per input partition), and cleanup.policy=compact"
             );
         }
-        changelog_delete_retention = check_compacted(&k, &changelog)?;
         check_topic(&probe, &k.output_topic)?;
         check_topic(&probe, &k.dead_letter_topic)?;
-    }
+        check_changelog_config(&k, &changelog)?
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         kafka: k.clone(),
