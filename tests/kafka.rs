@@ -304,17 +304,24 @@ impl Drop for Engine {
     }
 }
 
-fn sigterm(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Waits up to `within` for `child` to exit: its status, or `None`.
+fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
-            assert!(status.success(), "segstream exited with {status} after SIGTERM");
-            return;
+            return Some(status);
         }
-        assert!(Instant::now() < deadline, "segstream did not stop within 60 s of SIGTERM");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn sigterm(child: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let status = wait_exit(child, Duration::from_secs(60)).expect("segstream did not stop within 60 s of SIGTERM");
+    assert!(status.success(), "segstream exited with {status} after SIGTERM");
 }
 
 fn kill9(child: &mut Child) {
@@ -803,14 +810,7 @@ fn a_changelog_topic_without_compaction_is_refused_at_start() {
     let p = Pipeline::new(sqlite, 2, 5, 5, None);
     create_topics_with_config(&p.broker.addr, &[("plain-changelog", 2, &[("cleanup.policy", "delete")])]);
     let mut child = p.start("a", "changelog_topic = \"plain-changelog\"");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match child.try_wait().expect("wait") {
-            Some(status) => break status,
-            None if Instant::now() > deadline => panic!("still running:\n{}", p.log("a")),
-            None => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| panic!("still running:\n{}", p.log("a")));
     assert!(!status.success(), "{}", p.log("a"));
     assert!(p.log("a").contains("changelog topic plain-changelog has cleanup.policy=delete"), "{}", p.log("a"));
     // The compacted one is accepted.
