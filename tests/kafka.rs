@@ -177,6 +177,7 @@ state_dir = "{state}"
             .append(true)
             .open(self.dir.path().join(format!("{instance}.log")))
             .expect("log");
+        let log_path = self.dir.path().join(format!("{instance}.log"));
         Engine(
             Command::new(env!("CARGO_BIN_EXE_segstream"))
                 .args(["run", "--config"])
@@ -187,6 +188,7 @@ state_dir = "{state}"
                 .stderr(log)
                 .spawn()
                 .expect("start segstream"),
+            log_path,
         )
     }
 
@@ -278,9 +280,9 @@ fn sqlite(dir: &Path) -> Storage {
     Storage::Sqlite(dir.to_path_buf())
 }
 
-/// A running `segstream` process, killed if a test ends (or fails) without
-/// stopping it.
-struct Engine(Child);
+/// A running `segstream` process and its log, killed if a test ends (or
+/// fails) without stopping it.
+struct Engine(Child, PathBuf);
 
 impl std::ops::Deref for Engine {
     type Target = Child;
@@ -318,10 +320,13 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitSt
     }
 }
 
-fn sigterm(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let status = wait_exit(child, Duration::from_secs(60)).expect("segstream did not stop within 60 s of SIGTERM");
-    assert!(status.success(), "segstream exited with {status} after SIGTERM");
+fn sigterm(engine: &mut Engine) {
+    let _ = Command::new("kill").arg("-TERM").arg(engine.id().to_string()).status();
+    let log = |e: &Engine| std::fs::read_to_string(&e.1).unwrap_or_default();
+    let Some(status) = wait_exit(engine, Duration::from_secs(60)) else {
+        panic!("segstream did not stop within 60 s of SIGTERM:\n{}", log(engine));
+    };
+    assert!(status.success(), "segstream exited with {status} after SIGTERM:\n{}", log(engine));
 }
 
 fn kill9(child: &mut Child) {

@@ -280,11 +280,15 @@ pub fn run_kafka(cfg: &Config, args: &KafkaRunArgs) -> anyhow::Result<()> {
     let result = consume(&consumer, args);
     metrics.ready.store(false, Ordering::Relaxed);
     let ctx = consumer.context();
+    tracing::info!("stopping: committing every partition");
     ctx.stop_all();
     ctx.commit_offsets(&consumer, None, CommitMode::Sync);
-    consumer.unsubscribe();
-    result?;
     let failure = ctx.failure.lock().expect("failure").take();
+    tracing::info!("partitions committed; leaving the group");
+    consumer.unsubscribe();
+    drop(consumer);
+    tracing::info!("left the group");
+    result?;
     match failure {
         Some(f) => bail!("{f}"),
         None => Ok(()),
