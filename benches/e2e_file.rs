@@ -7,7 +7,9 @@
 
 use std::time::Instant;
 
-use segstream::{generate, run_file, Config, Engine, GenerateArgs, InputFormat, RunArgs};
+use segstream::{generate, run_file, FileSettings, GenerateArgs};
+use segstream_decode::Format;
+use segstream_engine::{Engine, EngineSettings};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -40,7 +42,14 @@ fn main() {
     let input = dir.path().join("events.jsonl");
     let t = Instant::now();
     let stats = generate(
-        &GenerateArgs { customers, days, start_ms: 1_767_225_600_000, seed: 1, format: InputFormat::Json, invalid_every: None },
+        &GenerateArgs {
+            customers,
+            days,
+            start_ms: 1_767_225_600_000,
+            seed: 1,
+            format: Format::Json,
+            invalid_every: None,
+        },
         &input,
     )
     .expect("generate");
@@ -52,9 +61,9 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    let cfg = Config::default();
+    let cfg = EngineSettings::spec_default();
     let state = dir.path().join("state");
-    let mut args = RunArgs::new(&input, dir.path().join("transitions.jsonl"), &state);
+    let mut args = FileSettings::new(&input, dir.path().join("transitions.jsonl"), &state);
     args.until = Some(stats.end_ms);
     let cpu0 = cpu_seconds();
     let t = Instant::now();

@@ -26,7 +26,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use segstream::{generate, GenerateArgs, InputFormat};
+use segstream::{generate, GenerateArgs};
+use segstream_decode::Format;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -79,7 +80,11 @@ fn raw_consume(addr: &str, topic: &str, partitions: i32, total: i64) -> f64 {
         }
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
-    println!("raw consumer: {n} messages ({:.0} B avg) in {:.2}s = {rate:.0} msg/s", bytes as f64 / n as f64, t.elapsed().as_secs_f64());
+    println!(
+        "raw consumer: {n} messages ({:.0} B avg) in {:.2}s = {rate:.0} msg/s",
+        bytes as f64 / n as f64,
+        t.elapsed().as_secs_f64()
+    );
     rate
 }
 
@@ -111,12 +116,24 @@ fn main() {
     let broker = Broker::start(storage, dir.path());
     create_topics(
         &broker.addr,
-        &[("events", partitions, false), ("transitions", partitions, false), ("dlq", 1, false), ("bench.changelog", partitions, true)],
+        &[
+            ("events", partitions, false),
+            ("transitions", partitions, false),
+            ("dlq", 1, false),
+            ("bench.changelog", partitions, true),
+        ],
     );
 
     let input = dir.path().join("events.jsonl");
     let generated = generate(
-        &GenerateArgs { customers, days, start_ms: 1_767_225_600_000, seed: 1, format: InputFormat::Json, invalid_every: None },
+        &GenerateArgs {
+            customers,
+            days,
+            start_ms: 1_767_225_600_000,
+            seed: 1,
+            format: Format::Json,
+            invalid_every: None,
+        },
         &input,
     )
     .expect("generate");
@@ -143,7 +160,10 @@ fn main() {
     let raw = raw_consume(&broker.addr, "events", partitions, total);
 
     // The engine, as deployed: the release binary with a config file.
-    let metrics = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port());
+    let metrics = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    );
     let cfg = dir.path().join("bench.toml");
     std::fs::write(
         &cfg,
@@ -180,18 +200,21 @@ metrics_addr = "{metrics}"
     // broker may leave offset gaps where it lost records: compare offsets).
     let ends = end_offsets(&broker.addr, "events", partitions);
     loop {
-        if metric_sum(&metrics, "segstream_committed_offset") >= ends as f64 {
+        if metric_sum(&metrics, "segstream_commit_offset") >= ends as f64 {
             break;
         }
         if let Some(status) = child.try_wait().expect("wait") {
-            panic!("segstream exited ({status}):\n{}", std::fs::read_to_string(dir.path().join("engine.log")).unwrap_or_default());
+            panic!(
+                "segstream exited ({status}):\n{}",
+                std::fs::read_to_string(dir.path().join("engine.log")).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds(child.id());
     let transitions = count(&broker.addr, "transitions");
-    let produced = metric_sum(&metrics, "segstream_transitions_total");
+    let produced = metric_sum(&metrics, "segstream_output_transitions_total");
     let rate = total as f64 / wall;
     println!(
         "engine: {total} events in {wall:.2}s = {rate:.0} events/s ({:.2} of the raw consumer); {:.2} CPU-s per million events; \
@@ -217,7 +240,8 @@ metrics_addr = "{metrics}"
     }
     reader.assign(&tpl).expect("assign");
     std::thread::sleep(Duration::from_millis(500));
-    let producer: rdkafka::producer::BaseProducer = client_config(&broker.addr).set("linger.ms", "0").create().expect("producer");
+    let producer: rdkafka::producer::BaseProducer =
+        client_config(&broker.addr).set("linger.ms", "0").create().expect("producer");
     let mut sent: HashMap<String, Instant> = HashMap::new();
     let mut issued = 0;
     let mut latencies = Vec::new();

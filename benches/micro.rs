@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use segstream::{generate, Config, Engine, GenerateArgs, InputFormat};
-use segstream_decode::{decode_json_line, decode_wire, event_schema, event_to_avro_value, Event, StaticSchemas, EVENT_SCHEMA_JSON};
+use segstream::{generate, GenerateArgs};
+use segstream_decode::Format;
+use segstream_decode::{decode_json_line, decode_wire, event_to_wire, Event, StaticSchemas, EVENT_SCHEMA_JSON};
+use segstream_engine::{Engine, EngineSettings};
 use segstream_scoring::{CustomerState, Scorer};
 
 const START: i64 = 1_767_225_600_000;
@@ -16,7 +18,14 @@ const START: i64 = 1_767_225_600_000;
 fn sample() -> (Vec<String>, Vec<Event>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("e.jsonl");
-    let args = GenerateArgs { customers: 5_000, days: 30, start_ms: START, seed: 1, format: InputFormat::Json, invalid_every: None };
+    let args = GenerateArgs {
+        customers: 5_000,
+        days: 30,
+        start_ms: START,
+        seed: 1,
+        format: Format::Json,
+        invalid_every: None,
+    };
     generate(&args, &path).expect("generate");
     let lines: Vec<String> = std::fs::read_to_string(&path).expect("read").lines().map(str::to_string).collect();
     let events = lines.iter().map(|l| decode_json_line(l.as_bytes()).expect("valid")).collect();
@@ -38,14 +47,7 @@ fn benches(c: &mut Criterion) {
     });
     let mut schemas = StaticSchemas::new();
     schemas.insert_json(7, EVENT_SCHEMA_JSON).expect("schema");
-    let wire: Vec<Vec<u8>> = events
-        .iter()
-        .map(|e| {
-            let mut m = vec![0, 0, 0, 0, 7];
-            m.extend(apache_avro::to_avro_datum(event_schema(), event_to_avro_value(e)).expect("datum"));
-            m
-        })
-        .collect();
+    let wire: Vec<Vec<u8>> = events.iter().map(|e| event_to_wire(e, 7)).collect();
     g.bench_function("avro_wire", |b| {
         b.iter(|| {
             for m in &wire {
@@ -83,7 +85,7 @@ fn benches(c: &mut Criterion) {
             || {
                 // Opening RocksDB is start-up cost, not per-event cost.
                 let dir = tempfile::tempdir().expect("tempdir");
-                let engine = Engine::open(dir.path(), &Config::default()).expect("open");
+                let engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
                 (dir, engine)
             },
             |(dir, mut engine)| {

@@ -32,7 +32,17 @@ fn generate_then_run_with_avro_in_and_out() {
     let p = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
     let gen = segstream(&["generate", "--output", &p("e.avro"), "--customers", "40", "--days", "30", "--seed", "3"]);
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
-    let run = segstream(&["run", "--input", &p("e.avro"), "--output", &p("t.avro"), "--state-dir", &p("s"), "--until", "2026-03-01T00:00:00Z"]);
+    let run = segstream(&[
+        "run",
+        "--input",
+        &p("e.avro"),
+        "--output",
+        &p("t.avro"),
+        "--state-dir",
+        &p("s"),
+        "--until",
+        "2026-03-01T00:00:00Z",
+    ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("customers 40"), "{stderr}");
@@ -46,14 +56,28 @@ fn generate_then_run_with_avro_in_and_out() {
 fn bad_arguments_fail_with_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("nope.jsonl");
-    let out = segstream(&["run", "--input", missing.to_str().expect("utf-8"), "--output", "o.jsonl", "--state-dir", dir.path().to_str().expect("utf-8")]);
+    let out = segstream(&[
+        "run",
+        "--input",
+        missing.to_str().expect("utf-8"),
+        "--output",
+        "o.jsonl",
+        "--state-dir",
+        dir.path().to_str().expect("utf-8"),
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nope.jsonl"), "{stderr}");
 
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[segments.health]\ngreen_min = 30\nyellow_min = 40\n").expect("write");
-    let out = segstream(&["demo", "--dir", dir.path().join("d").to_str().expect("utf-8"), "--config", cfg.to_str().expect("utf-8")]);
+    let out = segstream(&[
+        "demo",
+        "--dir",
+        dir.path().join("d").to_str().expect("utf-8"),
+        "--config",
+        cfg.to_str().expect("utf-8"),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("yellow_min must be <= green_min"));
 
@@ -68,12 +92,19 @@ fn kafka_mode_errors_name_what_is_missing() {
     // Neither file mode nor a [kafka] section.
     let out = segstream(&["run"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[kafka] section"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[kafka] section"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A broker nobody listens on: the topic check fails with the broker named, not a hang.
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let cfg = dir.path().join("k.toml");
-    std::fs::write(&cfg, "[kafka]\nmetrics_addr = \"\"\n[kafka.properties]\n\"socket.connection.setup.timeout.ms\" = \"1000\"\n")
-        .expect("config");
+    std::fs::write(
+        &cfg,
+        "[kafka]\nmetrics_addr = \"\"\n[kafka.properties]\n\"socket.connection.setup.timeout.ms\" = \"1000\"\n",
+    )
+    .expect("config");
     let out = Command::new(env!("CARGO_BIN_EXE_segstream"))
         .args(["run", "--config", cfg.to_str().expect("utf-8"), "--brokers", &format!("127.0.0.1:{port}")])
         .args(["--input-topic", "my-events"])
@@ -86,5 +117,9 @@ fn kafka_mode_errors_name_what_is_missing() {
     // Avro output without a schema id or registry is refused before connecting.
     std::fs::write(&cfg, "[kafka]\noutput_format = \"avro\"\nmetrics_addr = \"\"\n").expect("config");
     let out = segstream(&["run", "--config", cfg.to_str().expect("utf-8")]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("output_schema_id"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("output_schema_id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -6,22 +6,24 @@ use std::collections::BTreeSet;
 
 use common::*;
 use proptest::prelude::*;
-use segstream::{run_file, Config, InputFormat, RunArgs};
+use segstream::{run_file, Config, FileFaults, FileSettings};
 use segstream_decode::parse_rfc3339_millis;
+use segstream_decode::Format;
+use segstream_engine::EngineSettings;
 use segstream_output::CauseRecord;
 
 #[test]
 fn avro_and_json_inputs_and_outputs_agree() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (json_in, end) = sample(dir.path(), "e.jsonl", 150, 100, 11, InputFormat::Json, None);
-    let (avro_in, _) = sample(dir.path(), "e.avro", 150, 100, 11, InputFormat::Avro, None);
+    let (json_in, end) = sample(dir.path(), "e.jsonl", 150, 100, 11, Format::Json, None);
+    let (avro_in, _) = sample(dir.path(), "e.avro", 150, 100, 11, Format::Avro, None);
     let cfg = Config::default();
-    let mut a = RunArgs::new(&json_in, dir.path().join("a.jsonl"), dir.path().join("sa"));
+    let mut a = FileSettings::new(&json_in, dir.path().join("a.jsonl"), dir.path().join("sa"));
     a.until = Some(end);
-    let sa = run_file(&cfg, &a).expect("json run");
-    let mut b = RunArgs::new(&avro_in, dir.path().join("b.avro"), dir.path().join("sb"));
+    let sa = run_file(&engine(&cfg), &a).expect("json run");
+    let mut b = FileSettings::new(&avro_in, dir.path().join("b.avro"), dir.path().join("sb"));
     b.until = Some(end);
-    let sb = run_file(&cfg, &b).expect("avro run");
+    let sb = run_file(&engine(&cfg), &b).expect("avro run");
     assert_eq!(sa.counts, sb.counts);
     let ja = read_json(&a.output);
     assert!(ja.len() > 500, "a realistic sample yields many transitions, got {}", ja.len());
@@ -31,12 +33,12 @@ fn avro_and_json_inputs_and_outputs_agree() {
 #[test]
 fn invalid_records_are_counted_located_and_dead_lettered() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, _) = sample(dir.path(), "e.jsonl", 40, 30, 3, InputFormat::Json, Some(50));
-    let args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
-    let s = run_file(&Config::default(), &args).expect("run");
+    let (input, _) = sample(dir.path(), "e.jsonl", 40, 30, 3, Format::Json, Some(50));
+    let args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    let s = run_file(&EngineSettings::spec_default(), &args).expect("run");
     assert!(s.counts.invalid >= 5, "{}", s.counts.invalid);
     assert_eq!(s.records, s.counts.events + s.counts.invalid);
-    let dlq = std::fs::read_to_string(args.dead_letter_path()).expect("dead letters written");
+    let dlq = std::fs::read_to_string(&args.dead_letter).expect("dead letters written");
     let lines: Vec<serde_json::Value> = dlq.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
     assert_eq!(lines.len() as u64, s.counts.invalid);
     let kinds: BTreeSet<&str> = lines.iter().map(|l| l["error_kind"].as_str().expect("kind")).collect();
@@ -58,16 +60,17 @@ fn invalid_records_are_counted_located_and_dead_lettered() {
 #[test]
 fn invalid_avro_records_are_dead_lettered_with_their_content() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, _) = sample(dir.path(), "e.avro", 20, 20, 4, InputFormat::Avro, Some(40));
-    let args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
-    let s = run_file(&Config::default(), &args).expect("run");
+    let (input, _) = sample(dir.path(), "e.avro", 20, 20, 4, Format::Avro, Some(40));
+    let args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    let s = run_file(&EngineSettings::spec_default(), &args).expect("run");
     assert!(s.counts.invalid >= 3, "{}", s.counts.invalid);
-    let dlq = std::fs::read_to_string(args.dead_letter_path()).expect("dead letters written");
+    let dlq = std::fs::read_to_string(&args.dead_letter).expect("dead letters written");
     for line in dlq.lines() {
         let l: serde_json::Value = serde_json::from_str(line).expect("json");
         assert_eq!(l["error_kind"], "unknown_type");
         assert!(l["location"].as_str().expect("location").contains(".avro#record "));
-        let raw: serde_json::Value = serde_json::from_str(l["raw"].as_str().expect("raw")).expect("raw is the record as json");
+        let raw: serde_json::Value =
+            serde_json::from_str(l["raw"].as_str().expect("raw")).expect("raw is the record as json");
         assert_eq!(raw["type"], "signup");
     }
 }
@@ -83,7 +86,7 @@ proptest! {
         cuts in proptest::collection::vec(0.0f64..1.0, 1..4),
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (input, end) = sample(dir.path(), "e.jsonl", 40, 60, seed, InputFormat::Json, None);
+        let (input, end) = sample(dir.path(), "e.jsonl", 40, 60, seed, Format::Json, None);
         let text = std::fs::read_to_string(&input).expect("read");
         let lines: Vec<&str> = text.lines().collect();
         let mut bounds: Vec<usize> = cuts.iter().map(|c| (c * lines.len() as f64) as usize).collect();
@@ -92,19 +95,19 @@ proptest! {
         bounds.sort_unstable();
         let cfg = Config::default();
 
-        let mut whole = RunArgs::new(&input, dir.path().join("whole.jsonl"), dir.path().join("s1"));
+        let mut whole = FileSettings::new(&input, dir.path().join("whole.jsonl"), dir.path().join("s1"));
         whole.until = Some(end);
-        run_file(&cfg, &whole).expect("whole");
+        run_file(&engine(&cfg), &whole).expect("whole");
 
         let mut pieces = Vec::new();
         for (i, w) in bounds.windows(2).enumerate() {
             let part = dir.path().join(format!("part{i}.jsonl"));
             std::fs::write(&part, lines[w[0]..w[1]].iter().map(|l| format!("{l}\n")).collect::<String>()).expect("write");
-            let mut args = RunArgs::new(&part, dir.path().join(format!("out{i}.jsonl")), dir.path().join("s2"));
+            let mut args = FileSettings::new(&part, dir.path().join(format!("out{i}.jsonl")), dir.path().join("s2"));
             if w[1] == lines.len() {
                 args.until = Some(end);
             }
-            run_file(&cfg, &args).expect("piece");
+            run_file(&engine(&cfg), &args).expect("piece");
             pieces.extend(read_json(&args.output));
         }
         prop_assert!(pieces == read_json(&whole.output), "split run differs from the whole (bounds {:?})", bounds);
@@ -114,30 +117,30 @@ proptest! {
 #[test]
 fn rerunning_a_finished_run_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, end) = sample(dir.path(), "e.jsonl", 30, 40, 9, InputFormat::Json, Some(100));
-    let mut args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    let (input, end) = sample(dir.path(), "e.jsonl", 30, 40, 9, Format::Json, Some(100));
+    let mut args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
     args.until = Some(end);
     let cfg = Config::default();
-    let first = run_file(&cfg, &args).expect("run");
+    let first = run_file(&engine(&cfg), &args).expect("run");
     let bytes = std::fs::read(&args.output).expect("read");
-    let dlq = std::fs::read(args.dead_letter_path()).expect("read");
-    let again = run_file(&cfg, &args).expect("rerun");
+    let dlq = std::fs::read(&args.dead_letter).expect("read");
+    let again = run_file(&engine(&cfg), &args).expect("rerun");
     assert_eq!(again.records, 0);
     assert_eq!(again.counts.transitions, 0);
     assert_eq!(again.totals, first.totals);
     assert_eq!(std::fs::read(&args.output).expect("read"), bytes);
-    assert_eq!(std::fs::read(args.dead_letter_path()).expect("read"), dlq);
+    assert_eq!(std::fs::read(&args.dead_letter).expect("read"), dlq);
 }
 
 #[test]
 fn a_different_scoring_config_is_refused_on_the_same_state() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, _) = sample(dir.path(), "e.jsonl", 5, 5, 1, InputFormat::Json, None);
-    let args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
-    run_file(&Config::default(), &args).expect("run");
+    let (input, _) = sample(dir.path(), "e.jsonl", 5, 5, 1, Format::Json, None);
+    let args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    run_file(&EngineSettings::spec_default(), &args).expect("run");
     let mut other = Config::default();
     other.segments.health.green_min = 80;
-    let err = run_file(&other, &args).expect_err("must refuse").to_string();
+    let err = run_file(&engine(&other), &args).expect_err("must refuse").to_string();
     assert!(err.contains("different scoring or segments configuration"), "{err}");
 }
 
@@ -155,10 +158,11 @@ fn until_emits_time_driven_transitions_at_their_boundary_instants() {
         ),
     )
     .expect("write");
-    let mut args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    let mut args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
     args.until = Some(t0 + 61 * 86_400_000);
-    run_file(&Config::default(), &args).expect("run");
-    let quiet: Vec<_> = read_json(&args.output).into_iter().filter(|r| r.customer_id == "quiet" && r.group == "rfm").collect();
+    run_file(&EngineSettings::spec_default(), &args).expect("run");
+    let quiet: Vec<_> =
+        read_json(&args.output).into_iter().filter(|r| r.customer_id == "quiet" && r.group == "rfm").collect();
     let path: Vec<(Option<&str>, Option<&str>, &str)> =
         quiet.iter().map(|r| (r.from.as_deref(), r.to.as_deref(), r.at.as_str())).collect();
     // R drops at +7d, +14d, +30d and +60d after the login, to the millisecond.
@@ -213,9 +217,9 @@ proptest! {
         let input = dir.path().join("e.jsonl");
         std::fs::write(&input, lines.join("\n")).expect("write");
         let cfg = config_committing_every(17);
-        let mut args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s1"));
+        let mut args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s1"));
         args.until = Some(1_767_225_600_000 + 400 * 86_400_000);
-        let s = run_file(&cfg, &args).expect("run");
+        let s = run_file(&engine(&cfg), &args).expect("run");
         prop_assert_eq!(s.records, lines.len() as u64);
         prop_assert_eq!(s.records, s.counts.events + s.counts.invalid);
         prop_assert_eq!(s.counts.events, s.counts.applied + s.counts.duplicate + s.counts.deleted_unknown);
@@ -237,12 +241,12 @@ proptest! {
             last.insert(key, (r.to.clone(), r.at.clone()));
         }
 
-        let mut crashy = RunArgs::new(&input, dir.path().join("c.jsonl"), dir.path().join("s2"));
+        let mut crashy = FileSettings::new(&input, dir.path().join("c.jsonl"), dir.path().join("s2"));
         crashy.until = args.until;
-        crashy.crash_after = Some(crash);
-        run_file(&cfg, &crashy).expect("crashing run");
-        crashy.crash_after = None;
-        run_file(&cfg, &crashy).expect("resumed run");
+        crashy.faults = FileFaults::crash_after(crash);
+        run_file(&engine(&cfg), &crashy).expect("crashing run");
+        crashy.faults = FileFaults::default();
+        run_file(&engine(&cfg), &crashy).expect("resumed run");
         prop_assert!(std::fs::read(&crashy.output).expect("read") == std::fs::read(&args.output).expect("read"));
     }
 }

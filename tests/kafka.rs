@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kafka_support::*;
-use segstream::{run_file, Config, InputFormat, RunArgs};
+use segstream::{run_file, FileSettings};
+use segstream_decode::Format;
+use segstream_engine::EngineSettings;
 
 const EVENTS: &str = "events";
 const OUTPUT: &str = "transitions";
@@ -27,7 +29,7 @@ const CHANGELOG: &str = "g.changelog";
 /// last instant (placed by [`place`]), so that every partition's watermark
 /// ends where file mode's does.
 fn sample_lines(dir: &Path, customers: u64, days: u32, invalid_every: Option<u64>, partitions: i32) -> Vec<String> {
-    let (input, _) = sample(dir, "events.jsonl", customers, days, 5, InputFormat::Json, invalid_every);
+    let (input, _) = sample(dir, "events.jsonl", customers, days, 5, Format::Json, invalid_every);
     let text = std::fs::read_to_string(&input).expect("sample");
     let max_ts = text
         .lines()
@@ -72,7 +74,13 @@ fn customer_of(line: &str) -> Option<String> {
 
 impl Pipeline {
     /// A pipeline on [`sample_lines`].
-    fn new(storage: impl FnOnce(&Path) -> Storage, partitions: i32, customers: u64, days: u32, invalid_every: Option<u64>) -> Self {
+    fn new(
+        storage: impl FnOnce(&Path) -> Storage,
+        partitions: i32,
+        customers: u64,
+        days: u32,
+        invalid_every: Option<u64>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let lines = sample_lines(dir.path(), customers, days, invalid_every, partitions);
         Self::from_lines(dir, storage, partitions, lines, place)
@@ -96,8 +104,8 @@ impl Pipeline {
             .collect();
         let full = dir.path().join("all.jsonl");
         std::fs::write(&full, lines.join("\n") + "\n").expect("write");
-        let args = RunArgs::new(&full, dir.path().join("expected.jsonl"), dir.path().join("file-state"));
-        let summary = run_file(&Config::default(), &args).expect("file mode");
+        let args = FileSettings::new(&full, dir.path().join("expected.jsonl"), dir.path().join("file-state"));
+        let summary = run_file(&EngineSettings::spec_default(), &args).expect("file mode");
         let mut expected: Vec<String> =
             std::fs::read_to_string(&args.output).expect("expected").lines().map(str::to_string).collect();
         expected.sort();
@@ -253,10 +261,18 @@ state_dir = "{state}"
                 m
             }
             let (g, e) = (tally(&got), tally(&self.expected));
-            let extra: Vec<(&str, i64)> =
-                g.iter().filter(|(k, n)| e.get(*k).copied().unwrap_or(0) < **n).map(|(k, n)| (*k, *n)).take(5).collect();
-            let missing: Vec<(&str, i64)> =
-                e.iter().filter(|(k, n)| g.get(*k).copied().unwrap_or(0) < **n).map(|(k, n)| (*k, *n)).take(5).collect();
+            let extra: Vec<(&str, i64)> = g
+                .iter()
+                .filter(|(k, n)| e.get(*k).copied().unwrap_or(0) < **n)
+                .map(|(k, n)| (*k, *n))
+                .take(5)
+                .collect();
+            let missing: Vec<(&str, i64)> = e
+                .iter()
+                .filter(|(k, n)| g.get(*k).copied().unwrap_or(0) < **n)
+                .map(|(k, n)| (*k, *n))
+                .take(5)
+                .collect();
             if let Some((first, _)) = missing.first() {
                 let v: serde_json::Value = serde_json::from_str(first).expect("json");
                 let c = format!("\"customer_id\":{}", v["customer_id"]);
@@ -388,12 +404,12 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
     let body = http_get(&format!("127.0.0.1:{port}"), "/metrics");
     let dead_total: f64 = body
         .lines()
-        .filter(|l| l.starts_with("segstream_dead_letters_total{"))
+        .filter(|l| l.starts_with("segstream_input_dead_letters_total{"))
         .map(|l| l.rsplit(' ').next().expect("value").parse::<f64>().expect("number"))
         .sum();
     assert_eq!(dead_total as usize, p.expected_dead, "{body}");
-    assert!(body.contains("segstream_unkeyed_records_total 1\n"), "{body}");
-    assert!(body.contains("segstream_transitions_total{"), "{body}");
+    assert!(body.contains("segstream_input_unkeyed_records_total 1\n"), "{body}");
+    assert!(body.contains("segstream_output_transitions_total{"), "{body}");
     assert!(!body.contains("cus_"), "no customer ids in metrics");
     assert!(http_get(&format!("127.0.0.1:{port}"), "/healthz").contains("ok"));
     sigterm(&mut child);
@@ -447,7 +463,10 @@ fn two_instances_share_partitions_through_rebalances_and_a_crash() {
     producing.join().expect("producer");
     p.assert_exactly_expected(&["a", "b"]);
     let logs = p.log("a") + &p.log("b");
-    assert!(logs.contains("from=\"changelog\"") || logs.contains("from=changelog"), "a restore from the changelog:\n{logs}");
+    assert!(
+        logs.contains("from=\"changelog\"") || logs.contains("from=changelog"),
+        "a restore from the changelog:\n{logs}"
+    );
     sigterm(&mut a);
     sigterm(&mut b);
 }
@@ -487,7 +506,8 @@ fn a_quiet_topic_still_emits_time_driven_transitions_from_the_wall_clock() {
             let at = segstream_decode::parse_rfc3339_millis(v["at"].as_str()?).ok()?;
             (at == boundary).then_some(v)
         });
-        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+        let wall =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
         if let Some(v) = found {
             break (wall, v);
         }
@@ -509,8 +529,9 @@ fn the_test_broker_keeps_every_acknowledged_record() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = Broker::start(Storage::Sqlite(dir.path().to_path_buf()), dir.path());
     create_topics(&b.addr, &[("t", 3, false)]);
-    let records: Vec<(i32, Vec<u8>, Vec<u8>)> =
-        (0..3000).map(|i| (i % 3, format!("k{}", i % 50).into_bytes(), format!("{{\"n\":{i}}}").into_bytes())).collect();
+    let records: Vec<(i32, Vec<u8>, Vec<u8>)> = (0..3000)
+        .map(|i| (i % 3, format!("k{}", i % 50).into_bytes(), format!("{{\"n\":{i}}}").into_bytes()))
+        .collect();
     produce(&b.addr, "t", &records);
     let got: std::collections::BTreeSet<i64> = read_all(&b.addr, "t")
         .iter()
@@ -568,7 +589,8 @@ fn a_crash_at_each_step_of_the_commit_protocol_recovers_exactly() {
 fn schema_registry(schemas: Vec<(u32, String)>, register_id: u32, user_info: Option<&str>) -> String {
     use base64::Engine as _;
     use std::io::{BufRead, BufReader, Read};
-    let authorization = user_info.map(|u| format!("basic {}", base64::engine::general_purpose::STANDARD.encode(u)).to_ascii_lowercase());
+    let authorization = user_info
+        .map(|u| format!("basic {}", base64::engine::general_purpose::STANDARD.encode(u)).to_ascii_lowercase());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     std::thread::spawn(move || {
@@ -628,30 +650,25 @@ fn avro_in_through_the_schema_registry_and_avro_out_match_file_mode() {
     // The same events as Avro datums in the wire format, schema id 1; one more
     // record names a schema id the registry does not know.
     let wire = |id: u32, json: &[u8]| {
-        let e = segstream_decode::decode_json_line(json).expect("valid event");
-        let datum = apache_avro::to_avro_datum(segstream_decode::event_schema(), segstream_decode::event_to_avro_value(&e))
-            .expect("encodes");
-        let mut v = vec![0];
-        v.extend_from_slice(&id.to_be_bytes());
-        v.extend(datum);
-        v
+        segstream_decode::event_to_wire(&segstream_decode::decode_json_line(json).expect("valid event"), id)
     };
     for r in &mut p.produced {
         r.2 = wire(1, &r.2);
     }
     let stray = p.produced[0].clone();
-    p.produced.push((stray.0, b"stranger".to_vec(), wire(99, br#"{"event_id":"x","customer_id":"stranger","type":"login","ts":1767225600000}"#)));
+    p.produced.push((
+        stray.0,
+        b"stranger".to_vec(),
+        wire(99, br#"{"event_id":"x","customer_id":"stranger","type":"login","ts":1767225600000}"#),
+    ));
     // The registry wants HTTP basic authentication (as Confluent Cloud's
     // does): from the configuration, or from the environment, which wins.
-    let registry = schema_registry(vec![(1, segstream_decode::EVENT_SCHEMA_JSON.to_string())], 7, Some("sr-key:sr-secret"));
-    let with = |user_info: Option<&str>| segstream::kafka::KafkaConfig {
-        schema_registry_url: Some(registry.clone()),
-        schema_registry_user_info: user_info.map(str::to_string),
-        ..Default::default()
-    };
-    let err = with(None).registry().expect("registry").schema(1).expect_err("401 without credentials");
+    let registry =
+        schema_registry(vec![(1, segstream_decode::EVENT_SCHEMA_JSON.to_string())], 7, Some("sr-key:sr-secret"));
+    let with = |user_info: Option<&str>| segstream_kafka::Registry::new(&registry, user_info);
+    let err = with(None).schema(1).expect_err("401 without credentials").to_string();
     assert!(err.contains("401") && err.contains("schema_registry_user_info"), "{err}");
-    assert!(with(Some("sr-key:sr-secret")).registry().expect("registry").schema(1).expect("authorized").is_some());
+    assert!(with(Some("sr-key:sr-secret")).schema(1).expect("authorized").is_some());
     p.produce_all();
     let mut child = p.start_env(
         "a",
@@ -667,8 +684,10 @@ fn avro_in_through_the_schema_registry_and_avro_out_match_file_mode() {
         .into_iter()
         .map(|r| {
             let bytes = r.payload.expect("payload");
-            assert_eq!(&bytes[..5], &[0, 0, 0, 0, 7], "wire format with the registered schema id");
-            let v = apache_avro::from_avro_datum(segstream_output::transition_schema(), &mut &bytes[5..], None).expect("avro");
+            let (schema_id, mut datum) = segstream_decode::wire::split(&bytes).expect("wire format");
+            assert_eq!(schema_id, 7, "the registered schema id");
+            let v =
+                apache_avro::from_avro_datum(segstream_output::transition_schema(), &mut datum, None).expect("avro");
             segstream_output::transition_from_avro_value(&v).expect("transition")
         })
         .collect();
@@ -748,11 +767,7 @@ fn co_partitioned_input_topics_with_their_own_formats_recover_exactly() {
             return true;
         }
         let Ok(e) = segstream_decode::decode_json_line(payload) else { return true };
-        let datum = apache_avro::to_avro_datum(segstream_decode::event_schema(), segstream_decode::event_to_avro_value(&e))
-            .expect("encodes");
-        let mut wire = vec![0, 0, 0, 0, 2];
-        wire.extend(datum);
-        billing.push((*part, key.clone(), wire));
+        billing.push((*part, key.clone(), segstream_decode::event_to_wire(&e, 2)));
         false
     });
     assert!(billing.len() > 50, "a realistic share of billing events: {}", billing.len());
@@ -815,7 +830,8 @@ fn a_changelog_topic_without_compaction_is_refused_at_start() {
     let p = Pipeline::new(sqlite, 2, 5, 5, None);
     create_topics_with_config(&p.broker.addr, &[("plain-changelog", 2, &[("cleanup.policy", "delete")])]);
     let mut child = p.start("a", "changelog_topic = \"plain-changelog\"");
-    let status = wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| panic!("still running:\n{}", p.log("a")));
+    let status =
+        wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| panic!("still running:\n{}", p.log("a")));
     assert!(!status.success(), "{}", p.log("a"));
     assert!(p.log("a").contains("changelog topic plain-changelog has cleanup.policy=delete"), "{}", p.log("a"));
     // The compacted one is accepted.

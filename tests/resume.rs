@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use proptest::prelude::*;
-use segstream::{run_file, Config, InputFormat, RunArgs};
-use segstream_output::OutputFormat;
+use segstream::{run_file, Config, FileFaults, FileSettings};
+use segstream_decode::Format;
 
 fn uninterrupted(cfg: &Config, input: &Path, out: &Path, state: &Path, until: i64) -> (Vec<u8>, Vec<u8>) {
-    let mut args = RunArgs::new(input, out, state);
+    let mut args = FileSettings::new(input, out, state);
     args.until = Some(until);
-    run_file(cfg, &args).expect("uninterrupted run");
-    let dlq = std::fs::read(args.dead_letter_path()).unwrap_or_default();
+    run_file(&engine(cfg), &args).expect("uninterrupted run");
+    let dlq = std::fs::read(&args.dead_letter).unwrap_or_default();
     (std::fs::read(out).expect("output"), dlq)
 }
 
@@ -33,26 +33,26 @@ proptest! {
         avro in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (input, end) = sample(dir.path(), "e.jsonl", 25, 50, seed, InputFormat::Json, Some(97));
+        let (input, end) = sample(dir.path(), "e.jsonl", 25, 50, seed, Format::Json, Some(97));
         let cfg = config_committing_every(commit_every);
         let ext = if avro { "avro" } else { "jsonl" };
         let whole_out = dir.path().join(format!("whole.{ext}"));
         let (want, want_dlq) = uninterrupted(&cfg, &input, &whole_out, &dir.path().join("s1"), end);
 
         let out = dir.path().join(format!("crashy.{ext}"));
-        let mut args = RunArgs::new(&input, &out, dir.path().join("s2"));
+        let mut args = FileSettings::new(&input, &out, dir.path().join("s2"));
         args.until = Some(end);
-        args.output_format = Some(if avro { OutputFormat::Avro } else { OutputFormat::Json });
+        args.output_format = if avro { Format::Avro } else { Format::Json };
         for n in crashes {
-            args.crash_after = Some(n);
-            run_file(&cfg, &args).expect("crashing run");
+            args.faults = FileFaults::crash_after(n);
+            run_file(&engine(&cfg), &args).expect("crashing run");
         }
-        args.crash_after = None;
-        run_file(&cfg, &args).expect("final run");
+        args.faults = FileFaults::default();
+        run_file(&engine(&cfg), &args).expect("final run");
         let got = std::fs::read(&out).expect("output");
         let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
         prop_assert!(got == want, "output differs: {} vs {} bytes, first difference at {:?}", got.len(), want.len(), first_diff);
-        prop_assert!(std::fs::read(args.dead_letter_path()).unwrap_or_default() == want_dlq, "dead letters differ");
+        prop_assert!(std::fs::read(&args.dead_letter).unwrap_or_default() == want_dlq, "dead letters differ");
     }
 }
 
@@ -84,7 +84,7 @@ fn run_and_kill(args: &[String], output: &Path, after_bytes: u64) -> bool {
 #[test]
 fn kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_output() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, end) = sample(dir.path(), "e.jsonl", 600, 120, 42, InputFormat::Json, Some(1_000));
+    let (input, end) = sample(dir.path(), "e.jsonl", 600, 120, 42, Format::Json, Some(1_000));
     let config = dir.path().join("segstream.toml");
     std::fs::write(&config, "[state]\ncommit_every_records = 700\n").expect("config");
     let cfg = config_committing_every(700);
@@ -112,7 +112,8 @@ fn kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_output() {
         }
     }
     assert!(kills >= 1, "the run was never caught mid-way");
-    let status = Command::new(env!("CARGO_BIN_EXE_segstream")).args(&args).stderr(Stdio::null()).status().expect("rerun");
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_segstream")).args(&args).stderr(Stdio::null()).status().expect("rerun");
     assert!(status.success());
     let got = std::fs::read(&out).expect("output");
     assert_eq!(got.len(), want.len());

@@ -14,8 +14,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use common::*;
-use segstream::{run_file, Config, InputFormat, RunArgs};
-use segstream_decode::{decode_json_line, format_rfc3339_millis, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
+use segstream::{run_file, Config, FileSettings};
+use segstream_decode::Format;
+use segstream_decode::{
+    decode_json_line, format_rfc3339_millis, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus,
+    TicketAction,
+};
 
 const DAY: i64 = 86_400_000;
 
@@ -30,10 +34,31 @@ fn labels_at(events: &[&Event], tau: i64) -> [&'static str; 4] {
     let activity: Vec<i64> = seen.iter().filter(|e| e.kind.is_activity()).map(|e| e.ts).collect();
     let reference = activity.iter().copied().max().unwrap_or(first_seen);
     let r_ms = tau - reference;
-    let r = if r_ms < 7 * DAY { 5 } else if r_ms < 14 * DAY { 4 } else if r_ms < 30 * DAY { 3 } else if r_ms < 60 * DAY { 2 } else { 1 };
-    let days: BTreeSet<i64> = activity.iter().map(|t| day(*t)).filter(|d| *d >= day(tau) - 89 && *d <= day(tau)).collect();
+    let r = if r_ms < 7 * DAY {
+        5
+    } else if r_ms < 14 * DAY {
+        4
+    } else if r_ms < 30 * DAY {
+        3
+    } else if r_ms < 60 * DAY {
+        2
+    } else {
+        1
+    };
+    let days: BTreeSet<i64> =
+        activity.iter().map(|t| day(*t)).filter(|d| *d >= day(tau) - 89 && *d <= day(tau)).collect();
     let n = days.len();
-    let f = if n >= 45 { 5 } else if n >= 25 { 4 } else if n >= 10 { 3 } else if n >= 3 { 2 } else { 1 };
+    let f = if n >= 45 {
+        5
+    } else if n >= 25 {
+        4
+    } else if n >= 10 {
+        3
+    } else if n >= 3 {
+        2
+    } else {
+        1
+    };
     let mut feature_last: HashMap<&str, i64> = HashMap::new();
     // "Latest" facts: by ts, the later one in input order on ties.
     let mut by_ts: Vec<&&&Event> = seen.iter().collect();
@@ -62,7 +87,17 @@ fn labels_at(events: &[&Event], tau: i64) -> [&'static str; 4] {
             _ => {}
         }
     }
-    let m = if mrr >= 200_000 { 5 } else if mrr >= 50_000 { 4 } else if mrr >= 10_000 { 3 } else if mrr >= 1 { 2 } else { 1 };
+    let m = if mrr >= 200_000 {
+        5
+    } else if mrr >= 50_000 {
+        4
+    } else if mrr >= 10_000 {
+        3
+    } else if mrr >= 1 {
+        2
+    } else {
+        1
+    };
     let features = feature_last.values().filter(|d| **d >= day(tau) - 29).count() as i64;
     let adoption = (20 * features).min(100);
     let penalty: i64 = tickets
@@ -92,8 +127,20 @@ fn labels_at(events: &[&Event], tau: i64) -> [&'static str; 4] {
         ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
     ];
     let rfm = GRID[(5 - r) as usize][(f - 1) as usize];
-    let health_seg = if health >= 70 { "green" } else if health >= 40 { "yellow" } else { "red" };
-    let value = if m == 5 { "high_touch" } else if m >= 3 { "low_touch" } else { "tech_touch" };
+    let health_seg = if health >= 70 {
+        "green"
+    } else if health >= 40 {
+        "yellow"
+    } else {
+        "red"
+    };
+    let value = if m == 5 {
+        "high_touch"
+    } else if m >= 3 {
+        "low_touch"
+    } else {
+        "tech_touch"
+    };
     let engagement = if r >= 4 && f >= 4 && adoption >= 60 {
         "power_user"
     } else if r <= 2 {
@@ -203,10 +250,10 @@ fn engine_timeline(records: &[segstream_output::TransitionRecord]) -> Timeline {
 
 fn compare(seed: u64, customers: u64, days: u32, cfg: &Config) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, end) = sample(dir.path(), "e.jsonl", customers, days, seed, InputFormat::Json, None);
-    let mut args = RunArgs::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    let (input, end) = sample(dir.path(), "e.jsonl", customers, days, seed, Format::Json, None);
+    let mut args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
     args.until = Some(end);
-    run_file(cfg, &args).expect("run");
+    run_file(&engine(cfg), &args).expect("run");
     let got = engine_timeline(&read_json(&args.output));
     let events: Vec<Event> = std::fs::read_to_string(&input)
         .expect("input")
@@ -220,7 +267,9 @@ fn compare(seed: u64, customers: u64, days: u32, cfg: &Config) {
         let g = got.get(k).unwrap_or_else(|| panic!("engine has no transitions for {k:?}"));
         if g != w {
             let show = |v: &Vec<(i64, Option<String>)>| {
-                v.iter().map(|(t, s)| format!("{} {}", format_rfc3339_millis(*t), s.as_deref().unwrap_or("null"))).collect::<Vec<_>>()
+                v.iter()
+                    .map(|(t, s)| format!("{} {}", format_rfc3339_millis(*t), s.as_deref().unwrap_or("null")))
+                    .collect::<Vec<_>>()
             };
             panic!("{k:?} differs (seed {seed})\n engine:    {:?}\n reference: {:?}", show(g), show(w));
         }

@@ -3,15 +3,31 @@
 
 use std::path::{Path, PathBuf};
 
-use segstream::{generate, Config, GenerateArgs, InputFormat};
+use segstream::{generate, Config, GenerateArgs};
+use segstream_decode::Format;
+use segstream_engine::EngineSettings;
 use segstream_output::TransitionRecord;
 
 pub const START: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
-pub fn sample(dir: &Path, name: &str, customers: u64, days: u32, seed: u64, format: InputFormat, invalid_every: Option<u64>) -> (PathBuf, i64) {
+pub fn sample(
+    dir: &Path,
+    name: &str,
+    customers: u64,
+    days: u32,
+    seed: u64,
+    format: Format,
+    invalid_every: Option<u64>,
+) -> (PathBuf, i64) {
     let path = dir.join(name);
-    let stats = generate(&GenerateArgs { customers, days, start_ms: START, seed, format, invalid_every }, &path).expect("generate");
+    let stats = generate(&GenerateArgs { customers, days, start_ms: START, seed, format, invalid_every }, &path)
+        .expect("generate");
     (path, stats.end_ms)
+}
+
+/// The engine settings of a configuration (valid in every test).
+pub fn engine(cfg: &Config) -> EngineSettings {
+    cfg.engine_settings().expect("a valid test configuration")
 }
 
 pub fn config_committing_every(n: u64) -> Config {

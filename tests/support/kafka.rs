@@ -228,7 +228,12 @@ pub fn read_all(addr: &str, topic: &str) -> Vec<Read> {
                         .headers()
                         .map(|h| {
                             h.iter()
-                                .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                    )
+                                })
                                 .collect()
                         })
                         .unwrap_or_default();

@@ -37,11 +37,7 @@ fn kind_of(v: &Value) -> String {
 
 impl AvroRecord<'_> {
     fn get(&self, name: &str) -> Option<&Value> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| unwrap_union(v))
-            .filter(|v| !matches!(v, Value::Null))
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| unwrap_union(v)).filter(|v| !matches!(v, Value::Null))
     }
 }
 
@@ -107,6 +103,14 @@ pub fn event_to_avro_value(e: &Event) -> Value {
         })
         .collect();
     Value::Record(fields)
+}
+
+/// One event as a wire-format message (header for `schema_id`, then the
+/// datum under [`event_schema`]): what an Avro producer of events sends.
+pub fn event_to_wire(e: &Event, schema_id: u32) -> Vec<u8> {
+    let datum = apache_avro::to_avro_datum(event_schema(), event_to_avro_value(e))
+        .expect("an event's value always matches the event schema");
+    crate::wire::frame(schema_id, &datum)
 }
 
 /// Reads events from an Avro object container file, resolving the file's
@@ -177,7 +181,7 @@ pub fn needs_resolution(writer: &Schema) -> bool {
 }
 
 /// A fixed map of schema id → writer schema (from local `.avsc` files).
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub struct StaticSchemas(HashMap<u32, (Schema, bool)>);
 
 impl StaticSchemas {
@@ -209,18 +213,10 @@ impl SchemaLookup for StaticSchemas {
 /// Decodes one message in the Schema Registry wire format: magic byte 0, a
 /// 4-byte big-endian schema id, then the Avro datum written with that schema.
 pub fn decode_wire(bytes: &[u8], schemas: &dyn SchemaLookup) -> Result<Event, DecodeError> {
-    if bytes.len() < 5 {
-        return Err(DecodeError::WireFormat(format!("{} bytes, need at least 5", bytes.len())));
-    }
-    if bytes[0] != 0 {
-        return Err(DecodeError::WireFormat(format!("magic byte {} (expected 0)", bytes[0])));
-    }
-    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let (id, mut datum) = crate::wire::split(bytes)?;
     let writer = schemas.writer_schema(id)?;
-    let mut datum = &bytes[5..];
     let reader = writer.needs_resolution.then(event_schema);
-    let value = from_avro_datum(writer.schema, &mut datum, reader)
-        .map_err(|e| DecodeError::Avro(e.to_string()))?;
+    let value = from_avro_datum(writer.schema, &mut datum, reader).map_err(|e| DecodeError::Avro(e.to_string()))?;
     if !datum.is_empty() {
         return Err(DecodeError::WireFormat(format!("{} trailing bytes after the datum", datum.len())));
     }
@@ -243,10 +239,7 @@ mod tests {
     }
 
     fn wire(id: u32, schema: &Schema, v: Value) -> Vec<u8> {
-        let mut out = vec![0];
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend(to_avro_datum(schema, v).expect("encodes"));
-        out
+        crate::wire::frame(id, &to_avro_datum(schema, v).expect("encodes"))
     }
 
     #[test]

@@ -11,6 +11,11 @@ pub enum ErrorClass {
     Fatal,
 }
 
+/// Every segstream library error says how the pipeline must react to it.
+pub trait Classify {
+    fn class(&self) -> ErrorClass;
+}
+
 /// Why a record could not be turned into an [`crate::Event`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -38,7 +43,9 @@ pub enum DecodeError {
     UnknownSchemaId(u32),
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
-    #[error("message key `{key}` is not the event's customer_id `{customer_id}` (SPEC §1: the key is the customer id)")]
+    #[error(
+        "message key `{key}` is not the event's customer_id `{customer_id}` (SPEC §1: the key is the customer id)"
+    )]
     KeyMismatch { key: String, customer_id: String },
 }
 
@@ -61,8 +68,10 @@ impl DecodeError {
             DecodeError::KeyMismatch { .. } => "key_mismatch",
         }
     }
+}
 
-    pub fn class(&self) -> ErrorClass {
+impl Classify for DecodeError {
+    fn class(&self) -> ErrorClass {
         match self {
             DecodeError::RegistryUnavailable(_) => ErrorClass::Transient,
             _ => ErrorClass::Poison,

@@ -4,9 +4,7 @@
 use std::borrow::Cow;
 
 use crate::error::DecodeError;
-use crate::event::{
-    Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction,
-};
+use crate::event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
 
 /// Typed access to one field of a raw record. `Ok(None)` means absent or null;
 /// a present value of the wrong type is an error naming the field.
@@ -62,22 +60,18 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
     let ts = required(f.timestamp("ts")?, "ts")?;
     if !(MIN_TS..=MAX_TS).contains(&ts) {
         // Keeps every instant arithmetic of the engine (ts + windows) in range.
-        return Err(DecodeError::BadTimestamp { value: ts.to_string(), reason: "outside the years 0001 to 9999".into() });
+        return Err(DecodeError::BadTimestamp {
+            value: ts.to_string(),
+            reason: "outside the years 0001 to 9999".into(),
+        });
     }
     let kind = match type_name.as_ref() {
         "login" => EventKind::Login { user_id: f.string("user_id")? },
-        "session" => EventKind::Session {
-            user_id: f.string("user_id")?,
-            duration_s: non_negative(f, "duration_s")?,
-        },
-        "feature_used" => EventKind::FeatureUsed {
-            user_id: f.string("user_id")?,
-            feature: non_empty(f, "feature")?,
-        },
-        "workflow_completed" => EventKind::WorkflowCompleted {
-            user_id: f.string("user_id")?,
-            workflow: non_empty(f, "workflow")?,
-        },
+        "session" => EventKind::Session { user_id: f.string("user_id")?, duration_s: non_negative(f, "duration_s")? },
+        "feature_used" => EventKind::FeatureUsed { user_id: f.string("user_id")?, feature: non_empty(f, "feature")? },
+        "workflow_completed" => {
+            EventKind::WorkflowCompleted { user_id: f.string("user_id")?, workflow: non_empty(f, "workflow")? }
+        }
         "subscription" => EventKind::Subscription {
             plan: required(f.string("plan")?, "plan")?,
             mrr_cents: non_negative(f, "mrr_cents")?,
@@ -112,11 +106,7 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
                     reason: "must be >= 0",
                 });
             }
-            EventKind::Profile {
-                industry: f.string("industry")?,
-                employees,
-                country: f.string("country")?,
-            }
+            EventKind::Profile { industry: f.string("industry")?, employees, country: f.string("country")? }
         }
         "customer_deleted" => EventKind::CustomerDeleted,
         _ => return Err(DecodeError::UnknownType(type_name.into_owned())),
@@ -126,9 +116,25 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
 
 /// Field names of the flat record layout shared by JSON and the Avro schema.
 pub(crate) const FIELD_NAMES: [&str; 19] = [
-    "event_id", "customer_id", "type", "ts", "user_id", "duration_s", "feature", "workflow",
-    "plan", "mrr_cents", "status", "amount_cents", "ticket_id", "action", "priority", "score",
-    "industry", "employees", "country",
+    "event_id",
+    "customer_id",
+    "type",
+    "ts",
+    "user_id",
+    "duration_s",
+    "feature",
+    "workflow",
+    "plan",
+    "mrr_cents",
+    "status",
+    "amount_cents",
+    "ticket_id",
+    "action",
+    "priority",
+    "score",
+    "industry",
+    "employees",
+    "country",
 ];
 
 /// The flat `(field, value)` view of an event, the inverse of [`build_event`].

@@ -122,9 +122,7 @@ impl Fields for JsonRecord<'_> {
         let Some(r) = self.raw(name) else { return Ok(None) };
         if r.get().starts_with('"') {
             let s = self.text(name)?.ok_or_else(|| wrong(name, "a timestamp", r))?;
-            parse_rfc3339_millis(&s)
-                .map(Some)
-                .map_err(|reason| DecodeError::BadTimestamp { value: shown(r), reason })
+            parse_rfc3339_millis(&s).map(Some).map_err(|reason| DecodeError::BadTimestamp { value: shown(r), reason })
         } else if let Ok(ms) = r.get().parse::<i64>() {
             Ok(Some(ms))
         } else {
@@ -202,13 +200,17 @@ mod tests {
 
     #[test]
     fn epoch_millis_and_extra_fields() {
-        let e = ok(r#"{"event_id":"e","customer_id":"c","type":"ticket","ts":1000,"ticket_id":"t9","action":"closed","priority":"low","feature":7,"x":{"y":[1]}}"#);
+        let e = ok(
+            r#"{"event_id":"e","customer_id":"c","type":"ticket","ts":1000,"ticket_id":"t9","action":"closed","priority":"low","feature":7,"x":{"y":[1]}}"#,
+        );
         assert_eq!(e.ts, 1000);
         assert_eq!(
             e.kind,
             EventKind::Ticket { ticket_id: "t9".into(), action: TicketAction::Closed, priority: Priority::Low }
         );
-        let s = ok(r#"{"event_id":"e","customer_id":"c","type":"subscription","ts":5,"plan":"p","mrr_cents":0,"status":"canceled","user_id":null}"#);
+        let s = ok(
+            r#"{"event_id":"e","customer_id":"c","type":"subscription","ts":5,"plan":"p","mrr_cents":0,"status":"canceled","user_id":null}"#,
+        );
         assert!(matches!(s.kind, EventKind::Subscription { status: SubscriptionStatus::Canceled, .. }));
     }
 
@@ -250,7 +252,10 @@ mod tests {
             err(r#"{"event_id":"e","customer_id":"c","type":"login","ts":-9223372036854775808}"#),
             DecodeError::BadTimestamp { .. }
         ));
-        assert_eq!(ok(r#"{"event_id":"e","customer_id":"c","type":"login","ts":"9999-12-31T23:59:59.999Z"}"#).ts, crate::MAX_TS);
+        assert_eq!(
+            ok(r#"{"event_id":"e","customer_id":"c","type":"login","ts":"9999-12-31T23:59:59.999Z"}"#).ts,
+            crate::MAX_TS
+        );
         assert_eq!(
             err(r#"{"event_id":"e","customer_id":"c","type":"nps","ts":1,"score":11}"#),
             DecodeError::OutOfRange { field: "score", value: "11".into(), reason: "nps score must be 0..10" }

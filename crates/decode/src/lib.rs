@@ -1,26 +1,29 @@
 //! Event decoding for segstream: the SPEC §1 event model and the decoders that
 //! turn bytes into it — JSON lines, Avro object container files and single Avro
-//! messages in the Confluent Schema Registry wire format.
+//! messages in the Confluent Schema Registry wire format ([`wire`]).
 //!
 //! Every decoder goes through one validation path ([`fields`]), so JSON and Avro
 //! accept and reject exactly the same records, with the same typed errors.
+//! No I/O here beyond bytes in, events out. [`ErrorClass`], the poison /
+//! transient / fatal classification every segstream error carries, lives
+//! here because every other crate depends on this one.
 
 mod avro;
 mod error;
 mod event;
 mod fields;
+mod format;
 mod json;
 mod time_fmt;
+pub mod wire;
 
 pub use avro::{
-    decode_wire, event_schema, event_to_avro_value, needs_resolution, AvroFileReader, SchemaLookup, StaticSchemas,
-    WriterSchema,
-    EVENT_SCHEMA_JSON,
+    decode_wire, event_schema, event_to_avro_value, event_to_wire, needs_resolution, AvroFileReader, SchemaLookup,
+    StaticSchemas, WriterSchema, EVENT_SCHEMA_JSON,
 };
-pub use error::{DecodeError, ErrorClass, InvalidRecord};
-pub use event::{
-    Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction,
-};
+pub use error::{Classify, DecodeError, ErrorClass, InvalidRecord};
+pub use event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
 pub use fields::{MAX_TS, MIN_TS};
+pub use format::Format;
 pub use json::{decode_json_line, event_to_json};
 pub use time_fmt::{format_rfc3339_millis, parse_rfc3339_millis, DAY_MS};

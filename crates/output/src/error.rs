@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 
+use segstream_decode::{Classify, ErrorClass};
+
 /// Why output could not be written. All of these are fatal for a file run:
 /// the engine stops before committing, so nothing is lost or repeated.
 #[derive(Debug, thiserror::Error)]
@@ -10,4 +12,10 @@ pub enum OutputError {
     Shortened { path: PathBuf, committed: u64, actual: u64 },
     #[error("avro: {0}")]
     Avro(String),
+}
+
+impl Classify for OutputError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Fatal
+    }
 }

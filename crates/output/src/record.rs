@@ -156,7 +156,20 @@ mod tests {
             to: Some(Arc::from("loyal_customers")),
             at: 1_700_000_000_123,
             cause,
-            scores: Scores { r: 4, f: 5, m: 3, adoption: 40, health: 71, engagement: 100, recency: 75, support: 100, billing: 100, sentiment: 50, active_days: 50, features: 2 },
+            scores: Scores {
+                r: 4,
+                f: 5,
+                m: 3,
+                adoption: 40,
+                health: 71,
+                engagement: 100,
+                recency: 75,
+                support: 100,
+                billing: 100,
+                sentiment: 50,
+                active_days: 50,
+                features: 2,
+            },
         }
     }
 

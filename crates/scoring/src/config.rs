@@ -167,7 +167,14 @@ impl Default for ScoringConfig {
             monetary: MonetaryConfig { min_mrr_cents: [200_000, 50_000, 10_000, 1] },
             adoption: AdoptionConfig { window_days: 30, points_per_feature: 20, max: 100 },
             health: HealthConfig {
-                weights: HealthWeights { engagement: 30, recency: 20, adoption: 20, support: 10, billing: 10, sentiment: 10 },
+                weights: HealthWeights {
+                    engagement: 30,
+                    recency: 20,
+                    adoption: 20,
+                    support: 10,
+                    billing: 10,
+                    sentiment: 10,
+                },
                 ticket_penalty: TicketPenalty { low: 10, normal: 20, high: 35, urgent: 50 },
                 sentiment: SentimentConfig {
                     no_answer: 50,
@@ -192,7 +199,13 @@ impl Default for SegmentsConfig {
             rfm: RfmConfig {
                 grid: [
                     row(["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"]),
-                    row(["promising", "potential_loyalists", "potential_loyalists", "loyal_customers", "loyal_customers"]),
+                    row([
+                        "promising",
+                        "potential_loyalists",
+                        "potential_loyalists",
+                        "loyal_customers",
+                        "loyal_customers",
+                    ]),
                     row(["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"]),
                     row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
                     row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),

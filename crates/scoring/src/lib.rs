@@ -7,6 +7,7 @@
 //! transitions. No I/O, no clock, no async: time is always an argument, so
 //! every mode of the engine (file, Kafka, replay) shares this exact logic.
 
+mod boundary;
 mod config;
 mod rules;
 mod scorer;

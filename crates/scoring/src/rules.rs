@@ -220,10 +220,9 @@ impl Parser {
             Some(Tok::Str(s)) => Ok(Operand::Str(s)),
             Some(Tok::Ident(s)) if s == "true" => Ok(Operand::Bool(true)),
             Some(Tok::Ident(s)) if s == "false" => Ok(Operand::Bool(false)),
-            Some(Tok::Ident(s)) => Metric::parse(&s).map(Operand::Metric).ok_or((
-                col,
-                format!("unknown name `{s}` (known: {})", Metric::NAMES.join(", ")),
-            )),
+            Some(Tok::Ident(s)) => Metric::parse(&s)
+                .map(Operand::Metric)
+                .ok_or((col, format!("unknown name `{s}` (known: {})", Metric::NAMES.join(", ")))),
             Some(t) => Err((col, format!("unexpected {t:?}"))),
             None => Err((col, "unexpected end of condition".into())),
         }
@@ -232,7 +231,8 @@ impl Parser {
 
 impl Condition {
     pub fn parse(input: &str) -> Result<Self, RuleError> {
-        let err = |(column, message): (usize, String)| RuleError { input: input.to_string(), column: column + 1, message };
+        let err =
+            |(column, message): (usize, String)| RuleError { input: input.to_string(), column: column + 1, message };
         let toks = tokenize(input).map_err(err)?;
         let mut p = Parser { toks, pos: 0, len: input.len() };
         let c = p.or().map_err(err)?;

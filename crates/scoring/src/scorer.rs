@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use smallvec::SmallVec;
 use segstream_decode::{Event, EventKind, Priority, SubscriptionStatus, DAY_MS};
+use smallvec::SmallVec;
 
 use crate::config::{ScoringConfig, SegmentsConfig};
 use crate::rules::{Condition, Metric, RuleError, RuleInput, Val};
 use crate::state::CustomerState;
-use crate::transition::{Boundary, Cause, Transition};
+use crate::transition::{BoundaryKind, Cause, Transition};
 
 /// Scores of one customer at one instant (SPEC §4). The serde names are
 /// those of the transition record's `scores` (SPEC §6).
@@ -50,6 +50,13 @@ pub enum ConfigError {
     Rule { group: String, source: RuleError },
 }
 
+impl segstream_decode::Classify for ConfigError {
+    /// A configuration the scorer refuses cannot be worked around at run time.
+    fn class(&self) -> segstream_decode::ErrorClass {
+        segstream_decode::ErrorClass::Fatal
+    }
+}
+
 struct CustomGroup {
     rules: Vec<(Condition, u16)>,
     default: u16,
@@ -57,7 +64,7 @@ struct CustomGroup {
 
 /// The validated scoring settings: computes scores, labels and boundaries.
 pub struct Scorer {
-    cfg: ScoringConfig,
+    pub(crate) cfg: ScoringConfig,
     seg: SegmentsConfig,
     groups: Vec<Group>,
     rfm_grid: [[u16; 5]; 5],
@@ -68,7 +75,7 @@ pub struct Scorer {
 }
 
 /// Labels of one customer, without a heap allocation for the usual few groups.
-type LabelSet = SmallVec<[u16; 8]>;
+pub(crate) type LabelSet = SmallVec<[u16; 8]>;
 
 const HEALTH_GROUP: [&str; 3] = ["green", "yellow", "red"];
 const VALUE_GROUP: [&str; 3] = ["high_touch", "low_touch", "tech_touch"];
@@ -113,12 +120,16 @@ impl Scorer {
             return bad(format!("adoption.max must be <= 100, got {}", cfg.adoption.max));
         }
         let w = &cfg.health.weights;
-        let sum: u64 = [w.engagement, w.recency, w.adoption, w.support, w.billing, w.sentiment].iter().map(|v| u64::from(*v)).sum();
+        let sum: u64 = [w.engagement, w.recency, w.adoption, w.support, w.billing, w.sentiment]
+            .iter()
+            .map(|v| u64::from(*v))
+            .sum();
         if sum != 100 {
             return bad(format!("health.weights must add up to 100, got {sum}"));
         }
         let s = &cfg.health.sentiment;
-        if s.passive_min > s.promoter_min || [s.no_answer, s.promoter, s.passive, s.detractor].iter().any(|v| *v > 100) {
+        if s.passive_min > s.promoter_min || [s.no_answer, s.promoter, s.passive, s.detractor].iter().any(|v| *v > 100)
+        {
             return bad("health.sentiment: passive_min must be <= promoter_min and values <= 100".into());
         }
         if seg.health.yellow_min > seg.health.green_min {
@@ -160,8 +171,7 @@ impl Scorer {
             groups.push(Group { name: Arc::from(g.name.as_str()), segments });
             custom.push(CustomGroup { rules, default });
         }
-        let custom_uses_active_days =
-            custom.iter().any(|g| g.rules.iter().any(|(c, _)| c.uses(Metric::ActiveDays)));
+        let custom_uses_active_days = custom.iter().any(|g| g.rules.iter().any(|(c, _)| c.uses(Metric::ActiveDays)));
         Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days })
     }
 
@@ -174,15 +184,16 @@ impl Scorer {
         &self.groups
     }
 
-    pub fn config(&self) -> (&ScoringConfig, &SegmentsConfig) {
-        (&self.cfg, &self.seg)
+    /// Why time alone moved a label, in words, with this configuration's windows.
+    pub fn explain(&self, kind: BoundaryKind) -> String {
+        kind.explain(self.cfg.frequency.window_days, self.cfg.adoption.window_days)
     }
 
-    fn frequency_window(&self) -> i64 {
+    pub(crate) fn frequency_window(&self) -> i64 {
         i64::from(self.cfg.frequency.window_days)
     }
 
-    fn adoption_window(&self) -> i64 {
+    pub(crate) fn adoption_window(&self) -> i64 {
         i64::from(self.cfg.adoption.window_days)
     }
 
@@ -197,7 +208,7 @@ impl Scorer {
     }
 
     /// The parts of the scores that move with time alone.
-    fn time_varying(&self, st: &CustomerState, tau: i64) -> (u8, u32, u32) {
+    pub(crate) fn time_varying(&self, st: &CustomerState, tau: i64) -> (u8, u32, u32) {
         (
             self.r_score(st, tau),
             st.active_days_in_window(tau, self.frequency_window()),
@@ -225,12 +236,12 @@ impl Scorer {
 
     /// What labels can depend on among the time-varying inputs: two instants
     /// with the same key have the same labels.
-    fn label_key(&self, tv: (u8, u32, u32)) -> (u8, u8, u32, u32) {
+    pub(crate) fn label_key(&self, tv: (u8, u32, u32)) -> (u8, u8, u32, u32) {
         let raw_days = if self.custom_uses_active_days { tv.1 } else { 0 };
         (tv.0, self.f_score(tv.1), self.adoption_score(tv.2), raw_days)
     }
 
-    fn scores_from(&self, st: &CustomerState, r: u8, active_days: u32, features: u32) -> Scores {
+    pub(crate) fn scores_from(&self, st: &CustomerState, r: u8, active_days: u32, features: u32) -> Scores {
         let c = &self.cfg;
         let f = self.f_score(active_days);
         let m = match c.monetary.min_mrr_cents.iter().position(|n| st.mrr_cents >= *n) {
@@ -289,7 +300,7 @@ impl Scorer {
         self.label_set(st, s).to_vec()
     }
 
-    fn label_set(&self, st: &CustomerState, s: &Scores) -> LabelSet {
+    pub(crate) fn label_set(&self, st: &CustomerState, s: &Scores) -> LabelSet {
         let mut out = LabelSet::new();
         out.push(self.rfm_grid[usize::from(5 - s.r)][usize::from(s.f - 1)]);
         let h = &self.seg.health;
@@ -324,72 +335,6 @@ impl Scorer {
             }
         }
         out
-    }
-
-    /// The first instant `> after` at which time alone changes any of the
-    /// customer's labels, with the scores and labels from that instant on.
-    /// Labels only move when R, the active-day count or the feature count
-    /// moves, and those only at candidate instants: a recency threshold after
-    /// the last activity, an active day leaving the frequency window, a
-    /// feature leaving the adoption window. The candidates are merged in
-    /// ascending order from three sorted sources and evaluated until one
-    /// changes a label.
-    pub fn next_boundary(&self, st: &CustomerState, after: i64) -> Option<Boundary> {
-        let reference = st.last_active.unwrap_or(st.first_seen);
-        let thresholds = self.cfg.recency.thresholds_days.map(|d| reference + i64::from(d) * DAY_MS);
-        let mut ti = thresholds.iter().position(|t| *t > after).unwrap_or(thresholds.len());
-        // Active day `anchor − k` leaves the window at `(anchor − k + window) × day`:
-        // the highest set bit is the earliest.
-        let fw = self.frequency_window();
-        let mut bits = st.active_bits;
-        let mut next_day_exit = move || -> Option<i64> {
-            while bits != 0 {
-                let k = 127 - i64::from(bits.leading_zeros());
-                bits &= !(1u128 << k);
-                let exit = (st.active_anchor - k + fw) * DAY_MS;
-                if exit > after {
-                    return Some(exit);
-                }
-            }
-            None
-        };
-        let mut day_exit = next_day_exit();
-        let aw = self.adoption_window();
-        let mut feature_exits: SmallVec<[i64; 16]> =
-            st.features.iter().map(|(_, d)| (d + aw) * DAY_MS).filter(|t| *t > after).collect();
-        feature_exits.sort_unstable();
-        let mut fi = 0;
-
-        let mut prev = self.time_varying(st, after);
-        let mut prev_key = self.label_key(prev);
-        loop {
-            let at = [thresholds.get(ti).copied(), day_exit, feature_exits.get(fi).copied()].into_iter().flatten().min()?;
-            while thresholds.get(ti) == Some(&at) {
-                ti += 1;
-            }
-            while day_exit == Some(at) {
-                day_exit = next_day_exit();
-            }
-            while feature_exits.get(fi) == Some(&at) {
-                fi += 1;
-            }
-            let tv = self.time_varying(st, at);
-            if tv == prev {
-                continue;
-            }
-            let key = self.label_key(tv);
-            if key != prev_key {
-                let scores = self.scores_from(st, tv.0, tv.1, tv.2);
-                let labels = self.label_set(st, &scores);
-                if labels[..] != st.labels[..] {
-                    // What moved at this very instant (not since `after`).
-                    let kind = Boundary::kinds(prev, tv);
-                    return Some(Boundary { at, kind, scores, labels: labels.to_vec() });
-                }
-            }
-            prev = tv;
-            prev_key = key;
-        }
     }
 
     // Private: each argument is one field of the transitions it builds.
@@ -497,8 +442,12 @@ impl Scorer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Created,
-    Applied { late: bool },
-    Deleted { late: bool },
+    Applied {
+        late: bool,
+    },
+    Deleted {
+        late: bool,
+    },
     /// `customer_deleted` for a customer that does not exist: nothing to erase.
     DeletedUnknown,
     /// The event id is among the customer's last 32: ignored entirely.

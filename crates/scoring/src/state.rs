@@ -287,7 +287,12 @@ mod tests {
     fn dedup_ring_keeps_the_last_32() {
         let mut s = CustomerState::new(0);
         for i in 0..40 {
-            let e = Event { event_id: format!("e{i}"), customer_id: "c".into(), ts: i, kind: EventKind::Login { user_id: None } };
+            let e = Event {
+                event_id: format!("e{i}"),
+                customer_id: "c".into(),
+                ts: i,
+                kind: EventKind::Login { user_id: None },
+            };
             s.apply(&e);
         }
         assert!(!s.has_seen("e7"));

@@ -52,17 +52,31 @@ impl BoundaryKind {
         parts.join("+")
     }
 
-    /// Human explanation, for the demo and logs.
-    pub fn explain(self) -> String {
+    /// The kind named by [`BoundaryKind::name`] (`None` for an unknown part).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let mut bits = 0;
+        for part in name.split('+') {
+            bits |= match part {
+                "recency" => Self::RECENCY,
+                "frequency" => Self::FREQUENCY,
+                "adoption" => Self::ADOPTION,
+                _ => return None,
+            };
+        }
+        Some(Self(bits))
+    }
+
+    /// Human explanation with the configured windows (see [`crate::Scorer::explain`]).
+    pub fn explain(self, frequency_window_days: u32, adoption_window_days: u32) -> String {
         let mut parts = Vec::new();
         if self.0 & Self::RECENCY != 0 {
-            parts.push("time since last activity crossed a recency threshold");
+            parts.push("time since the last activity crossed a recency threshold".to_string());
         }
         if self.0 & Self::FREQUENCY != 0 {
-            parts.push("an active day left the frequency window");
+            parts.push(format!("an active day left the {frequency_window_days}-day frequency window"));
         }
         if self.0 & Self::ADOPTION != 0 {
-            parts.push("a feature left the adoption window");
+            parts.push(format!("a feature left the {adoption_window_days}-day adoption window"));
         }
         parts.join("; ")
     }
@@ -116,5 +130,20 @@ impl Transition {
             None => name.push(b'n'),
         }
         Uuid::new_v5(namespace(), &name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundary_names_round_trip_and_explanations_use_the_windows() {
+        let k = BoundaryKind::from_bits(BoundaryKind::RECENCY | BoundaryKind::ADOPTION);
+        assert_eq!(k.name(), "recency+adoption");
+        assert_eq!(BoundaryKind::from_name(&k.name()), Some(k));
+        assert_eq!(BoundaryKind::from_name("recency+later"), None);
+        let text = BoundaryKind::from_bits(BoundaryKind::FREQUENCY | BoundaryKind::ADOPTION).explain(60, 14);
+        assert_eq!(text, "an active day left the 60-day frequency window; a feature left the 14-day adoption window");
     }
 }

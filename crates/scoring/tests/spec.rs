@@ -2,7 +2,9 @@
 //! SPEC text (not from the code).
 
 use segstream_decode::{decode_json_line, Event, DAY_MS};
-use segstream_scoring::{Cause, CustomGroupConfig, CustomerState, Outcome, RuleConfig, Scorer, ScoringConfig, SegmentsConfig, Transition};
+use segstream_scoring::{
+    Cause, CustomGroupConfig, CustomerState, Outcome, RuleConfig, Scorer, ScoringConfig, SegmentsConfig, Transition,
+};
 
 /// 2026-01-01T00:00:00Z, the start of day D0.
 const T0: i64 = 1_767_225_600_000;
@@ -34,7 +36,13 @@ fn rows(ts: &[Transition]) -> Vec<Row> {
         .collect()
 }
 
-fn row(g: &str, from: Option<&str>, to: Option<&str>, at: i64, cause: &str) -> (String, Option<String>, Option<String>, i64, String) {
+fn row(
+    g: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+    at: i64,
+    cause: &str,
+) -> (String, Option<String>, Option<String>, i64, String) {
     (g.into(), from.map(String::from), to.map(String::from), at, cause.into())
 }
 
@@ -78,7 +86,10 @@ fn new_customer_then_going_quiet() {
     );
     assert!(c.until(t + 7 * DAY_MS - 1).is_empty());
     // r = 7d: R=4 → promising; health S=4000 → 40 → still yellow.
-    assert_eq!(rows(&c.until(t + 7 * DAY_MS)), vec![row("rfm", Some("new_customers"), Some("promising"), t + 7 * DAY_MS, "time:recency")]);
+    assert_eq!(
+        rows(&c.until(t + 7 * DAY_MS)),
+        vec![row("rfm", Some("new_customers"), Some("promising"), t + 7 * DAY_MS, "time:recency")]
+    );
     // r = 14d: R=3 → about_to_sleep; S=3500 → 35 → red.
     // r = 30d: R=2 → hibernating, non_active; health 30 stays red.
     // r = 60d: R=1: no label changes; the day leaving the F window changes nothing either.
@@ -123,7 +134,11 @@ fn a_feature_leaving_the_window_is_an_adoption_boundary() {
     let mut c = Customer::new();
     for d in 0..=2 {
         for f in ["reports", "alerts", "api"] {
-            c.event(ev(&format!("f{d}{f}"), T0 + d * DAY_MS + 8 * H, &format!(r#""type":"feature_used","feature":"{f}""#)));
+            c.event(ev(
+                &format!("f{d}{f}"),
+                T0 + d * DAY_MS + 8 * H,
+                &format!(r#""type":"feature_used","feature":"{f}""#),
+            ));
         }
     }
     for d in 0..32 {
@@ -168,7 +183,15 @@ fn score_tables() {
     let at = T0 + 100 * DAY_MS;
     let mut st = CustomerState::new(T0);
     // R thresholds, measured from first_seen while there is no activity.
-    for (r_ms, want) in [(0, 5), (7 * DAY_MS - 1, 5), (7 * DAY_MS, 4), (14 * DAY_MS, 3), (30 * DAY_MS - 1, 3), (30 * DAY_MS, 2), (60 * DAY_MS, 1)] {
+    for (r_ms, want) in [
+        (0, 5),
+        (7 * DAY_MS - 1, 5),
+        (7 * DAY_MS, 4),
+        (14 * DAY_MS, 3),
+        (30 * DAY_MS - 1, 3),
+        (30 * DAY_MS, 2),
+        (60 * DAY_MS, 1),
+    ] {
         assert_eq!(scorer.scores(&st, T0 + r_ms).r, want, "r = {r_ms}ms");
     }
     // F from active days in the 90-day window.
@@ -180,7 +203,16 @@ fn score_tables() {
         assert_eq!(scorer.scores(&s, at).f, want, "{days} active days");
     }
     // M from MRR; a canceled subscription counts 0.
-    for (mrr, status, want) in [(0, "active", 1), (1, "active", 2), (9_999, "active", 2), (10_000, "trialing", 3), (50_000, "active", 4), (199_999, "past_due", 4), (200_000, "active", 5), (900_000, "canceled", 1)] {
+    for (mrr, status, want) in [
+        (0, "active", 1),
+        (1, "active", 2),
+        (9_999, "active", 2),
+        (10_000, "trialing", 3),
+        (50_000, "active", 4),
+        (199_999, "past_due", 4),
+        (200_000, "active", 5),
+        (900_000, "canceled", 1),
+    ] {
         let mut s = CustomerState::new(T0);
         s.apply(&ev("s", T0, &format!(r#""type":"subscription","plan":"p","mrr_cents":{mrr},"status":"{status}""#)));
         assert_eq!(scorer.scores(&s, T0).m, want, "mrr {mrr} {status}");
@@ -267,11 +299,27 @@ fn rf_grid_and_segment_rules() {
                 let s = segstream_scoring::Scores { r, f, m, adoption, health, ..Default::default() };
                 let l = scorer.labels(&st, &s);
                 assert_eq!(name(0, l[0]), grid[usize::from(5 - r)][usize::from(f - 1)], "R{r} F{f}");
-                let h = if health >= 70 { "green" } else if health >= 40 { "yellow" } else { "red" };
+                let h = if health >= 70 {
+                    "green"
+                } else if health >= 40 {
+                    "yellow"
+                } else {
+                    "red"
+                };
                 assert_eq!(name(1, l[1]), h);
-                let v = match m { 5 => "high_touch", 3 | 4 => "low_touch", _ => "tech_touch" };
+                let v = match m {
+                    5 => "high_touch",
+                    3 | 4 => "low_touch",
+                    _ => "tech_touch",
+                };
                 assert_eq!(name(2, l[2]), v);
-                let e = if r >= 4 && f >= 4 && adoption >= 60 { "power_user" } else if r <= 2 { "non_active" } else { "on_the_fence" };
+                let e = if r >= 4 && f >= 4 && adoption >= 60 {
+                    "power_user"
+                } else if r <= 2 {
+                    "non_active"
+                } else {
+                    "on_the_fence"
+                };
                 assert_eq!(name(3, l[3]), e, "R{r} F{f} adoption {adoption}");
             }
         }
@@ -325,7 +373,10 @@ fn erasure_emits_null_and_a_later_event_starts_over() {
     );
     assert!(c.state.is_none());
     let mut out = Vec::new();
-    assert_eq!(c.scorer.on_event(&mut c.state, &ev("del2", at, r#""type":"customer_deleted""#), &mut out), Outcome::DeletedUnknown);
+    assert_eq!(
+        c.scorer.on_event(&mut c.state, &ev("del2", at, r#""type":"customer_deleted""#), &mut out),
+        Outcome::DeletedUnknown
+    );
     assert!(out.is_empty());
     // The same event id again: the erased customer's memory is gone too.
     let again = rows(&c.event(login("e1", at + 1)));

@@ -1,9 +1,14 @@
-//! The pipeline definition file (`--config <TOML>`): time, state and scoring.
-//! Every field has SPEC's default; `config/default.toml` spells them all out.
+//! The pipeline definition file (`--config <TOML>`) as written: time,
+//! state, scoring, segments and Kafka mode. Every field has SPEC's default;
+//! `config/default.toml` spells them all out. What it resolves to, with the
+//! command line and the environment, is [`crate::settings`].
 
 use std::num::NonZeroU64;
 use std::path::Path;
+use std::time::Duration;
 
+use segstream_engine::{EngineError, EngineSettings};
+use segstream_kafka::KafkaConfig;
 use segstream_scoring::{ScoringConfig, SegmentsConfig};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +20,7 @@ pub struct Config {
     pub scoring: ScoringConfig,
     pub segments: SegmentsConfig,
     /// Kafka mode (`segstream run` without `--input`); absent in file mode.
-    pub kafka: Option<crate::kafka::KafkaConfig>,
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// SPEC §2: time advances with the largest event `ts` seen, less this lateness.
@@ -63,12 +68,20 @@ impl Config {
         Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
-    pub fn state_options(&self) -> segstream_state::StateOptions {
-        segstream_state::StateOptions {
+    /// The engine's settings, validated (the rules are checked here, once).
+    pub fn engine_settings(&self) -> Result<EngineSettings, EngineError> {
+        let state = segstream_state::StateOptions {
             cache_customers: self.state.cache_customers,
             block_cache_bytes: self.state.block_cache_mib << 20,
             write_buffer_bytes: self.state.write_buffer_mib << 20,
-        }
+        };
+        EngineSettings::new(
+            self.scoring.clone(),
+            self.segments.clone(),
+            Duration::from_millis(self.time.allowed_lateness_ms),
+            state,
+            self.state.commit_every_records,
+        )
     }
 }
 
@@ -87,8 +100,9 @@ mod tests {
         let cfg = Config::from_toml(include_str!("../../../config/kafka.example.toml")).expect("parses");
         let k = cfg.kafka.expect("[kafka] section");
         assert_eq!(k.input_topic, "segstream.events");
-        assert_eq!(k.changelog(), "segstream.changelog");
-        assert_eq!(k.metrics_addr, "0.0.0.0:9464");
+        assert_eq!(k.changelog_topic, "");
+        assert_eq!(k.metrics_addr, "127.0.0.1:9464", "works on a laptop as is: loopback");
+        assert!(k.state_dir.is_relative(), "state under the working directory");
         assert_eq!(cfg.scoring, Config::default().scoring);
     }
 

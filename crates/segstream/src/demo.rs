@@ -6,14 +6,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use segstream_decode::{format_rfc3339_millis, parse_rfc3339_millis};
-use segstream_output::TransitionRecord;
+use segstream_decode::{format_rfc3339_millis, parse_rfc3339_millis, Format};
+use segstream_engine::{Engine, EngineSettings};
+use segstream_output::{CauseRecord, TransitionRecord};
+use segstream_scoring::{BoundaryKind, Scorer};
 
-use crate::config::Config;
-use crate::engine::Engine;
+use crate::file::{run_file, RunSummary};
 use crate::generate::{generate, GenerateArgs};
-use crate::input::InputFormat;
-use crate::run::{run_file, RunArgs, RunSummary};
+use crate::settings::FileSettings;
 
 #[derive(Debug, Clone)]
 pub struct DemoArgs {
@@ -29,7 +29,7 @@ pub struct DemoReport {
 }
 
 /// Runs the demo in `dir` (its previous demo files are replaced).
-pub fn run_demo(cfg: &Config, args: &DemoArgs) -> anyhow::Result<DemoReport> {
+pub fn run_demo(settings: &EngineSettings, args: &DemoArgs) -> anyhow::Result<DemoReport> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let events = args.dir.join("events.jsonl");
     let output = args.dir.join("transitions.jsonl");
@@ -43,19 +43,19 @@ pub fn run_demo(cfg: &Config, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         days: args.days,
         start_ms,
         seed: args.seed,
-        format: InputFormat::Json,
+        format: Format::Json,
         invalid_every: Some(25_000),
     };
     let stats = generate(&gen, &events)?;
-    let mut run = RunArgs::new(&events, &output, &state);
+    let mut run = FileSettings::new(&events, &output, &state);
     run.until = Some(stats.end_ms);
     // A fresh output: the demo's state dir was just removed.
-    for p in [output.clone(), run.dead_letter_path()] {
+    for p in [output.clone(), run.dead_letter.clone()] {
         if p.exists() {
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    let summary = run_file(cfg, &run)?;
+    let summary = run_file(settings, &run)?;
 
     let mut text = String::new();
     let _ = writeln!(
@@ -67,14 +67,20 @@ pub fn run_demo(cfg: &Config, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         format_rfc3339_millis(start_ms),
         format_rfc3339_millis(stats.end_ms)
     );
-    let engine = Engine::open(&state, cfg)?;
+    let engine = Engine::open(&state, settings)?;
     text.push_str(&segment_table(&engine)?);
-    drop(engine);
     text.push_str("\nSome transitions and why they happened:\n");
     for r in pick_examples(&output)? {
-        text.push_str(&describe(&r));
+        text.push_str(&describe(engine.scorer(), &r));
     }
-    let _ = writeln!(text, "\nFiles: {} (input), {} (transitions), {} (state)", events.display(), output.display(), state.display());
+    drop(engine);
+    let _ = writeln!(
+        text,
+        "\nFiles: {} (input), {} (transitions), {} (state)",
+        events.display(),
+        output.display(),
+        state.display()
+    );
     let _ = writeln!(
         text,
         "Try: segstream run --input {} --output {} --state-dir {}",
@@ -124,7 +130,7 @@ fn pick_examples(output: &Path) -> anyhow::Result<Vec<TransitionRecord>> {
     let mut found: Vec<Option<TransitionRecord>> = vec![None; wanted.len()];
     for line in text.lines() {
         let r: TransitionRecord = serde_json::from_str(line).with_context(|| format!("parsing {line}"))?;
-        let is_time = matches!(r.cause, segstream_output::CauseRecord::Time { .. });
+        let is_time = matches!(r.cause, CauseRecord::Time { .. });
         for (i, (g, to, time)) in wanted.iter().enumerate() {
             if found[i].is_none() && r.group == *g && r.to.as_deref() == *to && (is_time || !time) && r.from.is_some() {
                 found[i] = Some(r.clone());
@@ -134,24 +140,15 @@ fn pick_examples(output: &Path) -> anyhow::Result<Vec<TransitionRecord>> {
     Ok(found.into_iter().flatten().collect())
 }
 
-fn explain_boundary(name: &str) -> String {
-    name.split('+')
-        .map(|part| match part {
-            "recency" => "time since the last activity crossed a recency threshold",
-            "frequency" => "an active day left the 90-day frequency window",
-            "adoption" => "a feature left the 30-day adoption window",
-            other => other,
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn describe(r: &TransitionRecord) -> String {
+fn describe(scorer: &Scorer, r: &TransitionRecord) -> String {
     let from = r.from.as_deref().unwrap_or("(new)");
     let to = r.to.as_deref().unwrap_or("(deleted)");
     let why = match &r.cause {
-        segstream_output::CauseRecord::Event { event_id } => format!("event {event_id}"),
-        segstream_output::CauseRecord::Time { boundary } => format!("time passed: {}", explain_boundary(boundary)),
+        CauseRecord::Event { event_id } => format!("event {event_id}"),
+        CauseRecord::Time { boundary } => match BoundaryKind::from_name(boundary) {
+            Some(kind) => format!("time passed: {}", scorer.explain(kind)),
+            None => format!("time passed: {boundary}"),
+        },
     };
     let s = &r.scores;
     format!(

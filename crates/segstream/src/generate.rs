@@ -16,7 +16,7 @@ use segstream_decode::{
     TicketAction, DAY_MS,
 };
 
-use crate::input::InputFormat;
+use segstream_decode::Format;
 
 /// The kinds of account in a sample, with their share of customers (percent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +50,7 @@ const MIX: [(Archetype, u32); 8] = [
     (Archetype::SupportHeavy, 10),
 ];
 
-const FEATURES: [&str; 8] =
-    ["dashboards", "reports", "alerts", "api", "sso", "exports", "workflows", "integrations"];
+const FEATURES: [&str; 8] = ["dashboards", "reports", "alerts", "api", "sso", "exports", "workflows", "integrations"];
 const INDUSTRIES: [&str; 5] = ["fintech", "healthcare", "retail", "saas", "manufacturing"];
 const COUNTRIES: [&str; 5] = ["US", "DE", "FR", "GB", "BR"];
 
@@ -62,7 +61,7 @@ pub struct GenerateArgs {
     /// Epoch ms of the first day (UTC midnight recommended).
     pub start_ms: i64,
     pub seed: u64,
-    pub format: InputFormat,
+    pub format: Format,
     /// Write an invalid record after every this many valid ones (JSON: five
     /// kinds in rotation; Avro: an unknown event type).
     pub invalid_every: Option<u64>,
@@ -177,10 +176,22 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
         push(c, day_ms + 2000, EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: mrr, status });
     }
     if c.kind == Archetype::New && age == 14 {
-        push(c, at(rng), EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::Active });
+        push(
+            c,
+            at(rng),
+            EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::Active },
+        );
     }
     if c.kind == Archetype::Churning && day == c.stop_day + 10 {
-        push(c, at(rng), EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::Canceled });
+        push(
+            c,
+            at(rng),
+            EventKind::Subscription {
+                plan: plan(c.mrr).into(),
+                mrr_cents: c.mrr,
+                status: SubscriptionStatus::Canceled,
+            },
+        );
     }
     // Monthly invoice.
     if age > 0 && age.is_multiple_of(30) && !(c.kind == Archetype::Churning && day > c.stop_day + 10) {
@@ -188,12 +199,24 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
         let status = if failed { PaymentStatus::Failed } else { PaymentStatus::Succeeded };
         push(c, at(rng), EventKind::Payment { amount_cents: c.mrr, status });
         if failed {
-            push(c, at(rng), EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::PastDue });
+            push(
+                c,
+                at(rng),
+                EventKind::Subscription {
+                    plan: plan(c.mrr).into(),
+                    mrr_cents: c.mrr,
+                    status: SubscriptionStatus::PastDue,
+                },
+            );
         }
     }
     if c.kind == Archetype::PaymentTrouble && age % 30 == 12 && rng.random_bool(0.5) {
         push(c, at(rng), EventKind::Payment { amount_cents: c.mrr, status: PaymentStatus::Succeeded });
-        push(c, at(rng), EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::Active });
+        push(
+            c,
+            at(rng),
+            EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: c.mrr, status: SubscriptionStatus::Active },
+        );
     }
     if rng.random_bool(activity_probability(c, day)) {
         let user = Some(format!("u{}", rng.random_range(1..8)));
@@ -215,7 +238,8 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
         let priority = [Priority::Low, Priority::Normal, Priority::High, Priority::Urgent][rng.random_range(0..4)];
         let ticket_id = format!("t{}-{}", c.id, c.seq);
         push(c, at(rng), EventKind::Ticket { ticket_id: ticket_id.clone(), action: TicketAction::Opened, priority });
-        let closes_after = if c.kind == Archetype::SupportHeavy { rng.random_range(5..40) } else { rng.random_range(1..5) };
+        let closes_after =
+            if c.kind == Archetype::SupportHeavy { rng.random_range(5..40) } else { rng.random_range(1..5) };
         c.open_tickets.push((day + closes_after, ticket_id, priority));
     }
     if age > 0 && age.is_multiple_of(45) && rng.random_bool(0.5) {
@@ -248,8 +272,8 @@ enum Sink {
 pub fn generate(args: &GenerateArgs, path: &Path) -> anyhow::Result<GenerateStats> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut sink = match args.format {
-        InputFormat::Json => Sink::Json(BufWriter::with_capacity(1 << 20, file)),
-        InputFormat::Avro => {
+        Format::Json => Sink::Json(BufWriter::with_capacity(1 << 20, file)),
+        Format::Avro => {
             Sink::Avro(Box::new(apache_avro::Writer::new(event_schema(), BufWriter::with_capacity(1 << 20, file))))
         }
     };
@@ -263,7 +287,8 @@ pub fn generate(args: &GenerateArgs, path: &Path) -> anyhow::Result<GenerateStat
         for c in &mut customers {
             day_events(c, day, day_ms, &mut rng, &mut day_buf);
             // Tickets due to close today, at the very end of the day.
-            let (closing, open): (Vec<_>, Vec<_>) = std::mem::take(&mut c.open_tickets).into_iter().partition(|t| t.0 == day);
+            let (closing, open): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut c.open_tickets).into_iter().partition(|t| t.0 == day);
             c.open_tickets = open;
             if c.deleted_on.is_some_and(|d| day >= d) {
                 continue;
@@ -299,7 +324,9 @@ pub fn generate(args: &GenerateArgs, path: &Path) -> anyhow::Result<GenerateStat
                             for (name, value) in fields.iter_mut() {
                                 match name.as_str() {
                                     "type" => *value = apache_avro::types::Value::String("signup".into()),
-                                    "event_id" => *value = apache_avro::types::Value::String(format!("bad-{}", stats.invalid)),
+                                    "event_id" => {
+                                        *value = apache_avro::types::Value::String(format!("bad-{}", stats.invalid))
+                                    }
                                     _ => {}
                                 }
                             }

@@ -1,22 +1,23 @@
 //! segstream: streaming SaaS customer segmentation.
 //!
-//! The binary's library: configuration, the [`Engine`] that runs events and
-//! event time through per-customer state into transitions, file mode with
-//! exact resume ([`run_file`]), the sample generator and the demo. The pure
-//! scoring lives in `segstream-scoring`, the RocksDB state in
-//! `segstream-state`, the record formats in `segstream-decode` and
-//! `segstream-output`.
+//! The binary's library: the configuration file ([`Config`]) and its
+//! resolution with the command line into [`Settings`], file mode
+//! ([`run_file`]), the HTTP endpoint, the sample generator and the demo.
+//! The engine is `segstream-engine`, Kafka mode `segstream-kafka`; below
+//! them the pure scoring (`segstream-scoring`), the RocksDB state
+//! (`segstream-state`) and the record formats (`segstream-decode`,
+//! `segstream-output`).
 
 pub mod config;
 pub mod demo;
-pub mod engine;
+pub mod file;
 pub mod generate;
-pub mod input;
-pub mod kafka;
-pub mod run;
+pub mod http;
+pub mod settings;
+pub mod testhooks;
 
 pub use config::Config;
-pub use engine::{Clock, Counters, Engine, EngineError};
+pub use file::{run_file, InputProgress, InputReader, Record, RunSummary};
 pub use generate::{generate, Archetype, GenerateArgs, GenerateStats};
-pub use input::{InputFormat, InputProgress, InputReader, Record};
-pub use run::{run_file, RunArgs, RunSummary};
+pub use settings::{FileSettings, Mode, RunFlags, Settings};
+pub use testhooks::FileFaults;

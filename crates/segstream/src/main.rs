@@ -3,16 +3,21 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use segstream::demo::{run_demo, DemoArgs};
-use segstream::kafka::{run_kafka, KafkaRunArgs};
-use segstream::{generate, run_file, Config, GenerateArgs, InputFormat, RunArgs};
-use segstream_decode::{parse_rfc3339_millis, MAX_TS, MIN_TS};
-use segstream_output::OutputFormat;
+use segstream::{generate, run_file, Config, GenerateArgs, Mode, RunFlags, Settings};
+use segstream_decode::{parse_rfc3339_millis, Format, MAX_TS, MIN_TS};
+use segstream_kafka::{KafkaEnvironment, KafkaOverrides, Metrics, StopFlag};
 
 #[derive(Parser)]
-#[command(name = "segstream", version, about = "Streaming SaaS customer segmentation: events in, segment transitions out")]
+#[command(
+    name = "segstream",
+    version,
+    about = "Streaming SaaS customer segmentation: events in, segment transitions out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,11 +47,11 @@ enum Command {
         #[arg(long, value_parser = parse_instant)]
         until: Option<i64>,
         /// Input format; from the file extension by default.
-        #[arg(long, value_enum)]
-        format: Option<InputFormat>,
+        #[arg(long, value_parser = format_parser())]
+        format: Option<Format>,
         /// Output format; from the file extension by default (`.avro`: Avro, else JSON lines).
-        #[arg(long, value_enum)]
-        output_format: Option<OutputFormatArg>,
+        #[arg(long, value_parser = format_parser())]
+        output_format: Option<Format>,
         /// Where invalid records go; default `<output>.dead-letter.jsonl`.
         #[arg(long)]
         dead_letter: Option<PathBuf>,
@@ -97,18 +102,19 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Output format; from the file extension by default.
-        #[arg(long, value_enum)]
-        format: Option<InputFormat>,
+        #[arg(long, value_parser = format_parser())]
+        format: Option<Format>,
         /// Add an invalid record after every N valid ones, to exercise dead-lettering.
         #[arg(long)]
         invalid_every: Option<u64>,
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum OutputFormatArg {
-    Json,
-    Avro,
+/// `json` or `avro`, listed in `--help` and in the error for anything else.
+fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["json", "avro"])
+        .map(|s| s.parse::<Format>().expect("one of the possible values"))
 }
 
 fn parse_instant(s: &str) -> Result<i64, String> {
@@ -132,7 +138,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     match real_main(Cli::parse()) {
@@ -162,54 +169,53 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             dead_letter_topic,
             metrics_addr,
         } => {
-            let mut cfg = load_config(config.as_ref())?;
-            let Some(input) = input else {
-                let k = cfg.kafka.as_mut().ok_or_else(|| {
-                    anyhow::anyhow!("nothing to run: give --input/--output/--state-dir (file mode) or a --config with a [kafka] section")
-                })?;
-                let set = |field: &mut String, v: Option<String>| {
-                    if let Some(v) = v {
-                        *field = v;
+            let cfg = load_config(config.as_ref())?;
+            let flags = RunFlags {
+                input,
+                output,
+                state_dir,
+                until,
+                input_format: format,
+                output_format,
+                dead_letter,
+                kafka: KafkaOverrides {
+                    brokers,
+                    group_id,
+                    input_topic,
+                    output_topic,
+                    dead_letter_topic,
+                    metrics_addr,
+                    state_dir: None,
+                },
+            };
+            let settings = Settings::resolve(&cfg, flags, &KafkaEnvironment::from_process())?;
+            match settings.mode {
+                Mode::File(file) => {
+                    let summary = run_file(&settings.engine, &file)?;
+                    eprint!("{}", summary.render());
+                }
+                Mode::Kafka(kafka) => {
+                    let stop = StopFlag::new();
+                    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                        signal_hook::flag::register(sig, stop.shared()).context("installing signal handlers")?;
                     }
-                };
-                set(&mut k.brokers, brokers);
-                set(&mut k.group_id, group_id);
-                set(&mut k.input_topic, input_topic);
-                set(&mut k.output_topic, output_topic);
-                set(&mut k.dead_letter_topic, dead_letter_topic);
-                set(&mut k.metrics_addr, metrics_addr);
-                if let Some(dir) = state_dir {
-                    k.state_dir = dir;
+                    let metrics = Arc::new(Metrics::new());
+                    if let Some(addr) = &kafka.metrics_addr {
+                        let bound = segstream::http::serve(addr, metrics.clone())?;
+                        tracing::info!("metrics on http://{bound}/metrics");
+                    }
+                    segstream_kafka::run(settings.engine, *kafka, metrics, stop)?;
                 }
-                let args = KafkaRunArgs::default();
-                for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                    signal_hook::flag::register(sig, args.stop.clone()).context("installing signal handlers")?;
-                }
-                return run_kafka(&cfg, &args);
-            };
-            let (Some(output), Some(state_dir)) = (output, state_dir) else {
-                anyhow::bail!("file mode needs --output and --state-dir");
-            };
-            let mut args = RunArgs::new(input, output, state_dir);
-            args.until = until;
-            args.input_format = format;
-            args.output_format = output_format.map(|f| match f {
-                OutputFormatArg::Json => OutputFormat::Json,
-                OutputFormatArg::Avro => OutputFormat::Avro,
-            });
-            args.dead_letter = dead_letter;
-            args.progress = true;
-            let summary = run_file(&cfg, &args)?;
-            eprint!("{}", summary.render());
+            }
         }
         Command::Demo { dir, customers, days, seed, config } => {
-            let cfg = load_config(config.as_ref())?;
-            let report = run_demo(&cfg, &DemoArgs { dir, customers, days, seed })?;
+            let settings = load_config(config.as_ref())?.engine_settings()?;
+            let report = run_demo(&settings, &DemoArgs { dir, customers, days, seed })?;
             eprint!("{}", report.summary.render());
             println!("\n{}", report.text);
         }
         Command::Generate { output, customers, days, start, seed, format, invalid_every } => {
-            let format = format.unwrap_or_else(|| InputFormat::from_path(&output));
+            let format = format.unwrap_or_else(|| Format::from_path(&output));
             let args = GenerateArgs { customers, days, start_ms: start, seed, format, invalid_every };
             let stats = generate(&args, &output).with_context(|| format!("generating {}", output.display()))?;
             eprintln!(

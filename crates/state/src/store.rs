@@ -2,7 +2,10 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::path::Path;
 
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+    DB,
+};
 use segstream_scoring::CustomerState;
 
 const CF_CUSTOMERS: &str = "customers";
@@ -19,6 +22,14 @@ pub enum StateError {
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt state for key {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
+}
+
+impl segstream_decode::Classify for StateError {
+    /// Local storage that fails or holds bytes it cannot read is not retried:
+    /// the run stops before committing, and a restart starts from the last commit.
+    fn class(&self) -> segstream_decode::ErrorClass {
+        segstream_decode::ErrorClass::Fatal
+    }
 }
 
 /// Tuning of the store; defaults suit a laptop and a 2-core CI machine.
@@ -177,7 +188,14 @@ impl StateStore {
             }
             None => {
                 let sid = SlotId::try_from(self.slots.len()).expect("fewer than 2^32 cached customers");
-                self.slots.push(Slot { state, id: id.into(), dirty: false, used: true, committed_timer, generation: 0 });
+                self.slots.push(Slot {
+                    state,
+                    id: id.into(),
+                    dirty: false,
+                    used: true,
+                    committed_timer,
+                    generation: 0,
+                });
                 sid
             }
         };
@@ -489,7 +507,8 @@ mod tests {
     #[test]
     fn timers_of_evicted_customers_still_fire_and_batches_cover_everything() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = StateStore::open(dir.path(), StateOptions { cache_customers: 10, ..Default::default() }).expect("open");
+        let mut s =
+            StateStore::open(dir.path(), StateOptions { cache_customers: 10, ..Default::default() }).expect("open");
         let n = TIMER_BATCH as i64 * 2 + 17;
         for i in 0..n {
             set(&mut s, &format!("c{i:05}"), Some(state(0, Some(1000 + i / 3))));
@@ -510,7 +529,8 @@ mod tests {
     #[test]
     fn erasure_deletes_every_key() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = StateStore::open(dir.path(), StateOptions { cache_customers: 1, ..Default::default() }).expect("open");
+        let mut s =
+            StateStore::open(dir.path(), StateOptions { cache_customers: 1, ..Default::default() }).expect("open");
         for id in ["x", "y", "z"] {
             set(&mut s, id, Some(state(1, Some(99))));
         }

@@ -15,31 +15,15 @@ use std::collections::BTreeMap;
 
 use segstream_decode::Event;
 use segstream_scoring::{CustomerState, Outcome, Scorer, Transition};
-use segstream_state::{StateError, StateStore};
+use segstream_state::StateStore;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::Config;
+use crate::error::EngineError;
+use crate::settings::EngineSettings;
 
 const META_CONFIG: &str = "config_fingerprint";
 const META_CLOCK: &str = "clock";
 const META_COUNTERS: &str = "counters";
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error(
-        "the state in {dir} was built with a different scoring or segments configuration \
-         (fingerprint {stored:016x}, now {current:016x}); its segments would not match the new rules. \
-         Use a new --state-dir, or the configuration it was built with"
-    )]
-    ConfigChanged { dir: String, stored: u64, current: u64 },
-    #[error("corrupt engine metadata `{key}`: {reason}")]
-    Meta { key: &'static str, reason: String },
-}
 
 /// Event-time clock, persisted with every commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,13 +71,6 @@ pub struct Engine {
     next_due: Option<i64>,
 }
 
-/// A stable hash of the settings that decide segments: a state dir built with
-/// one set of rules must not silently continue under another.
-pub fn config_fingerprint(cfg: &Config) -> u64 {
-    let text = serde_json::to_string(&(&cfg.scoring, &cfg.segments)).expect("config serializes");
-    xxh3_64(text.as_bytes())
-}
-
 fn read_meta<T: for<'de> Deserialize<'de>>(store: &StateStore, key: &'static str) -> Result<Option<T>, EngineError> {
     match store.meta(key)? {
         None => Ok(None),
@@ -103,11 +80,10 @@ fn read_meta<T: for<'de> Deserialize<'de>>(store: &StateStore, key: &'static str
 
 impl Engine {
     /// Opens (or creates) the state in `dir`.
-    pub fn open(dir: &std::path::Path, cfg: &Config) -> Result<Self, EngineError> {
-        let scorer =
-            Scorer::new(cfg.scoring.clone(), cfg.segments.clone()).map_err(|e| EngineError::Config(e.to_string()))?;
-        let mut store = StateStore::open(dir, cfg.state_options())?;
-        let current = config_fingerprint(cfg);
+    pub fn open(dir: &std::path::Path, settings: &EngineSettings) -> Result<Self, EngineError> {
+        let scorer = settings.scorer();
+        let mut store = StateStore::open(dir, settings.state_options().clone())?;
+        let current = settings.fingerprint();
         match read_meta::<u64>(&store, META_CONFIG)? {
             Some(stored) if stored != current => {
                 return Err(EngineError::ConfigChanged { dir: dir.display().to_string(), stored, current })
@@ -117,8 +93,7 @@ impl Engine {
         }
         let clock: Clock = read_meta(&store, META_CLOCK)?.unwrap_or_default();
         let counters = read_meta(&store, META_COUNTERS)?.unwrap_or_default();
-        let lateness = i64::try_from(cfg.time.allowed_lateness_ms)
-            .map_err(|_| EngineError::Config("time.allowed_lateness_ms is too large".into()))?;
+        let lateness = settings.lateness_ms();
         let next_due = store.next_due(clock.watermark)?;
         Ok(Self { scorer, store, lateness, clock, counters, next_due })
     }
@@ -316,7 +291,7 @@ mod tests {
     #[test]
     fn another_customers_event_moves_time_for_everyone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
+        let mut e = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
         let mut out = Vec::new();
         e.on_event(&ev("1", "quiet", T0, "login"), &mut out).expect("event");
         out.clear();
@@ -330,7 +305,7 @@ mod tests {
     #[test]
     fn a_late_newcomer_is_caught_up_to_the_watermark() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
+        let mut e = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
         let mut out = Vec::new();
         e.on_event(&ev("1", "busy", T0 + 20 * DAY_MS, "login"), &mut out).expect("event");
         out.clear();
@@ -354,8 +329,14 @@ mod tests {
     #[test]
     fn allowed_lateness_holds_time_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = Config::default();
-        cfg.time.allowed_lateness_ms = DAY_MS as u64;
+        let cfg = EngineSettings::new(
+            segstream_scoring::ScoringConfig::default(),
+            segstream_scoring::SegmentsConfig::default(),
+            std::time::Duration::from_millis(DAY_MS as u64),
+            segstream_state::StateOptions::default(),
+            std::num::NonZeroU64::MIN,
+        )
+        .expect("valid");
         let mut e = Engine::open(dir.path(), &cfg).expect("open");
         let mut out = Vec::new();
         e.on_event(&ev("1", "quiet", T0, "login"), &mut out).expect("event");
@@ -374,7 +355,7 @@ mod tests {
     #[test]
     fn deletion_erases_state_and_timer_and_emits_to_null_everywhere() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut e = Engine::open(dir.path(), &Config::default()).expect("open");
+        let mut e = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
         let mut out = Vec::new();
         e.on_event(&ev("1", "gone", T0, "feature_used"), &mut out).expect("event");
         e.on_event(&ev("2", "stays", T0, "login"), &mut out).expect("event");
@@ -396,7 +377,7 @@ mod tests {
     #[test]
     fn clock_and_counters_survive_a_reopen_but_not_uncommitted_work() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = Config::default();
+        let cfg = EngineSettings::spec_default();
         {
             let mut e = Engine::open(dir.path(), &cfg).expect("open");
             let mut out = Vec::new();

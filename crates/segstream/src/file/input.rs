@@ -5,29 +5,12 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use segstream_decode::{decode_json_line, AvroFileReader, Event, InvalidRecord};
+use segstream_decode::{decode_json_line, AvroFileReader, Event, Format, InvalidRecord};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Bytes hashed to recognise an input file again.
 const FINGERPRINT_BYTES: u64 = 64 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum InputFormat {
-    Json,
-    Avro,
-}
-
-impl InputFormat {
-    /// `.avro` is Avro; anything else is JSON lines.
-    pub fn from_path(path: &Path) -> Self {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-            Some("avro") => Self::Avro,
-            _ => Self::Json,
-        }
-    }
-}
 
 /// How far an input file has been read: what the state dir remembers of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,15 +68,15 @@ pub struct InputReader {
 impl InputReader {
     /// Opens `path` and moves to `pos` (JSON: by byte offset; Avro: by
     /// skipping the records already read, as container blocks hold no index).
-    pub fn open(path: &Path, format: InputFormat, pos: InputProgress) -> std::io::Result<Self> {
+    pub fn open(path: &Path, format: Format, pos: InputProgress) -> std::io::Result<Self> {
         let name = path.display().to_string();
         let mut file = File::open(path)?;
         let reader = match format {
-            InputFormat::Json => {
+            Format::Json => {
                 file.seek(SeekFrom::Start(pos.offset))?;
                 Reader::Json { inner: BufReader::with_capacity(1 << 20, file), line: Vec::with_capacity(512) }
             }
-            InputFormat::Avro => {
+            Format::Avro => {
                 let mut r = AvroFileReader::new(BufReader::with_capacity(1 << 20, file))
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{name}: {e}")))?;
                 for _ in 0..pos.records {
@@ -176,7 +159,7 @@ mod tests {
         let p = dir.path().join("in.jsonl");
         let ev = |i: u32| format!(r#"{{"event_id":"e{i}","customer_id":"c","type":"login","ts":{i}}}"#);
         std::fs::write(&p, format!("{}\n\n{}\r\nnot json\n{}", ev(1), ev(2), ev(3))).expect("write");
-        let mut all = InputReader::open(&p, InputFormat::Json, InputProgress::start(&p).expect("fp")).expect("open");
+        let mut all = InputReader::open(&p, Format::Json, InputProgress::start(&p).expect("fp")).expect("open");
         let mut kinds = Vec::new();
         let mut positions = Vec::new();
         while let Some(r) = all.next_record() {
@@ -190,7 +173,7 @@ mod tests {
         assert_eq!(positions[3].records, 4);
         assert_eq!(positions[3].lines, 5);
         // Resuming from the second position yields the rest.
-        let mut rest = InputReader::open(&p, InputFormat::Json, positions[1]).expect("open");
+        let mut rest = InputReader::open(&p, Format::Json, positions[1]).expect("open");
         assert!(matches!(rest.next_record(), Some(Ok(Record::Invalid(i))) if i.location.ends_with(":4")));
         assert!(matches!(rest.next_record(), Some(Ok(Record::Event(e))) if e.event_id == "e3"));
         assert!(rest.next_record().is_none());

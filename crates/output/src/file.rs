@@ -11,9 +11,10 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use apache_avro::Writer;
-use segstream_decode::InvalidRecord;
+use segstream_decode::Format;
 use segstream_scoring::Transition;
 
+use crate::emit::DeadLetter;
 use crate::error::OutputError;
 use crate::record::{transition_schema, transition_to_avro_value, transition_to_json};
 
@@ -24,27 +25,6 @@ const WRITE_THRESHOLD: usize = 1 << 20;
 const AVRO_SYNC_MARKER: [u8; 16] = *b"segstream:transi";
 /// Avro block size before the writer ends a block by itself.
 const AVRO_BLOCK_BYTES: usize = 64 * 1024;
-
-/// How transitions are encoded in a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputFormat {
-    /// One JSON object per line.
-    Json,
-    /// An Avro object container file with `transition.avsc`.
-    Avro,
-}
-
-impl OutputFormat {
-    /// From a file extension: `.avro` is Avro, `.json`, `.jsonl` and `.ndjson` are JSON.
-    pub fn from_path(path: &Path) -> Option<Self> {
-        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
-            "avro" => Some(Self::Avro),
-            "json" | "jsonl" | "ndjson" => Some(Self::Json),
-            _ => None,
-        }
-    }
-}
 
 /// An append-only file cut back to its committed length when opened.
 pub struct CommittedFile {
@@ -97,7 +77,6 @@ impl CommittedFile {
         self.file.sync_data().map_err(|source| OutputError::Io { path: self.path.clone(), source })?;
         Ok(self.written)
     }
-
 }
 
 /// The container file header. apache-avro writes its metadata map from a
@@ -138,14 +117,14 @@ pub struct TransitionFile {
 }
 
 impl TransitionFile {
-    pub fn open(path: &Path, format: OutputFormat, committed: u64) -> Result<Self, OutputError> {
+    pub fn open(path: &Path, format: Format, committed: u64) -> Result<Self, OutputError> {
         let mut file = CommittedFile::open(path, committed)?;
-        if format == OutputFormat::Avro && committed == 0 {
+        if format == Format::Avro && committed == 0 {
             file.append(&avro_header())?;
         }
         let enc = match format {
-            OutputFormat::Json => Encoder::Json,
-            OutputFormat::Avro => Encoder::Avro(Box::new(
+            Format::Json => Encoder::Json,
+            Format::Avro => Encoder::Avro(Box::new(
                 Writer::builder()
                     .schema(transition_schema())
                     .writer(Vec::new())
@@ -199,7 +178,6 @@ impl TransitionFile {
         self.end_block()?;
         self.file.flush()
     }
-
 }
 
 /// Invalid input records, one JSON object per line:
@@ -213,14 +191,15 @@ impl DeadLetterFile {
         Ok(Self { file: CommittedFile::open(path, committed)? })
     }
 
-    pub fn write(&mut self, r: &InvalidRecord) -> Result<(), OutputError> {
+    pub fn write(&mut self, r: &DeadLetter<'_>) -> Result<(), OutputError> {
         let mut obj = serde_json::Map::new();
-        obj.insert("location".into(), r.location.clone().into());
+        obj.insert("location".into(), r.location.into());
         obj.insert("error_kind".into(), r.error.kind().into());
         obj.insert("error".into(), r.error.to_string().into());
-        match std::str::from_utf8(&r.raw) {
+        let raw = r.raw.unwrap_or_default();
+        match std::str::from_utf8(raw) {
             Ok(s) => obj.insert("raw".into(), s.into()),
-            Err(_) => obj.insert("raw_hex".into(), r.raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()),
+            Err(_) => obj.insert("raw_hex".into(), raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()),
         };
         let mut line = serde_json::Value::Object(obj).to_string();
         line.push('\n');
@@ -269,7 +248,7 @@ mod tests {
 
     #[test]
     fn resumed_files_equal_uninterrupted_ones() {
-        for format in [OutputFormat::Json, OutputFormat::Avro] {
+        for format in [Format::Json, Format::Avro] {
             let dir = tempfile::tempdir().expect("tempdir");
             let whole = dir.path().join("whole");
             let mut w = TransitionFile::open(&whole, format, 0).expect("open");
@@ -300,7 +279,7 @@ mod tests {
             }
             w.sync().expect("sync");
             assert_eq!(std::fs::read(&whole).expect("read"), std::fs::read(&resumed).expect("read"), "{format:?}");
-            if format == OutputFormat::Avro {
+            if format == Format::Avro {
                 let recs = read_avro(&resumed);
                 assert_eq!(recs.len(), 500);
                 assert_eq!(recs[499].customer_id, "c499");
@@ -320,7 +299,7 @@ mod tests {
     fn empty_avro_output_is_a_valid_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("o.avro");
-        let mut w = TransitionFile::open(&p, OutputFormat::Avro, 0).expect("open");
+        let mut w = TransitionFile::open(&p, Format::Avro, 0).expect("open");
         w.sync().expect("sync");
         assert!(read_avro(&p).is_empty());
     }
@@ -338,13 +317,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("dlq.jsonl");
         let mut d = DeadLetterFile::open(&p, 0).expect("open");
-        d.write(&InvalidRecord {
-            location: "in.jsonl:3".into(),
-            error: segstream_decode::DecodeError::UnknownType("lgoin".into()),
-            raw: br#"{"type":"lgoin"}"#.to_vec(),
-        })
-        .expect("write");
-        d.write(&InvalidRecord { location: "in.jsonl:4".into(), error: segstream_decode::DecodeError::Utf8("x".into()), raw: vec![0xff, 0x00] })
+        let unknown = segstream_decode::DecodeError::UnknownType("lgoin".into());
+        d.write(&DeadLetter { location: "in.jsonl:3", error: &unknown, key: None, raw: Some(br#"{"type":"lgoin"}"#) })
+            .expect("write");
+        let utf8 = segstream_decode::DecodeError::Utf8("x".into());
+        d.write(&DeadLetter { location: "in.jsonl:4", error: &utf8, key: None, raw: Some(&[0xff, 0x00]) })
             .expect("write");
         d.sync().expect("sync");
         let text = std::fs::read_to_string(&p).expect("read");

@@ -1,36 +1,21 @@
-//! The `[kafka]` section of the pipeline configuration.
+//! The `[kafka]` section of the pipeline configuration, as written in the
+//! file; [`crate::KafkaSettings`] is what it resolves to.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use segstream_decode::Format;
 use serde::{Deserialize, Serialize};
-
-/// How records are encoded on a topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TopicFormat {
-    /// One JSON object per message (SPEC §1 / §6 field names).
-    Json,
-    /// Avro in the Schema Registry wire format: byte 0, a 4-byte big-endian
-    /// schema id, the Avro datum.
-    Avro,
-}
 
 /// One input topic of several (`kafka.input_topics`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputTopic {
     pub topic: String,
-    #[serde(default = "json")]
-    pub format: TopicFormat,
+    /// JSON (one object per message) or Avro in the Schema Registry wire format.
+    #[serde(default)]
+    pub format: Format,
 }
-
-fn json() -> TopicFormat {
-    TopicFormat::Json
-}
-
-/// Overrides `kafka.schema_registry_user_info`.
-pub const REGISTRY_USER_INFO_ENV: &str = "SEGSTREAM_SCHEMA_REGISTRY_USER_INFO";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,7 +26,7 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Events, keyed by `customer_id`.
     pub input_topic: String,
-    pub input_format: TopicFormat,
+    pub input_format: Format,
     /// Several input topics instead of `input_topic`, each with its format
     /// (e.g. product events in JSON, billing in Avro). They must be
     /// co-partitioned: the same partition count, keyed by `customer_id` with
@@ -50,7 +35,7 @@ pub struct KafkaConfig {
     pub input_topics: Vec<InputTopic>,
     /// Transitions (SPEC §6), keyed by `customer_id`.
     pub output_topic: String,
-    pub output_format: TopicFormat,
+    pub output_format: Format,
     /// Schema id of the transition schema in the wire format (Avro output).
     /// Without it, the schema is registered under `<output_topic>-value` in
     /// the Schema Registry at start.
@@ -96,10 +81,10 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_id: "segstream".into(),
             input_topic: "segstream.events".into(),
-            input_format: TopicFormat::Json,
+            input_format: Format::Json,
             input_topics: Vec::new(),
             output_topic: "segstream.transitions".into(),
-            output_format: TopicFormat::Json,
+            output_format: Format::Json,
             output_schema_id: None,
             dead_letter_topic: "segstream.dead-letter".into(),
             changelog_topic: String::new(),
@@ -114,54 +99,5 @@ impl Default for KafkaConfig {
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
         }
-    }
-}
-
-impl KafkaConfig {
-    /// The input topics: `input_topics`, else `input_topic` alone.
-    pub fn inputs(&self) -> Vec<InputTopic> {
-        if self.input_topics.is_empty() {
-            vec![InputTopic { topic: self.input_topic.clone(), format: self.input_format }]
-        } else {
-            self.input_topics.clone()
-        }
-    }
-
-    /// The Schema Registry client, when a URL is configured.
-    pub fn registry(&self) -> Option<super::registry::Registry> {
-        let user_info = std::env::var(REGISTRY_USER_INFO_ENV).ok().or_else(|| self.schema_registry_user_info.clone());
-        self.schema_registry_url.as_deref().map(|url| super::registry::Registry::new(url, user_info.as_deref()))
-    }
-
-    pub fn changelog(&self) -> String {
-        if self.changelog_topic.is_empty() {
-            format!("{}.changelog", self.group_id)
-        } else {
-            self.changelog_topic.clone()
-        }
-    }
-
-    /// Client settings: `defaults` (segstream's tuning), then `properties`,
-    /// then the role's own, then `forced` (what correctness depends on, e.g.
-    /// no auto-commit, idempotence), which the configuration cannot undo.
-    pub(crate) fn client_config(
-        &self,
-        defaults: &[(&str, &str)],
-        role: &BTreeMap<String, String>,
-        forced: &[(&str, &str)],
-    ) -> rdkafka::ClientConfig {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        c.set("client.id", format!("segstream-{}", self.group_id));
-        for (k, v) in defaults {
-            c.set(*k, *v);
-        }
-        for (k, v) in self.properties.iter().chain(role) {
-            c.set(k, v);
-        }
-        for (k, v) in forced {
-            c.set(*k, *v);
-        }
-        c
     }
 }

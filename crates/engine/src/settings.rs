@@ -1,0 +1,117 @@
+//! What the engine needs, resolved and validated once at start.
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use segstream_scoring::{Scorer, ScoringConfig, SegmentsConfig};
+use segstream_state::StateOptions;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::error::EngineError;
+
+/// The engine's settings: the rules, time, and state tuning.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    scoring: ScoringConfig,
+    segments: SegmentsConfig,
+    lateness_ms: i64,
+    state: StateOptions,
+    commit_every_records: NonZeroU64,
+}
+
+impl EngineSettings {
+    /// Validates the rules (the scorer accepts them) and the lateness.
+    pub fn new(
+        scoring: ScoringConfig,
+        segments: SegmentsConfig,
+        allowed_lateness: Duration,
+        state: StateOptions,
+        commit_every_records: NonZeroU64,
+    ) -> Result<Self, EngineError> {
+        Scorer::new(scoring.clone(), segments.clone())?;
+        let lateness_ms = i64::try_from(allowed_lateness.as_millis())
+            .map_err(|_| EngineError::Config(format!("time.allowed_lateness_ms is too large: {allowed_lateness:?}")))?;
+        Ok(Self { scoring, segments, lateness_ms, state, commit_every_records })
+    }
+
+    /// SPEC's defaults.
+    pub fn spec_default() -> Self {
+        Self::new(
+            ScoringConfig::default(),
+            SegmentsConfig::default(),
+            Duration::ZERO,
+            StateOptions::default(),
+            NonZeroU64::new(100_000).expect("non-zero"),
+        )
+        .expect("SPEC's defaults are valid")
+    }
+
+    pub fn scorer(&self) -> Scorer {
+        Scorer::new(self.scoring.clone(), self.segments.clone()).expect("validated when the settings were made")
+    }
+
+    /// The watermark is the largest `ts` seen less this (ms).
+    pub fn lateness_ms(&self) -> i64 {
+        self.lateness_ms
+    }
+
+    pub fn state_options(&self) -> &StateOptions {
+        &self.state
+    }
+
+    /// Input records between two commits (file mode: at multiples of this
+    /// record number; Kafka mode: at least this often).
+    pub fn commit_every_records(&self) -> u64 {
+        self.commit_every_records.get()
+    }
+
+    /// A stable hash of the settings that decide segments: a state built with
+    /// one set of rules must not silently continue under another.
+    pub fn fingerprint(&self) -> u64 {
+        let text = serde_json::to_string(&(&self.scoring, &self.segments)).expect("the rules serialize");
+        xxh3_64(text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_rules_and_lateness_are_refused_once_at_start() {
+        let mut seg = SegmentsConfig::default();
+        seg.health.green_min = 30; // below yellow_min
+        let opts = StateOptions::default();
+        let every = NonZeroU64::MIN;
+        assert!(EngineSettings::new(ScoringConfig::default(), seg, Duration::ZERO, opts.clone(), every).is_err());
+        let huge = Duration::from_secs(u64::MAX);
+        let err = EngineSettings::new(ScoringConfig::default(), SegmentsConfig::default(), huge, opts, every)
+            .expect_err("lateness beyond i64 ms");
+        assert!(err.to_string().contains("allowed_lateness_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_rules_only() {
+        let a = EngineSettings::spec_default();
+        let mut scoring = ScoringConfig::default();
+        scoring.recency.thresholds_days[0] = 6;
+        let b = EngineSettings::new(
+            scoring,
+            SegmentsConfig::default(),
+            Duration::from_secs(5),
+            StateOptions::default(),
+            NonZeroU64::MIN,
+        )
+        .expect("valid");
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let c = EngineSettings::new(
+            ScoringConfig::default(),
+            SegmentsConfig::default(),
+            Duration::from_secs(5),
+            StateOptions { cache_customers: 3, ..StateOptions::default() },
+            NonZeroU64::MIN,
+        )
+        .expect("valid");
+        assert_eq!(a.fingerprint(), c.fingerprint(), "time and tuning do not change what is computed");
+    }
+}

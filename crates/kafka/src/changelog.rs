@@ -1,0 +1,155 @@
+//! What a partition task writes to its changelog partition, and reads back
+//! on restore (ARCHITECTURE.md, "Kafka mode").
+//!
+//! Keys: `c/<customer_id>` for a customer, `m` for the commit marker,
+//! `b/<record number>` for a logged run of one input topic's records (the
+//! order in which several topics' records were processed, written before
+//! their output). Customer values: `S` + applied-through record number
+//! (8 bytes, big-endian) + the state as RocksDB stores it; `D` +
+//! applied-through for an erased customer (replaced by a tombstone once the
+//! erasure is committed).
+
+use segstream_scoring::CustomerState;
+use segstream_state::{decode_state, encode_state};
+use serde::{Deserialize, Serialize};
+
+use crate::marker::Marker;
+
+pub const MARKER_KEY: &[u8] = b"m";
+const CUSTOMER_PREFIX: &[u8] = b"c/";
+const RUN_PREFIX: &[u8] = b"b/";
+
+/// A changelog record segstream cannot read: the topic holds something it
+/// did not write, or a newer version's format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangelogError {
+    #[error("unknown changelog key {0:?}")]
+    UnknownKey(String),
+    #[error("changelog value of {id:?}: {reason}")]
+    Customer { id: String, reason: String },
+    #[error("changelog commit marker: {0}")]
+    Marker(String),
+    #[error("changelog run record: {0}")]
+    Run(String),
+    #[error("encoding a changelog record: {0}")]
+    Encode(String),
+    #[error("changelog {topic}/{partition}@{offset}: {source}")]
+    At { topic: String, partition: i32, offset: i64, source: Box<ChangelogError> },
+}
+
+/// Records of one input topic processed in a row (offsets `first..=last`),
+/// logged before their output so that a replay takes the same order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedRun {
+    pub topic: String,
+    pub first: i64,
+    pub last: i64,
+}
+
+/// The key of the run that starts at record number `record`.
+pub fn run_key(record: i64) -> Vec<u8> {
+    let mut k = RUN_PREFIX.to_vec();
+    k.extend_from_slice(record.to_string().as_bytes());
+    k
+}
+
+pub fn customer_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(CUSTOMER_PREFIX.len() + id.len());
+    k.extend_from_slice(CUSTOMER_PREFIX);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A customer's changelog value: its state (`None`: erased) and the record
+/// number of the last event applied to it.
+pub fn encode_customer(applied_through: i64, state: Option<&CustomerState>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.push(if state.is_some() { b'S' } else { b'D' });
+    v.extend_from_slice(&applied_through.to_be_bytes());
+    if let Some(st) = state {
+        v.extend(encode_state(st));
+    }
+    v
+}
+
+/// One changelog record, decoded (one at a time: the size difference of the
+/// variants does not matter).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Entry {
+    Marker(Box<Marker>),
+    /// `state` is `None` for an erased customer; `applied_through` is `None`
+    /// for a tombstone (an erasure already committed).
+    Customer {
+        id: String,
+        applied_through: Option<i64>,
+        state: Option<CustomerState>,
+    },
+    /// `None`: a tombstone (the run's commit is complete).
+    Run(Option<LoggedRun>),
+}
+
+pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, ChangelogError> {
+    if key == MARKER_KEY {
+        let v = value.ok_or_else(|| ChangelogError::Marker("empty".into()))?;
+        return serde_json::from_slice(v)
+            .map(|m| Entry::Marker(Box::new(m)))
+            .map_err(|e| ChangelogError::Marker(e.to_string()));
+    }
+    if key.starts_with(RUN_PREFIX) {
+        return match value {
+            None => Ok(Entry::Run(None)),
+            Some(v) => {
+                serde_json::from_slice(v).map(|b| Entry::Run(Some(b))).map_err(|e| ChangelogError::Run(e.to_string()))
+            }
+        };
+    }
+    let id = key
+        .strip_prefix(CUSTOMER_PREFIX)
+        .and_then(|id| std::str::from_utf8(id).ok())
+        .ok_or_else(|| ChangelogError::UnknownKey(String::from_utf8_lossy(key).into_owned()))?
+        .to_string();
+    let Some(v) = value else {
+        return Ok(Entry::Customer { id, applied_through: None, state: None });
+    };
+    let bad = |reason: String| ChangelogError::Customer { id: id.clone(), reason };
+    let Some((&tag, rest)) = v.split_first() else { return Err(bad("empty value".into())) };
+    let Some((applied, state)) = rest.split_first_chunk::<8>() else {
+        return Err(bad(format!("{} bytes", v.len())));
+    };
+    let applied = i64::from_be_bytes(*applied);
+    let state = match tag {
+        b'S' => Some(decode_state(id.as_bytes(), state).map_err(|e| bad(e.to_string()))?),
+        b'D' => None,
+        other => return Err(bad(format!("unknown tag {other}"))),
+    };
+    Ok(Entry::Customer { id, applied_through: Some(applied), state })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customer_records_round_trip_and_bad_ones_are_errors() {
+        let v = encode_customer(41, None);
+        match decode_entry(&customer_key("c-1"), Some(&v)).expect("decodes") {
+            Entry::Customer { id, applied_through, state } => {
+                assert_eq!((id.as_str(), applied_through, state.is_none()), ("c-1", Some(41), true));
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode_entry(&customer_key("c-2"), None).expect("tombstone") {
+            Entry::Customer { applied_through: None, state: None, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(decode_entry(b"x", Some(b"1")), Err(ChangelogError::UnknownKey(_))));
+        assert!(matches!(decode_entry(&customer_key("c"), Some(b"S12")), Err(ChangelogError::Customer { .. })));
+        assert!(matches!(decode_entry(&customer_key("c"), Some(b"")), Err(ChangelogError::Customer { .. })));
+        assert!(matches!(decode_entry(MARKER_KEY, Some(b"{")), Err(ChangelogError::Marker(_))));
+        let run = LoggedRun { topic: "t".into(), first: 3, last: 9 };
+        let v = serde_json::to_vec(&run).expect("json");
+        assert!(matches!(decode_entry(&run_key(12), Some(&v)), Ok(Entry::Run(Some(r))) if r == run));
+        assert!(matches!(decode_entry(&run_key(12), None), Ok(Entry::Run(None))));
+    }
+}

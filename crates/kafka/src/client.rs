@@ -1,0 +1,143 @@
+//! Broker requests outside the consumer group: metadata, offsets, and
+//! reading given ranges of a partition (restores, output tails). Every wait
+//! is bounded and stop-aware.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::Error;
+use crate::marker::OutputEnds;
+use crate::settings::KafkaSettings;
+use crate::stop::{retry, Backoff, StopFlag};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A range being read that delivers nothing for this long is an error.
+const READ_STALL: Duration = Duration::from_secs(60);
+
+/// A consumer outside the group (no offsets committed), for reading given
+/// ranges: restores, output tails, metadata.
+pub fn reader(settings: &KafkaSettings) -> Result<BaseConsumer, Error> {
+    settings
+        .client_config(
+            &[("fetch.wait.max.ms", "10")],
+            &settings.consumer_properties,
+            &[
+                ("group.id", "segstream-restore"),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "true"),
+                ("auto.offset.reset", "earliest"),
+            ],
+        )
+        .create()
+        .map_err(Error::broker("creating the restore consumer"))
+}
+
+/// A broker request, retried while the broker restarts or is overloaded.
+pub fn request<T>(what: &str, stop: &StopFlag, f: impl FnMut() -> Result<T, KafkaError>) -> Result<T, Error> {
+    retry(what, stop, Backoff::BROKER, |_| true, f).map_err(|e| Error::from_retry(what, e))
+}
+
+/// The low and high offsets of `topic`/`partition`.
+pub fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32, stop: &StopFlag) -> Result<(i64, i64), Error> {
+    request(&format!("{topic}/{partition} offsets"), stop, || {
+        consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+    })
+}
+
+/// Partitions of `topic`, retrying broker errors (see [`check_topic`] for
+/// the start-up check, which fails at once).
+pub fn partition_count(consumer: &BaseConsumer, topic: &str, stop: &StopFlag) -> Result<i32, Error> {
+    let md =
+        request(&format!("metadata of topic {topic}"), stop, || consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT))?;
+    topic_partitions(&md, topic)
+}
+
+/// Partitions of `topic`, failing on the first broker error: the check at
+/// start, where a wrong address or a missing topic must be reported at once.
+pub fn check_topic(consumer: &BaseConsumer, topic: &str) -> Result<i32, Error> {
+    let md = consumer
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(Error::broker(format!("metadata of topic {topic} (are the brokers right?)")))?;
+    topic_partitions(&md, topic)
+}
+
+fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> Result<i32, Error> {
+    let t = md.topics().first().ok_or_else(|| Error::Setup(format!("no metadata for topic {topic}")))?;
+    if let Some(e) = t.error() {
+        return Err(Error::Setup(format!("topic {topic}: {e:?} (create it first; see README, \"Run with Kafka\")")));
+    }
+    if t.partitions().is_empty() {
+        return Err(Error::Setup(format!(
+            "topic {topic} does not exist or has no partitions (create it first; see README, \"Run with Kafka\")"
+        )));
+    }
+    Ok(t.partitions().len() as i32)
+}
+
+/// The current end offsets of every partition of `topics`.
+pub fn end_offsets(consumer: &BaseConsumer, topics: [&str; 2], stop: &StopFlag) -> Result<OutputEnds, Error> {
+    let mut outputs = OutputEnds::new();
+    for topic in topics {
+        let mut ends = std::collections::BTreeMap::new();
+        for q in 0..partition_count(consumer, topic, stop)? {
+            ends.insert(q, watermarks(consumer, topic, q, stop)?.1);
+        }
+        outputs.insert(topic.to_string(), ends);
+    }
+    Ok(outputs)
+}
+
+/// Reads `topic`/`partition` from `from` up to (not including) `to`.
+pub fn read_range(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    (from, to): (i64, i64),
+    stop: &StopFlag,
+    mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    if from >= to {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from)).map_err(Error::broker("offset list"))?;
+    consumer.assign(&tpl).map_err(Error::broker(format!("assigning {topic}/{partition}")))?;
+    let mut quiet_since = Instant::now();
+    loop {
+        if stop.is_set() {
+            return Err(Error::Stopped);
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = Instant::now();
+                if m.offset() >= to {
+                    break;
+                }
+                f(&m)?;
+                if m.offset() + 1 >= to {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
+                tracing::warn!(topic, partition, "reading: {e}");
+                if quiet_since.elapsed() > READ_STALL {
+                    return Err(Error::ReadStalled(format!("cannot read {topic}/{partition} from offset {from}: {e}")));
+                }
+            }
+            None => {
+                if quiet_since.elapsed() > READ_STALL {
+                    return Err(Error::ReadStalled(format!(
+                        "no data from {topic}/{partition} for 60 s while reading offsets {from}..{to}"
+                    )));
+                }
+            }
+        }
+    }
+    consumer.unassign().map_err(Error::broker(format!("unassigning {topic}/{partition}")))?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The consumer group: the calling thread polls it and runs the rebalance
+//! callbacks, which start and stop one [`Task`] thread per assigned
+//! partition; records go to the tasks through bounded queues (a full queue
+//! pauses that partition's fetching).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use segstream_engine::EngineSettings;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::partition::{Shared, Task};
+use crate::preflight;
+use crate::record::{Msg, Rec};
+use crate::settings::KafkaSettings;
+use crate::stop::StopFlag;
+
+/// Batches queued per partition before its fetching is paused.
+const TASK_QUEUE: usize = 8;
+const BATCH: usize = 2_000;
+
+struct TaskHandle {
+    tx: SyncSender<Msg>,
+    stop: StopFlag,
+    join: JoinHandle<Result<(), Error>>,
+    /// Batches the task's queue had no room for.
+    pending: VecDeque<Vec<Rec>>,
+    paused: bool,
+}
+
+/// Owns the partition tasks; the rebalance callbacks start and stop them.
+struct GroupContext {
+    shared: Arc<Shared>,
+    tasks: Mutex<HashMap<i32, TaskHandle>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl GroupContext {
+    fn fail(&self, msg: String) {
+        tracing::error!("{msg}");
+        self.failure.lock().expect("failure").get_or_insert(msg);
+    }
+
+    fn start(&self, partition: i32) {
+        let (tx, rx) = sync_channel(TASK_QUEUE);
+        let shared = self.shared.clone();
+        let stop = StopFlag::new();
+        let task_stop = stop.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("partition-{partition}"))
+            .spawn(move || Task::open(shared, partition, task_stop)?.run(rx))
+            .expect("spawning a partition thread");
+        let handle = TaskHandle { tx, stop, join, pending: VecDeque::new(), paused: false };
+        self.tasks.lock().expect("tasks").insert(partition, handle);
+        self.shared.metrics.assigned_partitions.inc();
+    }
+
+    /// Stops a task after it commits: returns once its state and outputs
+    /// are durable, so the next owner starts from them.
+    fn stop(&self, partition: i32) {
+        let Some(h) = self.tasks.lock().expect("tasks").remove(&partition) else { return };
+        self.shared.metrics.assigned_partitions.dec();
+        // A task waiting on a retry (registry, broker) gives up at once; one
+        // that already ended dropped its receiver: nothing to tell it.
+        h.stop.set();
+        let _ = h.tx.send(Msg::Stop);
+        match h.join.join() {
+            // Stopped during its restore: nothing was processed, nothing to commit.
+            Ok(Ok(())) | Ok(Err(Error::Stopped)) => {}
+            Ok(Err(e)) => self.fail(format!("partition {partition}: {e}")),
+            Err(_) => self.fail(format!("partition {partition}: the task panicked")),
+        }
+    }
+
+    fn stop_all(&self) {
+        let parts: Vec<i32> = self.tasks.lock().expect("tasks").keys().copied().collect();
+        for p in parts {
+            self.stop(p);
+        }
+    }
+
+    fn commit_offsets(&self, consumer: &BaseConsumer<GroupContext>, parts: Option<&[i32]>, mode: CommitMode) {
+        let committed = self.shared.committed.lock().expect("committed").clone();
+        let mut tpl = TopicPartitionList::new();
+        for (p, positions) in committed {
+            if parts.is_none_or(|ps| ps.contains(&p)) {
+                for (topic, off) in positions {
+                    // Cannot fail: the offset is a plain number.
+                    let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(off));
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, mode) {
+                // Informational only: the authoritative position is the commit marker.
+                tracing::debug!("committing group offsets: {e}");
+            }
+        }
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+/// The partition numbers in a list (each once: co-partitioned input topics
+/// share their numbers, and one task serves partition `p` of all of them).
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = partitions(tpl);
+            tracing::info!(?parts, "partitions revoked: committing and handing over");
+            for &p in &parts {
+                self.stop(p);
+            }
+            self.commit_offsets(consumer, Some(&parts), CommitMode::Sync);
+            self.shared.committed.lock().expect("committed").retain(|p, _| !parts.contains(p));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = partitions(tpl);
+                tracing::info!(?parts, "partitions assigned: restoring");
+                for p in parts {
+                    self.start(p);
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Runs the consumer group until `stop` is set (or a partition fails,
+/// which is an error: a restart recovers exactly).
+pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, stop: StopFlag) -> Result<(), Error> {
+    let checked = preflight::check(&kafka)?;
+    let group_id = kafka.group_id.clone();
+    let consumer_config = kafka.client_config(
+        &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest")],
+        &kafka.consumer_properties,
+        &[
+            ("group.id", group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("partition.assignment.strategy", "range"),
+        ],
+    );
+    let shared = Arc::new(Shared {
+        engine,
+        kafka,
+        metrics: metrics.clone(),
+        output: checked.output,
+        changelog_delete_retention: checked.changelog_delete_retention,
+        committed: Mutex::new(HashMap::new()),
+    });
+    let ctx = GroupContext { shared: shared.clone(), tasks: Mutex::new(HashMap::new()), failure: Mutex::new(None) };
+    let consumer: BaseConsumer<GroupContext> =
+        consumer_config.create_with_context(ctx).map_err(Error::broker("creating the group consumer"))?;
+    let names = shared.kafka.topic_names();
+    consumer.subscribe(&names).map_err(Error::broker("subscribing"))?;
+    metrics.set_ready(true);
+    tracing::info!(group = group_id, input = ?names, output = shared.kafka.output_topic, "consuming");
+    let result = consume(&consumer, &stop);
+    metrics.set_ready(false);
+    let ctx = consumer.context();
+    tracing::info!("stopping: committing every partition");
+    ctx.stop_all();
+    ctx.commit_offsets(&consumer, None, CommitMode::Sync);
+    let failure = ctx.failure.lock().expect("failure").take();
+    tracing::info!("partitions committed; leaving the group");
+    consumer.unsubscribe();
+    drop(consumer);
+    tracing::info!("left the group");
+    result?;
+    match failure {
+        Some(f) => Err(Error::PartitionFailed(f)),
+        None => Ok(()),
+    }
+}
+
+fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(), Error> {
+    let ctx = consumer.context();
+    let topics = ctx.shared.kafka.topic_names();
+    let mut batches: HashMap<(i32, usize), Vec<Rec>> = HashMap::new();
+    let mut last_offset_commit = Instant::now();
+    while !stop.is_set() {
+        if let Some(f) = ctx.failure.lock().expect("failure").clone() {
+            return Err(Error::PartitionFailed(f));
+        }
+        let mut n = 0;
+        let mut wait = Duration::from_millis(100);
+        while n < BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    n += 1;
+                    let Some(topic) = topics.iter().position(|t| *t == m.topic()) else { continue };
+                    batches.entry((m.partition(), topic)).or_default().push(Rec {
+                        topic,
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("consumer: {e}");
+                    break;
+                }
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
+        let mut tasks = ctx.tasks.lock().expect("tasks");
+        for ((p, _), recs) in batches.drain() {
+            match tasks.get_mut(&p) {
+                Some(h) => h.pending.push_back(recs),
+                None => tracing::debug!(
+                    partition = p,
+                    "records of a partition no longer assigned: dropped (refetched by its owner)"
+                ),
+            }
+        }
+        let mut ended = Vec::new();
+        for (&p, h) in tasks.iter_mut() {
+            while let Some(b) = h.pending.pop_front() {
+                match h.tx.try_send(Msg::Records(b)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(Msg::Records(b))) => {
+                        h.pending.push_front(b);
+                        break;
+                    }
+                    Err(_) => {
+                        ended.push(p);
+                        break;
+                    }
+                }
+            }
+            let want_pause = !h.pending.is_empty();
+            if want_pause != h.paused {
+                let mut tpl = TopicPartitionList::new();
+                for topic in &topics {
+                    tpl.add_partition(topic, p);
+                }
+                let r = if want_pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+                if let Err(e) = r {
+                    tracing::warn!(partition = p, "pause/resume: {e}");
+                }
+                h.paused = want_pause;
+            }
+        }
+        drop(tasks);
+        for p in ended {
+            // The task ended on an error: collect it.
+            ctx.stop(p);
+        }
+        if last_offset_commit.elapsed() >= Duration::from_secs(1) {
+            ctx.commit_offsets(consumer, None, CommitMode::Async);
+            last_offset_commit = Instant::now();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! One input partition: restored in [`open`](Task::open), then records in
+//! and transitions out, committing by the protocol of [`crate::commit`].
+//! Runs on its own thread; owns its RocksDB state and its idempotent producer.
+
+mod open;
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::BaseRecord;
+use segstream_decode::{decode_json_line, Classify, DecodeError, ErrorClass, Event, Format};
+use segstream_engine::{Engine, EngineSettings};
+use segstream_output::{DeadLetter, Emitter};
+use segstream_scoring::{Outcome, Transition};
+
+use crate::changelog::{customer_key, encode_customer, run_key, LoggedRun};
+use crate::commit::{commit, Commit, CommitIo};
+use crate::error::Error;
+use crate::marker::{LocalMarker, Marker, Progress, LOCAL_MARKER_META};
+use crate::metrics::{KindLabel, Metrics, PartitionLabel, TopicPartitionLabel, TransitionLabel};
+use crate::producer::Producer;
+use crate::record::{Msg, Rec};
+use crate::runlog::{RunLog, Step};
+use crate::schemas::WireDecoder;
+use crate::settings::KafkaSettings;
+use crate::sink::{KafkaSink, OutputEncoding};
+use crate::stop::{retry, Backoff, RetryError, StopFlag};
+use crate::testhooks::{CrashPoint, FaultInjection};
+
+/// What every task of the process shares.
+pub struct Shared {
+    pub engine: EngineSettings,
+    pub kafka: KafkaSettings,
+    pub metrics: Arc<Metrics>,
+    pub output: OutputEncoding,
+    /// The changelog's `delete.retention.ms`: local state older than this
+    /// may miss erasures whose tombstones compaction has removed since.
+    pub changelog_delete_retention: Duration,
+    /// Per partition, the next offset of each input topic at its last
+    /// commit, for the main thread to commit to the consumer group.
+    pub committed: Mutex<HashMap<i32, Vec<(String, i64)>>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+pub struct Task {
+    shared: Arc<Shared>,
+    partition: i32,
+    stop: StopFlag,
+    engine: Engine,
+    emitter: Emitter<KafkaSink>,
+    /// The last commit.
+    marker: Marker,
+    /// Per input topic, the next offset to process (-1: none yet).
+    next_offsets: Vec<i64>,
+    /// Record number of the next record processed (all topics).
+    records: i64,
+    /// Customer → record number of its last event applied since the last commit.
+    epoch_applied: HashMap<String, i64>,
+    /// Several input topics: the processing order.
+    runs: RunLog,
+    /// Keys of this epoch's logged runs, tombstoned after the next marker.
+    run_keys: Vec<Vec<u8>>,
+    decoder: Option<WireDecoder>,
+    out: Vec<Transition>,
+    records_since_commit: u64,
+    last_commit: Instant,
+    last_record: Instant,
+    /// `topic/partition/` per input topic.
+    source_prefixes: Vec<String>,
+    /// Tally counts already added to the metrics: transitions by (group,
+    /// segment), dead letters by kind.
+    published: HashMap<(String, String), u64>,
+    published_dead: HashMap<&'static str, u64>,
+}
+
+/// An event whose message key is not its `customer_id` would put the
+/// customer's state in a partition other producers do not write to: it is
+/// poison. A record without a key is accepted (the producer's partitioner
+/// placed it; with one partition that is harmless).
+fn keyed_by_customer(key: Option<&[u8]>, ev: Event) -> Result<Event, DecodeError> {
+    match key {
+        Some(k) if k != ev.customer_id.as_bytes() => Err(DecodeError::KeyMismatch {
+            key: String::from_utf8_lossy(k).into_owned(),
+            customer_id: ev.customer_id.clone(),
+        }),
+        _ => Ok(ev),
+    }
+}
+
+/// The commit's side effects on a task's producer and engine.
+struct TaskIo<'a> {
+    producer: &'a Producer,
+    engine: &'a mut Engine,
+    changelog: &'a str,
+    partition: i32,
+    faults: &'a FaultInjection,
+    records: i64,
+}
+
+impl CommitIo for TaskIo<'_> {
+    fn flush(&mut self) -> Result<(), Error> {
+        self.producer.flush()
+    }
+
+    fn delivered(&self) -> HashMap<(String, i32), i64> {
+        self.producer.with_delivered(Clone::clone)
+    }
+
+    fn send_changelog(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), Error> {
+        let mut rec = BaseRecord::<[u8], [u8], ()>::to(self.changelog).partition(self.partition).key(key);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        self.producer.send(rec)
+    }
+
+    fn changelog_end(&self) -> Option<i64> {
+        self.producer.delivered_end(self.changelog, self.partition)
+    }
+
+    fn commit_local(&mut self, local: &LocalMarker) -> Result<(), Error> {
+        Ok(self.engine.commit(vec![(LOCAL_MARKER_META.into(), serde_json::to_vec(local)?)])?)
+    }
+
+    fn crash_point(&self, point: CrashPoint) {
+        self.faults.crash_point(point, self.records, self.partition, || self.producer.flush_before_crash());
+    }
+}
+
+impl Task {
+    /// Runs until told to stop (or the channel closes): records, commits,
+    /// wall-clock advances.
+    pub fn run(mut self, rx: Receiver<Msg>) -> Result<(), Error> {
+        let interval = self.shared.kafka.commit_interval;
+        let idle = self.shared.kafka.idle_advance;
+        let every = self.shared.engine.commit_every_records();
+        let wait = Duration::from_millis(100).min(interval);
+        loop {
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Records(recs)) => {
+                    match self.take(recs) {
+                        Err(Error::Stopped) => return self.hand_over(),
+                        other => other?,
+                    }
+                    self.last_record = Instant::now();
+                }
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return self.hand_over(),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.emitter.sink().producer().poll();
+            if self.records_since_commit >= every
+                || (self.records_since_commit > 0 && self.last_commit.elapsed() >= interval)
+            {
+                self.commit(None)?;
+            }
+            if idle.is_some_and(|idle| self.last_record.elapsed() >= idle) {
+                self.advance_with_wall_clock()?;
+            }
+        }
+    }
+
+    fn hand_over(mut self) -> Result<(), Error> {
+        self.commit(None)?;
+        tracing::info!(partition = self.partition, records = self.records, "partition handed over");
+        Ok(())
+    }
+
+    /// An idle partition's watermark follows the wall clock (less the
+    /// allowed lateness), when that fires a boundary. The advance is
+    /// committed before its transitions are produced, so a replay applies it
+    /// at the same point.
+    fn advance_with_wall_clock(&mut self) -> Result<(), Error> {
+        let target = now_ms().saturating_sub(self.shared.engine.lateness_ms());
+        if target <= self.engine.clock().watermark || self.engine.next_due().is_none_or(|d| d > target) {
+            return Ok(());
+        }
+        self.commit(Some(target))?;
+        self.advance_to(target)?;
+        self.shared.metrics.wall_clock_advances.inc();
+        Ok(())
+    }
+
+    /// Moves the watermark to `target` and emits what it fires.
+    fn advance_to(&mut self, target: i64) -> Result<(), Error> {
+        self.engine.advance_watermark(target, &mut self.out)?;
+        let source = format!("{}time", self.source_prefixes[0]);
+        self.emitter.sink_mut().set_source(source);
+        self.emitter.transitions(&mut self.out)
+    }
+
+    /// Records from the main thread. One input topic: processed in offset
+    /// order. Several: in the order of the run log ([`crate::runlog`]): each
+    /// run is logged to the changelog (and acknowledged) before any of its
+    /// output, so that a replay processes them in the same order.
+    fn take(&mut self, recs: Vec<Rec>) -> Result<(), Error> {
+        if self.shared.kafka.inputs.len() == 1 {
+            for r in recs {
+                self.process(r)?;
+            }
+            return Ok(());
+        }
+        self.runs.push(recs);
+        loop {
+            match self.runs.next(&self.next_offsets) {
+                Step::Record(r) => self.process(r)?,
+                Step::Log { topic, first, last } => {
+                    let key = run_key(self.records);
+                    let run = LoggedRun { topic: self.shared.kafka.inputs[topic].topic.clone(), first, last };
+                    let value = serde_json::to_vec(&run)?;
+                    let producer = self.emitter.sink().producer();
+                    producer.send(
+                        BaseRecord::to(&self.shared.kafka.changelog_topic)
+                            .partition(self.partition)
+                            .key(key.as_slice())
+                            .payload(value.as_slice()),
+                    )?;
+                    producer.flush()?;
+                    self.run_keys.push(key);
+                }
+                Step::Wait => return Ok(()),
+            }
+        }
+    }
+
+    /// Decodes a payload of input topic `topic`; waits (stop-aware) while
+    /// the Schema Registry cannot answer.
+    fn decode(&mut self, topic: usize, payload: &[u8]) -> Result<Result<Event, DecodeError>, Error> {
+        let (Format::Avro, Some(decoder)) = (self.shared.kafka.inputs[topic].format, &mut self.decoder) else {
+            return Ok(decode_json_line(payload));
+        };
+        let metrics = &self.shared.metrics;
+        let transient = |e: &DecodeError| e.class() == ErrorClass::Transient;
+        let what = format!("partition {}: decoding", self.partition);
+        match retry(&what, &self.stop, Backoff::REGISTRY, transient, || {
+            decoder.decode(payload).inspect_err(|e| {
+                if transient(e) {
+                    metrics.registry_errors.inc();
+                }
+            })
+        }) {
+            Ok(ev) => Ok(Ok(ev)),
+            Err(RetryError::GaveUp { last, .. }) => Ok(Err(last)),
+            Err(RetryError::Stopped) => Err(Error::Stopped),
+        }
+    }
+
+    fn process(&mut self, r: Rec) -> Result<(), Error> {
+        let t = r.topic;
+        if r.offset < self.next_offsets[t] {
+            return Ok(()); // already in the committed state
+        }
+        let record = self.records;
+        if r.key.is_none() {
+            self.shared.metrics.unkeyed.inc();
+        }
+        let decoded = match &r.payload {
+            None => Err(DecodeError::Json("empty message (null value)".into())),
+            Some(p) => self.decode(t, p)?,
+        }
+        .and_then(|ev| keyed_by_customer(r.key.as_deref(), ev));
+        let source = format!("{}{}", self.source_prefixes[t], r.offset);
+        match decoded {
+            Err(e) => {
+                self.engine.count_invalid();
+                let dead =
+                    DeadLetter { location: &source, error: &e, key: r.key.as_deref(), raw: r.payload.as_deref() };
+                self.emitter.dead_letter(&dead)?;
+            }
+            Ok(ev) => {
+                let m = &self.shared.metrics;
+                m.events.inc();
+                if self.emitter.sink().guard().skips(&ev.customer_id, record) {
+                    self.engine.skip_event(&ev, &mut self.out)?;
+                    m.replay_skipped_events.inc();
+                } else {
+                    match self.engine.on_event(&ev, &mut self.out)? {
+                        Outcome::Duplicate => m.duplicates.inc(),
+                        Outcome::Applied { late: true } | Outcome::Deleted { late: true } => m.late.inc(),
+                        _ => 0,
+                    };
+                    self.epoch_applied.insert(ev.customer_id, record);
+                }
+                self.emitter.sink_mut().set_source(source);
+                self.emitter.transitions(&mut self.out)?;
+            }
+        }
+        self.records += 1;
+        self.next_offsets[t] = r.offset + 1;
+        self.records_since_commit += 1;
+        if let Some(left) = self.emitter.sink_mut().guard_mut().passed(&self.next_offsets) {
+            // Left over: records of customers whose restored state was
+            // already past them (skip map), which the replay does not recompute.
+            tracing::info!(partition = self.partition, left, "replay caught up with the previous run's output");
+        }
+        if self.records_since_commit >= self.shared.engine.commit_every_records() {
+            self.commit(None)?;
+        }
+        Ok(())
+    }
+
+    /// Commits (see [`crate::commit`]), then tells the main thread and the metrics.
+    fn commit(&mut self, pending_watermark: Option<i64>) -> Result<(), Error> {
+        let started = Instant::now();
+        let next = self.records;
+        let mut states = Vec::new();
+        let mut tombstones = Vec::new();
+        let guard = self.emitter.sink().guard();
+        self.engine.for_each_dirty(|id, st| {
+            let applied = self.epoch_applied.get(id).copied().or_else(|| guard.applied_through(id)).unwrap_or(-1);
+            states.push((customer_key(id), encode_customer(applied, st)));
+            if st.is_none() {
+                tombstones.push(customer_key(id));
+            }
+        });
+        tombstones.append(&mut self.run_keys);
+        let inputs = &self.shared.kafka.inputs;
+        let offsets: Vec<(&str, i64)> =
+            inputs.iter().map(|i| i.topic.as_str()).zip(self.next_offsets.iter().copied()).collect();
+        let pending_runs = self
+            .runs
+            .pending_runs(&self.next_offsets)
+            .into_iter()
+            .map(|(t, last)| LoggedRun { topic: inputs[t].topic.clone(), first: -1, last })
+            .collect();
+        let (clock, counters) = (self.engine.clock(), self.engine.counters().clone());
+        let sink = self.emitter.sink_mut();
+        let hold_outputs = sink.guard().holds_outputs();
+        let skip = sink.guard_mut().prune_skips(next).clone();
+        let customers = states.len();
+        let sink = self.emitter.sink();
+        let progress = Progress {
+            records: next,
+            next_offsets: &offsets,
+            pending_runs,
+            clock,
+            counters,
+            pending_watermark,
+            delivered: None,
+            output_topics: sink.output_topics(),
+            skip,
+        };
+        let mut io = TaskIo {
+            producer: sink.producer(),
+            engine: &mut self.engine,
+            changelog: &self.shared.kafka.changelog_topic,
+            partition: self.partition,
+            faults: &self.shared.kafka.faults,
+            records: next,
+        };
+        let c = Commit { prev: &self.marker, progress, hold_outputs, states, tombstones, now_ms: now_ms() };
+        let done = commit(&mut io, c)?;
+        let positions: Vec<(String, i64)> =
+            offsets.iter().filter(|(_, o)| *o >= 0).map(|(t, o)| (t.to_string(), *o)).collect();
+        self.shared.committed.lock().expect("committed offsets").insert(self.partition, positions.clone());
+        self.publish(&positions, started.elapsed(), done.marker.clock.watermark);
+        tracing::debug!(
+            partition = self.partition,
+            seq = done.marker.seq,
+            records = next,
+            customers,
+            output_flush_ms = done.outputs_acknowledged.as_millis() as u64,
+            changelog_ms = (done.marker_acknowledged - done.outputs_acknowledged).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "committed"
+        );
+        self.marker = done.marker;
+        self.epoch_applied.clear();
+        self.records_since_commit = 0;
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+
+    /// Metrics after a commit: the commit itself, the partition's position,
+    /// and what the emitter wrote since the last one.
+    fn publish(&mut self, positions: &[(String, i64)], took: Duration, watermark: i64) {
+        let m = &self.shared.metrics;
+        m.commits.inc();
+        m.commit_seconds.observe(took.as_secs_f64());
+        let label = PartitionLabel { partition: self.partition };
+        m.records.get_or_create(&label).set(self.records);
+        for (topic, offset) in positions {
+            m.offsets
+                .get_or_create(&TopicPartitionLabel { topic: topic.clone(), partition: self.partition })
+                .set(*offset);
+        }
+        m.watermark.get_or_create(&label).set(watermark.max(0) as f64 / 1000.0);
+        let tally = self.emitter.tally();
+        for (group, to, n) in tally.transition_counts() {
+            let key = (group.to_string(), to.map_or_else(|| "null".to_string(), |t| t.to_string()));
+            let before = self.published.get(&key).copied().unwrap_or(0);
+            if n > before {
+                m.transitions
+                    .get_or_create(&TransitionLabel { group: key.0.clone(), to: key.1.clone() })
+                    .inc_by(n - before);
+                self.published.insert(key, n);
+            }
+        }
+        for (&kind, &n) in tally.dead_letters() {
+            let before = self.published_dead.insert(kind, n).unwrap_or(0);
+            if n > before {
+                m.dead_letters.get_or_create(&KindLabel { kind: kind.to_string() }).inc_by(n - before);
+            }
+        }
+    }
+}

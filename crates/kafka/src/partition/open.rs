@@ -1,0 +1,198 @@
+//! Opening a partition (ARCHITECTURE.md, "Recovery"): local RocksDB, then
+//! the changelog after it, then what the outputs already hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::{Headers, Message};
+use segstream_engine::Engine;
+use segstream_output::Emitter;
+
+use super::{now_ms, Shared, Task};
+use crate::changelog::{decode_entry, ChangelogError};
+use crate::client::{end_offsets, partition_count, read_range, reader, watermarks};
+use crate::error::Error;
+use crate::marker::{LocalMarker, Marker, LOCAL_MARKER_META};
+use crate::metrics::SourceLabel;
+use crate::producer::Producer;
+use crate::replay::{dead_letter_id, parse_source, ReplayGuard};
+use crate::restore::{verdict, ChangelogTail, Verdict};
+use crate::runlog::RunLog;
+use crate::schemas::WireDecoder;
+use crate::sink::KafkaSink;
+use crate::stop::StopFlag;
+use segstream_decode::Format;
+
+fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
+    let h = m.headers()?;
+    h.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+impl Task {
+    /// Opens the partition's state and brings it up to date.
+    pub fn open(shared: Arc<Shared>, partition: i32, stop: StopFlag) -> Result<Self, Error> {
+        let started = Instant::now();
+        let k = &shared.kafka;
+        let changelog = k.changelog_topic.as_str();
+        let dir = k.partition_dir(partition);
+        std::fs::create_dir_all(&k.state_dir).map_err(Error::io(format!("creating {}", k.state_dir.display())))?;
+        let mut engine = Engine::open(&dir, &shared.engine)?;
+        let mut local: Option<LocalMarker> =
+            match engine.meta(LOCAL_MARKER_META)? {
+                Some(v) => Some(serde_json::from_slice(&v).map_err(|e| {
+                    ChangelogError::Marker(format!("the local copy in {} is corrupt: {e}", dir.display()))
+                })?),
+                None => None,
+            };
+        let consumer = reader(k)?;
+        let (low, high) = watermarks(&consumer, changelog, partition, &stop)?;
+        if let (Verdict::Rebuild { why }, Some(l)) =
+            (verdict(local.as_ref(), low, high, now_ms(), shared.changelog_delete_retention), &local)
+        {
+            tracing::warn!(
+                partition,
+                local = l.changelog_offset,
+                low,
+                high,
+                age_s = now_ms().saturating_sub(l.committed_at_ms).max(0) / 1000,
+                "local state not used, {why}: rebuilding it from the changelog"
+            );
+            drop(engine);
+            std::fs::remove_dir_all(&dir).map_err(Error::io(format!("removing {}", dir.display())))?;
+            engine = Engine::open(&dir, &shared.engine)?;
+            local = None;
+        }
+        let from = local.as_ref().map_or(low, |l| l.changelog_offset + 1);
+        let mut tail = ChangelogTail::after(local);
+        read_range(&consumer, changelog, partition, (from, high), &stop, |m| {
+            let key = m.key().unwrap_or_default();
+            let entry = decode_entry(key, m.payload()).map_err(|e| ChangelogError::At {
+                topic: changelog.to_string(),
+                partition,
+                offset: m.offset(),
+                source: Box::new(e),
+            })?;
+            if let Some((id, state)) = tail.apply(key, m.offset(), entry) {
+                engine.restore_customer(&id, state)?;
+            }
+            if tail.records.is_multiple_of(100_000) {
+                engine.commit(Vec::new())?;
+                tracing::info!(partition, restored = tail.records, of = high - from, "restoring from the changelog");
+            }
+            Ok(())
+        })?;
+        let restored = tail.records;
+        shared.metrics.restore_records.inc_by(restored);
+        let fingerprint = shared.engine.fingerprint();
+        let (marker, changelog_offset, skip, runs, run_keys, fresh) = match tail.finish() {
+            Some(r) => (r.marker, r.changelog_offset, r.skip, r.runs, r.run_keys, false),
+            None => {
+                let outputs = end_offsets(&consumer, [&k.output_topic, &k.dead_letter_topic], &stop)?;
+                (Marker::first(outputs, fingerprint), -1, Default::default(), Vec::new(), Vec::new(), true)
+            }
+        };
+        if marker.config_fingerprint != fingerprint {
+            return Err(Error::Setup(format!(
+                "partition {partition} was built with a different scoring or segments configuration \
+                 (fingerprint {:016x}, now {fingerprint:016x}); use a new group id and changelog, or the old configuration",
+                marker.config_fingerprint
+            )));
+        }
+        engine.restore_clock(marker.clock, marker.counters.clone())?;
+        if !fresh {
+            let local = LocalMarker { marker: marker.clone(), changelog_offset, committed_at_ms: now_ms() };
+            engine.commit(vec![(LOCAL_MARKER_META.into(), serde_json::to_vec(&local)?)])?;
+        }
+        let mut replay = Vec::with_capacity(runs.len());
+        for run in runs {
+            let t = k.inputs.iter().position(|i| i.topic == run.topic).ok_or_else(|| {
+                Error::Setup(format!("the changelog names input topic {} that is not configured", run.topic))
+            })?;
+            replay.push((t, run.last));
+        }
+        let skips = skip.len();
+        let guard = ReplayGuard::new(k.inputs.len(), skip);
+        let sink = KafkaSink::new(Producer::new(k, partition)?, k, shared.output, guard, shared.metrics.clone());
+        let decoder = k
+            .inputs
+            .iter()
+            .any(|i| i.format == Format::Avro)
+            .then(|| WireDecoder::new(k.schemas.clone(), k.registry.clone()));
+        let mut task = Self {
+            source_prefixes: k.inputs.iter().map(|i| format!("{}/{partition}/", i.topic)).collect(),
+            next_offsets: k.inputs.iter().map(|i| marker.input_offsets.get(&i.topic).copied().unwrap_or(-1)).collect(),
+            records: marker.records,
+            runs: RunLog::new(k.inputs.len(), replay),
+            run_keys,
+            marker,
+            shared: shared.clone(),
+            partition,
+            stop,
+            engine,
+            emitter: Emitter::new(sink),
+            epoch_applied: HashMap::new(),
+            decoder,
+            out: Vec::new(),
+            records_since_commit: 0,
+            last_commit: Instant::now(),
+            last_record: Instant::now(),
+            published: HashMap::new(),
+            published_dead: HashMap::new(),
+        };
+        if fresh {
+            // The outputs' current ends must be durable before anything is produced.
+            task.commit(None)?;
+        } else {
+            task.read_outputs(&consumer)?;
+            if let Some(w) = task.marker.pending_watermark {
+                task.advance_to(w)?;
+            }
+        }
+        let source = if restored > 0 { "changelog" } else { "local" };
+        shared.metrics.restores.get_or_create(&SourceLabel { source: source.into() }).inc();
+        shared.metrics.restore_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            partition,
+            changelog_records = restored,
+            from = source,
+            records = task.records,
+            replay_batches = task.runs.replay_len(),
+            already_written = task.emitter.sink().guard().pending(),
+            replay_skips = skips,
+            seconds = started.elapsed().as_secs_f64(),
+            "partition restored"
+        );
+        Ok(task)
+    }
+
+    /// Learns what the uncommitted tail wrote: every output and dead-letter
+    /// record after the marker's end offsets whose source is this partition.
+    fn read_outputs(&mut self, consumer: &BaseConsumer) -> Result<(), Error> {
+        let k = &self.shared.kafka;
+        for (topic, is_dlq) in [(&k.output_topic, false), (&k.dead_letter_topic, true)] {
+            for q in 0..partition_count(consumer, topic, &self.stop)? {
+                let (low, high) = watermarks(consumer, topic, q, &self.stop)?;
+                let from =
+                    self.marker.outputs.get(topic.as_str()).and_then(|o| o.get(&q)).copied().unwrap_or(0).max(low);
+                let guard = self.emitter.sink_mut().guard_mut();
+                read_range(consumer, topic, q, (from, high), &self.stop, |m| {
+                    let Some(source) = header(m, "source") else { return Ok(()) };
+                    let Some((t, offset)) = parse_source(&self.source_prefixes, source) else { return Ok(()) };
+                    let id = if is_dlq {
+                        dead_letter_id(source)
+                    } else {
+                        match header(m, "transition_id") {
+                            Some(id) => id.to_string(),
+                            None => return Ok(()),
+                        }
+                    };
+                    guard.already_written(t, offset, id);
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! Checks before joining the group: topics exist with compatible partition
+//! counts, the changelog is compacted, the transition schema is registered.
+//! A clear error at start beats a crash loop.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use segstream_decode::Format;
+
+use crate::client::{check_topic, reader};
+use crate::error::Error;
+use crate::settings::KafkaSettings;
+use crate::sink::OutputEncoding;
+
+/// Kafka's default `delete.retention.ms`, assumed where the broker does not
+/// report the changelog's.
+const DEFAULT_DELETE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// What the checks learned.
+#[derive(Debug, Clone, Copy)]
+pub struct Preflight {
+    /// The changelog's `delete.retention.ms`.
+    pub changelog_delete_retention: Duration,
+    pub output: OutputEncoding,
+}
+
+pub fn check(k: &KafkaSettings) -> Result<Preflight, Error> {
+    let output = OutputEncoding::new(k.output_format, output_schema_id(k)?)?;
+    let probe = reader(k)?;
+    let mut inputs: Option<(&str, i32)> = None;
+    for input in &k.inputs {
+        let n = check_topic(&probe, &input.topic)?;
+        match inputs {
+            Some((first, m)) if m != n => {
+                return Err(Error::Setup(format!(
+                    "input topics must be co-partitioned: {first} has {m} partitions, {} has {n}",
+                    input.topic
+                )))
+            }
+            Some(_) => {}
+            None => inputs = Some((&input.topic, n)),
+        }
+    }
+    let (_, inputs) = inputs.ok_or_else(|| Error::Setup("no input topic".into()))?;
+    let changelog = &k.changelog_topic;
+    let logs = check_topic(&probe, changelog)?;
+    if logs < inputs {
+        return Err(Error::Setup(format!(
+            "changelog topic {changelog} has {logs} partitions, the input has {inputs}: \
+             it needs at least as many (one per input partition), and cleanup.policy=compact"
+        )));
+    }
+    check_topic(&probe, &k.output_topic)?;
+    check_topic(&probe, &k.dead_letter_topic)?;
+    Ok(Preflight { changelog_delete_retention: check_changelog_config(k)?, output })
+}
+
+/// The transition schema's id for Avro output: configured, or registered
+/// under `<output_topic>-value`.
+fn output_schema_id(k: &KafkaSettings) -> Result<Option<u32>, Error> {
+    match (k.output_format, k.output_schema_id, &k.registry) {
+        (Format::Json, _, _) => Ok(None),
+        (Format::Avro, Some(id), _) => Ok(Some(id)),
+        (Format::Avro, None, Some(registry)) => {
+            let subject = format!("{}-value", k.output_topic);
+            let schema = segstream_output::transition_schema().canonical_form();
+            let id = registry
+                .register(&subject, &schema)
+                .map_err(|e| Error::Setup(format!("registering the transition schema under {subject}: {e}")))?;
+            tracing::info!(subject, id, "transition schema registered");
+            Ok(Some(id))
+        }
+        (Format::Avro, None, None) => Err(Error::Setup(
+            "kafka.output_format = \"avro\" needs kafka.output_schema_id or kafka.schema_registry_url".into(),
+        )),
+    }
+}
+
+/// Checks that the changelog is compacted and returns its
+/// `delete.retention.ms`. Under `cleanup.policy=delete`, retention would
+/// remove the records of customers that have not changed for a while, and a
+/// restore from it would silently lose them. A broker that does not report
+/// the topic's configuration gets a warning, not a refusal.
+fn check_changelog_config(k: &KafkaSettings) -> Result<Duration, Error> {
+    let changelog = k.changelog_topic.as_str();
+    let admin: AdminClient<DefaultClientContext> =
+        k.client_config(&[], &Default::default(), &[]).create().map_err(Error::broker("creating an admin client"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(Error::io("starting the admin client's runtime"))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = runtime.block_on(admin.describe_configs([&ResourceSpecifier::Topic(changelog)], &opts));
+    let resource = match described {
+        Ok(mut r) if !r.is_empty() => r.swap_remove(0).map_err(|code| code.to_string()),
+        Ok(_) => Err("no answer".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let value = |name: &str| resource.as_ref().ok().and_then(|r| r.get(name)).and_then(|e| e.value.clone());
+    let retention = match value("delete.retention.ms").and_then(|v| v.parse::<u64>().ok()) {
+        Some(ms) => Duration::from_millis(ms),
+        None => DEFAULT_DELETE_RETENTION,
+    };
+    match value("cleanup.policy") {
+        Some(p) if p.split(',').any(|x| x.trim() == "compact") => Ok(retention),
+        Some(p) => Err(Error::Setup(format!(
+            "changelog topic {changelog} has cleanup.policy={p}: it must be compact, or retention would drop \
+             the state of customers that have not changed for a while (see README, \"Run with Kafka\")"
+        ))),
+        None => {
+            let error = resource.err().unwrap_or_else(|| "not reported".into());
+            tracing::warn!(changelog, error, "cannot read the changelog topic's cleanup.policy; it must be compact");
+            Ok(retention)
+        }
+    }
+}

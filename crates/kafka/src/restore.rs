@@ -1,0 +1,209 @@
+//! Restore decisions (ARCHITECTURE.md, "Recovery"), kept pure so that each
+//! is tested without a broker: whether the local RocksDB state can be used
+//! ([`verdict`]), and what the changelog after it says ([`ChangelogTail`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use segstream_scoring::CustomerState;
+
+use crate::changelog::{Entry, LoggedRun};
+use crate::marker::{LocalMarker, Marker};
+
+/// What to do with the local state of a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No local state: read the whole changelog.
+    Empty,
+    /// Use it and read the changelog from `from` on.
+    Current { from: i64 },
+    /// Wipe it and read the whole changelog, because of `why`.
+    Rebuild { why: &'static str },
+}
+
+/// Whether local state committed at changelog offset `local.changelog_offset`
+/// can be used, given the changelog's offsets `low..high` now, the wall
+/// clock and the changelog's `delete.retention.ms`.
+///
+/// - It must be in the changelog (not past its end: the topic was recreated;
+///   not before its start: it was truncated).
+/// - If the changelog moved on after it, it must be younger than the
+///   tombstone retention: erasures it never saw may have had their tombstones
+///   compacted away, and the old state would keep those customers. With
+///   nothing written after it, it is current however old.
+pub fn verdict(local: Option<&LocalMarker>, low: i64, high: i64, now_ms: i64, retention: Duration) -> Verdict {
+    let Some(l) = local else { return Verdict::Empty };
+    let age = Duration::from_millis(u64::try_from(now_ms.saturating_sub(l.committed_at_ms)).unwrap_or(0));
+    if l.changelog_offset >= high || l.changelog_offset + 1 < low {
+        Verdict::Rebuild { why: "it does not match the changelog (recreated or truncated)" }
+    } else if l.changelog_offset + 1 < high && age >= retention {
+        Verdict::Rebuild {
+            why: "it is older than the changelog's delete.retention.ms: tombstones it never saw may be gone",
+        }
+    } else {
+        Verdict::Current { from: l.changelog_offset + 1 }
+    }
+}
+
+/// The changelog read after the local state, record by record.
+#[derive(Debug, Default)]
+pub struct ChangelogTail {
+    /// The last marker seen (or the local one) and its offset.
+    last: Option<(Marker, i64)>,
+    /// Customers written after the last marker: by a commit that did not
+    /// finish. Their states are kept (they include events the marker's
+    /// position does not), with the record number they are applied through.
+    ahead: HashMap<String, i64>,
+    /// Runs logged after the last marker, with their keys.
+    runs: Vec<(Vec<u8>, LoggedRun)>,
+    /// Records read.
+    pub records: u64,
+}
+
+/// A customer state read from the changelog, to put into the engine
+/// (`None`: erased).
+pub type RestoredCustomer = (String, Option<CustomerState>);
+
+/// The partition's committed position after the changelog's tail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    pub marker: Marker,
+    pub changelog_offset: i64,
+    /// Customers whose state already includes events at or after the
+    /// marker's record number (the marker's own skip map and the customers
+    /// an unfinished commit wrote).
+    pub skip: BTreeMap<String, i64>,
+    /// The runs to replay first, in order: the marker's, then those logged after it.
+    pub runs: Vec<LoggedRun>,
+    /// Keys of the runs logged after the marker, tombstoned at the next commit.
+    pub run_keys: Vec<Vec<u8>>,
+}
+
+impl ChangelogTail {
+    /// Starts after the local state's marker, if any.
+    pub fn after(local: Option<LocalMarker>) -> Self {
+        Self { last: local.map(|l| (l.marker, l.changelog_offset)), ..Self::default() }
+    }
+
+    /// Takes the record at `offset`; returns a customer state to restore.
+    pub fn apply(&mut self, key: &[u8], offset: i64, entry: Entry) -> Option<RestoredCustomer> {
+        self.records += 1;
+        match entry {
+            Entry::Marker(marker) => {
+                self.last = Some((*marker, offset));
+                self.ahead.clear();
+                self.runs.clear();
+                None
+            }
+            Entry::Run(Some(run)) => {
+                self.runs.push((key.to_vec(), run));
+                None
+            }
+            Entry::Run(None) => None,
+            Entry::Customer { id, applied_through, state } => {
+                match applied_through {
+                    Some(a) => self.ahead.insert(id.clone(), a),
+                    None => self.ahead.remove(&id),
+                };
+                Some((id, state))
+            }
+        }
+    }
+
+    /// The position restored, or `None` when no commit was ever made.
+    pub fn finish(self) -> Option<Restored> {
+        let (marker, changelog_offset) = self.last?;
+        let mut skip = marker.skip.clone();
+        for (id, a) in self.ahead {
+            if a >= marker.records {
+                let e = skip.entry(id).or_insert(a);
+                *e = (*e).max(a);
+            }
+        }
+        let (run_keys, logged): (Vec<_>, Vec<_>) = self.runs.into_iter().unzip();
+        let runs = marker.replay.iter().cloned().chain(logged).collect();
+        Some(Restored { marker, changelog_offset, skip, runs, run_keys })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changelog::{customer_key, run_key};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn local(offset: i64, at: i64) -> LocalMarker {
+        LocalMarker { marker: Marker::first(BTreeMap::new(), 1), changelog_offset: offset, committed_at_ms: at }
+    }
+
+    #[test]
+    fn local_state_is_used_only_while_it_matches_a_changelog_that_still_has_its_tombstones() {
+        assert_eq!(verdict(None, 0, 10, 0, HOUR), Verdict::Empty);
+        let now = 10 * 3_600_000;
+        // The last record, however old: current.
+        assert_eq!(verdict(Some(&local(9, 0)), 0, 10, now, HOUR), Verdict::Current { from: 10 });
+        // Records after it, young: current.
+        assert_eq!(verdict(Some(&local(5, now - 1000)), 0, 10, now, HOUR), Verdict::Current { from: 6 });
+        // Records after it, older than the retention: rebuilt.
+        assert!(matches!(verdict(Some(&local(5, now - 3_600_000)), 0, 10, now, HOUR), Verdict::Rebuild { .. }));
+        // Past the end (recreated topic) or before the start (truncated): rebuilt.
+        assert!(matches!(verdict(Some(&local(10, now)), 0, 10, now, HOUR), Verdict::Rebuild { .. }));
+        assert!(matches!(verdict(Some(&local(3, now)), 5, 10, now, HOUR), Verdict::Rebuild { .. }));
+        assert_eq!(verdict(Some(&local(4, now)), 5, 10, now, HOUR), Verdict::Current { from: 5 });
+        // A clock that went backwards does not make state old.
+        assert_eq!(verdict(Some(&local(5, now + 5000)), 0, 10, now, HOUR), Verdict::Current { from: 6 });
+    }
+
+    fn marker(records: i64, skip: &[(&str, i64)]) -> Entry {
+        let mut m = Marker::first(BTreeMap::new(), 1);
+        m.records = records;
+        m.skip = skip.iter().map(|(c, a)| (c.to_string(), *a)).collect();
+        m.replay = vec![LoggedRun { topic: "old".into(), first: -1, last: 3 }];
+        Entry::Marker(Box::new(m))
+    }
+
+    fn customer(id: &str, applied: Option<i64>) -> Entry {
+        Entry::Customer { id: id.into(), applied_through: applied, state: None }
+    }
+
+    #[test]
+    fn customers_after_the_last_marker_are_skipped_through_what_they_include() {
+        let mut tail = ChangelogTail::after(None);
+        assert!(tail.apply(&customer_key("early"), 0, customer("early", Some(99))).is_some());
+        tail.apply(b"m", 1, marker(100, &[("kept", 150), ("both", 101)]));
+        assert_eq!(tail.apply(&customer_key("a"), 2, customer("a", Some(120))), Some(("a".to_string(), None)));
+        tail.apply(&customer_key("before"), 3, customer("before", Some(99)));
+        tail.apply(&customer_key("at"), 3, customer("at", Some(100)));
+        tail.apply(&customer_key("both"), 4, customer("both", Some(130)));
+        tail.apply(&customer_key("erased"), 5, customer("erased", Some(140)));
+        tail.apply(&customer_key("erased"), 6, customer("erased", None));
+        let run = LoggedRun { topic: "t".into(), first: 7, last: 9 };
+        tail.apply(&run_key(100), 7, Entry::Run(Some(run.clone())));
+        tail.apply(&run_key(90), 8, Entry::Run(None));
+        assert_eq!(tail.records, 10);
+        let r = tail.finish().expect("a marker was read");
+        assert_eq!(r.changelog_offset, 1);
+        assert_eq!(
+            r.skip,
+            BTreeMap::from([("a".into(), 120), ("at".into(), 100), ("both".into(), 130), ("kept".into(), 150)]),
+            "applied through ≥ the marker's record (record 100 is the first the replay processes): skipped; \
+             the marker's own skips stay; tombstoned: gone"
+        );
+        assert_eq!(r.runs, vec![LoggedRun { topic: "old".into(), first: -1, last: 3 }, run], "the marker's runs first");
+        assert_eq!(r.run_keys, vec![run_key(100)]);
+    }
+
+    #[test]
+    fn a_later_marker_completes_what_came_before_it() {
+        let mut tail = ChangelogTail::after(Some(local(0, 0)));
+        tail.apply(&customer_key("a"), 1, customer("a", Some(5)));
+        tail.apply(&run_key(4), 2, Entry::Run(Some(LoggedRun { topic: "t".into(), first: 4, last: 5 })));
+        tail.apply(b"m", 3, marker(10, &[]));
+        let r = tail.finish().expect("marker");
+        assert!(r.skip.is_empty() && r.run_keys.is_empty());
+        assert_eq!(r.changelog_offset, 3);
+        assert!(ChangelogTail::after(None).finish().is_none(), "nothing committed yet");
+        assert_eq!(ChangelogTail::after(Some(local(7, 0))).finish().map(|r| r.changelog_offset), Some(7));
+    }
+}

@@ -1,0 +1,67 @@
+//! The HTTP endpoint beside a running pipeline: `/metrics` (OpenMetrics
+//! text) and `/healthz`, served by a small tokio runtime on its own thread,
+//! so that nothing of the pipeline runs on a tokio worker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use segstream_kafka::Metrics;
+
+/// Serves on `addr` (port 0 picks a free one); returns the bound address.
+pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("metrics address {addr}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("metrics endpoint: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("metrics endpoint: {e}");
+                    return;
+                }
+            };
+            let m = metrics.clone();
+            let app = axum::Router::new()
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let m = m.clone();
+                        async move {
+                            (
+                                [(
+                                    axum::http::header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )],
+                                m.encode(),
+                            )
+                        }
+                    }),
+                )
+                .route(
+                    "/healthz",
+                    axum::routing::get(move || {
+                        let ready = metrics.is_ready();
+                        async move {
+                            if ready {
+                                (axum::http::StatusCode::OK, "ok")
+                            } else {
+                                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+                            }
+                        }
+                    }),
+                );
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("metrics endpoint: {e}");
+            }
+        });
+    })?;
+    Ok(bound)
+}

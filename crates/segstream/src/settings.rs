@@ -1,0 +1,152 @@
+//! The configuration file, the command line and the environment, resolved
+//! once at start into typed settings for the engine and one mode. Nothing
+//! after this reads the environment or derives a setting again.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use segstream_decode::Format;
+use segstream_engine::EngineSettings;
+use segstream_kafka::{KafkaEnvironment, KafkaOverrides, KafkaSettings};
+
+use crate::config::Config;
+use crate::testhooks::FileFaults;
+
+/// `segstream run`'s flags (besides `--config`).
+#[derive(Debug, Clone, Default)]
+pub struct RunFlags {
+    pub input: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub until: Option<i64>,
+    pub input_format: Option<Format>,
+    pub output_format: Option<Format>,
+    pub dead_letter: Option<PathBuf>,
+    pub kafka: KafkaOverrides,
+}
+
+/// File mode: one input file to a transition file.
+#[derive(Debug, Clone)]
+pub struct FileSettings {
+    pub input: PathBuf,
+    pub input_format: Format,
+    pub output: PathBuf,
+    pub output_format: Format,
+    pub dead_letter: PathBuf,
+    pub state_dir: PathBuf,
+    /// Advance time to this instant (epoch ms) after the input ends.
+    pub until: Option<i64>,
+    /// A progress line on stderr every few seconds.
+    pub progress: bool,
+    pub faults: FileFaults,
+}
+
+impl FileSettings {
+    /// Formats from the file names, the dead letters beside the output.
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        let (input, output) = (input.into(), output.into());
+        Self {
+            input_format: Format::from_path(&input),
+            output_format: Format::from_path(&output),
+            dead_letter: default_dead_letter(&output),
+            input,
+            output,
+            state_dir: state_dir.into(),
+            until: None,
+            progress: false,
+            faults: FileFaults::default(),
+        }
+    }
+}
+
+/// `<output>.dead-letter.jsonl`.
+pub fn default_dead_letter(output: &Path) -> PathBuf {
+    let mut s = output.as_os_str().to_owned();
+    s.push(".dead-letter.jsonl");
+    PathBuf::from(s)
+}
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    File(FileSettings),
+    Kafka(Box<KafkaSettings>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub engine: EngineSettings,
+    pub mode: Mode,
+}
+
+impl Settings {
+    /// File mode with `--input`, else Kafka mode from the `[kafka]` section.
+    pub fn resolve(config: &Config, flags: RunFlags, env: &KafkaEnvironment) -> anyhow::Result<Self> {
+        let engine = config.engine_settings()?;
+        let Some(input) = flags.input else {
+            let kafka = config.kafka.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "nothing to run: give --input/--output/--state-dir (file mode) or a --config with a [kafka] section"
+                )
+            })?;
+            let mut over = flags.kafka;
+            over.state_dir = flags.state_dir;
+            let kafka =
+                KafkaSettings::resolve(kafka, &over, env).map_err(anyhow::Error::msg).context("kafka settings")?;
+            return Ok(Self { engine, mode: Mode::Kafka(Box::new(kafka)) });
+        };
+        let (Some(output), Some(state_dir)) = (flags.output, flags.state_dir) else {
+            anyhow::bail!("file mode needs --output and --state-dir");
+        };
+        let mut file = FileSettings::new(input, output, state_dir);
+        if let Some(f) = flags.input_format {
+            file.input_format = f;
+        }
+        if let Some(f) = flags.output_format {
+            file.output_format = f;
+        }
+        if let Some(d) = flags.dead_letter {
+            file.dead_letter = d;
+        }
+        file.until = flags.until;
+        file.progress = true;
+        Ok(Self { engine, mode: Mode::File(file) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_mode_takes_formats_from_names_unless_told() {
+        let flags = RunFlags {
+            input: Some("in.avro".into()),
+            output: Some("out.jsonl".into()),
+            state_dir: Some("s".into()),
+            ..RunFlags::default()
+        };
+        let s = Settings::resolve(&Config::default(), flags.clone(), &KafkaEnvironment::default()).expect("valid");
+        let Mode::File(f) = s.mode else { panic!("file mode") };
+        assert_eq!((f.input_format, f.output_format), (Format::Avro, Format::Json));
+        assert_eq!(f.dead_letter, PathBuf::from("out.jsonl.dead-letter.jsonl"));
+        let told = RunFlags { output_format: Some(Format::Avro), ..flags };
+        let Mode::File(f) =
+            Settings::resolve(&Config::default(), told, &KafkaEnvironment::default()).expect("valid").mode
+        else {
+            panic!("file mode")
+        };
+        assert_eq!(f.output_format, Format::Avro);
+    }
+
+    #[test]
+    fn kafka_mode_needs_its_section_and_takes_the_state_dir_flag() {
+        let flags = RunFlags { state_dir: Some("elsewhere".into()), ..RunFlags::default() };
+        let err =
+            Settings::resolve(&Config::default(), flags.clone(), &KafkaEnvironment::default()).expect_err("no [kafka]");
+        assert!(err.to_string().contains("[kafka]"), "{err}");
+        let cfg = Config::from_toml("[kafka]\n").expect("valid");
+        let s = Settings::resolve(&cfg, flags, &KafkaEnvironment::default()).expect("valid");
+        let Mode::Kafka(k) = s.mode else { panic!("kafka mode") };
+        assert_eq!(k.state_dir, PathBuf::from("elsewhere"));
+    }
+}

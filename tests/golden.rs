@@ -1,0 +1,55 @@
+//! Golden files: small inputs whose transitions were checked by hand against
+//! docs/semantics.md (tests/golden/README.md). File mode must write them
+//! byte for byte. `SEGSTREAM_BLESS=1` rewrites the expected files instead.
+
+use std::path::Path;
+
+use segstream::{run_file, FileSettings};
+use segstream_decode::parse_rfc3339_millis;
+use segstream_engine::EngineSettings;
+
+fn run_case(case: &Path) -> Result<(), String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = FileSettings::new(case.join("events.jsonl"), dir.path().join("out.jsonl"), dir.path().join("state"));
+    if let Ok(until) = std::fs::read_to_string(case.join("until")) {
+        args.until = Some(parse_rfc3339_millis(until.trim()).expect("until is RFC 3339"));
+    }
+    let summary = run_file(&EngineSettings::spec_default(), &args).map_err(|e| e.to_string())?;
+    assert_eq!(summary.counts.invalid, 0, "{}: golden inputs are valid", case.display());
+    let got = std::fs::read_to_string(&args.output).expect("output");
+    let expected_path = case.join("expected.jsonl");
+    if std::env::var_os("SEGSTREAM_BLESS").is_some() {
+        std::fs::write(&expected_path, &got).expect("bless");
+        return Ok(());
+    }
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+    if got == expected {
+        return Ok(());
+    }
+    let (g, e): (Vec<&str>, Vec<&str>) = (got.lines().collect(), expected.lines().collect());
+    let first = g.iter().zip(&e).position(|(a, b)| a != b).unwrap_or(g.len().min(e.len()));
+    Err(format!(
+        "{}: {} lines, expected {}; first difference at line {}:\n  got:      {}\n  expected: {}",
+        case.display(),
+        g.len(),
+        e.len(),
+        first + 1,
+        g.get(first).unwrap_or(&"(none)"),
+        e.get(first).unwrap_or(&"(none)")
+    ))
+}
+
+#[test]
+fn every_golden_case_gives_its_reviewed_transitions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden");
+    let mut cases: Vec<_> = std::fs::read_dir(&root)
+        .expect("tests/golden")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("events.jsonl").is_file())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 3, "golden cases in {}: {cases:?}", root.display());
+    let failures: Vec<String> = cases.iter().filter_map(|c| run_case(c).err()).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
