@@ -118,6 +118,11 @@ impl Engine {
         Ok(self.store.meta(key)?)
     }
 
+    /// Committed metadata entries whose keys start with `prefix`.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, EngineError> {
+        Ok(self.store.meta_with_prefix(prefix)?)
+    }
+
     /// Counts a record that could not be decoded.
     pub fn count_invalid(&mut self) {
         self.counters.invalid += 1;

@@ -38,16 +38,10 @@ impl Multiset {
 /// The `source` header of an output record: `<topic>/<partition>/<offset>`,
 /// or `<first topic>/<partition>/time` for a wall-clock advance. `prefixes`
 /// are `<topic>/<partition>/` per input topic of this partition; the result
-/// is the topic's index and the offset (`None` for `time`), or `None` for
-/// another partition's record.
+/// is the topic's index and the offset (`None` for `time`, or anything else
+/// that is not a number), or `None` for another partition's record.
 pub fn parse_source(prefixes: &[String], source: &str) -> Option<(usize, Option<i64>)> {
-    prefixes.iter().enumerate().find_map(|(t, prefix)| {
-        let rest = source.strip_prefix(prefix.as_str())?;
-        match rest {
-            "time" => Some((t, None)),
-            offset => offset.parse().ok().map(|o| (t, Some(o))),
-        }
-    })
+    prefixes.iter().enumerate().find_map(|(t, prefix)| Some((t, source.strip_prefix(prefix.as_str())?.parse().ok())))
 }
 
 /// The key under which a dead letter is remembered.
@@ -116,7 +110,8 @@ impl ReplayGuard {
     /// left will never be met (records of skipped customers are not
     /// recomputed): it is dropped, and how many is returned.
     pub fn passed(&mut self, next_offsets: &[i64]) -> Option<usize> {
-        if self.already_out.total == 0 || !self.through.iter().zip(next_offsets).all(|(s, n)| s < n) {
+        // A topic with no already-written record (-1) has nothing to pass.
+        if self.already_out.total == 0 || !self.through.iter().zip(next_offsets).all(|(s, n)| *s < 0 || s < n) {
             return None;
         }
         let left = self.already_out.total;
@@ -141,7 +136,7 @@ mod tests {
         assert_eq!(parse_source(&prefixes, "b/3/17"), Some((1, Some(17))));
         assert_eq!(parse_source(&prefixes, "a/3/time"), Some((0, None)));
         assert_eq!(parse_source(&prefixes, "a/31/17"), None, "partition 31 is another partition");
-        assert_eq!(parse_source(&prefixes, "a/3/x"), None);
+        assert_eq!(parse_source(&prefixes, "a/3/x"), Some((0, None)), "still this partition's record");
     }
 
     #[test]
@@ -167,6 +162,11 @@ mod tests {
         assert_eq!(g.passed(&[11, 5]), Some(2));
         assert!(!g.holds_outputs());
         assert_eq!(g.passed(&[12, 6]), None);
+        // A topic that never had a record here, and none written for it,
+        // does not hold the rest back.
+        let mut g = ReplayGuard::new(2, BTreeMap::new());
+        g.already_written(0, Some(10), "x".into());
+        assert_eq!(g.passed(&[11, -1]), Some(1));
     }
 
     #[test]

@@ -67,8 +67,9 @@ pub type RestoredCustomer = (String, Option<CustomerState>);
 /// The partition's committed position after the changelog's tail.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Restored {
-    pub marker: Marker,
-    pub changelog_offset: i64,
+    /// The last commit and its changelog offset; `None` when no commit was
+    /// ever made (then only an unfinished first commit's records are there).
+    pub last: Option<(Marker, i64)>,
     /// Customers whose state already includes events at or after the
     /// marker's record number (the marker's own skip map and the customers
     /// an unfinished commit wrote).
@@ -110,19 +111,21 @@ impl ChangelogTail {
         }
     }
 
-    /// The position restored, or `None` when no commit was ever made.
-    pub fn finish(self) -> Option<Restored> {
-        let (marker, changelog_offset) = self.last?;
-        let mut skip = marker.skip.clone();
+    /// The position restored.
+    pub fn finish(self) -> Restored {
+        let (mut skip, records, mut runs) = match &self.last {
+            Some((m, _)) => (m.skip.clone(), m.records, m.replay.clone()),
+            None => (BTreeMap::new(), 0, Vec::new()),
+        };
         for (id, a) in self.ahead {
-            if a >= marker.records {
+            if a >= records {
                 let e = skip.entry(id).or_insert(a);
                 *e = (*e).max(a);
             }
         }
         let (run_keys, logged): (Vec<_>, Vec<_>) = self.runs.into_iter().unzip();
-        let runs = marker.replay.iter().cloned().chain(logged).collect();
-        Some(Restored { marker, changelog_offset, skip, runs, run_keys })
+        runs.extend(logged);
+        Restored { last: self.last, skip, runs, run_keys }
     }
 }
 
@@ -182,8 +185,8 @@ mod tests {
         tail.apply(&run_key(100), 7, Entry::Run(Some(run.clone())));
         tail.apply(&run_key(90), 8, Entry::Run(None));
         assert_eq!(tail.records, 10);
-        let r = tail.finish().expect("a marker was read");
-        assert_eq!(r.changelog_offset, 1);
+        let r = tail.finish();
+        assert_eq!(r.last.as_ref().map(|(_, offset)| *offset), Some(1));
         assert_eq!(
             r.skip,
             BTreeMap::from([("a".into(), 120), ("at".into(), 100), ("both".into(), 130), ("kept".into(), 150)]),
@@ -200,10 +203,15 @@ mod tests {
         tail.apply(&customer_key("a"), 1, customer("a", Some(5)));
         tail.apply(&run_key(4), 2, Entry::Run(Some(LoggedRun { topic: "t".into(), first: 4, last: 5 })));
         tail.apply(b"m", 3, marker(10, &[]));
-        let r = tail.finish().expect("marker");
+        let r = tail.finish();
         assert!(r.skip.is_empty() && r.run_keys.is_empty());
-        assert_eq!(r.changelog_offset, 3);
-        assert!(ChangelogTail::after(None).finish().is_none(), "nothing committed yet");
-        assert_eq!(ChangelogTail::after(Some(local(7, 0))).finish().map(|r| r.changelog_offset), Some(7));
+        assert_eq!(r.last.map(|(_, offset)| offset), Some(3));
+        assert_eq!(ChangelogTail::after(Some(local(7, 0))).finish().last.map(|(_, offset)| offset), Some(7));
+        // No commit yet, but a first commit that did not finish wrote a customer.
+        let mut tail = ChangelogTail::after(None);
+        tail.apply(&customer_key("a"), 0, customer("a", Some(5)));
+        let r = tail.finish();
+        assert!(r.last.is_none(), "nothing committed yet");
+        assert_eq!(r.skip, BTreeMap::from([("a".into(), 5)]), "its events are already in its state");
     }
 }

@@ -313,6 +313,20 @@ impl StateStore {
         Ok(self.db.get_cf(self.cf(CF_META), key.as_bytes())?)
     }
 
+    /// Every committed meta entry whose key starts with `prefix`, in key order.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let mode = IteratorMode::From(prefix.as_bytes(), Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
     /// Writes every changed customer, its timer move and the given meta
     /// entries in one synced `WriteBatch`, then trims the cache. Slot ids of
     /// evicted customers become invalid.

@@ -143,7 +143,9 @@ impl Task {
         loop {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Records(recs)) => {
-                    match self.take(recs) {
+                    let taken = self.take(recs);
+                    self.publish_tally();
+                    match taken {
                         Err(Error::Stopped) => return self.hand_over(),
                         other => other?,
                     }
@@ -190,7 +192,9 @@ impl Task {
         self.engine.advance_watermark(target, &mut self.out)?;
         let source = format!("{}time", self.source_prefixes[0]);
         self.emitter.sink_mut().set_source(source);
-        self.emitter.transitions(&mut self.out)
+        self.emitter.transitions(&mut self.out)?;
+        self.publish_tally();
+        Ok(())
     }
 
     /// Records from the main thread. One input topic: processed in offset
@@ -375,8 +379,7 @@ impl Task {
         Ok(())
     }
 
-    /// Metrics after a commit: the commit itself, the partition's position,
-    /// and what the emitter wrote since the last one.
+    /// Metrics after a commit: the commit itself and the partition's position.
     fn publish(&mut self, positions: &[(String, i64)], took: Duration, watermark: i64) {
         let m = &self.shared.metrics;
         m.commits.inc();
@@ -389,6 +392,15 @@ impl Task {
                 .set(*offset);
         }
         m.watermark.get_or_create(&label).set(watermark.max(0) as f64 / 1000.0);
+        self.publish_tally();
+    }
+
+    /// Adds what the emitter wrote since the last call to the transition and
+    /// dead-letter counters (after each batch of records, each wall-clock
+    /// advance and each commit; not per record, which would build label
+    /// strings for every transition).
+    fn publish_tally(&mut self) {
+        let m = &self.shared.metrics;
         let tally = self.emitter.tally();
         for (group, to, n) in tally.transition_counts() {
             let key = (group.to_string(), to.map_or_else(|| "null".to_string(), |t| t.to_string()));

@@ -86,11 +86,13 @@ impl Task {
         let restored = tail.records;
         shared.metrics.restore_records.inc_by(restored);
         let fingerprint = shared.engine.fingerprint();
-        let (marker, changelog_offset, skip, runs, run_keys, fresh) = match tail.finish() {
-            Some(r) => (r.marker, r.changelog_offset, r.skip, r.runs, r.run_keys, false),
+        let restored_tail = tail.finish();
+        let (skip, runs, run_keys) = (restored_tail.skip, restored_tail.runs, restored_tail.run_keys);
+        let (marker, changelog_offset, fresh) = match restored_tail.last {
+            Some((marker, offset)) => (marker, offset, false),
             None => {
                 let outputs = end_offsets(&consumer, [&k.output_topic, &k.dead_letter_topic], &stop)?;
-                (Marker::first(outputs, fingerprint), -1, Default::default(), Vec::new(), Vec::new(), true)
+                (Marker::first(outputs, fingerprint), -1, true)
             }
         };
         if marker.config_fingerprint != fingerprint {
