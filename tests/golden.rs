@@ -10,13 +10,18 @@ use segstream_engine::EngineSettings;
 
 fn run_case(case: &Path) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = FileSettings::new(case.join("events.jsonl"), dir.path().join("out.jsonl"), dir.path().join("state"));
-    if let Ok(until) = std::fs::read_to_string(case.join("until")) {
-        args.until = Some(parse_rfc3339_millis(until.trim()).expect("until is RFC 3339"));
+    let inputs: Vec<_> = ["events.jsonl", "later.jsonl"].iter().map(|f| case.join(f)).filter(|p| p.is_file()).collect();
+    let until = std::fs::read_to_string(case.join("until"))
+        .ok()
+        .map(|u| parse_rfc3339_millis(u.trim()).expect("until is RFC 3339"));
+    let output = dir.path().join("out.jsonl");
+    for (i, input) in inputs.iter().enumerate() {
+        let mut args = FileSettings::new(input, &output, dir.path().join("state"));
+        args.until = until.filter(|_| i + 1 == inputs.len());
+        let summary = run_file(&EngineSettings::spec_default(), &args).map_err(|e| e.to_string())?;
+        assert_eq!(summary.counts.invalid, 0, "{}: golden inputs are valid", input.display());
     }
-    let summary = run_file(&EngineSettings::spec_default(), &args).map_err(|e| e.to_string())?;
-    assert_eq!(summary.counts.invalid, 0, "{}: golden inputs are valid", case.display());
-    let got = std::fs::read_to_string(&args.output).expect("output");
+    let got = std::fs::read_to_string(&output).expect("output");
     let expected_path = case.join("expected.jsonl");
     if std::env::var_os("SEGSTREAM_BLESS").is_some() {
         std::fs::write(&expected_path, &got).expect("bless");

@@ -39,7 +39,14 @@ impl CommittedFile {
     /// Opens (creating it if needed) and truncates to `committed` bytes.
     pub fn open(path: &Path, committed: u64) -> Result<Self, OutputError> {
         let io = |source| OutputError::Io { path: path.to_path_buf(), source };
+        let existed = path.exists();
         let mut file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path).map_err(io)?;
+        if !existed {
+            // The new file's directory entry must survive a crash too: the
+            // state will name its length.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         let actual = file.metadata().map_err(io)?.len();
         if actual < committed {
             return Err(OutputError::Shortened { path: path.to_path_buf(), committed, actual });

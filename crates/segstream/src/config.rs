@@ -45,7 +45,13 @@ pub struct StateConfig {
     /// length. Commits happen at multiples of this record number, so a resumed
     /// run commits exactly where an uninterrupted one would.
     pub commit_every_records: NonZeroU64,
+    /// File mode: memory for sorting an input that is not in time order,
+    /// MiB; more spills to sorted runs under the state dir.
+    pub sort_buffer_mib: usize,
 }
+
+/// `state.sort_buffer_mib`'s default.
+pub const DEFAULT_SORT_BUFFER_MIB: usize = 256;
 
 impl Default for StateConfig {
     fn default() -> Self {
@@ -54,6 +60,7 @@ impl Default for StateConfig {
             block_cache_mib: 64,
             write_buffer_mib: 32,
             commit_every_records: NonZeroU64::new(100_000).expect("non-zero"),
+            sort_buffer_mib: DEFAULT_SORT_BUFFER_MIB,
         }
     }
 }

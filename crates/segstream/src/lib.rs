@@ -17,7 +17,7 @@ pub mod settings;
 pub mod testhooks;
 
 pub use config::Config;
-pub use file::{run_file, InputProgress, InputReader, Record, RunSummary};
+pub use file::{run_file, InputOrder, InputProgress, InputReader, Position, Record, RunSummary};
 pub use generate::{generate, Archetype, GenerateArgs, GenerateStats};
 pub use settings::{FileSettings, Mode, RunFlags, Settings};
 pub use testhooks::FileFaults;

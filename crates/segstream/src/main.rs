@@ -55,6 +55,10 @@ enum Command {
         /// Where invalid records go; default `<output>.dead-letter.jsonl`.
         #[arg(long)]
         dead_letter: Option<PathBuf>,
+        /// Replace an existing output or dead-letter file this state dir did
+        /// not write (refused otherwise, so that nothing is lost by mistake).
+        #[arg(long)]
+        overwrite: bool,
         /// Kafka mode: overrides kafka.brokers.
         #[arg(long, env = "SEGSTREAM_BROKERS")]
         brokers: Option<String>,
@@ -162,6 +166,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             format,
             output_format,
             dead_letter,
+            overwrite,
             brokers,
             group_id,
             input_topic,
@@ -178,6 +183,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 input_format: format,
                 output_format,
                 dead_letter,
+                overwrite,
                 kafka: KafkaOverrides {
                     brokers,
                     group_id,

@@ -22,6 +22,7 @@ pub struct RunFlags {
     pub input_format: Option<Format>,
     pub output_format: Option<Format>,
     pub dead_letter: Option<PathBuf>,
+    pub overwrite: bool,
     pub kafka: KafkaOverrides,
 }
 
@@ -38,6 +39,10 @@ pub struct FileSettings {
     pub until: Option<i64>,
     /// A progress line on stderr every few seconds.
     pub progress: bool,
+    /// Replace output files this state dir did not write (else refused).
+    pub overwrite: bool,
+    /// Memory for sorting an input that is not in time order (bytes).
+    pub sort_buffer: usize,
     pub faults: FileFaults,
 }
 
@@ -54,6 +59,8 @@ impl FileSettings {
             state_dir: state_dir.into(),
             until: None,
             progress: false,
+            overwrite: false,
+            sort_buffer: crate::config::DEFAULT_SORT_BUFFER_MIB << 20,
             faults: FileFaults::default(),
         }
     }
@@ -109,6 +116,8 @@ impl Settings {
         }
         file.until = flags.until;
         file.progress = true;
+        file.overwrite = flags.overwrite;
+        file.sort_buffer = config.state.sort_buffer_mib << 20;
         Ok(Self { engine, mode: Mode::File(file) })
     }
 }

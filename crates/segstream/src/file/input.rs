@@ -2,50 +2,19 @@
 //! committed position, each record with its location for error reports.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Take};
 use std::path::Path;
 
 use segstream_decode::{decode_json_line, AvroFileReader, Event, Format, InvalidRecord};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 
-/// Bytes hashed to recognise an input file again.
-const FINGERPRINT_BYTES: u64 = 64 * 1024;
-
-/// How far an input file has been read: what the state dir remembers of it.
+/// A place in an input: after this many bytes (JSON lines), records (valid
+/// or not; blank lines are not records) and lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InputProgress {
-    /// The file is recognised by the hash of its first `prefix_len` bytes.
-    pub prefix_len: u64,
-    pub prefix_hash: u64,
-    /// Byte offset after the last record read (JSON lines).
+pub struct Position {
     pub offset: u64,
-    /// Records (valid or not) read so far; blank lines are not records.
     pub records: u64,
-    /// Lines read so far (JSON lines).
     pub lines: u64,
-}
-
-impl InputProgress {
-    /// A fresh position for `path`, with its fingerprint.
-    pub fn start(path: &Path) -> std::io::Result<Self> {
-        let len = std::fs::metadata(path)?.len().min(FINGERPRINT_BYTES);
-        Ok(Self { prefix_len: len, prefix_hash: prefix_hash(path, len)?, ..Self::default() })
-    }
-
-    /// Whether `path` still starts with the bytes this position was taken on.
-    pub fn same_file(&self, path: &Path) -> std::io::Result<bool> {
-        if std::fs::metadata(path)?.len() < self.prefix_len.max(self.offset) {
-            return Ok(false);
-        }
-        Ok(prefix_hash(path, self.prefix_len)? == self.prefix_hash)
-    }
-}
-
-fn prefix_hash(path: &Path, len: u64) -> std::io::Result<u64> {
-    let mut buf = Vec::with_capacity(len as usize);
-    File::open(path)?.take(len).read_to_end(&mut buf)?;
-    Ok(xxh3_64(&buf))
 }
 
 /// One input record: an event, or what was wrong with it.
@@ -55,29 +24,32 @@ pub enum Record {
 }
 
 enum Reader {
-    Json { inner: BufReader<File>, line: Vec<u8> },
-    Avro(Box<AvroFileReader<BufReader<File>>>),
+    Json { inner: BufReader<Take<File>>, line: Vec<u8> },
+    Avro(Box<AvroFileReader<BufReader<Take<File>>>>),
 }
 
 pub struct InputReader {
     reader: Reader,
     name: String,
-    pos: InputProgress,
+    pos: Position,
 }
 
 impl InputReader {
-    /// Opens `path` and moves to `pos` (JSON: by byte offset; Avro: by
-    /// skipping the records already read, as container blocks hold no index).
-    pub fn open(path: &Path, format: Format, pos: InputProgress) -> std::io::Result<Self> {
+    /// Opens `path`, moves to `pos` (JSON: by byte offset; Avro: by skipping
+    /// the records already read, as container blocks hold no index), and
+    /// reads up to byte `end` (what the file held when its reading began:
+    /// bytes appended meanwhile are left for the next run).
+    pub fn open(path: &Path, format: Format, pos: Position, end: u64) -> std::io::Result<Self> {
         let name = path.display().to_string();
         let mut file = File::open(path)?;
         let reader = match format {
             Format::Json => {
                 file.seek(SeekFrom::Start(pos.offset))?;
-                Reader::Json { inner: BufReader::with_capacity(1 << 20, file), line: Vec::with_capacity(512) }
+                let rest = file.take(end.saturating_sub(pos.offset));
+                Reader::Json { inner: BufReader::with_capacity(1 << 20, rest), line: Vec::with_capacity(512) }
             }
             Format::Avro => {
-                let mut r = AvroFileReader::new(BufReader::with_capacity(1 << 20, file))
+                let mut r = AvroFileReader::new(BufReader::with_capacity(1 << 20, file.take(end)))
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{name}: {e}")))?;
                 for _ in 0..pos.records {
                     if r.next().is_none() {
@@ -93,8 +65,16 @@ impl InputReader {
         Ok(Self { reader, name, pos })
     }
 
-    pub fn position(&self) -> InputProgress {
+    pub fn position(&self) -> Position {
         self.pos
+    }
+
+    /// Where the last record read was: `file:line`, or `file#record N` (Avro).
+    pub fn location(&self) -> String {
+        match self.reader {
+            Reader::Json { .. } => format!("{}:{}", self.name, self.pos.lines),
+            Reader::Avro(_) => format!("{}#record {}", self.name, self.pos.records),
+        }
     }
 
     /// The next record, `None` at the end of the file.
@@ -159,7 +139,8 @@ mod tests {
         let p = dir.path().join("in.jsonl");
         let ev = |i: u32| format!(r#"{{"event_id":"e{i}","customer_id":"c","type":"login","ts":{i}}}"#);
         std::fs::write(&p, format!("{}\n\n{}\r\nnot json\n{}", ev(1), ev(2), ev(3))).expect("write");
-        let mut all = InputReader::open(&p, Format::Json, InputProgress::start(&p).expect("fp")).expect("open");
+        let end = std::fs::metadata(&p).expect("meta").len();
+        let mut all = InputReader::open(&p, Format::Json, Position::default(), end).expect("open");
         let mut kinds = Vec::new();
         let mut positions = Vec::new();
         while let Some(r) = all.next_record() {
@@ -173,22 +154,22 @@ mod tests {
         assert_eq!(positions[3].records, 4);
         assert_eq!(positions[3].lines, 5);
         // Resuming from the second position yields the rest.
-        let mut rest = InputReader::open(&p, Format::Json, positions[1]).expect("open");
+        let mut rest = InputReader::open(&p, Format::Json, positions[1], end).expect("open");
         assert!(matches!(rest.next_record(), Some(Ok(Record::Invalid(i))) if i.location.ends_with(":4")));
         assert!(matches!(rest.next_record(), Some(Ok(Record::Event(e))) if e.event_id == "e3"));
         assert!(rest.next_record().is_none());
     }
 
     #[test]
-    fn fingerprint_tells_files_apart() {
+    fn reading_stops_at_the_end_given() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("in.jsonl");
-        std::fs::write(&p, "abc\n").expect("write");
-        let fp = InputProgress::start(&p).expect("fp");
-        assert!(fp.same_file(&p).expect("check"));
-        std::fs::write(&p, "abc\ndef\n").expect("append");
-        assert!(fp.same_file(&p).expect("check"), "an appended file is the same file");
-        std::fs::write(&p, "xyz\n").expect("replace");
-        assert!(!fp.same_file(&p).expect("check"));
+        let a = r#"{"event_id":"a","customer_id":"c","type":"login","ts":1}"#;
+        std::fs::write(&p, format!("{a}\n{a}\n")).expect("write");
+        let end = a.len() as u64 + 1;
+        let mut r = InputReader::open(&p, Format::Json, Position::default(), end).expect("open");
+        assert!(matches!(r.next_record(), Some(Ok(Record::Event(_)))));
+        assert!(r.next_record().is_none(), "the second line was appended after the reading began");
+        assert_eq!(r.position(), Position { offset: end, records: 1, lines: 1 });
     }
 }

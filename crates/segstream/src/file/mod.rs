@@ -2,9 +2,12 @@
 //! dead-letter file), resumable exactly after any crash.
 
 mod input;
+mod progress;
 mod run;
+mod sort;
 mod summary;
 
-pub use input::{InputProgress, InputReader, Record};
+pub use input::{InputReader, Position, Record};
+pub use progress::{InputProgress, OutputRecord};
 pub use run::run_file;
-pub use summary::RunSummary;
+pub use summary::{InputOrder, RunSummary};

@@ -4,13 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use segstream_decode::Format;
 use segstream_engine::{Counters, Engine, EngineSettings};
 use segstream_output::{DeadLetter, Emitter, FileSink, TransitionFile};
 use segstream_scoring::Transition;
 
-use super::input::{InputProgress, InputReader, Record};
-use super::summary::RunSummary;
+use super::input::{InputReader, Position, Record};
+use super::progress::{InputProgress, OutputRecord, SortedCopy, INPUT_PREFIX, OUTPUT_PREFIX};
+use super::sort::sort_events;
+use super::summary::{InputOrder, RunSummary};
 use crate::settings::FileSettings;
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -26,31 +29,118 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(parent.join(path.file_name().with_context(|| format!("{} is not a file path", path.display()))?))
 }
 
-fn committed_len(engine: &Engine, key: &str) -> anyhow::Result<u64> {
-    match engine.meta(key)? {
-        None => Ok(0),
-        Some(v) => {
-            std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).with_context(|| format!("corrupt meta {key}"))
-        }
-    }
-}
-
-/// The state-dir keys under which the input position and the outputs'
-/// committed lengths are kept.
+/// The state-dir keys of this run's files.
 struct Keys {
     input: String,
     transitions: String,
     dead_letters: String,
 }
 
+/// The committed length of an output about to be opened, and whether the
+/// state dir has no record of it yet.
+fn committed_output(
+    engine: &Engine,
+    key: &str,
+    path: &Path,
+    format: Format,
+    overwrite: bool,
+    what: &str,
+) -> anyhow::Result<(u64, bool)> {
+    let meta = |bytes: Vec<u8>| OutputRecord::decode(&bytes).with_context(|| format!("corrupt meta {key}"));
+    if let Some(rec) = engine.meta(key)?.map(meta).transpose()? {
+        if let Some(was) = rec.format.filter(|f| *f != format) {
+            bail!(
+                "{} was written as {was} by this state dir; writing {format} to it now would mix two formats in one \
+                 file. Keep --{what}-format {was}, or give another --{what}",
+                path.display()
+            );
+        }
+        return Ok((rec.len, false));
+    }
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if len == 0 || overwrite {
+        return Ok((0, true));
+    }
+    // A state dir copied or moved with its files: the same committed bytes
+    // under another name.
+    for (other, bytes) in engine.meta_with_prefix(OUTPUT_PREFIX)? {
+        if let Some(rec) = OutputRecord::decode(&bytes) {
+            if rec.format.is_none_or(|f| f == format) && rec.matches(path).unwrap_or(false) {
+                tracing::info!(path = %path.display(), was = &other[OUTPUT_PREFIX.len()..], "output recognised as a copy of one this state dir wrote: continuing it");
+                return Ok((rec.len, true));
+            }
+        }
+    }
+    bail!(
+        "{} already exists ({len} bytes) and this state dir did not write it: refusing to overwrite it. \
+         Give another --{what}, or --overwrite to replace it",
+        path.display()
+    )
+}
+
+/// The committed progress of the input: under its path, else under another
+/// path with the same content (a moved or copied file), else none.
+fn committed_input(engine: &Engine, key: &str, input: &Path) -> anyhow::Result<Option<InputProgress>> {
+    let decode = |bytes: &[u8]| InputProgress::decode(bytes, input).map_err(anyhow::Error::msg);
+    if let Some(bytes) = engine.meta(key)? {
+        return match decode(&bytes).with_context(|| format!("corrupt meta {key}"))? {
+            Some(p) if p.same_content(input)? => Ok(Some(p)),
+            _ => bail!(
+                "{} is not the file this state dir read under that name: its content changed. Its events would be \
+                 applied on top of those of the earlier content. To recompute from the new content use a new \
+                 --state-dir; to apply it as a further input, give it another name",
+                input.display()
+            ),
+        };
+    }
+    for (other, bytes) in engine.meta_with_prefix(INPUT_PREFIX)? {
+        if let Ok(Some(p)) = decode(&bytes) {
+            if p.same_content(input).unwrap_or(false) {
+                tracing::info!(input = %input.display(), was = &other[INPUT_PREFIX.len()..], "input recognised as the content of one read before (moved or copied): continuing where it stopped");
+                return Ok(Some(p));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The first record of `path` between `start` and `end` whose `ts` is
+/// earlier than one before it, as a location; `None` when in time order.
+fn first_disorder(path: &Path, format: Format, start: Position, end: u64) -> anyhow::Result<Option<String>> {
+    let mut reader =
+        InputReader::open(path, format, start, end).with_context(|| format!("opening {}", path.display()))?;
+    let mut max = i64::MIN;
+    while let Some(rec) = reader.next_record() {
+        if let Record::Event(e) = rec.with_context(|| format!("reading {}", path.display()))? {
+            if e.ts < max {
+                return Ok(Some(reader.location()));
+            }
+            max = e.ts;
+        }
+    }
+    Ok(None)
+}
+
 /// Commit protocol: output bytes are durable before the state that produced
 /// them names their length (ADR 002).
-fn commit(engine: &mut Engine, sink: &mut FileSink, keys: &Keys, pos: &InputProgress) -> anyhow::Result<()> {
-    let mut meta = vec![(keys.input.clone(), serde_json::to_vec(pos)?)];
+fn commit(
+    engine: &mut Engine,
+    sink: &mut FileSink,
+    keys: &Keys,
+    args: &FileSettings,
+    progress: &InputProgress,
+) -> anyhow::Result<()> {
     let lengths = sink.sync()?;
-    meta.push((keys.transitions.clone(), lengths.transitions.to_string().into_bytes()));
+    let record = |path: &Path, len, format| -> anyhow::Result<Vec<u8>> {
+        let rec = OutputRecord::of(path, len, format).with_context(|| format!("reading back {}", path.display()))?;
+        Ok(serde_json::to_vec(&rec)?)
+    };
+    let mut meta = vec![
+        (keys.input.clone(), serde_json::to_vec(progress)?),
+        (keys.transitions.clone(), record(&args.output, lengths.transitions, args.output_format)?),
+    ];
     if let Some(len) = lengths.dead_letters {
-        meta.push((keys.dead_letters.clone(), len.to_string().into_bytes()));
+        meta.push((keys.dead_letters.clone(), record(&args.dead_letter, len, Format::Json)?));
     }
     engine.commit(meta)?;
     Ok(())
@@ -81,44 +171,115 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
     let output_abs = absolute(&args.output)?;
     let dead_letter_abs = absolute(&args.dead_letter)?;
     if output_abs == input_abs || dead_letter_abs == input_abs {
-        anyhow::bail!("the output and dead-letter files must not be the input file {}", args.input.display());
+        bail!("the output and dead-letter files must not be the input file {}", args.input.display());
+    }
+    if dead_letter_abs == output_abs {
+        bail!("the dead-letter file must not be the output file {}", args.output.display());
     }
     let keys = Keys {
-        input: format!("input:{}", input_abs.display()),
-        transitions: format!("output:{}", output_abs.display()),
-        dead_letters: format!("output:{}", dead_letter_abs.display()),
+        input: format!("{INPUT_PREFIX}{}", input_abs.display()),
+        transitions: format!("{OUTPUT_PREFIX}{}", output_abs.display()),
+        dead_letters: format!("{OUTPUT_PREFIX}{}", dead_letter_abs.display()),
     };
-    let fresh = || InputProgress::start(&args.input).with_context(|| format!("reading {}", args.input.display()));
-    let position = match engine.meta(&keys.input)? {
-        None => fresh()?,
-        Some(v) => {
-            let p: InputProgress =
-                serde_json::from_slice(&v).with_context(|| format!("corrupt meta {}", keys.input))?;
-            if p.same_file(&args.input)? {
-                p
-            } else {
-                tracing::warn!(input = %args.input.display(), "input differs from the file of that name read before; reading it from the start as a new input");
-                fresh()?
-            }
+    std::fs::metadata(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let (committed, new_output) =
+        committed_output(&engine, &keys.transitions, &args.output, args.output_format, args.overwrite, "output")?;
+    let (dead_committed, new_dead) =
+        committed_output(&engine, &keys.dead_letters, &args.dead_letter, Format::Json, args.overwrite, "dead-letter")?;
+    // An output this state dir has no record of gets one before its first
+    // byte: after a crash before the first commit, its bytes are known to be
+    // ours (cut back, not refused as someone else's file).
+    let mut records = Vec::new();
+    for (new, key, len, format) in [
+        (new_output, &keys.transitions, committed, args.output_format),
+        (new_dead, &keys.dead_letters, dead_committed, Format::Json),
+    ] {
+        if new {
+            let rec = OutputRecord { len, format: Some(format), tail_hash: None };
+            records.push((key.clone(), serde_json::to_vec(&rec)?));
+        }
+    }
+    if !records.is_empty() {
+        engine.commit(records)?;
+    }
+    let transitions = TransitionFile::open(&args.output, args.output_format, committed)?;
+    let mut out = Emitter::new(FileSink::new(transitions, args.dead_letter.clone(), dead_committed)?);
+
+    let mut summary = RunSummary::default();
+    let mut progress = match committed_input(&engine, &keys.input, &args.input)? {
+        None => InputProgress::segment(&args.input, Position::default())?,
+        Some(p) if p.complete && std::fs::metadata(&args.input)?.len() > p.end => {
+            InputProgress::segment(&args.input, p.read)?
+        }
+        Some(p) => {
+            summary.resumed_from =
+                if p.complete { None } else { Some(p.sorted.as_ref().map_or(p.read, |s| s.pos).records) };
+            p
         }
     };
-
-    let transitions =
-        TransitionFile::open(&args.output, args.output_format, committed_len(&engine, &keys.transitions)?)?;
-    let sink = FileSink::new(transitions, args.dead_letter.clone(), committed_len(&engine, &keys.dead_letters)?)?;
-    let mut out = Emitter::new(sink);
-
-    let mut reader = InputReader::open(&args.input, args.input_format, position)
-        .with_context(|| format!("opening {}", args.input.display()))?;
-    let commit_every = settings.commit_every_records();
-    let mut summary = RunSummary { resumed_from: position.records, ..RunSummary::default() };
-    if position.records > 0 {
-        tracing::info!(input = %args.input.display(), record = position.records, "resuming after the last commit");
+    let sort_dir = args.state_dir.join("sort");
+    if !progress.complete && progress.sorted.is_none() && progress.read == progress.start {
+        // A new segment: read directly if in time order, else sort it first.
+        if let Some(at) = first_disorder(&args.input, args.input_format, progress.start, progress.end)? {
+            let file = format!("segment-{}-{:016x}.jsonl", progress.start.records, progress.end_hash);
+            let mut reader = InputReader::open(&args.input, args.input_format, progress.start, progress.end)?;
+            let records = std::iter::from_fn(|| reader.next_record());
+            let stats = sort_events(records, &sort_dir.join("tmp"), &sort_dir.join(&file), args.sort_buffer, |r| {
+                engine.count_invalid();
+                summary.records += 1;
+                out.dead_letter(&DeadLetter::from(&r))?;
+                Ok(())
+            })?;
+            progress.read = reader.position();
+            progress.sorted = Some(SortedCopy { file, pos: Position::default() });
+            commit(&mut engine, out.sink_mut(), &keys, args, &progress)?;
+            summary.order = Some(InputOrder::Sorted { first_disorder: at, events: stats.events, runs: stats.runs });
+        } else {
+            summary.order = Some(InputOrder::InTime);
+        }
     }
+    if let Some(copy) = &progress.sorted {
+        let path = sort_dir.join(&copy.file);
+        if !path.exists() {
+            // Lost (e.g. a state dir copied without it): sorted again, alike;
+            // its dead letters are already written and counted.
+            tracing::warn!(copy = %path.display(), "the sorted copy of the input is missing: sorting the input again");
+            let mut reader = InputReader::open(&args.input, args.input_format, progress.start, progress.end)?;
+            sort_events(
+                std::iter::from_fn(|| reader.next_record()),
+                &sort_dir.join("tmp"),
+                &path,
+                args.sort_buffer,
+                |_| Ok(()),
+            )?;
+        }
+    }
+
+    // The records: the input's, or its sorted copy's.
+    let (source, format, pos, end) = match &progress.sorted {
+        Some(copy) => {
+            let path = sort_dir.join(&copy.file);
+            let len = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+            (path, Format::Json, copy.pos, len)
+        }
+        None => (args.input.clone(), args.input_format, progress.read, progress.end),
+    };
+    if let Some(from) = summary.resumed_from.filter(|n| *n > 0) {
+        tracing::info!(input = %args.input.display(), record = from, "resuming after the last commit");
+    }
+    let mut reader = match progress.complete {
+        true => None,
+        false => Some(
+            InputReader::open(&source, format, pos, end).with_context(|| format!("opening {}", source.display()))?,
+        ),
+    };
+    let commit_every = settings.commit_every_records();
     let mut buf: Vec<Transition> = Vec::new();
     let mut last_progress = Instant::now();
-    while let Some(rec) = reader.next_record() {
-        let rec = rec.with_context(|| format!("reading {}", args.input.display()))?;
+    let mut stopped_early = false;
+    while let Some(reader) = &mut reader {
+        let Some(rec) = reader.next_record() else { break };
+        let rec = rec.with_context(|| format!("reading {}", source.display()))?;
         summary.records += 1;
         match rec {
             Record::Event(e) => {
@@ -131,12 +292,16 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
             }
         }
         let pos = reader.position();
+        match &mut progress.sorted {
+            Some(copy) => copy.pos = pos,
+            None => progress.read = pos,
+        }
         if pos.records % commit_every == 0 {
-            commit(&mut engine, out.sink_mut(), &keys, &pos)?;
+            commit(&mut engine, out.sink_mut(), &keys, args, &progress)?;
         }
         if args.faults.crash_now(summary.records) {
             out.sink_mut().flush_uncommitted()?;
-            summary.stopped_early = true;
+            stopped_early = true;
             break;
         }
         if args.progress && last_progress.elapsed() >= PROGRESS_EVERY {
@@ -150,13 +315,20 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
             );
         }
     }
-    if !summary.stopped_early {
+    if !stopped_early {
         if let Some(until) = args.until {
             engine.advance_watermark(until, &mut buf)?;
             out.transitions(&mut buf)?;
         }
-        commit(&mut engine, out.sink_mut(), &keys, &reader.position())?;
+        let copy = progress.sorted.take();
+        progress.complete = true;
+        commit(&mut engine, out.sink_mut(), &keys, args, &progress)?;
+        if let Some(copy) = copy {
+            let path = sort_dir.join(copy.file);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
     }
+    summary.stopped_early = stopped_early;
     summary.totals = engine.counters().clone();
     summary.counts = diff(engine.counters(), &start_counters);
     summary.elapsed = started.elapsed();

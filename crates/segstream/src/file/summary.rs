@@ -6,6 +6,21 @@ use std::time::Duration;
 
 use segstream_engine::Counters;
 
+/// What a run did about the order of a new part of its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputOrder {
+    /// Already in time order: read directly.
+    InTime,
+    /// Sorted by `ts` first (SPEC: any order gives the sorted order's transitions).
+    Sorted {
+        /// Where the first event earlier than one before it was.
+        first_disorder: String,
+        events: u64,
+        /// Runs written to disk (0: sorted in memory).
+        runs: usize,
+    },
+}
+
 /// What one `run` did.
 #[derive(Debug, Clone, Default)]
 pub struct RunSummary {
@@ -19,8 +34,10 @@ pub struct RunSummary {
     /// Transitions written by this process, by (group, new segment or `null`).
     pub transitions: BTreeMap<(String, String), u64>,
     pub elapsed: Duration,
-    /// Record number this run started from (0 for a fresh input).
-    pub resumed_from: u64,
+    /// Record number this run resumed after (`None`: it started a segment).
+    pub resumed_from: Option<u64>,
+    /// What was done about the input's order, when a new part of it was read.
+    pub order: Option<InputOrder>,
     pub stopped_early: bool,
     pub dead_letter: Option<PathBuf>,
 }
@@ -32,8 +49,22 @@ impl RunSummary {
         let mut s = String::new();
         let c = &self.counts;
         let secs = self.elapsed.as_secs_f64().max(1e-9);
-        if self.resumed_from > 0 {
-            let _ = writeln!(s, "resumed after record {}", self.resumed_from);
+        if let Some(n) = self.resumed_from.filter(|n| *n > 0) {
+            let _ = writeln!(s, "resumed after record {n}");
+        }
+        match &self.order {
+            Some(InputOrder::InTime) => {
+                let _ = writeln!(s, "input in time order: read in one pass");
+            }
+            Some(InputOrder::Sorted { first_disorder, events, runs }) => {
+                let how = if *runs == 0 { "in memory".to_string() } else { format!("in {runs} runs on disk") };
+                let _ = writeln!(
+                    s,
+                    "input not in time order (first at {first_disorder}): its {events} events were sorted by ts \
+                     ({how}) and processed in that order"
+                );
+            }
+            None => {}
         }
         if self.stopped_early {
             let _ = writeln!(s, "stopped early (uncommitted work will be redone by the next run)");
