@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use segstream::{run_file, FileFaults, FileSettings, InputOrder};
+use segstream::{run_file, Config, FileFaults, FileSettings, InputOrder};
 use segstream_decode::Format;
 
 fn lines_of(path: &Path) -> Vec<String> {
@@ -202,4 +202,43 @@ fn a_changed_input_is_refused_and_a_copied_state_dir_continues_where_it_stopped(
     assert_eq!(more.records, 1, "only the appended record is read");
     assert_eq!(more.order, Some(InputOrder::InTime));
     assert!(lines_of(&there.output).iter().any(|l| l.contains("new-one")));
+}
+
+/// A typo a century ahead would move the clock for good (every later event
+/// late, `--until` ignored, the state dir poisoned): it is dead-lettered as
+/// implausible. Epoch seconds sent as milliseconds are accepted as SPEC says,
+/// with a note in the summary, and refused when `time.earliest_event` is set.
+#[test]
+fn implausible_event_times_are_dead_lettered_and_epoch_seconds_are_pointed_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, end) = sample(dir.path(), "e.jsonl", 20, 30, 5, Format::Json, None);
+    let mut lines = lines_of(&input);
+    let century = end + 100 * 365 * 86_400_000;
+    lines.insert(10, format!(r#"{{"event_id":"typo","customer_id":"cus_typo","type":"login","ts":{century}}}"#));
+    write_lines(&input, &lines);
+    let mut args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    args.until = Some(end + 86_400_000);
+    let s = run_file(&engine(&Default::default()), &args).expect("run");
+    assert_eq!(s.counts.invalid, 1);
+    let dead = lines_of(&args.dead_letter);
+    assert!(dead[0].contains("implausible_timestamp") && dead[0].contains("e.jsonl:11"), "{dead:?}");
+    assert_eq!(s.order, Some(InputOrder::InTime), "the typo did not even make the file look out of order");
+    let out = read_json(&args.output);
+    let latest = out.iter().map(|r| r.at.clone()).max().expect("transitions");
+    assert!(latest.as_str() <= segstream_decode::format_rfc3339_millis(end + 86_400_000).as_str(), "{latest}");
+    assert!(s.render().contains("event times 2026-"), "{}", s.render());
+
+    let secs = dir.path().join("seconds.jsonl");
+    std::fs::write(&secs, "{\"event_id\":\"s1\",\"customer_id\":\"c\",\"type\":\"login\",\"ts\":1772359200}\n")
+        .expect("write");
+    let args = FileSettings::new(&secs, dir.path().join("s.jsonl"), dir.path().join("s2"));
+    let s = run_file(&engine(&Default::default()), &args).expect("run");
+    assert_eq!(s.counts.applied, 1, "SPEC: integer epoch milliseconds, whatever they are");
+    assert!(s.render().contains("epoch seconds"), "{}", s.render());
+    let mut strict = Config::default();
+    strict.time.earliest_event = Some("2000-01-01T00:00:00Z".into());
+    let args = FileSettings::new(&secs, dir.path().join("s3.jsonl"), dir.path().join("s3"));
+    let s = run_file(&engine(&strict), &args).expect("run");
+    assert_eq!((s.counts.applied, s.counts.invalid), (0, 1));
+    assert!(lines_of(&args.dead_letter)[0].contains("epoch seconds"));
 }

@@ -363,6 +363,13 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         br#"{"event_id":"rekeyed","customer_id":"cus_rekeyed","type":"login","ts":1767225600000}"#.to_vec(),
     ));
     p.expected_dead += 1;
+    // An event a century after its record's timestamp: a typo, implausible.
+    p.produced.push((
+        partition_of("cus_typo", 3),
+        b"cus_typo".to_vec(),
+        br#"{"event_id":"typo","customer_id":"cus_typo","type":"login","ts":"2126-01-01T00:00:00Z"}"#.to_vec(),
+    ));
+    p.expected_dead += 1;
     // A record without a key, in its customer's partition: processed, and counted.
     let keyless = p.produced.iter().position(|(_, key, _)| key.starts_with(b"cus_")).expect("a customer's record");
     p.produced[keyless].1.clear();
@@ -389,7 +396,7 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
     }
     let kinds: std::collections::BTreeSet<&str> = dead.iter().map(|d| d.headers["error_kind"].as_str()).collect();
     assert!(kinds.len() >= 3, "several kinds of poison: {kinds:?}");
-    assert!(kinds.contains("key_mismatch"), "{kinds:?}");
+    assert!(kinds.contains("key_mismatch") && kinds.contains("implausible_timestamp"), "{kinds:?}");
 
     // Every transition carries its id and its source record.
     let out = read_all(&p.broker.addr, OUTPUT);

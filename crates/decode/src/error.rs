@@ -31,6 +31,8 @@ pub enum DecodeError {
     UnknownType(String),
     #[error("bad timestamp {value}: {reason}")]
     BadTimestamp { value: String, reason: String },
+    #[error("implausible timestamp {value}: {reason}")]
+    ImplausibleTimestamp { value: String, reason: String },
     #[error("field `{field}` out of range: {value} ({reason})")]
     OutOfRange { field: &'static str, value: String, reason: &'static str },
     #[error("field `{field}` has unknown value `{value}` (expected one of {allowed})")]
@@ -59,6 +61,7 @@ impl DecodeError {
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::UnknownType(_) => "unknown_type",
             DecodeError::BadTimestamp { .. } => "bad_timestamp",
+            DecodeError::ImplausibleTimestamp { .. } => "implausible_timestamp",
             DecodeError::OutOfRange { .. } => "out_of_range",
             DecodeError::BadEnum { .. } => "bad_enum",
             DecodeError::Avro(_) => "avro",

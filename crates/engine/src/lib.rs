@@ -16,4 +16,4 @@ mod settings;
 
 pub use engine::{Clock, Counters, Engine};
 pub use error::EngineError;
-pub use settings::EngineSettings;
+pub use settings::{EngineSettings, TimeWindow};

@@ -3,11 +3,55 @@
 use std::num::NonZeroU64;
 use std::time::Duration;
 
+use segstream_decode::{format_rfc3339_millis, DecodeError};
 use segstream_scoring::{Scorer, ScoringConfig, SegmentsConfig};
 use segstream_state::StateOptions;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::EngineError;
+
+/// Which event times are believable (SPEC accepts any; these catch typos
+/// and epoch seconds sent as milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeWindow {
+    /// Events before this instant (epoch ms) are refused; `None`: no floor.
+    pub earliest: Option<i64>,
+    /// Events more than this far (ms) ahead of their reference clock are
+    /// refused; `None`: no limit.
+    pub max_future: Option<i64>,
+}
+
+impl TimeWindow {
+    /// Whether an event at `ts` is believable, given the reference clock of
+    /// its input (Kafka: the record's timestamp; file mode: the wall clock
+    /// when the input was first read), which must be deterministic so that a
+    /// replay judges alike. An implausible event is poison: dead-lettered.
+    pub fn check(&self, ts: i64, reference: Option<i64>) -> Result<(), DecodeError> {
+        let shown = || format_rfc3339_millis(ts);
+        if let Some(earliest) = self.earliest.filter(|e| ts < *e) {
+            return Err(DecodeError::ImplausibleTimestamp {
+                value: shown(),
+                reason: format!(
+                    "before time.earliest_event {} (epoch seconds sent as milliseconds land in 1970)",
+                    format_rfc3339_millis(earliest)
+                ),
+            });
+        }
+        if let (Some(max), Some(reference)) = (self.max_future, reference) {
+            if ts > reference.saturating_add(max) {
+                return Err(DecodeError::ImplausibleTimestamp {
+                    value: shown(),
+                    reason: format!(
+                        "more than time.max_future_ms ({} days) after its input's clock {}",
+                        max / 86_400_000,
+                        format_rfc3339_millis(reference)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The engine's settings: the rules, time, and state tuning.
 #[derive(Debug, Clone)]
@@ -15,6 +59,7 @@ pub struct EngineSettings {
     scoring: ScoringConfig,
     segments: SegmentsConfig,
     lateness_ms: i64,
+    window: TimeWindow,
     state: StateOptions,
     commit_every_records: NonZeroU64,
 }
@@ -31,7 +76,17 @@ impl EngineSettings {
         Scorer::new(scoring.clone(), segments.clone())?;
         let lateness_ms = i64::try_from(allowed_lateness.as_millis())
             .map_err(|_| EngineError::Config(format!("time.allowed_lateness_ms is too large: {allowed_lateness:?}")))?;
-        Ok(Self { scoring, segments, lateness_ms, state, commit_every_records })
+        Ok(Self { scoring, segments, lateness_ms, window: TimeWindow::default(), state, commit_every_records })
+    }
+
+    /// With a window of believable event times.
+    pub fn with_window(mut self, window: TimeWindow) -> Self {
+        self.window = window;
+        self
+    }
+
+    pub fn window(&self) -> &TimeWindow {
+        &self.window
     }
 
     /// SPEC's defaults.
@@ -88,6 +143,21 @@ mod tests {
         let err = EngineSettings::new(ScoringConfig::default(), SegmentsConfig::default(), huge, opts, every)
             .expect_err("lateness beyond i64 ms");
         assert!(err.to_string().contains("allowed_lateness_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_window_refuses_times_before_its_floor_or_far_ahead_of_the_reference() {
+        let day = 86_400_000;
+        let w = TimeWindow { earliest: Some(946_684_800_000), max_future: Some(day) };
+        let now = 1_780_000_000_000;
+        assert!(w.check(now, Some(now)).is_ok());
+        assert!(w.check(now + day, Some(now)).is_ok());
+        let e = w.check(now + day + 1, Some(now)).expect_err("a day and a millisecond ahead");
+        assert_eq!(e.kind(), "implausible_timestamp");
+        assert!(w.check(now + 100 * 365 * day, None).is_ok(), "no reference clock: no upper limit");
+        let secs = w.check(1_780_000_000, Some(now)).expect_err("epoch seconds");
+        assert!(secs.to_string().contains("epoch seconds"), "{secs}");
+        assert!(TimeWindow::default().check(0, Some(now)).is_ok(), "SPEC accepts any time by default");
     }
 
     #[test]

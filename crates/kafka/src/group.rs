@@ -214,6 +214,7 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
                         offset: m.offset(),
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
+                        timestamp: m.timestamp().to_millis(),
                     });
                 }
                 Some(Err(e)) => {

@@ -13,6 +13,7 @@
 
 pub mod changelog;
 mod client;
+mod clock;
 pub mod commit;
 mod config;
 mod error;

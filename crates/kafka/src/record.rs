@@ -8,6 +8,9 @@ pub struct Rec {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// The record's timestamp (create or log-append time), epoch ms: the
+    /// reference clock for `time.max_future_ms`, the same on every replay.
+    pub timestamp: Option<i64>,
 }
 
 pub enum Msg {

@@ -94,7 +94,7 @@ mod tests {
     use super::*;
 
     fn rec(topic: usize, offset: i64) -> Rec {
-        Rec { topic, offset, key: None, payload: None }
+        Rec { topic, offset, key: None, payload: None, timestamp: None }
     }
 
     /// Runs the log as a task would: processes every record it is given.

@@ -7,7 +7,7 @@ use std::num::NonZeroU64;
 use std::path::Path;
 use std::time::Duration;
 
-use segstream_engine::{EngineError, EngineSettings};
+use segstream_engine::{EngineError, EngineSettings, TimeWindow};
 use segstream_kafka::KafkaConfig;
 use segstream_scoring::{ScoringConfig, SegmentsConfig};
 use serde::{Deserialize, Serialize};
@@ -24,12 +24,30 @@ pub struct Config {
 }
 
 /// SPEC §2: time advances with the largest event `ts` seen, less this lateness.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeConfig {
     /// Milliseconds the watermark stays behind the largest `ts` seen, so that
     /// events up to this much out of order are not late. 0 = strictly event time.
     pub allowed_lateness_ms: u64,
+    /// Events before this instant (RFC 3339 or epoch ms) are implausible and
+    /// dead-lettered, e.g. "2000-01-01T00:00:00Z" to catch epoch seconds sent
+    /// as milliseconds. Unset: any time is accepted, as SPEC says.
+    pub earliest_event: Option<String>,
+    /// Events more than this many ms ahead of their input's clock (Kafka:
+    /// the record's timestamp; file mode: the wall clock when the file was
+    /// first read) are implausible and dead-lettered. 0 = no limit.
+    pub max_future_ms: u64,
+}
+
+/// `time.max_future_ms`'s default: 366 days, so a year ahead is accepted
+/// and a typo a century ahead is not.
+pub const DEFAULT_MAX_FUTURE_MS: u64 = 366 * 86_400_000;
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        Self { allowed_lateness_ms: 0, earliest_event: None, max_future_ms: DEFAULT_MAX_FUTURE_MS }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,13 +100,26 @@ impl Config {
             block_cache_bytes: self.state.block_cache_mib << 20,
             write_buffer_bytes: self.state.write_buffer_mib << 20,
         };
-        EngineSettings::new(
+        let earliest = match &self.time.earliest_event {
+            None => None,
+            Some(t) => Some(
+                t.parse::<i64>()
+                    .or_else(|_| segstream_decode::parse_rfc3339_millis(t))
+                    .map_err(|e| EngineError::Config(format!("time.earliest_event {t:?}: {e}")))?,
+            ),
+        };
+        let max_future = i64::try_from(self.time.max_future_ms).map_err(|_| {
+            EngineError::Config(format!("time.max_future_ms is too large: {}", self.time.max_future_ms))
+        })?;
+        let window = TimeWindow { earliest, max_future: (max_future > 0).then_some(max_future) };
+        Ok(EngineSettings::new(
             self.scoring.clone(),
             self.segments.clone(),
             Duration::from_millis(self.time.allowed_lateness_ms),
             state,
             self.state.commit_every_records,
-        )
+        )?
+        .with_window(window))
     }
 }
 

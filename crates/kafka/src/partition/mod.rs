@@ -7,7 +7,7 @@ mod open;
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::BaseRecord;
 use segstream_decode::{decode_json_line, Classify, DecodeError, ErrorClass, Event, Format};
@@ -43,9 +43,7 @@ pub struct Shared {
     pub committed: Mutex<HashMap<i32, Vec<(String, i64)>>>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::clock::{host_now_ms as now_ms, WallClock};
 
 pub struct Task {
     shared: Arc<Shared>,
@@ -72,6 +70,8 @@ pub struct Task {
     last_record: Instant,
     /// `topic/partition/` per input topic.
     source_prefixes: Vec<String>,
+    /// What an idle partition follows (see [`crate::clock`]).
+    wall_clock: WallClock,
     /// Tally counts already added to the metrics: transitions by (group,
     /// segment), dead letters by kind.
     published: HashMap<(String, String), u64>,
@@ -177,7 +177,8 @@ impl Task {
     /// committed before its transitions are produced, so a replay applies it
     /// at the same point.
     fn advance_with_wall_clock(&mut self) -> Result<(), Error> {
-        let target = now_ms().saturating_sub(self.shared.engine.lateness_ms());
+        let now = self.wall_clock.now(now_ms(), Instant::now());
+        let target = now.saturating_sub(self.shared.engine.lateness_ms());
         if target <= self.engine.clock().watermark || self.engine.next_due().is_none_or(|d| d > target) {
             return Ok(());
         }
@@ -266,7 +267,8 @@ impl Task {
             None => Err(DecodeError::Json("empty message (null value)".into())),
             Some(p) => self.decode(t, p)?,
         }
-        .and_then(|ev| keyed_by_customer(r.key.as_deref(), ev));
+        .and_then(|ev| keyed_by_customer(r.key.as_deref(), ev))
+        .and_then(|ev| self.shared.engine.window().check(ev.ts, r.timestamp).map(|()| ev));
         let source = format!("{}{}", self.source_prefixes[t], r.offset);
         match decoded {
             Err(e) => {

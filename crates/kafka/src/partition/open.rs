@@ -140,6 +140,7 @@ impl Task {
             records_since_commit: 0,
             last_commit: Instant::now(),
             last_record: Instant::now(),
+            wall_clock: crate::clock::WallClock::start(),
             published: HashMap::new(),
             published_dead: HashMap::new(),
         };

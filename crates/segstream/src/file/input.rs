@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Take};
 use std::path::Path;
 
-use segstream_decode::{decode_json_line, AvroFileReader, Event, Format, InvalidRecord};
+use segstream_decode::{decode_json_line, event_to_json, AvroFileReader, Event, Format, InvalidRecord};
+use segstream_engine::TimeWindow;
 use serde::{Deserialize, Serialize};
 
 /// A place in an input: after this many bytes (JSON lines), records (valid
@@ -32,6 +33,8 @@ pub struct InputReader {
     reader: Reader,
     name: String,
     pos: Position,
+    /// Believable event times, and the input's reference clock.
+    window: (TimeWindow, Option<i64>),
 }
 
 impl InputReader {
@@ -62,7 +65,23 @@ impl InputReader {
                 Reader::Avro(Box::new(r))
             }
         };
-        Ok(Self { reader, name, pos })
+        Ok(Self { reader, name, pos, window: (TimeWindow::default(), None) })
+    }
+
+    /// Events outside `window` (judged against `reference`, the input's
+    /// clock) are read as invalid records.
+    pub fn with_window(mut self, window: TimeWindow, reference: Option<i64>) -> Self {
+        self.window = (window, reference);
+        self
+    }
+
+    fn screen(&self, e: Event) -> Record {
+        match self.window.0.check(e.ts, self.window.1) {
+            Ok(()) => Record::Event(e),
+            Err(error) => {
+                Record::Invalid(InvalidRecord { location: self.location(), raw: event_to_json(&e).into_bytes(), error })
+            }
+        }
     }
 
     pub fn position(&self) -> Position {
@@ -101,20 +120,23 @@ impl InputReader {
                     continue;
                 }
                 self.pos.records += 1;
+                let invalid = |error| {
+                    let location = format!("{}:{}", self.name, self.pos.lines);
+                    Record::Invalid(InvalidRecord { location, error, raw: body.to_vec() })
+                };
                 return Some(Ok(match decode_json_line(body) {
-                    Ok(e) => Record::Event(e),
-                    Err(error) => Record::Invalid(InvalidRecord {
-                        location: format!("{}:{}", self.name, self.pos.lines),
-                        error,
-                        raw: body.to_vec(),
-                    }),
+                    Ok(e) => match self.window.0.check(e.ts, self.window.1) {
+                        Ok(()) => Record::Event(e),
+                        Err(error) => invalid(error),
+                    },
+                    Err(error) => invalid(error),
                 }));
             },
             Reader::Avro(r) => {
                 let item = r.next()?;
                 self.pos.records += 1;
                 Some(Ok(match item {
-                    Ok(e) => Record::Event(e),
+                    Ok(e) => self.screen(e),
                     Err(error) => {
                         let raw = r.take_invalid_json().map(String::into_bytes).unwrap_or_default();
                         Record::Invalid(InvalidRecord {

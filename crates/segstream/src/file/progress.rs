@@ -69,6 +69,11 @@ pub struct InputProgress {
     pub sorted: Option<SortedCopy>,
     /// Every record of the segment is processed.
     pub complete: bool,
+    /// The wall clock (epoch ms) when the segment was first read: the
+    /// reference for `time.max_future_ms`, kept so that a resumed run judges
+    /// every event as the first did (0 in records of earlier versions).
+    #[serde(default)]
+    pub clock_ms: i64,
 }
 
 /// The format of an earlier version: the first 64 KiB's hash and a position.
@@ -85,7 +90,10 @@ impl InputProgress {
     /// A new segment from `start` to the file's current end.
     pub fn segment(path: &Path, start: Position) -> std::io::Result<Self> {
         let end = std::fs::metadata(path)?.len();
-        Ok(Self { end, end_hash: hash_prefix(path, end)?, start, read: start, sorted: None, complete: false })
+        let clock_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Ok(Self { end, end_hash: hash_prefix(path, end)?, start, read: start, sorted: None, complete: false, clock_ms })
     }
 
     /// Reads a committed progress (also in the earlier format, checked
@@ -102,7 +110,7 @@ impl InputProgress {
         // What was read is done; anything after it is a new segment.
         let read = Position { offset: old.offset, records: old.records, lines: old.lines };
         let end_hash = hash_prefix(path, old.offset).map_err(|e| e.to_string())?;
-        Ok(Some(Self { end: old.offset, end_hash, start: read, read, sorted: None, complete: true }))
+        Ok(Some(Self { end: old.offset, end_hash, start: read, read, sorted: None, complete: true, clock_ms: 0 }))
     }
 
     /// Whether `path` still holds the content this progress was taken on.

@@ -104,11 +104,9 @@ fn committed_input(engine: &Engine, key: &str, input: &Path) -> anyhow::Result<O
     Ok(None)
 }
 
-/// The first record of `path` between `start` and `end` whose `ts` is
-/// earlier than one before it, as a location; `None` when in time order.
-fn first_disorder(path: &Path, format: Format, start: Position, end: u64) -> anyhow::Result<Option<String>> {
-    let mut reader =
-        InputReader::open(path, format, start, end).with_context(|| format!("opening {}", path.display()))?;
+/// The first record `reader` gives whose `ts` is earlier than one before
+/// it, as a location; `None` when the rest of `path` is in time order.
+fn first_disorder(mut reader: InputReader, path: &Path) -> anyhow::Result<Option<String>> {
     let mut max = i64::MIN;
     while let Some(rec) = reader.next_record() {
         if let Record::Event(e) = rec.with_context(|| format!("reading {}", path.display()))? {
@@ -218,11 +216,20 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
         }
     };
     let sort_dir = args.state_dir.join("sort");
+    // Implausible event times are invalid records, judged against the clock
+    // committed with the segment.
+    let window = *settings.window();
+    let reference = (progress.clock_ms > 0).then_some(progress.clock_ms);
+    let open_input = |at: Position| -> anyhow::Result<InputReader> {
+        let r = InputReader::open(&args.input, args.input_format, at, progress.end)
+            .with_context(|| format!("opening {}", args.input.display()))?;
+        Ok(r.with_window(window, reference))
+    };
     if !progress.complete && progress.sorted.is_none() && progress.read == progress.start {
         // A new segment: read directly if in time order, else sort it first.
-        if let Some(at) = first_disorder(&args.input, args.input_format, progress.start, progress.end)? {
+        if let Some(at) = first_disorder(open_input(progress.start)?, &args.input)? {
             let file = format!("segment-{}-{:016x}.jsonl", progress.start.records, progress.end_hash);
-            let mut reader = InputReader::open(&args.input, args.input_format, progress.start, progress.end)?;
+            let mut reader = open_input(progress.start)?;
             let records = std::iter::from_fn(|| reader.next_record());
             let stats = sort_events(records, &sort_dir.join("tmp"), &sort_dir.join(&file), args.sort_buffer, |r| {
                 engine.count_invalid();
@@ -244,7 +251,7 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
             // Lost (e.g. a state dir copied without it): sorted again, alike;
             // its dead letters are already written and counted.
             tracing::warn!(copy = %path.display(), "the sorted copy of the input is missing: sorting the input again");
-            let mut reader = InputReader::open(&args.input, args.input_format, progress.start, progress.end)?;
+            let mut reader = open_input(progress.start)?;
             sort_events(
                 std::iter::from_fn(|| reader.next_record()),
                 &sort_dir.join("tmp"),
@@ -270,7 +277,9 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
     let mut reader = match progress.complete {
         true => None,
         false => Some(
-            InputReader::open(&source, format, pos, end).with_context(|| format!("opening {}", source.display()))?,
+            InputReader::open(&source, format, pos, end)
+                .with_context(|| format!("opening {}", source.display()))?
+                .with_window(window, reference),
         ),
     };
     let commit_every = settings.commit_every_records();
@@ -283,6 +292,8 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
         summary.records += 1;
         match rec {
             Record::Event(e) => {
+                let (lo, hi) = summary.event_times.get_or_insert((e.ts, e.ts));
+                (*lo, *hi) = ((*lo).min(e.ts), (*hi).max(e.ts));
                 engine.on_event(&e, &mut buf)?;
                 out.transitions(&mut buf)?;
             }
@@ -317,6 +328,10 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
     }
     if !stopped_early {
         if let Some(until) = args.until {
+            let watermark = engine.clock().watermark;
+            if until < watermark {
+                summary.until_passed = Some((until, watermark));
+            }
             engine.advance_watermark(until, &mut buf)?;
             out.transitions(&mut buf)?;
         }

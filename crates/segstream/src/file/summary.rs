@@ -4,7 +4,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use segstream_decode::format_rfc3339_millis;
 use segstream_engine::Counters;
+
+/// 2000-01-01T00:00:00Z: event times all before it are likely epoch seconds.
+const YEAR_2000: i64 = 946_684_800_000;
 
 /// What a run did about the order of a new part of its input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +43,10 @@ pub struct RunSummary {
     /// What was done about the input's order, when a new part of it was read.
     pub order: Option<InputOrder>,
     pub stopped_early: bool,
+    /// The earliest and latest `ts` of the events this run processed.
+    pub event_times: Option<(i64, i64)>,
+    /// `--until` was before the time the state had reached: (until, watermark).
+    pub until_passed: Option<(i64, i64)>,
     pub dead_letter: Option<PathBuf>,
 }
 
@@ -84,6 +92,24 @@ impl RunSummary {
             if c.invalid > 0 {
                 let _ = writeln!(s, "  dead letters: {}", d.display());
             }
+        }
+        if let Some((lo, hi)) = self.event_times {
+            let _ = writeln!(s, "event times {} to {}", format_rfc3339_millis(lo), format_rfc3339_millis(hi));
+            if hi < YEAR_2000 {
+                let _ = writeln!(
+                    s,
+                    "  note: every event is before 2000: if these are epoch seconds, ts must be epoch milliseconds \
+                     (or RFC 3339); time.earliest_event refuses such events"
+                );
+            }
+        }
+        if let Some((until, watermark)) = self.until_passed {
+            let _ = writeln!(
+                s,
+                "note: --until {} is before the time the state had reached ({}): it advanced nothing",
+                format_rfc3339_millis(until),
+                format_rfc3339_millis(watermark)
+            );
         }
         let _ = writeln!(s, "customers {}", self.totals.customers);
         let _ = writeln!(s, "transitions {}", c.transitions);
