@@ -24,6 +24,13 @@ fn demo_prints_segment_sizes_and_explained_transitions() {
     let again = segstream(&["demo", "--dir", d.to_str().expect("utf-8"), "--customers", "150", "--days", "100"]);
     assert!(again.status.success());
     assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    // The command the demo suggests gives the demo's transitions.
+    let try_line = stdout.lines().find_map(|l| l.strip_prefix("Try: segstream ")).expect("a Try: line");
+    let args: Vec<&str> = try_line.split_whitespace().collect();
+    let tried = segstream(&args);
+    assert!(tried.status.success(), "{}", String::from_utf8_lossy(&tried.stderr));
+    let read = |name: &str| std::fs::read(d.join(name)).expect("transitions");
+    assert!(read("again.jsonl") == read("transitions.jsonl"), "the suggested command gives the demo's transitions");
 }
 
 #[test]
@@ -122,4 +129,45 @@ fn kafka_mode_errors_name_what_is_missing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn messages_say_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
+    // A file of nothing but invalid records fails, naming the file and format.
+    std::fs::write(p("bad.jsonl"), "not json\n{\"type\":\"login\"}\n").expect("write");
+    let out = segstream(&["run", "--input", &p("bad.jsonl"), "--output", &p("o.jsonl"), "--state-dir", &p("s")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("every record read (2) was invalid") && err.contains("bad.jsonl"), "{err}");
+    // A date alone is not a time: the expected forms are named.
+    let out = segstream(&["run", "--input", "a", "--output", "b", "--state-dir", "c", "--until", "2026-03-01"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2026-03-01T10:00:00Z") && err.contains("a date alone"), "{err}");
+    // `--until now` is accepted.
+    std::fs::write(
+        p("one.jsonl"),
+        "{\"event_id\":\"e\",\"customer_id\":\"c\",\"type\":\"login\",\"ts\":\"2026-01-01T00:00:00Z\"}\n",
+    )
+    .expect("write");
+    let out = segstream(&[
+        "run",
+        "--input",
+        &p("one.jsonl"),
+        "--output",
+        &p("n.jsonl"),
+        "--state-dir",
+        &p("n"),
+        "--until",
+        "now",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A rule that can never hold is refused at load, with its column.
+    std::fs::write(p("rules.toml"), "[[segments.custom]]\nname = \"x\"\ndefault = \"no\"\nrules = [{ segment = \"yes\", when = \"health == 'high'\" }]\n")
+        .expect("write");
+    let out = segstream(&["demo", "--dir", &p("d"), "--config", &p("rules.toml")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`health` is a number") && err.contains("column 1"), "{err}");
 }

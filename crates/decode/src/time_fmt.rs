@@ -7,7 +7,13 @@ pub const DAY_MS: i64 = 86_400_000;
 /// Parses an RFC 3339 timestamp (any offset) into UTC epoch milliseconds.
 /// Sub-millisecond digits are truncated toward the past.
 pub fn parse_rfc3339_millis(s: &str) -> Result<i64, String> {
-    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| e.to_string())?;
+    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
+        let hint = if s.len() == 10 { " (a date alone is not enough: add a time and an offset)" } else { "" };
+        format!(
+            "expected an RFC 3339 time such as 2026-03-01T10:00:00Z or 2026-03-01T10:00:00.250+02:00, \
+             or integer epoch milliseconds{hint}"
+        )
+    })?;
     let nanos = t.unix_timestamp_nanos();
     i64::try_from(nanos.div_euclid(1_000_000)).map_err(|_| "out of range".to_string())
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringConfig {
     pub recency: RecencyConfig,
@@ -15,7 +15,7 @@ pub struct ScoringConfig {
 
 /// R: 5 if `r < thresholds_days[0]`, 4 if `< [1]`, 3 if `< [2]`, 2 if `< [3]`, else 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RecencyConfig {
     /// Days since last activity (or since first seen, before any activity), ascending.
     pub thresholds_days: [u32; 4],
@@ -23,7 +23,7 @@ pub struct RecencyConfig {
 
 /// F: 5 if `active_days >= min_active_days[0]`, 4 if `>= [1]`, 3 if `>= [2]`, 2 if `>= [3]`, else 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct FrequencyConfig {
     /// Length of the active-days window, in days (at most 120).
     pub window_days: u32,
@@ -33,7 +33,7 @@ pub struct FrequencyConfig {
 
 /// M: 5 if `mrr_cents >= min_mrr_cents[0]`, … 2 if `>= [3]`, else 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct MonetaryConfig {
     /// Descending.
     pub min_mrr_cents: [i64; 4],
@@ -41,15 +41,15 @@ pub struct MonetaryConfig {
 
 /// adoption = `min(max, points_per_feature × features used in the last window_days)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdoptionConfig {
     pub window_days: u32,
     pub points_per_feature: u32,
     pub max: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Weights of the components; they must add up to 100.
     pub weights: HealthWeights,
@@ -59,7 +59,7 @@ pub struct HealthConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HealthWeights {
     pub engagement: u32,
     pub recency: u32,
@@ -70,7 +70,7 @@ pub struct HealthWeights {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TicketPenalty {
     pub low: u32,
     pub normal: u32,
@@ -80,7 +80,7 @@ pub struct TicketPenalty {
 
 /// Sentiment component from the latest NPS score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SentimentConfig {
     /// Value when no NPS answer was ever given.
     pub no_answer: u32,
@@ -94,7 +94,7 @@ pub struct SentimentConfig {
 }
 
 /// Segment groups: the four SPEC §5 groups and any custom ones.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentsConfig {
     pub rfm: RfmConfig,
@@ -106,14 +106,14 @@ pub struct SegmentsConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RfmConfig {
     /// `grid[5 − R][F − 1]`: rows R = 5 down to 1, columns F = 1 to 5.
     pub grid: [[String; 5]; 5],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HealthSegmentsConfig {
     /// `green` if health >= green_min.
     pub green_min: u32,
@@ -122,7 +122,7 @@ pub struct HealthSegmentsConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ValueConfig {
     /// `high_touch` if M >= this.
     pub high_touch_min_m: u8,
@@ -131,7 +131,7 @@ pub struct ValueConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EngagementConfig {
     /// `power_user` needs R >= this, F >= power_min_f and adoption >= power_min_adoption.
     pub power_min_r: u8,
@@ -159,33 +159,48 @@ pub struct RuleConfig {
     pub when: String,
 }
 
-impl Default for ScoringConfig {
+// Each section has its own defaults, so that a file may set one field of a
+// section (`[segments.health] green_min = 75`) and keep SPEC's others.
+
+impl Default for RecencyConfig {
     fn default() -> Self {
-        Self {
-            recency: RecencyConfig { thresholds_days: [7, 14, 30, 60] },
-            frequency: FrequencyConfig { window_days: 90, min_active_days: [45, 25, 10, 3] },
-            monetary: MonetaryConfig { min_mrr_cents: [200_000, 50_000, 10_000, 1] },
-            adoption: AdoptionConfig { window_days: 30, points_per_feature: 20, max: 100 },
-            health: HealthConfig {
-                weights: HealthWeights {
-                    engagement: 30,
-                    recency: 20,
-                    adoption: 20,
-                    support: 10,
-                    billing: 10,
-                    sentiment: 10,
-                },
-                ticket_penalty: TicketPenalty { low: 10, normal: 20, high: 35, urgent: 50 },
-                sentiment: SentimentConfig {
-                    no_answer: 50,
-                    promoter_min: 9,
-                    passive_min: 7,
-                    promoter: 100,
-                    passive: 50,
-                    detractor: 0,
-                },
-            },
-        }
+        Self { thresholds_days: [7, 14, 30, 60] }
+    }
+}
+
+impl Default for FrequencyConfig {
+    fn default() -> Self {
+        Self { window_days: 90, min_active_days: [45, 25, 10, 3] }
+    }
+}
+
+impl Default for MonetaryConfig {
+    fn default() -> Self {
+        Self { min_mrr_cents: [200_000, 50_000, 10_000, 1] }
+    }
+}
+
+impl Default for AdoptionConfig {
+    fn default() -> Self {
+        Self { window_days: 30, points_per_feature: 20, max: 100 }
+    }
+}
+
+impl Default for HealthWeights {
+    fn default() -> Self {
+        Self { engagement: 30, recency: 20, adoption: 20, support: 10, billing: 10, sentiment: 10 }
+    }
+}
+
+impl Default for TicketPenalty {
+    fn default() -> Self {
+        Self { low: 10, normal: 20, high: 35, urgent: 50 }
+    }
+}
+
+impl Default for SentimentConfig {
+    fn default() -> Self {
+        Self { no_answer: 50, promoter_min: 9, passive_min: 7, promoter: 100, passive: 50, detractor: 0 }
     }
 }
 
@@ -193,33 +208,34 @@ fn row(names: [&str; 5]) -> [String; 5] {
     names.map(str::to_string)
 }
 
-impl Default for SegmentsConfig {
+impl Default for RfmConfig {
     fn default() -> Self {
         Self {
-            rfm: RfmConfig {
-                grid: [
-                    row(["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"]),
-                    row([
-                        "promising",
-                        "potential_loyalists",
-                        "potential_loyalists",
-                        "loyal_customers",
-                        "loyal_customers",
-                    ]),
-                    row(["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"]),
-                    row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
-                    row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
-                ],
-            },
-            health: HealthSegmentsConfig { green_min: 70, yellow_min: 40 },
-            value: ValueConfig { high_touch_min_m: 5, low_touch_min_m: 3 },
-            engagement: EngagementConfig {
-                power_min_r: 4,
-                power_min_f: 4,
-                power_min_adoption: 60,
-                non_active_max_r: 2,
-            },
-            custom: Vec::new(),
+            grid: [
+                row(["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"]),
+                row(["promising", "potential_loyalists", "potential_loyalists", "loyal_customers", "loyal_customers"]),
+                row(["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"]),
+                row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
+                row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
+            ],
         }
+    }
+}
+
+impl Default for HealthSegmentsConfig {
+    fn default() -> Self {
+        Self { green_min: 70, yellow_min: 40 }
+    }
+}
+
+impl Default for ValueConfig {
+    fn default() -> Self {
+        Self { high_touch_min_m: 5, low_touch_min_m: 3 }
+    }
+}
+
+impl Default for EngagementConfig {
+    fn default() -> Self {
+        Self { power_min_r: 4, power_min_f: 4, power_min_adoption: 60, non_active_max_r: 2 }
     }
 }

@@ -49,6 +49,89 @@ metrics!(
     Industry => "profile.industry", Employees => "profile.employees", Country => "profile.country",
 );
 
+/// What kind of value a name or a literal is, for checking rules at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Num,
+    Str,
+    Bool,
+    /// A string from a fixed list.
+    Enum(&'static [&'static str]),
+}
+
+impl Kind {
+    fn describe(self) -> String {
+        match self {
+            Kind::Num => "a number".into(),
+            Kind::Str => "a string".into(),
+            Kind::Bool => "true or false".into(),
+            Kind::Enum(values) => format!("one of {}", values.join(", ")),
+        }
+    }
+}
+
+const SUB_STATUSES: &[&str] = &["trialing", "active", "past_due", "canceled"];
+
+impl Metric {
+    fn kind(self) -> Kind {
+        match self {
+            Metric::SubStatus => Kind::Enum(SUB_STATUSES),
+            Metric::PaymentFailed => Kind::Bool,
+            Metric::Industry | Metric::Country => Kind::Str,
+            _ => Kind::Num,
+        }
+    }
+}
+
+impl Operand {
+    fn kind(&self) -> Kind {
+        match self {
+            Operand::Metric(m) => m.kind(),
+            Operand::Num(_) => Kind::Num,
+            Operand::Str(_) => Kind::Str,
+            Operand::Bool(_) => Kind::Bool,
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Operand::Metric(m) => format!("`{}`", Metric::NAMES[*m as usize]),
+            Operand::Num(n) => format!("`{n}`"),
+            Operand::Str(s) => format!("`\"{s}\"`"),
+            Operand::Bool(b) => format!("`{b}`"),
+        }
+    }
+}
+
+/// Whether `l op r` can ever hold: a comparison that cannot (a number with a
+/// string, a status that does not exist) would silently always be false.
+fn check(l: &Operand, op: Op, r: &Operand) -> Result<(), String> {
+    let (kl, kr) = (l.kind(), r.kind());
+    let mismatch =
+        || format!("{} is {}, {} is {}: they never compare equal", l.shown(), kl.describe(), r.shown(), kr.describe());
+    match (kl, kr) {
+        (Kind::Num, Kind::Num) | (Kind::Str, Kind::Str) | (Kind::Bool, Kind::Bool) => {}
+        (Kind::Enum(a), Kind::Enum(b)) if a == b => {}
+        (Kind::Enum(values), Kind::Str) | (Kind::Str, Kind::Enum(values)) => {
+            let lit = if let Operand::Str(s) = r {
+                s
+            } else if let Operand::Str(s) = l {
+                s
+            } else {
+                return Ok(());
+            };
+            if !values.contains(&lit.as_str()) {
+                return Err(format!("`\"{lit}\"` is not a value of this name, which is one of {}", values.join(", ")));
+            }
+        }
+        _ => return Err(mismatch()),
+    }
+    if matches!(op, Op::Lt | Op::Le | Op::Gt | Op::Ge) && matches!(kl, Kind::Bool | Kind::Enum(_)) {
+        return Err(format!("{} is {}: compare it with == or !=", l.shown(), kl.describe()));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Eq,
@@ -202,11 +285,13 @@ impl Parser {
             self.pos += 1;
             return Ok(inner);
         }
+        let col = self.col();
         let left = self.operand()?;
         if let Some(Tok::Op(op)) = self.peek() {
             let op = *op;
             self.pos += 1;
             let right = self.operand()?;
+            check(&left, op, &right).map_err(|m| (col, m))?;
             return Ok(Expr::Cmp(left, op, right));
         }
         Ok(Expr::Truthy(left))
@@ -363,5 +448,24 @@ mod tests {
         assert!(Condition::parse("R = 4").is_err());
         assert!(Condition::parse("R >= 4 4").is_err());
         assert!(Condition::parse("'open").is_err());
+    }
+
+    #[test]
+    fn comparisons_that_can_never_hold_are_refused_at_load() {
+        let e = Condition::parse("R >= 2 and health == \"high\"").expect_err("number vs string");
+        assert!(e.message.contains("`health` is a number") && e.column == 12, "{e}");
+        let e = Condition::parse("sub_status == 'pastdue'").expect_err("no such status");
+        assert!(e.message.contains("past_due"), "{e}");
+        assert!(Condition::parse("payment_failed > false").is_err(), "true/false has no order");
+        assert!(Condition::parse("profile.industry == 3").is_err());
+        assert!(Condition::parse("M == true").is_err());
+        for ok in [
+            "sub_status == \"past_due\" or payment_failed == true",
+            "'canceled' != sub_status",
+            "profile.industry == \"fintech\" and profile.employees >= 50",
+            "nps <= 6 and health < R",
+        ] {
+            Condition::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 }

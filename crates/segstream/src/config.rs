@@ -145,6 +145,16 @@ mod tests {
     }
 
     #[test]
+    fn one_field_of_a_section_keeps_the_defaults_of_the_others() {
+        let cfg = Config::from_toml("[segments.health]\ngreen_min = 75\n[scoring.frequency]\nwindow_days = 60\n")
+            .expect("partial sections");
+        assert_eq!((cfg.segments.health.green_min, cfg.segments.health.yellow_min), (75, 40));
+        assert_eq!(cfg.scoring.frequency.window_days, 60);
+        assert_eq!(cfg.scoring.frequency.min_active_days, Config::default().scoring.frequency.min_active_days);
+        cfg.engine_settings().expect("valid");
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_name() {
         let err = Config::from_toml("[time]\nallowed_lateness = 5\n").expect_err("unknown field");
         assert!(err.to_string().contains("allowed_lateness"), "{err}");

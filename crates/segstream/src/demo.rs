@@ -34,8 +34,18 @@ pub fn run_demo(settings: &EngineSettings, args: &DemoArgs) -> anyhow::Result<De
     let events = args.dir.join("events.jsonl");
     let output = args.dir.join("transitions.jsonl");
     let state = args.dir.join("state");
-    if state.exists() {
-        std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
+    // The demo's own files, and those its "Try:" command writes, so that the
+    // command gives the same numbers after every demo.
+    for dir in [state.clone(), args.dir.join("state2")] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    for file in ["again.jsonl", "again.jsonl.dead-letter.jsonl"] {
+        let p = args.dir.join(file);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
     }
     let start_ms = parse_rfc3339_millis("2026-01-01T00:00:00Z").map_err(|e| anyhow::anyhow!(e))?;
     let gen = GenerateArgs {
@@ -54,6 +64,13 @@ pub fn run_demo(settings: &EngineSettings, args: &DemoArgs) -> anyhow::Result<De
         if p.exists() {
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
+    }
+    if stats.invalid > 0 {
+        eprintln!(
+            "segstream demo: the sample holds {} invalid records on purpose (one after every 25 000 events), \
+             to show how they are dead-lettered: the warnings below are about them",
+            stats.invalid
+        );
     }
     let summary = run_file(settings, &run)?;
 
@@ -83,10 +100,11 @@ pub fn run_demo(settings: &EngineSettings, args: &DemoArgs) -> anyhow::Result<De
     );
     let _ = writeln!(
         text,
-        "Try: segstream run --input {} --output {} --state-dir {}",
+        "Try: segstream run --input {} --output {} --state-dir {} --until {}",
         events.display(),
         args.dir.join("again.jsonl").display(),
-        args.dir.join("state2").display()
+        args.dir.join("state2").display(),
+        format_rfc3339_millis(stats.end_ms)
     );
     Ok(DemoReport { summary, text })
 }

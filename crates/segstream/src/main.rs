@@ -43,7 +43,7 @@ enum Command {
         /// Pipeline configuration (TOML); built-in SPEC defaults otherwise.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// After the input, advance time to this instant (RFC 3339 or epoch ms) and emit every boundary up to it.
+        /// After the input, advance time to this instant (RFC 3339, epoch ms, or `now`) and emit every boundary up to it.
         #[arg(long, value_parser = parse_instant)]
         until: Option<i64>,
         /// Input format; from the file extension by default.
@@ -124,6 +124,12 @@ fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
 fn parse_instant(s: &str) -> Result<i64, String> {
     let ms = match s.parse::<i64>() {
         Ok(ms) => ms,
+        Err(_) if s == "now" => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_millis()
+            .try_into()
+            .map_err(|_| "the clock is past the year 9999".to_string())?,
         Err(_) => parse_rfc3339_millis(s)?,
     };
     if (MIN_TS..=MAX_TS).contains(&ms) {
@@ -199,6 +205,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Mode::File(file) => {
                     let summary = run_file(&settings.engine, &file)?;
                     eprint!("{}", summary.render());
+                    let c = &summary.counts;
+                    if c.invalid > 0 && c.events == 0 {
+                        anyhow::bail!(
+                            "every record read ({}) was invalid: is {} the right file, in the right format ({})? \
+                             See the dead-letter file {}",
+                            c.invalid,
+                            file.input.display(),
+                            file.input_format,
+                            file.dead_letter.display()
+                        );
+                    }
                 }
                 Mode::Kafka(kafka) => {
                     let stop = StopFlag::new();
