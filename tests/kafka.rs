@@ -370,6 +370,19 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         br#"{"event_id":"typo","customer_id":"cus_typo","type":"login","ts":"2126-01-01T00:00:00Z"}"#.to_vec(),
     ));
     p.expected_dead += 1;
+    // A valid event whose customer_id is 600 KB (sent without a key): every
+    // record keyed by it would be too large to produce. Too large itself.
+    let long_id = "c".repeat(600 << 10);
+    p.produced.push((
+        0,
+        Vec::new(),
+        format!(r#"{{"event_id":"long","customer_id":"{long_id}","type":"login","ts":1767225600000}}"#).into_bytes(),
+    ));
+    p.expected_dead += 1;
+    // An invalid record just under the broker's limit: its dead letter, with
+    // headers, would be over it; it is cut to fit.
+    p.produced.push((1, b"cus_big".to_vec(), vec![b'x'; 999_000]));
+    p.expected_dead += 1;
     // A record without a key, in its customer's partition: processed, and counted.
     let keyless = p.produced.iter().position(|(_, key, _)| key.starts_with(b"cus_")).expect("a customer's record");
     p.produced[keyless].1.clear();
@@ -390,13 +403,22 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         assert_eq!(topic, EVENTS);
         let (part, offset): (i32, i64) = (part.parse().expect("partition"), offset.parse().expect("offset"));
         let original = input.iter().find(|r| r.partition == part && r.offset == offset).expect("source record exists");
-        assert_eq!(d.payload, original.payload, "dead letter is the record unchanged");
+        if !d.headers.contains_key("truncated") {
+            assert_eq!(d.payload, original.payload, "dead letter is the record unchanged");
+        } else {
+            let (got, was) =
+                (d.payload.as_deref().unwrap_or_default(), original.payload.as_deref().unwrap_or_default());
+            assert!(was.starts_with(got) && got.len() < was.len(), "a truncated dead letter is the record's beginning");
+        }
         assert_eq!(d.key, original.key);
         assert!(!d.headers["error_kind"].is_empty() && !d.headers["error"].is_empty(), "{:?}", d.headers);
     }
     let kinds: std::collections::BTreeSet<&str> = dead.iter().map(|d| d.headers["error_kind"].as_str()).collect();
     assert!(kinds.len() >= 3, "several kinds of poison: {kinds:?}");
     assert!(kinds.contains("key_mismatch") && kinds.contains("implausible_timestamp"), "{kinds:?}");
+    assert!(kinds.contains("too_large"), "{kinds:?}");
+    let cut: Vec<&str> = dead.iter().filter_map(|d| d.headers.get("truncated").map(String::as_str)).collect();
+    assert_eq!(cut, vec!["key=7 value=999000"], "the near-1 MB record is cut to fit, and says so");
 
     // Every transition carries its id and its source record.
     let out = read_all(&p.broker.addr, OUTPUT);
@@ -415,7 +437,7 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         .map(|l| l.rsplit(' ').next().expect("value").parse::<f64>().expect("number"))
         .sum();
     assert_eq!(dead_total as usize, p.expected_dead, "{body}");
-    assert!(body.contains("segstream_input_unkeyed_records_total 1\n"), "{body}");
+    assert!(body.contains("segstream_input_unkeyed_records_total 2\n"), "{body}");
     assert!(body.contains("segstream_output_transitions_total{"), "{body}");
     assert!(!body.contains("cus_"), "no customer ids in metrics");
     assert!(http_get(&format!("127.0.0.1:{port}"), "/healthz").contains("ok"));

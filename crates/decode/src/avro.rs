@@ -213,6 +213,10 @@ impl SchemaLookup for StaticSchemas {
 /// Decodes one message in the Schema Registry wire format: magic byte 0, a
 /// 4-byte big-endian schema id, then the Avro datum written with that schema.
 pub fn decode_wire(bytes: &[u8], schemas: &dyn SchemaLookup) -> Result<Event, DecodeError> {
+    if bytes.len() > crate::fields::MAX_RECORD_BYTES {
+        let max = crate::fields::MAX_RECORD_BYTES;
+        return Err(DecodeError::TooLarge { field: "record", len: bytes.len(), max });
+    }
     let (id, mut datum) = crate::wire::split(bytes)?;
     let writer = schemas.writer_schema(id)?;
     let reader = writer.needs_resolution.then(event_schema);

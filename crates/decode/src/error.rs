@@ -45,6 +45,8 @@ pub enum DecodeError {
     UnknownSchemaId(u32),
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
+    #[error("field `{field}` has {len} bytes, more than the {max} allowed")]
+    TooLarge { field: &'static str, len: usize, max: usize },
     #[error(
         "message key `{key}` is not the event's customer_id `{customer_id}` (SPEC §1: the key is the customer id)"
     )]
@@ -69,6 +71,7 @@ impl DecodeError {
             DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
             DecodeError::RegistryUnavailable(_) => "registry_unavailable",
             DecodeError::KeyMismatch { .. } => "key_mismatch",
+            DecodeError::TooLarge { .. } => "too_large",
         }
     }
 }

@@ -11,12 +11,36 @@ use crate::event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus
 pub(crate) trait Fields {
     /// A string field, borrowed from the record where it can be.
     fn text(&self, name: &'static str) -> Result<Option<Cow<'_, str>>, DecodeError>;
+    /// A string field, owned, within its size limit.
     fn string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
-        Ok(self.text(name)?.map(Cow::into_owned))
+        let Some(s) = self.text(name)? else { return Ok(None) };
+        let max = if matches!(name, "event_id" | "customer_id") { MAX_ID_BYTES } else { MAX_TEXT_BYTES };
+        if s.len() > max {
+            return Err(DecodeError::TooLarge { field: name, len: s.len(), max });
+        }
+        Ok(Some(s.into_owned()))
     }
     fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
     /// A timestamp: an RFC 3339 string or integer epoch milliseconds.
     fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
+}
+
+/// Largest `event_id` and `customer_id`, bytes. A customer id is the key of
+/// every record written for it (transitions, changelog), so an unbounded one
+/// could make a record too large to produce.
+pub const MAX_ID_BYTES: usize = 512;
+/// Largest other string field (plan, feature, profile fields…), bytes.
+pub const MAX_TEXT_BYTES: usize = 4096;
+/// Largest record (a JSON line, a wire-format message), bytes.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// At most the first 64 characters of `s`, for error messages.
+pub fn clip(s: &str) -> String {
+    if s.len() <= 64 {
+        return s.to_string();
+    }
+    let cut = (0..=64).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}…", &s[..cut])
 }
 
 /// 0001-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z, epoch ms.
@@ -50,7 +74,7 @@ fn enum_field<T>(
     allowed: &'static str,
 ) -> Result<T, DecodeError> {
     let s = required(f.text(field)?, field)?;
-    parse(&s).ok_or_else(|| DecodeError::BadEnum { field, value: s.into_owned(), allowed })
+    parse(&s).ok_or_else(|| DecodeError::BadEnum { field, value: clip(&s), allowed })
 }
 
 pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
@@ -109,7 +133,7 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
             EventKind::Profile { industry: f.string("industry")?, employees, country: f.string("country")? }
         }
         "customer_deleted" => EventKind::CustomerDeleted,
-        _ => return Err(DecodeError::UnknownType(type_name.into_owned())),
+        _ => return Err(DecodeError::UnknownType(clip(&type_name))),
     };
     Ok(Event { event_id, customer_id, ts, kind })
 }

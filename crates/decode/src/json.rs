@@ -5,7 +5,7 @@ use serde_json::value::RawValue;
 
 use crate::error::DecodeError;
 use crate::event::Event;
-use crate::fields::{build_event, flatten, Fields, FlatValue};
+use crate::fields::{build_event, flatten, Fields, FlatValue, MAX_RECORD_BYTES};
 use crate::time_fmt::parse_rfc3339_millis;
 
 /// The known fields of a JSON event, each kept as raw JSON text so that a
@@ -136,6 +136,9 @@ impl Fields for JsonRecord<'_> {
 
 /// Decodes one JSON line (without its newline) into an [`Event`].
 pub fn decode_json_line(line: &[u8]) -> Result<Event, DecodeError> {
+    if line.len() > MAX_RECORD_BYTES {
+        return Err(DecodeError::TooLarge { field: "record", len: line.len(), max: MAX_RECORD_BYTES });
+    }
     let text = std::str::from_utf8(line).map_err(|e| DecodeError::Utf8(e.to_string()))?;
     // Serde would also accept a JSON array as a positional record: refuse it.
     if !text.trim_start().starts_with('{') {
@@ -172,6 +175,26 @@ mod tests {
 
     fn err(s: &str) -> DecodeError {
         decode_json_line(s.as_bytes()).expect_err("invalid event")
+    }
+
+    #[test]
+    fn oversized_ids_fields_and_records_are_too_large() {
+        let id = "c".repeat(MAX_RECORD_BYTES.min(600 << 10));
+        let e = err(&format!(r#"{{"event_id":"e","customer_id":"{id}","type":"login","ts":1}}"#));
+        assert!(matches!(e, DecodeError::TooLarge { field: "customer_id", .. }), "{e}");
+        let plan = "p".repeat(crate::MAX_TEXT_BYTES + 1);
+        let e = err(&format!(
+            r#"{{"event_id":"e","customer_id":"c","type":"subscription","ts":1,"plan":"{plan}","mrr_cents":1,"status":"active"}}"#
+        ));
+        assert!(matches!(e, DecodeError::TooLarge { field: "plan", .. }), "{e}");
+        let e = err(&format!(
+            r#"{{"event_id":"e","customer_id":"c","type":"login","ts":1,"pad":"{}"}}"#,
+            "x".repeat(MAX_RECORD_BYTES)
+        ));
+        assert_eq!(e.kind(), "too_large");
+        let e = err(&format!(r#"{{"event_id":"e","customer_id":"c","type":"{}","ts":1}}"#, "t".repeat(10_000)));
+        assert!(e.to_string().len() < 200, "error messages clip long values: {e}");
+        ok(&format!(r#"{{"event_id":"e","customer_id":"{}","type":"login","ts":1}}"#, "c".repeat(crate::MAX_ID_BYTES)));
     }
 
     #[test]

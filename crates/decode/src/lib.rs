@@ -23,7 +23,7 @@ pub use avro::{
 };
 pub use error::{Classify, DecodeError, ErrorClass, InvalidRecord};
 pub use event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
-pub use fields::{MAX_TS, MIN_TS};
+pub use fields::{clip, MAX_ID_BYTES, MAX_RECORD_BYTES, MAX_TEXT_BYTES, MAX_TS, MIN_TS};
 pub use format::Format;
 pub use json::{decode_json_line, event_to_json};
 pub use time_fmt::{format_rfc3339_millis, parse_rfc3339_millis, DAY_MS};

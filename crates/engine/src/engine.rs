@@ -56,6 +56,9 @@ pub struct Counters {
     pub invalid: u64,
     /// `customer_deleted` for a customer that did not exist.
     pub deleted_unknown: u64,
+    /// Events applied whose new open ticket or feature was not remembered
+    /// (the customer is at the limit of either).
+    pub capped: u64,
     /// Customers existing now.
     pub customers: u64,
     pub transitions: u64,
@@ -163,7 +166,10 @@ impl Engine {
                 self.counters.customers = self.counters.customers.saturating_sub(1);
                 (true, late)
             }
-            Outcome::Applied { late } => (true, late),
+            Outcome::Applied { late, capped } => {
+                self.counters.capped += u64::from(capped);
+                (true, late)
+            }
         };
         if applied {
             self.store.touch(sid);
@@ -353,7 +359,7 @@ mod tests {
         // …so its event 12 hours older than max ts is on time, not late.
         out.clear();
         let outcome = e.on_event(&ev("3", "quiet", T0 + 6 * DAY_MS + 4 * 3_600_000, "login"), &mut out).expect("event");
-        assert_eq!(outcome, Outcome::Applied { late: false });
+        assert_eq!(outcome, Outcome::Applied { late: false, capped: false });
         assert!(rfm(&out, "quiet").is_empty(), "still new_customers: {out:?}");
     }
 

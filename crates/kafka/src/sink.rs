@@ -61,6 +61,29 @@ impl OutputEncoding {
     }
 }
 
+/// Largest dead letter produced, key, value and headers together: under
+/// Kafka's default `message.max.bytes` (1 MB), so that a dead letter is
+/// never itself too large to produce.
+pub const DEAD_LETTER_MAX_BYTES: usize = 900 << 10;
+/// Largest message key kept in a dead letter.
+const DEAD_LETTER_MAX_KEY: usize = 1 << 10;
+
+/// The key and value of a dead letter cut to fit [`DEAD_LETTER_MAX_BYTES`]
+/// beside `headers` bytes of headers, and a `truncated` header's value
+/// (original sizes) when something was cut.
+fn fit<'a>(
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    headers: usize,
+) -> (Option<&'a [u8]>, Option<&'a [u8]>, Option<String>) {
+    let k = key.map(|k| &k[..k.len().min(DEAD_LETTER_MAX_KEY)]);
+    let room = DEAD_LETTER_MAX_BYTES.saturating_sub(headers + k.map_or(0, <[u8]>::len));
+    let v = value.map(|v| &v[..v.len().min(room)]);
+    let cut = k.map(<[u8]>::len) != key.map(<[u8]>::len) || v.map(<[u8]>::len) != value.map(<[u8]>::len);
+    let note = cut.then(|| format!("key={} value={}", key.map_or(0, <[u8]>::len), value.map_or(0, <[u8]>::len)));
+    (k, v, note)
+}
+
 pub struct KafkaSink {
     producer: Producer,
     output_topic: String,
@@ -140,18 +163,41 @@ impl TransitionSink for KafkaSink {
             return Ok(false);
         }
         let message = d.error.to_string();
-        let headers = OwnedHeaders::new()
+        let header_bytes = 64 + message.len() + d.location.len() + d.error.kind().len();
+        let (key, value, truncated) = fit(d.key, d.raw, header_bytes);
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: "error_kind", value: Some(d.error.kind()) })
             .insert(Header { key: "error", value: Some(message.as_str()) })
             .insert(Header { key: "source", value: Some(d.location) });
+        if let Some(t) = &truncated {
+            headers = headers.insert(Header { key: "truncated", value: Some(t.as_str()) });
+        }
         let mut rec = BaseRecord::to(&self.dead_letter_topic).headers(headers);
-        if let Some(key) = d.key {
+        if let Some(key) = key {
             rec = rec.key(key);
         }
-        if let Some(raw) = d.raw {
+        if let Some(raw) = value {
             rec = rec.payload(raw);
         }
         self.producer.send(rec)?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_are_cut_to_what_a_broker_accepts_and_say_so() {
+        let (k, v) = (b"cus_1".as_slice(), vec![b'x'; 100]);
+        assert_eq!(fit(Some(k), Some(&v), 200), (Some(k), Some(v.as_slice()), None), "small: unchanged");
+        let (key, value) = (vec![b'k'; 600 << 10], vec![b'v'; 2 << 20]);
+        let (k, v, note) = fit(Some(&key), Some(&value), 200);
+        let (k, v) = (k.expect("key"), v.expect("value"));
+        assert_eq!(k.len(), 1 << 10);
+        assert_eq!(k.len() + v.len() + 200, DEAD_LETTER_MAX_BYTES);
+        assert_eq!(note.as_deref(), Some(format!("key={} value={}", 600 << 10, 2 << 20).as_str()));
+        assert_eq!(fit(None, None, 10), (None, None, None), "a record without key or value stays so");
     }
 }

@@ -400,7 +400,7 @@ impl Scorer {
                 return Outcome::DeletedUnknown;
             }
             let mut st = CustomerState::new(e.ts);
-            st.apply(e);
+            let _ = st.apply(e); // a new customer holds one ticket or feature at most
             let scores = self.scores(&st, e.ts);
             let labels = self.labels(&st, &scores);
             self.emit(&e.customer_id, &[], Some(&labels), e.ts, &Cause::Event(e.event_id.clone()), &scores, out);
@@ -425,7 +425,7 @@ impl Scorer {
             *state = None;
             return Outcome::Deleted { late };
         }
-        st.apply(e);
+        let kept = st.apply(e);
         let scores = self.scores(st, tau);
         let labels = self.label_set(st, &scores);
         if labels[..] != st.labels[..] {
@@ -434,7 +434,7 @@ impl Scorer {
         }
         st.evaluated_at = tau;
         self.reschedule(st);
-        Outcome::Applied { late }
+        Outcome::Applied { late, capped: !kept }
     }
 }
 
@@ -444,6 +444,9 @@ pub enum Outcome {
     Created,
     Applied {
         late: bool,
+        /// A new open ticket or feature was not remembered: the customer is
+        /// at [`crate::MAX_OPEN_TICKETS`] or [`crate::MAX_FEATURES`].
+        capped: bool,
     },
     Deleted {
         late: bool,

@@ -8,6 +8,11 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const DEDUP_IDS: usize = 32;
 
 /// `day(t) = floor(t / 86_400_000)`.
+/// Open tickets remembered per customer.
+pub const MAX_OPEN_TICKETS: usize = 1000;
+/// Features remembered per customer (within the adoption window).
+pub const MAX_FEATURES: usize = 1000;
+
 pub fn day(t: i64) -> i64 {
     t.div_euclid(DAY_MS)
 }
@@ -189,8 +194,13 @@ impl CustomerState {
 
     /// Applies one event's facts (SPEC §3). "Latest" fields keep the value of
     /// the event with the largest `ts` (the later one on ties), so an old event
-    /// arriving late cannot overwrite a newer fact.
-    pub fn apply(&mut self, e: &Event) {
+    /// arriving late cannot overwrite a newer fact. Returns `false` when a new
+    /// open ticket or feature was not remembered because the customer already
+    /// has [`MAX_OPEN_TICKETS`] or [`MAX_FEATURES`] (a bound on state size:
+    /// beyond a handful, more change no score; only custom rules on
+    /// `open_tickets` could tell).
+    pub fn apply(&mut self, e: &Event) -> bool {
+        let mut kept = true;
         self.first_seen = self.first_seen.min(e.ts);
         if e.kind.is_activity() {
             self.last_active = Some(self.last_active.map_or(e.ts, |t| t.max(e.ts)));
@@ -200,8 +210,10 @@ impl CustomerState {
             EventKind::FeatureUsed { feature, .. } => {
                 let h = id_hash(feature);
                 let d = day(e.ts);
+                let full = self.features.len() >= MAX_FEATURES;
                 match self.features.iter_mut().find(|(f, _)| *f == h) {
                     Some(entry) => entry.1 = entry.1.max(d),
+                    None if full => kept = false,
                     None => self.features.push((h, d)),
                 }
             }
@@ -218,7 +230,11 @@ impl CustomerState {
                 let h = id_hash(ticket_id);
                 self.open_tickets.retain(|(t, _)| *t != h);
                 if *action == TicketAction::Opened {
-                    self.open_tickets.push((h, *priority));
+                    if self.open_tickets.len() < MAX_OPEN_TICKETS {
+                        self.open_tickets.push((h, *priority));
+                    } else {
+                        kept = false;
+                    }
                 }
             }
             EventKind::Nps { score } if e.ts >= self.nps_ts => {
@@ -240,6 +256,7 @@ impl CustomerState {
             _ => {}
         }
         self.remember(&e.event_id);
+        kept
     }
 
     /// Drops what can no longer matter at any instant `≥ self.evaluated_at`.
@@ -258,6 +275,32 @@ impl CustomerState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn open_tickets_and_features_are_bounded() {
+        let ev = |id: String, kind| Event { event_id: id.clone(), customer_id: "c".into(), ts: 0, kind };
+        let mut st = CustomerState::new(0);
+        for i in 0..MAX_OPEN_TICKETS {
+            let kind = segstream_decode::EventKind::Ticket {
+                ticket_id: format!("t{i}"),
+                action: segstream_decode::TicketAction::Opened,
+                priority: segstream_decode::Priority::Low,
+            };
+            assert!(st.apply(&ev(format!("e{i}"), kind)));
+        }
+        let one_more = segstream_decode::EventKind::Ticket {
+            ticket_id: "t-extra".into(),
+            action: segstream_decode::TicketAction::Opened,
+            priority: segstream_decode::Priority::Low,
+        };
+        assert!(!st.apply(&ev("extra".into(), one_more)), "not remembered");
+        assert_eq!(st.open_tickets.len(), MAX_OPEN_TICKETS);
+        for i in 0..=MAX_FEATURES {
+            let kind = segstream_decode::EventKind::FeatureUsed { user_id: None, feature: format!("f{i}") };
+            assert_eq!(st.apply(&ev(format!("f{i}"), kind)), i < MAX_FEATURES);
+        }
+        assert_eq!(st.features.len(), MAX_FEATURES);
+    }
+
     use super::*;
 
     #[test]

@@ -334,7 +334,7 @@ fn late_events_never_rewrite_emitted_transitions() {
     let late = ev("s1", T0 + DAY_MS, r#""type":"subscription","plan":"p","mrr_cents":250000,"status":"active""#);
     let mut out = Vec::new();
     let outcome = c.scorer.on_event(&mut c.state, &late, &mut out);
-    assert_eq!(outcome, Outcome::Applied { late: true });
+    assert_eq!(outcome, Outcome::Applied { late: true, capped: false });
     // Emitted at the last evaluated instant (the boundary at T0+7d), not at its ts.
     assert_eq!(rows(&out), vec![row("value", Some("tech_touch"), Some("high_touch"), T0 + 7 * DAY_MS, "event:s1")]);
     // An older subscription arriving later does not overwrite the newer one.

@@ -85,7 +85,7 @@ pub struct Task {
 fn keyed_by_customer(key: Option<&[u8]>, ev: Event) -> Result<Event, DecodeError> {
     match key {
         Some(k) if k != ev.customer_id.as_bytes() => Err(DecodeError::KeyMismatch {
-            key: String::from_utf8_lossy(k).into_owned(),
+            key: segstream_decode::clip(&String::from_utf8_lossy(&k[..k.len().min(256)])),
             customer_id: ev.customer_id.clone(),
         }),
         _ => Ok(ev),
@@ -286,7 +286,7 @@ impl Task {
                 } else {
                     match self.engine.on_event(&ev, &mut self.out)? {
                         Outcome::Duplicate => m.duplicates.inc(),
-                        Outcome::Applied { late: true } | Outcome::Deleted { late: true } => m.late.inc(),
+                        Outcome::Applied { late: true, .. } | Outcome::Deleted { late: true } => m.late.inc(),
                         _ => 0,
                     };
                     self.epoch_applied.insert(ev.customer_id, record);

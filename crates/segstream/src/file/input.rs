@@ -5,7 +5,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Take};
 use std::path::Path;
 
-use segstream_decode::{decode_json_line, event_to_json, AvroFileReader, Event, Format, InvalidRecord};
+use segstream_decode::{
+    decode_json_line, event_to_json, AvroFileReader, DecodeError, Event, Format, InvalidRecord, MAX_RECORD_BYTES,
+};
 use segstream_engine::TimeWindow;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,30 @@ pub struct Position {
     pub offset: u64,
     pub records: u64,
     pub lines: u64,
+}
+
+/// Reads one line (with its newline) into `line`, keeping at most `max` + 1
+/// bytes of it; returns the bytes consumed and whether the whole line fit.
+fn read_line_bounded(r: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> std::io::Result<(usize, bool)> {
+    let mut consumed = 0;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = (max + 1).saturating_sub(line.len());
+        line.extend_from_slice(&buf[..take.min(room)]);
+        r.consume(take);
+        consumed += take;
+        if done {
+            break;
+        }
+    }
+    Ok((consumed, line.len() <= max))
 }
 
 /// One input record: an event, or what was wrong with it.
@@ -101,13 +127,21 @@ impl InputReader {
         match &mut self.reader {
             Reader::Json { inner, line } => loop {
                 line.clear();
-                let n = match inner.read_until(b'\n', line) {
-                    Ok(0) => return None,
-                    Ok(n) => n,
+                let (n, whole) = match read_line_bounded(inner, line, MAX_RECORD_BYTES) {
+                    Ok((0, _)) => return None,
+                    Ok(read) => read,
                     Err(e) => return Some(Err(e)),
                 };
                 self.pos.offset += n as u64;
                 self.pos.lines += 1;
+                if !whole {
+                    // Not held in memory whole: its first bytes are kept for the dead letter.
+                    self.pos.records += 1;
+                    let error = DecodeError::TooLarge { field: "record", len: n, max: MAX_RECORD_BYTES };
+                    let location = format!("{}:{}", self.name, self.pos.lines);
+                    line.truncate(64 << 10);
+                    return Some(Ok(Record::Invalid(InvalidRecord { location, error, raw: std::mem::take(line) })));
+                }
                 let mut body = line.as_slice();
                 while let Some((last, rest)) = body.split_last() {
                     if *last == b'\n' || *last == b'\r' {
@@ -180,6 +214,28 @@ mod tests {
         assert!(matches!(rest.next_record(), Some(Ok(Record::Invalid(i))) if i.location.ends_with(":4")));
         assert!(matches!(rest.next_record(), Some(Ok(Record::Event(e))) if e.event_id == "e3"));
         assert!(rest.next_record().is_none());
+    }
+
+    #[test]
+    fn a_line_beyond_the_record_limit_is_invalid_and_not_held_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("in.jsonl");
+        let ok = r#"{"event_id":"a","customer_id":"c","type":"login","ts":1}"#;
+        let huge =
+            format!(r#"{{"event_id":"b","customer_id":"c","type":"login","ts":2,"pad":"{}"}}"#, "x".repeat(3 << 20));
+        std::fs::write(&p, format!("{ok}\n{huge}\n{ok}\n")).expect("write");
+        let end = std::fs::metadata(&p).expect("meta").len();
+        let mut r = InputReader::open(&p, Format::Json, Position::default(), end).expect("open");
+        assert!(matches!(r.next_record(), Some(Ok(Record::Event(_)))));
+        match r.next_record() {
+            Some(Ok(Record::Invalid(i))) => {
+                assert_eq!(i.error.kind(), "too_large");
+                assert!(i.location.ends_with(":2") && i.raw.len() == 64 << 10, "{} {}", i.location, i.raw.len());
+            }
+            _ => panic!("the huge line is a too_large record"),
+        }
+        assert!(matches!(r.next_record(), Some(Ok(Record::Event(_)))), "reading goes on after it");
+        assert_eq!(r.position().offset, end);
     }
 
     #[test]

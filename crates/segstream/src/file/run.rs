@@ -152,6 +152,7 @@ fn diff(now: &Counters, start: &Counters) -> Counters {
         late: now.late - start.late,
         invalid: now.invalid - start.invalid,
         deleted_unknown: now.deleted_unknown - start.deleted_unknown,
+        capped: now.capped - start.capped,
         customers: now.customers,
         transitions: now.transitions - start.transitions,
     }
