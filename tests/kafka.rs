@@ -125,8 +125,12 @@ impl Pipeline {
     fn config(&self, instance: &str, extra: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{instance}.toml"));
         let state = self.dir.path().join(format!("state-{instance}"));
-        // `state.x = v` lines go to the [state] table, the rest to [kafka].
-        let (state_lines, kafka_lines): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("state."));
+        // `state.x = v` lines go to the [state] table, `time.x = v` to
+        // [time], the rest to [kafka].
+        let (time_lines, rest): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("time."));
+        let time_extra: String = time_lines.iter().map(|l| format!("{}\n", &l["time.".len()..])).collect();
+        let (state_lines, kafka_lines): (Vec<&str>, Vec<&str>) =
+            rest.into_iter().partition(|l| l.starts_with("state."));
         let mut state_extra: String = state_lines.iter().map(|l| format!("{}\n", &l["state.".len()..])).collect();
         if !state_extra.contains("commit_every_records") {
             state_extra.push_str("commit_every_records = 400\n");
@@ -139,6 +143,8 @@ impl Pipeline {
         }
         let text = format!(
             r#"
+[time]
+{time_extra}
 [state]
 {state_extra}
 [kafka]
@@ -903,6 +909,53 @@ fn local_state_older_than_the_tombstone_retention_is_rebuilt_from_the_changelog(
     std::thread::sleep(Duration::from_millis(3500));
     let (mut child, log) = restarted("a");
     assert_eq!(log.matches("older than the changelog's delete.retention.ms").count(), 2, "{log}");
+    p.assert_exactly_expected(&["a"]);
+    sigterm(&mut child);
+}
+
+/// An erased customer's key must not stay in the changelog: a crash after a
+/// commit's marker and before its tombstones used to leave the erased
+/// customer's `c/<id>` record there for good (GDPR: the key is the id).
+#[test]
+fn an_erasure_in_a_commit_that_crashed_after_its_marker_still_ends_as_a_tombstone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let login = |c: &str, ts: i64| format!(r#"{{"event_id":"{c}-{ts}","customer_id":"{c}","type":"login","ts":{ts}}}"#);
+    let mut lines: Vec<String> = (0..10).map(|i| login(&format!("c{i}"), START + i * 1000)).collect();
+    lines.push(format!(r#"{{"event_id":"bye","customer_id":"c3","type":"customer_deleted","ts":{}}}"#, START + 20_000));
+    lines.extend((0..10).map(|i| login(&format!("d{i}"), START + 30_000 + i)));
+    let p = Pipeline::from_lines(dir, sqlite, 1, lines, |_, _| 0);
+    p.produce_all();
+    let extra = "state.commit_every_records = 5";
+    // Record 10 is the erasure: the first commit at or past record 11 holds it.
+    let mut child = p.start_env("a", extra, &[("SEGSTREAM_CRASH_AT", "after_marker:11")]);
+    assert!(!child.wait().expect("wait").success(), "the fault was injected");
+    let mark = p.log("a").len();
+    let mut child = p.start("a", extra);
+    p.wait_log("a", mark, "partition restored", 1);
+    p.assert_exactly_expected(&["a"]);
+    sigterm(&mut child);
+    let last = read_all(&p.broker.addr, CHANGELOG).into_iter().rfind(|r| r.key.as_deref() == Some(b"c/c3"));
+    let last = last.expect("the erased customer was in the changelog");
+    assert_eq!(last.payload, None, "the last record of an erased customer is a tombstone");
+}
+
+/// A replay after a crash must produce what the crashed run wrote: time
+/// settings changed in between (here the lateness) are refused while the
+/// partition has output past its last commit, and accepted once it has none.
+#[test]
+fn a_time_setting_changed_across_a_crash_is_refused_until_the_partition_has_committed() {
+    let p = Pipeline::new(sqlite, 1, 40, 40, None);
+    p.produce_all();
+    let mut child = p.start_env("a", "", &[("SEGSTREAM_CRASH_AT", "after_output:300")]);
+    assert!(!child.wait().expect("wait").success(), "the fault was injected");
+    // Another instance (its own log), restoring from the changelog: refused.
+    let mut child = p.start("b", "time.allowed_lateness_ms = 60000");
+    let status =
+        wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| panic!("still running:\n{}", p.log("b")));
+    assert!(!status.success());
+    let log = p.log("b");
+    assert!(log.contains("other time settings") && log.contains("allowed_lateness_ms"), "{log}");
+    let mut child = p.start("a", "");
     p.assert_exactly_expected(&["a"]);
     sigterm(&mut child);
 }

@@ -120,6 +120,15 @@ impl EngineSettings {
         self.commit_every_records.get()
     }
 
+    /// A stable hash of the time settings that decide what a given sequence
+    /// of records produces besides the rules: the lateness and the window of
+    /// plausible event times (Kafka: a replay after a crash must produce what
+    /// the crashed run wrote).
+    pub fn time_fingerprint(&self) -> u64 {
+        let w = &self.window;
+        xxh3_64(format!("{}/{:?}/{:?}", self.lateness_ms, w.earliest, w.max_future).as_bytes())
+    }
+
     /// A stable hash of the settings that decide segments: a state built with
     /// one set of rules must not silently continue under another.
     pub fn fingerprint(&self) -> u64 {

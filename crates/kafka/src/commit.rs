@@ -157,6 +157,7 @@ mod tests {
                 delivered: None,
                 output_topics: ["out", "dlq"],
                 skip: BTreeMap::new(),
+                erased: vec!["b".into()],
             },
             hold_outputs,
             states: vec![(b"c/a".to_vec(), b"S".to_vec()), (b"c/b".to_vec(), b"D".to_vec())],
@@ -167,7 +168,7 @@ mod tests {
 
     #[test]
     fn outputs_then_states_then_the_marker_then_tombstones_then_local_state() {
-        let prev = Marker::first(BTreeMap::from([("out".to_string(), BTreeMap::from([(0, 3)]))]), 1);
+        let prev = Marker::first(BTreeMap::from([("out".to_string(), BTreeMap::from([(0, 3)]))]), 1, 1);
         let mut io = Recorder { outputs_end: 12, ..Recorder::default() };
         let done = commit(&mut io, commit_of(&prev, false)).expect("commit");
         assert_eq!(
@@ -193,7 +194,7 @@ mod tests {
 
     #[test]
     fn held_outputs_stay_and_an_unacknowledged_marker_fails_the_commit() {
-        let prev = Marker::first(BTreeMap::from([("out".to_string(), BTreeMap::from([(0, 3)]))]), 1);
+        let prev = Marker::first(BTreeMap::from([("out".to_string(), BTreeMap::from([(0, 3)]))]), 1, 1);
         let mut io = Recorder { outputs_end: 12, ..Recorder::default() };
         let done = commit(&mut io, commit_of(&prev, true)).expect("commit");
         assert_eq!(done.marker.outputs["out"][&0], 3, "a replay in progress keeps the previous ends");

@@ -55,7 +55,14 @@ impl GroupContext {
         let task_stop = stop.clone();
         let join = std::thread::Builder::new()
             .name(format!("partition-{partition}"))
-            .spawn(move || Task::open(shared, partition, task_stop)?.run(rx))
+            .spawn(move || {
+                let ended = Task::open(shared, partition, task_stop).and_then(|task| task.run(rx));
+                if let Some(e) = ended.as_ref().err().filter(|e| !matches!(e, Error::Stopped)) {
+                    // Said now, not when the main thread collects the task.
+                    tracing::error!(partition, "partition task failed: {e}");
+                }
+                ended
+            })
             .expect("spawning a partition thread");
         let handle = TaskHandle { tx, stop, join, pending: VecDeque::new(), paused: false };
         self.tasks.lock().expect("tasks").insert(partition, handle);
@@ -235,7 +242,9 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
                 ),
             }
         }
-        let mut ended = Vec::new();
+        // A task that failed (in its restore, say) is collected even when no
+        // record is waiting for it.
+        let mut ended: Vec<i32> = tasks.iter().filter(|(_, h)| h.join.is_finished()).map(|(p, _)| *p).collect();
         for (&p, h) in tasks.iter_mut() {
             while let Some(b) = h.pending.pop_front() {
                 match h.tx.try_send(Msg::Records(b)) {

@@ -42,6 +42,15 @@ pub struct Marker {
     pub replay: Vec<LoggedRun>,
     /// Fingerprint of the scoring and segments configuration.
     pub config_fingerprint: u64,
+    /// Fingerprint of the time settings that decide what a replay produces
+    /// (lateness, the window of plausible times); `None` in markers of
+    /// earlier versions.
+    #[serde(default)]
+    pub time_fingerprint: Option<u64>,
+    /// Customers erased by this commit: their tombstones follow the marker,
+    /// and a recovery sends them again in case the crash came first.
+    #[serde(default)]
+    pub erased: Vec<String>,
 }
 
 /// The marker as the local RocksDB keeps it, with where it is in the changelog.
@@ -79,12 +88,14 @@ pub struct Progress<'a> {
     pub output_topics: [&'a str; 2],
     /// The skip map, without entries the commit has passed.
     pub skip: BTreeMap<String, i64>,
+    /// Customers erased since the last commit.
+    pub erased: Vec<String>,
 }
 
 impl Marker {
     /// The marker of a partition that never committed: it starts at the
     /// outputs' current ends.
-    pub fn first(outputs: OutputEnds, config_fingerprint: u64) -> Self {
+    pub fn first(outputs: OutputEnds, config_fingerprint: u64, time_fingerprint: u64) -> Self {
         Self {
             seq: 0,
             input_offsets: BTreeMap::new(),
@@ -96,6 +107,8 @@ impl Marker {
             skip: BTreeMap::new(),
             replay: Vec::new(),
             config_fingerprint,
+            time_fingerprint: Some(time_fingerprint),
+            erased: Vec::new(),
         }
     }
 
@@ -126,6 +139,8 @@ impl Marker {
             skip: p.skip,
             replay: p.pending_runs,
             config_fingerprint: self.config_fingerprint,
+            time_fingerprint: self.time_fingerprint,
+            erased: p.erased,
         }
     }
 }
@@ -145,12 +160,13 @@ mod tests {
             delivered,
             output_topics: ["out", "dlq"],
             skip: BTreeMap::from([("c".to_string(), 130)]),
+            erased: vec!["gone".into()],
         }
     }
 
     fn first() -> Marker {
         let outputs = BTreeMap::from([("out".to_string(), BTreeMap::from([(0, 10), (1, 20)]))]);
-        let mut m = Marker::first(outputs, 0xfeed);
+        let mut m = Marker::first(outputs, 0xfeed, 7);
         m.input_offsets.insert("b".into(), 40);
         m
     }
@@ -173,6 +189,8 @@ mod tests {
         assert_eq!(next.replay.len(), 1);
         assert_eq!(next.skip.get("c"), Some(&130));
         assert_eq!(next.config_fingerprint, 0xfeed, "the fingerprint of the state, whatever the process");
+        assert_eq!(next.time_fingerprint, Some(7));
+        assert_eq!(next.erased, vec!["gone".to_string()], "the erasures of this commit, for a recovery to finish");
         assert_eq!(next.next(progress(&[], Some(&delivered))).seq, 2);
     }
 
@@ -185,7 +203,9 @@ mod tests {
     #[test]
     fn markers_without_newer_fields_still_read() {
         let mut v = serde_json::to_value(first()).expect("json");
-        v.as_object_mut().expect("object").remove("replay");
+        for newer in ["replay", "time_fingerprint", "erased"] {
+            v.as_object_mut().expect("object").remove(newer);
+        }
         let m: Marker = serde_json::from_value(v).expect("older marker");
         assert!(m.replay.is_empty());
         let local: LocalMarker = serde_json::from_value(serde_json::json!({ "marker": m, "changelog_offset": 4 }))

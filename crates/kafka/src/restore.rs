@@ -137,7 +137,7 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     fn local(offset: i64, at: i64) -> LocalMarker {
-        LocalMarker { marker: Marker::first(BTreeMap::new(), 1), changelog_offset: offset, committed_at_ms: at }
+        LocalMarker { marker: Marker::first(BTreeMap::new(), 1, 1), changelog_offset: offset, committed_at_ms: at }
     }
 
     #[test]
@@ -159,7 +159,7 @@ mod tests {
     }
 
     fn marker(records: i64, skip: &[(&str, i64)]) -> Entry {
-        let mut m = Marker::first(BTreeMap::new(), 1);
+        let mut m = Marker::first(BTreeMap::new(), 1, 1);
         m.records = records;
         m.skip = skip.iter().map(|(c, a)| (c.to_string(), *a)).collect();
         m.replay = vec![LoggedRun { topic: "old".into(), first: -1, last: 3 }];

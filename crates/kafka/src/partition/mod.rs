@@ -315,12 +315,14 @@ impl Task {
         let next = self.records;
         let mut states = Vec::new();
         let mut tombstones = Vec::new();
+        let mut erased = Vec::new();
         let guard = self.emitter.sink().guard();
         self.engine.for_each_dirty(|id, st| {
             let applied = self.epoch_applied.get(id).copied().or_else(|| guard.applied_through(id)).unwrap_or(-1);
             states.push((customer_key(id), encode_customer(applied, st)));
             if st.is_none() {
                 tombstones.push(customer_key(id));
+                erased.push(id.to_string());
             }
         });
         tombstones.append(&mut self.run_keys);
@@ -349,6 +351,7 @@ impl Task {
             delivered: None,
             output_topics: sink.output_topics(),
             skip,
+            erased,
         };
         let mut io = TaskIo {
             producer: sink.producer(),

@@ -92,7 +92,7 @@ impl Task {
             Some((marker, offset)) => (marker, offset, false),
             None => {
                 let outputs = end_offsets(&consumer, [&k.output_topic, &k.dead_letter_topic], &stop)?;
-                (Marker::first(outputs, fingerprint), -1, true)
+                (Marker::first(outputs, fingerprint, shared.engine.time_fingerprint()), -1, true)
             }
         };
         if marker.config_fingerprint != fingerprint {
@@ -100,6 +100,16 @@ impl Task {
                 "partition {partition} was built with a different scoring or segments configuration \
                  (fingerprint {:016x}, now {fingerprint:016x}); use a new group id and changelog, or the old configuration",
                 marker.config_fingerprint
+            )));
+        }
+        let time_fingerprint = shared.engine.time_fingerprint();
+        let unfinished = !skip.is_empty() || !runs.is_empty();
+        if marker.time_fingerprint.is_some_and(|f| f != time_fingerprint) && unfinished {
+            return Err(Error::Setup(format!(
+                "partition {partition} has work after its last commit done under other time settings \
+                 (time.allowed_lateness_ms, time.earliest_event, time.max_future_ms); replaying it under the new \
+                 ones would write different transitions. Restart with the previous time settings until the \
+                 partition has committed, then change them"
             )));
         }
         engine.restore_clock(marker.clock, marker.counters.clone())?;
@@ -149,6 +159,29 @@ impl Task {
             task.commit(None)?;
         } else {
             task.read_outputs(&consumer)?;
+            if task.emitter.sink().guard().holds_outputs()
+                && task.marker.time_fingerprint.is_some_and(|f| f != time_fingerprint)
+            {
+                return Err(Error::Setup(format!(
+                    "partition {partition} wrote output after its last commit under other time settings \
+                     (time.allowed_lateness_ms, time.earliest_event, time.max_future_ms); replaying it under the \
+                     new ones would write different transitions. Restart with the previous time settings until \
+                     the partition has committed, then change them"
+                )));
+            }
+            // From now on commits carry this process's time settings.
+            task.marker.time_fingerprint = Some(time_fingerprint);
+            // A crash between a commit's marker and its tombstones would leave
+            // erased customers' keys in the changelog: send them again (the
+            // next commit's flush acknowledges them).
+            for id in &task.marker.erased {
+                let key = crate::changelog::customer_key(id);
+                task.emitter.sink().producer().send(
+                    rdkafka::producer::BaseRecord::<[u8], [u8], ()>::to(&k.changelog_topic)
+                        .partition(partition)
+                        .key(key.as_slice()),
+                )?;
+            }
             if let Some(w) = task.marker.pending_watermark {
                 task.advance_to(w)?;
             }
