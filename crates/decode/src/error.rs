@@ -45,6 +45,8 @@ pub enum DecodeError {
     UnknownSchemaId(u32),
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
+    #[error("schema registry refused: {0}")]
+    RegistryRefused(String),
     #[error("field `{field}` has {len} bytes, more than the {max} allowed")]
     TooLarge { field: &'static str, len: usize, max: usize },
     #[error(
@@ -70,6 +72,7 @@ impl DecodeError {
             DecodeError::WireFormat(_) => "wire_format",
             DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
             DecodeError::RegistryUnavailable(_) => "registry_unavailable",
+            DecodeError::RegistryRefused(_) => "registry_refused",
             DecodeError::KeyMismatch { .. } => "key_mismatch",
             DecodeError::TooLarge { .. } => "too_large",
         }
@@ -80,6 +83,7 @@ impl Classify for DecodeError {
     fn class(&self) -> ErrorClass {
         match self {
             DecodeError::RegistryUnavailable(_) => ErrorClass::Transient,
+            DecodeError::RegistryRefused(_) => ErrorClass::Fatal,
             _ => ErrorClass::Poison,
         }
     }

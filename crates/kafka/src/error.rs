@@ -65,7 +65,8 @@ impl Error {
 impl Classify for Error {
     fn class(&self) -> ErrorClass {
         match self {
-            Error::Broker { .. } | Error::Registry(_) => ErrorClass::Transient,
+            Error::Broker { .. } => ErrorClass::Transient,
+            Error::Registry(e) => e.class(),
             Error::Engine(e) => e.class(),
             Error::BrokerGaveUp { .. }
             | Error::ReadStalled(_)

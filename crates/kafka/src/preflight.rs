@@ -23,6 +23,8 @@ pub struct Preflight {
     /// The changelog's `delete.retention.ms`.
     pub changelog_delete_retention: Duration,
     pub output: OutputEncoding,
+    /// Partitions of the input topics at start.
+    pub input_partitions: i32,
 }
 
 pub fn check(k: &KafkaSettings) -> Result<Preflight, Error> {
@@ -53,7 +55,7 @@ pub fn check(k: &KafkaSettings) -> Result<Preflight, Error> {
     }
     check_topic(&probe, &k.output_topic)?;
     check_topic(&probe, &k.dead_letter_topic)?;
-    Ok(Preflight { changelog_delete_retention: check_changelog_config(k)?, output })
+    Ok(Preflight { changelog_delete_retention: check_changelog_config(k)?, output, input_partitions: inputs })
 }
 
 /// The transition schema's id for Avro output: configured, or registered

@@ -21,10 +21,14 @@ pub enum RegistryError {
 }
 
 impl Classify for RegistryError {
-    /// Every registry failure may pass (an outage, credentials being
-    /// rotated): the caller retries, stop-aware ([`crate::stop::retry`]).
+    /// An outage or a server error may pass: retried, stop-aware
+    /// ([`crate::stop::retry`]). Refused credentials or an answer that is not
+    /// the registry's API will not: the partition stops with the message.
     fn class(&self) -> ErrorClass {
-        ErrorClass::Transient
+        match self {
+            RegistryError::Unreachable { .. } | RegistryError::Status { .. } => ErrorClass::Transient,
+            RegistryError::Unauthorized { .. } | RegistryError::BadAnswer { .. } => ErrorClass::Fatal,
+        }
     }
 }
 

@@ -41,6 +41,12 @@ pub struct Shared {
     /// Per partition, the next offset of each input topic at its last
     /// commit, for the main thread to commit to the consumer group.
     pub committed: Mutex<HashMap<i32, Vec<(String, i64)>>>,
+    /// Restored partitions and where their input must be read from (the
+    /// marker's positions, not the group offset): the main thread holds a
+    /// partition's records until it is here, then seeks the consumer there.
+    pub seeks: Mutex<Vec<(i32, Vec<(String, i64)>)>>,
+    /// Partitions of the input topics when the process started.
+    pub input_partitions: i32,
 }
 
 use crate::clock::{host_now_ms as now_ms, WallClock};
@@ -243,12 +249,15 @@ impl Task {
         let what = format!("partition {}: decoding", self.partition);
         match retry(&what, &self.stop, Backoff::REGISTRY, transient, || {
             decoder.decode(payload).inspect_err(|e| {
-                if transient(e) {
+                if e.class() != ErrorClass::Poison {
                     metrics.registry_errors.inc();
                 }
             })
         }) {
             Ok(ev) => Ok(Ok(ev)),
+            Err(RetryError::GaveUp { last, .. }) if last.class() == ErrorClass::Fatal => {
+                Err(Error::Setup(format!("partition {}: {last}", self.partition)))
+            }
             Err(RetryError::GaveUp { last, .. }) => Ok(Err(last)),
             Err(RetryError::Stopped) => Err(Error::Stopped),
         }

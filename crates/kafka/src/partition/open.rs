@@ -39,13 +39,23 @@ impl Task {
         let dir = k.partition_dir(partition);
         std::fs::create_dir_all(&k.state_dir).map_err(Error::io(format!("creating {}", k.state_dir.display())))?;
         let mut engine = Engine::open(&dir, &shared.engine)?;
-        let mut local: Option<LocalMarker> =
-            match engine.meta(LOCAL_MARKER_META)? {
-                Some(v) => Some(serde_json::from_slice(&v).map_err(|e| {
-                    ChangelogError::Marker(format!("the local copy in {} is corrupt: {e}", dir.display()))
-                })?),
-                None => None,
-            };
+        // Local state is a cache of the changelog: a marker it cannot read
+        // means rebuilding it from the changelog, not stopping.
+        let mut unreadable = false;
+        let mut local: Option<LocalMarker> = match engine.meta(LOCAL_MARKER_META)? {
+            Some(v) => serde_json::from_slice(&v)
+                .inspect_err(|e| {
+                    tracing::warn!(partition, dir = %dir.display(), "local commit marker unreadable ({e}): rebuilding from the changelog");
+                    unreadable = true;
+                })
+                .ok(),
+            None => None,
+        };
+        if unreadable {
+            drop(engine);
+            std::fs::remove_dir_all(&dir).map_err(Error::io(format!("removing {}", dir.display())))?;
+            engine = Engine::open(&dir, &shared.engine)?;
+        }
         let consumer = reader(k)?;
         let (low, high) = watermarks(&consumer, changelog, partition, &stop)?;
         if let (Verdict::Rebuild { why }, Some(l)) =
@@ -186,6 +196,14 @@ impl Task {
                 task.advance_to(w)?;
             }
         }
+        let positions: Vec<(String, i64)> = k
+            .inputs
+            .iter()
+            .zip(&task.next_offsets)
+            .filter(|(_, o)| **o >= 0)
+            .map(|(i, o)| (i.topic.clone(), *o))
+            .collect();
+        shared.seeks.lock().expect("seeks").push((partition, positions));
         let source = if restored > 0 { "changelog" } else { "local" };
         shared.metrics.restores.get_or_create(&SourceLabel { source: source.into() }).inc();
         shared.metrics.restore_seconds.observe(started.elapsed().as_secs_f64());
