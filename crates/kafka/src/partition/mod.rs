@@ -29,6 +29,9 @@ use crate::sink::{KafkaSink, OutputEncoding};
 use crate::stop::{retry, Backoff, RetryError, StopFlag};
 use crate::testhooks::{CrashPoint, FaultInjection};
 
+/// Per input topic, the next offset to read (topics never read are absent).
+pub type Positions = Vec<(String, i64)>;
+
 /// What every task of the process shares.
 pub struct Shared {
     pub engine: EngineSettings,
@@ -40,11 +43,11 @@ pub struct Shared {
     pub changelog_delete_retention: Duration,
     /// Per partition, the next offset of each input topic at its last
     /// commit, for the main thread to commit to the consumer group.
-    pub committed: Mutex<HashMap<i32, Vec<(String, i64)>>>,
+    pub committed: Mutex<HashMap<i32, Positions>>,
     /// Restored partitions and where their input must be read from (the
     /// marker's positions, not the group offset): the main thread holds a
     /// partition's records until it is here, then seeks the consumer there.
-    pub seeks: Mutex<Vec<(i32, Vec<(String, i64)>)>>,
+    pub seeks: Mutex<Vec<(i32, Positions)>>,
     /// Partitions of the input topics when the process started.
     pub input_partitions: i32,
 }
