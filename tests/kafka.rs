@@ -530,8 +530,16 @@ fn a_quiet_topic_still_emits_time_driven_transitions_from_the_wall_clock() {
     let ts = now - 7 * DAY + 4_000;
     let line = format!(r#"{{"event_id":"q1","customer_id":"quiet","type":"login","ts":{ts}}}"#);
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = Pipeline::from_lines(dir, sqlite, 1, vec![line], |_, _| 0);
-    p.produce_all();
+    let p = Pipeline::from_lines(dir, sqlite, 1, vec![line.clone()], |_, _| 0);
+    // Produced when it happened, as a live stream's record is (a record
+    // produced long after its event is a backfill's, which does not follow
+    // the wall clock: see the next test).
+    let producer: rdkafka::producer::BaseProducer = client_config(&p.broker.addr).create().expect("producer");
+    producer
+        .send(rdkafka::producer::BaseRecord::to(EVENTS).partition(0).key("quiet").payload(&line).timestamp(ts))
+        .map_err(|(e, _)| e)
+        .expect("produce");
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).expect("flush");
     let mut child = p.start("a", "idle_advance_ms = 200");
     let boundary = ts + 7 * DAY;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1014,6 +1022,25 @@ fn a_group_offset_reset_past_the_last_commit_loses_nothing() {
         .expect("reset the group offsets");
     drop(c);
     let mut child = p.start("a", "");
+    p.assert_exactly_expected(&["a"]);
+    sigterm(&mut child);
+}
+
+/// With the default wall-clock advance (`idle_advance_ms` 1000, lateness 0),
+/// a backfill of last year's events that pauses now and then (a slow ETL)
+/// still gives file mode's transitions: its records are far behind their
+/// broker timestamps, so an idle partition keeps its events' time instead of
+/// jumping to today (which would make the rest of the backfill late).
+#[test]
+fn a_backfill_that_pauses_under_the_default_wall_clock_advance_equals_file_mode() {
+    let p = Pipeline::new(sqlite, 2, 40, 40, None);
+    let mut child = p.start("a", "idle_advance_ms = 1000");
+    p.wait_log("a", 0, "partition restored", 2);
+    let chunks: Vec<_> = p.produced.chunks(p.produced.len() / 3 + 1).collect();
+    for chunk in chunks {
+        produce(&p.broker.addr, EVENTS, chunk);
+        std::thread::sleep(Duration::from_millis(2500));
+    }
     p.assert_exactly_expected(&["a"]);
     sigterm(&mut child);
 }

@@ -158,6 +158,7 @@ mod tests {
                 output_topics: ["out", "dlq"],
                 skip: BTreeMap::new(),
                 erased: vec!["b".into()],
+                last_delay_ms: None,
             },
             hold_outputs,
             states: vec![(b"c/a".to_vec(), b"S".to_vec()), (b"c/b".to_vec(), b"D".to_vec())],

@@ -53,6 +53,11 @@ pub struct KafkaConfig {
     /// with the wall clock (less the allowed lateness), so that time-driven
     /// transitions of a quiet topic still come out. 0 disables it.
     pub idle_advance_ms: u64,
+    /// Records whose event time is more than this behind their broker
+    /// timestamp are a backfill, not a live stream: a partition whose last
+    /// record was one does not follow the wall clock when idle (else a pause
+    /// in a backfill would move its time to today and make the rest late).
+    pub live_lag_ms: u64,
     /// Schema Registry base URL (`GET /schemas/ids/{id}`), for Avro input.
     pub schema_registry_url: Option<String>,
     /// `user:password` for the registry's HTTP basic authentication
@@ -91,6 +96,7 @@ impl Default for KafkaConfig {
             state_dir: PathBuf::from("segstream-state"),
             commit_interval_ms: 1_000,
             idle_advance_ms: 1_000,
+            live_lag_ms: 3_600_000,
             schema_registry_url: None,
             schema_registry_user_info: None,
             schemas: BTreeMap::new(),

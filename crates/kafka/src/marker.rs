@@ -47,6 +47,10 @@ pub struct Marker {
     /// earlier versions.
     #[serde(default)]
     pub time_fingerprint: Option<u64>,
+    /// How far the last event was behind its record's broker timestamp (ms):
+    /// whether the partition reads a live stream or a backfill.
+    #[serde(default)]
+    pub last_delay_ms: Option<i64>,
     /// Customers erased by this commit: their tombstones follow the marker,
     /// and a recovery sends them again in case the crash came first.
     #[serde(default)]
@@ -90,6 +94,8 @@ pub struct Progress<'a> {
     pub skip: BTreeMap<String, i64>,
     /// Customers erased since the last commit.
     pub erased: Vec<String>,
+    /// See [`Marker::last_delay_ms`].
+    pub last_delay_ms: Option<i64>,
 }
 
 impl Marker {
@@ -108,6 +114,7 @@ impl Marker {
             replay: Vec::new(),
             config_fingerprint,
             time_fingerprint: Some(time_fingerprint),
+            last_delay_ms: None,
             erased: Vec::new(),
         }
     }
@@ -140,6 +147,7 @@ impl Marker {
             replay: p.pending_runs,
             config_fingerprint: self.config_fingerprint,
             time_fingerprint: self.time_fingerprint,
+            last_delay_ms: p.last_delay_ms,
             erased: p.erased,
         }
     }
@@ -161,6 +169,7 @@ mod tests {
             output_topics: ["out", "dlq"],
             skip: BTreeMap::from([("c".to_string(), 130)]),
             erased: vec!["gone".into()],
+            last_delay_ms: Some(12),
         }
     }
 
@@ -203,7 +212,7 @@ mod tests {
     #[test]
     fn markers_without_newer_fields_still_read() {
         let mut v = serde_json::to_value(first()).expect("json");
-        for newer in ["replay", "time_fingerprint", "erased"] {
+        for newer in ["replay", "time_fingerprint", "erased", "last_delay_ms"] {
             v.as_object_mut().expect("object").remove(newer);
         }
         let m: Marker = serde_json::from_value(v).expect("older marker");

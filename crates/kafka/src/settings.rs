@@ -61,6 +61,8 @@ pub struct KafkaSettings {
     pub commit_interval: Duration,
     /// `None`: event time only.
     pub idle_advance: Option<Duration>,
+    /// A record this far behind its broker timestamp is a backfill's (ms).
+    pub live_lag_ms: i64,
     pub registry: Option<Registry>,
     /// Writer schemas from the configured `.avsc` files.
     pub schemas: StaticSchemas,
@@ -124,6 +126,7 @@ impl KafkaSettings {
             state_dir: over.state_dir.clone().unwrap_or_else(|| cfg.state_dir.clone()),
             commit_interval: Duration::from_millis(cfg.commit_interval_ms.max(1)),
             idle_advance: (cfg.idle_advance_ms > 0).then(|| Duration::from_millis(cfg.idle_advance_ms)),
+            live_lag_ms: i64::try_from(cfg.live_lag_ms).map_err(|_| "kafka.live_lag_ms is too large".to_string())?,
             registry,
             schemas,
             metrics_addr: (!metrics_addr.is_empty()).then_some(metrics_addr),

@@ -81,6 +81,8 @@ pub struct Task {
     source_prefixes: Vec<String>,
     /// What an idle partition follows (see [`crate::clock`]).
     wall_clock: WallClock,
+    /// How far the last event was behind its record's broker timestamp.
+    last_delay_ms: Option<i64>,
     /// Tally counts already added to the metrics: transitions by (group,
     /// segment), dead letters by kind.
     published: HashMap<(String, String), u64>,
@@ -186,6 +188,10 @@ impl Task {
     /// committed before its transitions are produced, so a replay applies it
     /// at the same point.
     fn advance_with_wall_clock(&mut self) -> Result<(), Error> {
+        if self.last_delay_ms.is_some_and(|d| d > self.shared.kafka.live_lag_ms) {
+            // A backfill that paused: its time is its events', not today.
+            return Ok(());
+        }
         let now = self.wall_clock.now(now_ms(), Instant::now());
         let target = now.saturating_sub(self.shared.engine.lateness_ms());
         if target <= self.engine.clock().watermark || self.engine.next_due().is_none_or(|d| d > target) {
@@ -290,6 +296,9 @@ impl Task {
                 self.emitter.dead_letter(&dead)?;
             }
             Ok(ev) => {
+                if let Some(t) = r.timestamp {
+                    self.last_delay_ms = Some(t.saturating_sub(ev.ts));
+                }
                 let m = &self.shared.metrics;
                 m.events.inc();
                 if self.emitter.sink().guard().skips(&ev.customer_id, record) {
@@ -364,6 +373,7 @@ impl Task {
             output_topics: sink.output_topics(),
             skip,
             erased,
+            last_delay_ms: self.last_delay_ms,
         };
         let mut io = TaskIo {
             producer: sink.producer(),

@@ -142,6 +142,7 @@ impl Task {
             .iter()
             .any(|i| i.format == Format::Avro)
             .then(|| WireDecoder::new(k.schemas.clone(), k.registry.clone()));
+        let last_delay_ms = marker.last_delay_ms;
         let mut task = Self {
             source_prefixes: k.inputs.iter().map(|i| format!("{}/{partition}/", i.topic)).collect(),
             next_offsets: k.inputs.iter().map(|i| marker.input_offsets.get(&i.topic).copied().unwrap_or(-1)).collect(),
@@ -161,6 +162,7 @@ impl Task {
             last_commit: Instant::now(),
             last_record: Instant::now(),
             wall_clock: crate::clock::WallClock::start(),
+            last_delay_ms,
             published: HashMap::new(),
             published_dead: HashMap::new(),
         };
