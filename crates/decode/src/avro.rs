@@ -14,6 +14,33 @@ use crate::time_fmt::parse_rfc3339_millis;
 /// The Avro schema of an input event, shipped with the project (`schemas/event.avsc`).
 pub const EVENT_SCHEMA_JSON: &str = include_str!("../schemas/event.avsc");
 
+/// The most apache-avro may allocate for one value (a string, bytes, a
+/// block) while decoding: a forged length makes it zero-fill that much, and
+/// its own default is 512 MiB. Set on the first decoding.
+pub const MAX_AVRO_ALLOCATION: usize = 64 << 20;
+
+/// Runs an apache-avro call that parses a schema from outside (a container
+/// file's header, a registry's answer): apache-avro 0.21 panics on some
+/// invalid schemas (an invalid record name is `unwrap`ped in
+/// `Name::parse`), which must be an error here, not a crash.
+fn contain<T>(what: &str, f: impl FnOnce() -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the Avro library failed");
+            Err(DecodeError::Avro(format!("{what}: {}", crate::fields::clip(why))))
+        }
+    }
+}
+
+fn limit_allocations() {
+    apache_avro::max_allocation_bytes(MAX_AVRO_ALLOCATION);
+}
+
 /// The parsed input-event schema; readers resolve every writer schema to it.
 pub fn event_schema() -> &'static Schema {
     static SCHEMA: OnceLock<Schema> = OnceLock::new();
@@ -125,7 +152,10 @@ pub struct AvroFileReader<R: Read> {
 
 impl<R: Read> AvroFileReader<R> {
     pub fn new(input: R) -> Result<Self, DecodeError> {
-        let inner = Reader::with_schema(event_schema(), input).map_err(|e| DecodeError::Avro(e.to_string()))?;
+        limit_allocations();
+        let inner = contain("invalid container file header", || {
+            Reader::with_schema(event_schema(), input).map_err(|e| DecodeError::Avro(e.to_string()))
+        })?;
         Ok(Self { inner, failed: false, last_invalid: None })
     }
 
@@ -190,7 +220,9 @@ impl StaticSchemas {
     }
 
     pub fn insert_json(&mut self, id: u32, schema_json: &str) -> Result<(), DecodeError> {
-        let schema = Schema::parse_str(schema_json).map_err(|e| DecodeError::Avro(e.to_string()))?;
+        let schema = contain("invalid writer schema", || {
+            Schema::parse_str(schema_json).map_err(|e| DecodeError::Avro(e.to_string()))
+        })?;
         let resolve = needs_resolution(&schema);
         self.0.insert(id, (schema, resolve));
         Ok(())
@@ -218,6 +250,7 @@ pub fn decode_wire(bytes: &[u8], schemas: &dyn SchemaLookup) -> Result<Event, De
         return Err(DecodeError::TooLarge { field: "record", len: bytes.len(), max });
     }
     let (id, mut datum) = crate::wire::split(bytes)?;
+    limit_allocations();
     let writer = schemas.writer_schema(id)?;
     let reader = writer.needs_resolution.then(event_schema);
     let value = from_avro_datum(writer.schema, &mut datum, reader).map_err(|e| DecodeError::Avro(e.to_string()))?;
@@ -314,6 +347,21 @@ mod tests {
             ("score".into(), Value::Union(1, Box::new(Value::Int(12)))),
         ]);
         assert!(matches!(decode_wire(&wire(7, &writer, v), &schemas), Err(DecodeError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn schemas_the_avro_library_panics_on_are_errors() {
+        let bad = EVENT_SCHEMA_JSON.replacen("CustomerEvent", "CustomerEv!nt", 1);
+        let e = StaticSchemas::new().insert_json(3, &bad).expect_err("an invalid record name");
+        assert!(matches!(e, DecodeError::Avro(ref m) if m.contains("invalid writer schema")), "{e}");
+        let mut w = Writer::new(event_schema(), Vec::new());
+        w.append(event_to_avro_value(&sample())).expect("append");
+        let file = w.into_inner().expect("flush");
+        let at = file.windows(13).position(|x| x == b"CustomerEvent").expect("name in the header");
+        let mut broken = file.clone();
+        broken[at + 10] = b'!';
+        let e = AvroFileReader::new(&broken[..]).err().expect("an invalid header schema");
+        assert!(e.to_string().contains("invalid container file header"), "{e}");
     }
 
     #[test]

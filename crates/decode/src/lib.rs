@@ -19,7 +19,7 @@ pub mod wire;
 
 pub use avro::{
     decode_wire, event_schema, event_to_avro_value, event_to_wire, needs_resolution, AvroFileReader, SchemaLookup,
-    StaticSchemas, WriterSchema, EVENT_SCHEMA_JSON,
+    StaticSchemas, WriterSchema, EVENT_SCHEMA_JSON, MAX_AVRO_ALLOCATION,
 };
 pub use error::{Classify, DecodeError, ErrorClass, InvalidRecord};
 pub use event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
