@@ -38,7 +38,7 @@ fn contain<T>(what: &str, f: impl FnOnce() -> Result<T, DecodeError>) -> Result<
 }
 
 fn limit_allocations() {
-    apache_avro::max_allocation_bytes(MAX_AVRO_ALLOCATION);
+    apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
 }
 
 /// The parsed input-event schema; readers resolve every writer schema to it.
