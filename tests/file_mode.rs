@@ -126,6 +126,7 @@ fn rerunning_a_finished_run_changes_nothing() {
     let dlq = std::fs::read(&args.dead_letter).expect("read");
     let again = run_file(&engine(&cfg), &args).expect("rerun");
     assert_eq!(again.records, 0);
+    assert!(again.render().contains("nothing new"), "{}", again.render());
     assert_eq!(again.counts.transitions, 0);
     assert_eq!(again.totals, first.totals);
     assert_eq!(std::fs::read(&args.output).expect("read"), bytes);

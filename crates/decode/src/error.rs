@@ -47,7 +47,7 @@ pub enum DecodeError {
     RegistryUnavailable(String),
     #[error("schema registry refused: {0}")]
     RegistryRefused(String),
-    #[error("field `{field}` has {len} bytes, more than the {max} allowed")]
+    #[error("{} has {len} bytes, more than the {max} allowed", if *field == "record" { "the record".to_string() } else { format!("field `{field}`") })]
     TooLarge { field: &'static str, len: usize, max: usize },
     #[error(
         "message key `{key}` is not the event's customer_id `{customer_id}` (SPEC §1: the key is the customer id)"

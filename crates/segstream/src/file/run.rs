@@ -213,6 +213,7 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
         Some(p) => {
             summary.resumed_from =
                 if p.complete { None } else { Some(p.sorted.as_ref().map_or(p.read, |s| s.pos).records) };
+            summary.nothing_new = p.complete;
             p
         }
     };

@@ -42,6 +42,8 @@ pub struct RunSummary {
     pub resumed_from: Option<u64>,
     /// What was done about the input's order, when a new part of it was read.
     pub order: Option<InputOrder>,
+    /// The input had been read to its end before, and has not grown.
+    pub nothing_new: bool,
     pub stopped_early: bool,
     /// The earliest and latest `ts` of the events this run processed.
     pub event_times: Option<(i64, i64)>,
@@ -57,6 +59,9 @@ impl RunSummary {
         let mut s = String::new();
         let c = &self.counts;
         let secs = self.elapsed.as_secs_f64().max(1e-9);
+        if self.nothing_new {
+            let _ = writeln!(s, "nothing new: this input was read to its end before (a file that grows is continued)");
+        }
         if let Some(n) = self.resumed_from.filter(|n| *n > 0) {
             let _ = writeln!(s, "resumed after record {n}");
         }
