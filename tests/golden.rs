@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use segstream::{run_file, FileSettings};
+use segstream::{run_file, Config, FileSettings};
 use segstream_decode::parse_rfc3339_millis;
 use segstream_engine::EngineSettings;
 
@@ -18,7 +18,11 @@ fn run_case(case: &Path) -> Result<(), String> {
     for (i, input) in inputs.iter().enumerate() {
         let mut args = FileSettings::new(input, &output, dir.path().join("state"));
         args.until = until.filter(|_| i + 1 == inputs.len());
-        let summary = run_file(&EngineSettings::spec_default(), &args).map_err(|e| e.to_string())?;
+        let settings = match std::fs::read_to_string(case.join("config.toml")) {
+            Ok(text) => Config::from_toml(&text).expect("config.toml").engine_settings().expect("valid settings"),
+            Err(_) => EngineSettings::spec_default(),
+        };
+        let summary = run_file(&settings, &args).map_err(|e| e.to_string())?;
         assert_eq!(summary.counts.invalid, 0, "{}: golden inputs are valid", input.display());
     }
     let got = std::fs::read_to_string(&output).expect("output");

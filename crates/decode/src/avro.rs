@@ -7,7 +7,7 @@ use apache_avro::types::Value;
 use apache_avro::{from_avro_datum, Reader, Schema};
 
 use crate::error::DecodeError;
-use crate::event::Event;
+use crate::event::{Answer, AttrValue, Event};
 use crate::fields::{build_event, flatten, Fields, FlatValue, FIELD_NAMES};
 use crate::time_fmt::parse_rfc3339_millis;
 
@@ -68,7 +68,60 @@ impl AvroRecord<'_> {
     }
 }
 
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Double(d) => Some(*d),
+        Value::Float(f) => Some(f64::from(*f)),
+        Value::Long(l) => Some(*l as f64),
+        Value::Int(i) => Some(f64::from(*i)),
+        _ => None,
+    }
+}
+
 impl Fields for AvroRecord<'_> {
+    fn answer(&self) -> Result<Option<Answer>, DecodeError> {
+        match self.get("answer") {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(Answer::Str(s.clone()))),
+            Some(v) => number(v).map(|n| Some(Answer::Num(n))).ok_or_else(|| DecodeError::WrongType {
+                field: "answer",
+                expected: "a string or a number",
+                found: kind_of(v),
+            }),
+        }
+    }
+
+    fn attributes(&self) -> Result<Option<Vec<(String, AttrValue)>>, DecodeError> {
+        let wrong = |v: &Value| DecodeError::WrongType {
+            field: "attributes",
+            expected: "a map of strings, numbers, booleans and lists of strings",
+            found: kind_of(v),
+        };
+        let Some(v) = self.get("attributes") else { return Ok(None) };
+        let Value::Map(map) = v else { return Err(wrong(v)) };
+        let mut out = Vec::with_capacity(map.len());
+        for (name, v) in map {
+            let value = match unwrap_union(v) {
+                Value::String(s) => AttrValue::Str(s.clone()),
+                Value::Boolean(b) => AttrValue::Bool(*b),
+                Value::Array(items) => AttrValue::List(
+                    items
+                        .iter()
+                        .map(|i| match unwrap_union(i) {
+                            Value::String(s) => Ok(s.clone()),
+                            other => Err(wrong(other)),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => AttrValue::Num(number(other).ok_or_else(|| wrong(other))?),
+            };
+            out.push((name.clone(), value));
+        }
+        // By name, as the JSON decoder gives them (a map has no order).
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::fields::checked_attributes(out).map(Some)
+    }
+
     fn text(&self, name: &'static str) -> Result<Option<Cow<'_, str>>, DecodeError> {
         match self.get(name) {
             None => Ok(None),
@@ -122,6 +175,28 @@ pub fn event_to_avro_value(e: &Event) -> Value {
                 ("ts", Some(FlatValue::Int(t))) => Value::TimestampMillis(*t),
                 ("event_id" | "customer_id" | "type", Some(FlatValue::Str(s))) => Value::String((*s).to_string()),
                 ("score", Some(FlatValue::Int(i))) => Value::Union(1, Box::new(Value::Int(*i as i32))),
+                (_, Some(FlatValue::Answer(Answer::Str(s)))) => Value::Union(1, Box::new(Value::String(s.clone()))),
+                (_, Some(FlatValue::Answer(Answer::Num(n)))) => Value::Union(2, Box::new(Value::Double(*n))),
+                (_, Some(FlatValue::Attributes(attrs))) => Value::Union(
+                    1,
+                    Box::new(Value::Map(
+                        attrs
+                            .iter()
+                            .map(|(k, v)| {
+                                let v = match v {
+                                    AttrValue::Str(s) => Value::Union(0, Box::new(Value::String(s.clone()))),
+                                    AttrValue::Num(n) => Value::Union(1, Box::new(Value::Double(*n))),
+                                    AttrValue::Bool(b) => Value::Union(2, Box::new(Value::Boolean(*b))),
+                                    AttrValue::List(l) => Value::Union(
+                                        3,
+                                        Box::new(Value::Array(l.iter().map(|s| Value::String(s.clone())).collect())),
+                                    ),
+                                };
+                                (k.clone(), v)
+                            })
+                            .collect(),
+                    )),
+                ),
                 (_, Some(FlatValue::Int(i))) => Value::Union(1, Box::new(Value::Long(*i))),
                 (_, Some(FlatValue::Str(s))) => Value::Union(1, Box::new(Value::String((*s).to_string()))),
                 (_, None) => Value::Union(0, Box::new(Value::Null)),
@@ -362,6 +437,43 @@ mod tests {
         broken[at + 10] = b'!';
         let e = AvroFileReader::new(&broken[..]).err().expect("an invalid header schema");
         assert!(e.to_string().contains("invalid container file header"), "{e}");
+    }
+
+    #[test]
+    fn surveys_and_attributes_in_avro_and_older_writers_without_them() {
+        let p = crate::decode_json_line(
+            br#"{"event_id":"p","customer_id":"c","type":"profile","ts":1,"attributes":{"crm":"hubspot","n":2,"b":false,"l":["x"]}}"#,
+        )
+        .expect("valid");
+        let s = crate::decode_json_line(
+            br#"{"event_id":"s","customer_id":"c","type":"survey","ts":2,"question":"q","answer":3}"#,
+        )
+        .expect("valid");
+        let mut schemas = StaticSchemas::new();
+        schemas.insert_json(1, EVENT_SCHEMA_JSON).expect("schema");
+        for e in [&p, &s] {
+            assert_eq!(decode_wire(&event_to_wire(e, 1), &schemas).as_ref(), Ok(e));
+        }
+        let mut w = Writer::new(event_schema(), Vec::new());
+        w.append(event_to_avro_value(&p)).expect("append");
+        w.append(event_to_avro_value(&s)).expect("append");
+        let bytes = w.into_inner().expect("flush");
+        let events: Vec<_> = AvroFileReader::new(&bytes[..]).expect("header").collect();
+        assert_eq!(events, vec![Ok(p.clone()), Ok(s)]);
+        // A producer still on the schema before these fields: resolved, defaults null.
+        let old: serde_json::Value = serde_json::from_str(EVENT_SCHEMA_JSON).expect("json");
+        let mut old = old;
+        let fields = old["fields"].as_array_mut().expect("fields");
+        fields.retain(|f| !["question", "answer", "attributes"].contains(&f["name"].as_str().unwrap_or("")));
+        schemas.insert_json(2, &old.to_string()).expect("older schema");
+        let login = sample();
+        let old_schema = Schema::parse_str(&old.to_string()).expect("parses");
+        let mut v = event_to_avro_value(&login);
+        if let Value::Record(f) = &mut v {
+            f.retain(|(n, _)| !["question", "answer", "attributes"].contains(&n.as_str()));
+        }
+        let datum = apache_avro::to_avro_datum(&old_schema, v).expect("encodes");
+        assert_eq!(decode_wire(&crate::wire::frame(2, &datum), &schemas), Ok(login));
     }
 
     #[test]

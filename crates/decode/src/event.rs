@@ -9,15 +9,51 @@ pub struct Event {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
-    Login { user_id: Option<String> },
-    Session { user_id: Option<String>, duration_s: i64 },
-    FeatureUsed { user_id: Option<String>, feature: String },
-    WorkflowCompleted { user_id: Option<String>, workflow: String },
-    Subscription { plan: String, mrr_cents: i64, status: SubscriptionStatus },
-    Payment { amount_cents: i64, status: PaymentStatus },
-    Ticket { ticket_id: String, action: TicketAction, priority: Priority },
-    Nps { score: u8 },
-    Profile { industry: Option<String>, employees: Option<i64>, country: Option<String> },
+    Login {
+        user_id: Option<String>,
+    },
+    Session {
+        user_id: Option<String>,
+        duration_s: i64,
+    },
+    FeatureUsed {
+        user_id: Option<String>,
+        feature: String,
+    },
+    WorkflowCompleted {
+        user_id: Option<String>,
+        workflow: String,
+    },
+    Subscription {
+        plan: String,
+        mrr_cents: i64,
+        status: SubscriptionStatus,
+    },
+    Payment {
+        amount_cents: i64,
+        status: PaymentStatus,
+    },
+    Ticket {
+        ticket_id: String,
+        action: TicketAction,
+        priority: Priority,
+    },
+    Nps {
+        score: u8,
+    },
+    /// `attributes`: named values (technographics and the like), in the
+    /// order sent; an empty list when the event carries none.
+    Profile {
+        industry: Option<String>,
+        employees: Option<i64>,
+        country: Option<String>,
+        attributes: Vec<(String, AttrValue)>,
+    },
+    /// A needs or attitude answer (SPEC §1): the latest per question is kept.
+    Survey {
+        question: String,
+        answer: Answer,
+    },
     CustomerDeleted,
 }
 
@@ -34,6 +70,7 @@ impl EventKind {
             EventKind::Ticket { .. } => "ticket",
             EventKind::Nps { .. } => "nps",
             EventKind::Profile { .. } => "profile",
+            EventKind::Survey { .. } => "survey",
             EventKind::CustomerDeleted => "customer_deleted",
         }
     }
@@ -48,6 +85,22 @@ impl EventKind {
                 | EventKind::WorkflowCompleted { .. }
         )
     }
+}
+
+/// A value of `profile.attributes`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum AttrValue {
+    Str(String),
+    Num(f64),
+    Bool(bool),
+    List(Vec<String>),
+}
+
+/// The answer of a `survey` event.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Answer {
+    Str(String),
+    Num(f64),
 }
 
 macro_rules! string_enum {

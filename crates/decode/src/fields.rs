@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use crate::error::DecodeError;
-use crate::event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
+use crate::event::{Answer, AttrValue, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
 
 /// Typed access to one field of a raw record. `Ok(None)` means absent or null;
 /// a present value of the wrong type is an error naming the field.
@@ -21,6 +21,10 @@ pub(crate) trait Fields {
         Ok(Some(s.into_owned()))
     }
     fn integer(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
+    /// `answer`: a string or a number.
+    fn answer(&self) -> Result<Option<Answer>, DecodeError>;
+    /// `attributes`: an object of strings, numbers, booleans and lists of strings.
+    fn attributes(&self) -> Result<Option<Vec<(String, AttrValue)>>, DecodeError>;
     /// A timestamp: an RFC 3339 string or integer epoch milliseconds.
     fn timestamp(&self, name: &'static str) -> Result<Option<i64>, DecodeError>;
 }
@@ -33,6 +37,45 @@ pub const MAX_ID_BYTES: usize = 512;
 pub const MAX_TEXT_BYTES: usize = 4096;
 /// Largest record (a JSON line, a wire-format message), bytes.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// Most attributes one `profile` event may carry, and most strings in one
+/// attribute's list.
+pub const MAX_ATTRIBUTES: usize = 64;
+
+/// Checks a decoded `attributes` object against the limits.
+pub(crate) fn checked_attributes(attrs: Vec<(String, AttrValue)>) -> Result<Vec<(String, AttrValue)>, DecodeError> {
+    let too = |field, len, max| Err(DecodeError::TooLarge { field, len, max });
+    if attrs.len() > MAX_ATTRIBUTES {
+        return too("attributes", attrs.len(), MAX_ATTRIBUTES);
+    }
+    for (name, v) in &attrs {
+        if name.is_empty() || name.len() > 128 {
+            return Err(DecodeError::OutOfRange {
+                field: "attributes",
+                value: clip(name),
+                reason: "names must be 1 to 128 bytes",
+            });
+        }
+        match v {
+            AttrValue::Str(s) if s.len() > MAX_TEXT_BYTES => return too("attributes", s.len(), MAX_TEXT_BYTES),
+            AttrValue::List(l) if l.len() > MAX_ATTRIBUTES => return too("attributes", l.len(), MAX_ATTRIBUTES),
+            AttrValue::List(l) => {
+                if let Some(s) = l.iter().find(|s| s.len() > MAX_TEXT_BYTES) {
+                    return too("attributes", s.len(), MAX_TEXT_BYTES);
+                }
+            }
+            AttrValue::Num(n) if !n.is_finite() => {
+                return Err(DecodeError::OutOfRange {
+                    field: "attributes",
+                    value: n.to_string(),
+                    reason: "must be finite",
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(attrs)
+}
 
 /// At most the first 64 characters of `s`, for error messages.
 pub fn clip(s: &str) -> String {
@@ -130,7 +173,29 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
                     reason: "must be >= 0",
                 });
             }
-            EventKind::Profile { industry: f.string("industry")?, employees, country: f.string("country")? }
+            EventKind::Profile {
+                industry: f.string("industry")?,
+                employees,
+                country: f.string("country")?,
+                attributes: f.attributes()?.unwrap_or_default(),
+            }
+        }
+        "survey" => {
+            let answer = required(f.answer()?, "answer")?;
+            match &answer {
+                Answer::Str(s) if s.len() > MAX_TEXT_BYTES => {
+                    return Err(DecodeError::TooLarge { field: "answer", len: s.len(), max: MAX_TEXT_BYTES })
+                }
+                Answer::Num(n) if !n.is_finite() => {
+                    return Err(DecodeError::OutOfRange {
+                        field: "answer",
+                        value: n.to_string(),
+                        reason: "must be finite",
+                    })
+                }
+                _ => {}
+            }
+            EventKind::Survey { question: non_empty(f, "question")?, answer }
         }
         "customer_deleted" => EventKind::CustomerDeleted,
         _ => return Err(DecodeError::UnknownType(clip(&type_name))),
@@ -139,7 +204,7 @@ pub(crate) fn build_event(f: &impl Fields) -> Result<Event, DecodeError> {
 }
 
 /// Field names of the flat record layout shared by JSON and the Avro schema.
-pub(crate) const FIELD_NAMES: [&str; 19] = [
+pub(crate) const FIELD_NAMES: [&str; 22] = [
     "event_id",
     "customer_id",
     "type",
@@ -159,12 +224,17 @@ pub(crate) const FIELD_NAMES: [&str; 19] = [
     "industry",
     "employees",
     "country",
+    "question",
+    "answer",
+    "attributes",
 ];
 
 /// The flat `(field, value)` view of an event, the inverse of [`build_event`].
 pub(crate) enum FlatValue<'a> {
     Str(&'a str),
     Int(i64),
+    Answer(&'a Answer),
+    Attributes(&'a [(String, AttrValue)]),
 }
 
 pub(crate) fn flatten(e: &Event) -> Vec<(&'static str, FlatValue<'_>)> {
@@ -204,12 +274,19 @@ pub(crate) fn flatten(e: &Event) -> Vec<(&'static str, FlatValue<'_>)> {
             v.push(("priority", Str(priority.as_str())));
         }
         EventKind::Nps { score } => v.push(("score", Int(i64::from(*score)))),
-        EventKind::Profile { industry, employees, country } => {
+        EventKind::Profile { industry, employees, country, attributes } => {
             push_opt(&mut v, "industry", industry);
             if let Some(n) = employees {
                 v.push(("employees", Int(*n)));
             }
             push_opt(&mut v, "country", country);
+            if !attributes.is_empty() {
+                v.push(("attributes", FlatValue::Attributes(attributes)));
+            }
+        }
+        EventKind::Survey { question, answer } => {
+            v.push(("question", Str(question)));
+            v.push(("answer", FlatValue::Answer(answer)));
         }
         EventKind::CustomerDeleted => {}
     }

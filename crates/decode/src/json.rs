@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::DecodeError;
-use crate::event::Event;
+use crate::event::{Answer, AttrValue, Event};
 use crate::fields::{build_event, flatten, Fields, FlatValue, MAX_RECORD_BYTES};
 use crate::time_fmt::parse_rfc3339_millis;
 
@@ -51,6 +51,12 @@ struct JsonRecord<'a> {
     employees: Option<&'a RawValue>,
     #[serde(borrow, default)]
     country: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    question: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    answer: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    attributes: Option<&'a RawValue>,
 }
 
 impl<'a> JsonRecord<'a> {
@@ -75,6 +81,9 @@ impl<'a> JsonRecord<'a> {
             "industry" => self.industry,
             "employees" => self.employees,
             "country" => self.country,
+            "question" => self.question,
+            "answer" => self.answer,
+            "attributes" => self.attributes,
             _ => None,
         };
         // `null` counts as absent, like a missing key.
@@ -96,7 +105,46 @@ fn wrong(field: &'static str, expected: &'static str, raw: &RawValue) -> DecodeE
     DecodeError::WrongType { field, expected, found: shown(raw) }
 }
 
+/// An attribute value as JSON gives it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JsonAttr {
+    Str(String),
+    Num(f64),
+    Bool(bool),
+    List(Vec<String>),
+}
+
 impl Fields for JsonRecord<'_> {
+    fn answer(&self) -> Result<Option<Answer>, DecodeError> {
+        let Some(r) = self.raw("answer") else { return Ok(None) };
+        match serde_json::from_str::<JsonAttr>(r.get()) {
+            Ok(JsonAttr::Str(s)) => Ok(Some(Answer::Str(s))),
+            Ok(JsonAttr::Num(n)) => Ok(Some(Answer::Num(n))),
+            _ => Err(wrong("answer", "a string or a number", r)),
+        }
+    }
+
+    fn attributes(&self) -> Result<Option<Vec<(String, AttrValue)>>, DecodeError> {
+        let Some(r) = self.raw("attributes") else { return Ok(None) };
+        let expected = "an object of strings, numbers, booleans and lists of strings";
+        // By name (a name given twice keeps its last value).
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r.get()).map_err(|_| wrong("attributes", expected, r))?;
+        let mut out = Vec::with_capacity(map.len());
+        for (name, v) in map {
+            let value = match serde_json::from_value::<JsonAttr>(v) {
+                Ok(JsonAttr::Str(s)) => AttrValue::Str(s),
+                Ok(JsonAttr::Num(n)) => AttrValue::Num(n),
+                Ok(JsonAttr::Bool(b)) => AttrValue::Bool(b),
+                Ok(JsonAttr::List(l)) => AttrValue::List(l),
+                Err(_) => return Err(wrong("attributes", expected, r)),
+            };
+            out.push((name, value));
+        }
+        crate::fields::checked_attributes(out).map(Some)
+    }
+
     fn text(&self, name: &'static str) -> Result<Option<Cow<'_, str>>, DecodeError> {
         let Some(r) = self.raw(name) else { return Ok(None) };
         // The raw value is valid JSON already: a string without escapes is
@@ -158,6 +206,22 @@ pub fn event_to_json(e: &Event) -> String {
         let v = match v {
             FlatValue::Str(s) => serde_json::Value::from(s),
             FlatValue::Int(i) => serde_json::Value::from(i),
+            FlatValue::Answer(Answer::Str(s)) => serde_json::Value::from(s.as_str()),
+            FlatValue::Answer(Answer::Num(n)) => serde_json::Value::from(*n),
+            FlatValue::Attributes(attrs) => serde_json::Value::Object(
+                attrs
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            AttrValue::Str(s) => serde_json::Value::from(s.as_str()),
+                            AttrValue::Num(n) => serde_json::Value::from(*n),
+                            AttrValue::Bool(b) => serde_json::Value::from(*b),
+                            AttrValue::List(l) => serde_json::Value::from(l.clone()),
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            ),
         };
         m.insert(name.to_string(), v);
     }
@@ -195,6 +259,47 @@ mod tests {
         let e = err(&format!(r#"{{"event_id":"e","customer_id":"c","type":"{}","ts":1}}"#, "t".repeat(10_000)));
         assert!(e.to_string().len() < 200, "error messages clip long values: {e}");
         ok(&format!(r#"{{"event_id":"e","customer_id":"{}","type":"login","ts":1}}"#, "c".repeat(crate::MAX_ID_BYTES)));
+    }
+
+    #[test]
+    fn surveys_and_profile_attributes_decode_and_round_trip() {
+        let s = ok(r#"{"event_id":"s","customer_id":"c","type":"survey","ts":1,"question":"role","answer":"admin"}"#);
+        assert_eq!(s.kind, EventKind::Survey { question: "role".into(), answer: Answer::Str("admin".into()) });
+        let n = ok(r#"{"event_id":"s","customer_id":"c","type":"survey","ts":1,"question":"ease","answer":6.5}"#);
+        assert_eq!(n.kind, EventKind::Survey { question: "ease".into(), answer: Answer::Num(6.5) });
+        assert_eq!(ok(&event_to_json(&n)), n);
+        assert!(matches!(
+            err(r#"{"event_id":"s","customer_id":"c","type":"survey","ts":1,"question":"q"}"#),
+            DecodeError::MissingField { field: "answer" }
+        ));
+        assert!(matches!(
+            err(r#"{"event_id":"s","customer_id":"c","type":"survey","ts":1,"question":"q","answer":[1]}"#),
+            DecodeError::WrongType { field: "answer", .. }
+        ));
+        let p = ok(
+            r#"{"event_id":"p","customer_id":"c","type":"profile","ts":1,"attributes":{"platform":"web","seats":12,"sso":true,"integrations":["slack","jira"]}}"#,
+        );
+        let EventKind::Profile { attributes, .. } = &p.kind else { panic!("a profile") };
+        assert_eq!(
+            attributes,
+            &vec![
+                ("integrations".to_string(), AttrValue::List(vec!["slack".into(), "jira".into()])),
+                ("platform".to_string(), AttrValue::Str("web".into())),
+                ("seats".to_string(), AttrValue::Num(12.0)),
+                ("sso".to_string(), AttrValue::Bool(true)),
+            ]
+        );
+        assert_eq!(ok(&event_to_json(&p)), p);
+        assert!(matches!(
+            err(r#"{"event_id":"p","customer_id":"c","type":"profile","ts":1,"attributes":{"nested":{"a":1}}}"#),
+            DecodeError::WrongType { field: "attributes", .. }
+        ));
+        let many: Vec<String> = (0..=crate::fields::MAX_ATTRIBUTES).map(|i| format!(r#""a{i}":1"#)).collect();
+        let e = err(&format!(
+            r#"{{"event_id":"p","customer_id":"c","type":"profile","ts":1,"attributes":{{{}}}}}"#,
+            many.join(",")
+        ));
+        assert_eq!(e.kind(), "too_large");
     }
 
     #[test]

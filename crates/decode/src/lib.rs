@@ -22,7 +22,7 @@ pub use avro::{
     StaticSchemas, WriterSchema, EVENT_SCHEMA_JSON, MAX_AVRO_ALLOCATION,
 };
 pub use error::{Classify, DecodeError, ErrorClass, InvalidRecord};
-pub use event::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
+pub use event::{Answer, AttrValue, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
 pub use fields::{clip, MAX_ID_BYTES, MAX_RECORD_BYTES, MAX_TEXT_BYTES, MAX_TS, MIN_TS};
 pub use format::Format;
 pub use json::{decode_json_line, event_to_json};

@@ -21,5 +21,7 @@ pub use config::{
 };
 pub use rules::{Condition, Metric, RuleError, RuleInput, Val};
 pub use scorer::{ConfigError, Group, Outcome, Scorer, Scores};
-pub use state::{day, id_hash, CustomerState, Profile, DEDUP_IDS, MAX_FEATURES, MAX_OPEN_TICKETS};
+pub use state::{
+    day, id_hash, CustomerState, NamedValues, Profile, DEDUP_IDS, MAX_FEATURES, MAX_NAMED_VALUES, MAX_OPEN_TICKETS,
+};
 pub use transition::{Boundary, BoundaryKind, Cause, Transition};

@@ -5,8 +5,11 @@
 //! and     := unary ("and" unary)*
 //! unary   := "not" unary | "(" expr ")" | operand (op operand)?
 //! op      := "==" | "!=" | "<" | "<=" | ">" | ">="
-//! operand := metric | profile.FIELD | number | "string" | true | false
+//! operand := metric | profile.FIELD | attr.NAME | survey.QUESTION | number | "string" | true | false
 //! ```
+//! `x in attr.NAME` holds when the list attribute NAME contains the string x.
+//! `attr.` and `survey.` names are checked when evaluated, not at load (their
+//! values' types are the data's).
 //! A bare operand is true when it is `true` or a non-zero number. A comparison
 //! with an absent value (a profile field never sent, no NPS answer) is false,
 //! whatever the operator, so `not (x == 1)` is how to say "x is not 1 or unknown".
@@ -16,6 +19,14 @@ use std::fmt;
 /// The values a rule can read, at one instant.
 pub trait RuleInput {
     fn metric(&self, m: Metric) -> Val<'_>;
+    /// `attr.NAME`: a profile attribute.
+    fn attr(&self, _name: &str) -> Val<'_> {
+        Val::Absent
+    }
+    /// `survey.QUESTION`: the latest answer.
+    fn answer(&self, _question: &str) -> Val<'_> {
+        Val::Absent
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,6 +34,7 @@ pub enum Val<'a> {
     Num(f64),
     Str(&'a str),
     Bool(bool),
+    List(&'a [String]),
     Absent,
 }
 
@@ -57,6 +69,8 @@ enum Kind {
     Bool,
     /// A string from a fixed list.
     Enum(&'static [&'static str]),
+    /// Known only from the data (`attr.`, `survey.`).
+    Dynamic,
 }
 
 impl Kind {
@@ -66,6 +80,7 @@ impl Kind {
             Kind::Str => "a string".into(),
             Kind::Bool => "true or false".into(),
             Kind::Enum(values) => format!("one of {}", values.join(", ")),
+            Kind::Dynamic => "the data's".into(),
         }
     }
 }
@@ -90,6 +105,7 @@ impl Operand {
             Operand::Num(_) => Kind::Num,
             Operand::Str(_) => Kind::Str,
             Operand::Bool(_) => Kind::Bool,
+            Operand::Attr(_) | Operand::Survey(_) => Kind::Dynamic,
         }
     }
 
@@ -99,6 +115,8 @@ impl Operand {
             Operand::Num(n) => format!("`{n}`"),
             Operand::Str(s) => format!("`\"{s}\"`"),
             Operand::Bool(b) => format!("`{b}`"),
+            Operand::Attr(n) => format!("`attr.{n}`"),
+            Operand::Survey(q) => format!("`survey.{q}`"),
         }
     }
 }
@@ -107,6 +125,19 @@ impl Operand {
 /// string, a status that does not exist) would silently always be false.
 fn check(l: &Operand, op: Op, r: &Operand) -> Result<(), String> {
     let (kl, kr) = (l.kind(), r.kind());
+    if op == Op::In {
+        return match (kl, kr) {
+            (Kind::Str | Kind::Dynamic, Kind::Dynamic) => Ok(()),
+            _ => Err(format!(
+                "`in` takes a string on its left and a list attribute (attr.NAME) on its right, not {} and {}",
+                l.shown(),
+                r.shown()
+            )),
+        };
+    }
+    if kl == Kind::Dynamic || kr == Kind::Dynamic {
+        return Ok(());
+    }
     let mismatch =
         || format!("{} is {}, {} is {}: they never compare equal", l.shown(), kl.describe(), r.shown(), kr.describe());
     match (kl, kr) {
@@ -134,6 +165,7 @@ fn check(l: &Operand, op: Op, r: &Operand) -> Result<(), String> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
+    In,
     Eq,
     Ne,
     Lt,
@@ -148,6 +180,8 @@ enum Operand {
     Num(f64),
     Str(String),
     Bool(bool),
+    Attr(String),
+    Survey(String),
 }
 
 /// A parsed condition.
@@ -287,8 +321,12 @@ impl Parser {
         }
         let col = self.col();
         let left = self.operand()?;
-        if let Some(Tok::Op(op)) = self.peek() {
-            let op = *op;
+        let op = match self.peek() {
+            Some(Tok::Op(op)) => Some(*op),
+            Some(Tok::Ident(s)) if s == "in" => Some(Op::In),
+            _ => None,
+        };
+        if let Some(op) = op {
             self.pos += 1;
             let right = self.operand()?;
             check(&left, op, &right).map_err(|m| (col, m))?;
@@ -305,6 +343,8 @@ impl Parser {
             Some(Tok::Str(s)) => Ok(Operand::Str(s)),
             Some(Tok::Ident(s)) if s == "true" => Ok(Operand::Bool(true)),
             Some(Tok::Ident(s)) if s == "false" => Ok(Operand::Bool(false)),
+            Some(Tok::Ident(s)) if s.starts_with("attr.") && s.len() > 5 => Ok(Operand::Attr(s[5..].to_string())),
+            Some(Tok::Ident(s)) if s.starts_with("survey.") && s.len() > 7 => Ok(Operand::Survey(s[7..].to_string())),
             Some(Tok::Ident(s)) => Metric::parse(&s)
                 .map(Operand::Metric)
                 .ok_or((col, format!("unknown name `{s}` (known: {})", Metric::NAMES.join(", ")))),
@@ -357,6 +397,7 @@ impl Expr {
                 Val::Bool(b) => b,
                 Val::Num(n) => n != 0.0,
                 Val::Str(s) => !s.is_empty(),
+                Val::List(l) => !l.is_empty(),
                 Val::Absent => false,
             },
             Expr::Cmp(l, op, r) => compare(value(l, input), *op, value(r, input)),
@@ -370,11 +411,16 @@ fn value<'a>(o: &'a Operand, input: &'a dyn RuleInput) -> Val<'a> {
         Operand::Num(n) => Val::Num(*n),
         Operand::Str(s) => Val::Str(s),
         Operand::Bool(b) => Val::Bool(*b),
+        Operand::Attr(n) => input.attr(n),
+        Operand::Survey(q) => input.answer(q),
     }
 }
 
 fn compare(l: Val<'_>, op: Op, r: Val<'_>) -> bool {
     use std::cmp::Ordering;
+    if op == Op::In {
+        return matches!((l, r), (Val::Str(s), Val::List(list)) if list.iter().any(|x| x == s));
+    }
     let ord: Option<Ordering> = match (l, r) {
         (Val::Num(a), Val::Num(b)) => a.partial_cmp(&b),
         (Val::Str(a), Val::Str(b)) => Some(a.cmp(b)),
@@ -389,6 +435,7 @@ fn compare(l: Val<'_>, op: Op, r: Val<'_>) -> bool {
         Op::Le => ord != Ordering::Greater,
         Op::Gt => ord == Ordering::Greater,
         Op::Ge => ord != Ordering::Less,
+        Op::In => false, // handled above
     }
 }
 
@@ -467,5 +514,41 @@ mod tests {
         ] {
             Condition::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
+    }
+
+    struct Named;
+    impl RuleInput for Named {
+        fn metric(&self, _: Metric) -> Val<'_> {
+            Val::Absent
+        }
+        fn attr(&self, name: &str) -> Val<'_> {
+            static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+            match name {
+                "crm" => Val::Str("salesforce"),
+                "integrations" => Val::List(LIST.get_or_init(|| vec!["slack".into(), "jira".into()])),
+                "seats" => Val::Num(12.0),
+                _ => Val::Absent,
+            }
+        }
+        fn answer(&self, q: &str) -> Val<'_> {
+            match q {
+                "role" => Val::Str("admin"),
+                "ease_of_task" => Val::Num(6.0),
+                _ => Val::Absent,
+            }
+        }
+    }
+
+    #[test]
+    fn attributes_and_survey_answers_in_rules() {
+        let t = |c: &str| Condition::parse(c).unwrap_or_else(|e| panic!("{c}: {e}")).eval(&Named);
+        assert!(t("attr.crm == \"salesforce\" and \"slack\" in attr.integrations"));
+        assert!(!t("\"github\" in attr.integrations"));
+        assert!(!t("\"slack\" in attr.crm"), "not a list: false");
+        assert!(t("survey.role == 'admin' and survey.ease_of_task >= 5 and attr.seats > 10"));
+        assert!(!t("survey.unasked == 'x'"), "an answer never given is absent");
+        assert!(!t("attr.missing == 1") && !t("not (attr.missing == 1) and attr.missing"));
+        assert!(Condition::parse("\"x\" in 3").is_err(), "`in` needs a list attribute");
+        assert!(Condition::parse("attr. == 1").is_err());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use segstream_decode::{Event, EventKind, Priority, SubscriptionStatus, DAY_MS};
+use segstream_decode::{Answer, AttrValue, Event, EventKind, Priority, SubscriptionStatus, DAY_MS};
 use smallvec::SmallVec;
 
 use crate::config::{ScoringConfig, SegmentsConfig};
@@ -485,6 +485,26 @@ impl RuleInput for RuleView<'_> {
             Metric::Industry => self.st.profile.industry.as_deref().map_or(Val::Absent, Val::Str),
             Metric::Employees => self.st.profile.employees.map_or(Val::Absent, |e| Val::Num(e as f64)),
             Metric::Country => self.st.profile.country.as_deref().map_or(Val::Absent, Val::Str),
+        }
+    }
+
+    fn attr(&self, name: &str) -> Val<'_> {
+        let Some(extra) = &self.st.extra else { return Val::Absent };
+        match extra.attributes.iter().find(|(n, _)| n == name).map(|(_, v)| v) {
+            Some(AttrValue::Str(s)) => Val::Str(s),
+            Some(AttrValue::Num(n)) => Val::Num(*n),
+            Some(AttrValue::Bool(b)) => Val::Bool(*b),
+            Some(AttrValue::List(l)) => Val::List(l),
+            None => Val::Absent,
+        }
+    }
+
+    fn answer(&self, question: &str) -> Val<'_> {
+        let Some(extra) = &self.st.extra else { return Val::Absent };
+        match extra.answers.iter().find(|(q, _, _)| q == question).map(|(_, a, _)| a) {
+            Some(Answer::Str(s)) => Val::Str(s),
+            Some(Answer::Num(n)) => Val::Num(*n),
+            None => Val::Absent,
         }
     }
 }

@@ -1,18 +1,22 @@
 //! The per-customer rolling state of SPEC §3 and how events change it.
 
-use segstream_decode::{Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction, DAY_MS};
+use segstream_decode::{
+    Answer, AttrValue, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction, DAY_MS,
+};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// How many applied event ids a customer remembers for de-duplication.
 pub const DEDUP_IDS: usize = 32;
 
-/// `day(t) = floor(t / 86_400_000)`.
 /// Open tickets remembered per customer.
 pub const MAX_OPEN_TICKETS: usize = 1000;
 /// Features remembered per customer (within the adoption window).
 pub const MAX_FEATURES: usize = 1000;
+/// Profile attributes, and survey questions, remembered per customer.
+pub const MAX_NAMED_VALUES: usize = 256;
 
+/// `day(t) = floor(t / 86_400_000)`.
 pub fn day(t: i64) -> i64 {
     t.div_euclid(DAY_MS)
 }
@@ -20,7 +24,7 @@ pub fn day(t: i64) -> i64 {
 /// Everything SPEC §3 keeps about a customer, plus the engine's bookkeeping
 /// (labels, last evaluated instant, pending timer). Compact on purpose: it is
 /// stored once per customer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustomerState {
     /// `ts` of the earliest event seen.
     pub first_seen: i64,
@@ -58,6 +62,19 @@ pub struct CustomerState {
     pub labels: Vec<u16>,
     /// The next boundary instant, as registered in the timer index.
     pub timer: Option<i64>,
+    /// Profile attributes and survey answers, for custom rules; absent for
+    /// most customers (one byte). Last, so that records of the earlier
+    /// format read as this one with `None` appended.
+    pub extra: Option<Box<NamedValues>>,
+}
+
+/// What `profile.attributes` and `survey` events left (SPEC §1).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NamedValues {
+    /// By name: the latest `profile` replaces the attributes it carries.
+    pub attributes: Vec<(String, AttrValue)>,
+    /// By question: the latest answer (by `ts`; later processed on ties).
+    pub answers: Vec<(String, Answer, i64)>,
 }
 
 /// Serde encodings that keep the stored state small (ADR 001): hashes as 8
@@ -138,6 +155,7 @@ impl CustomerState {
             evaluated_at: ts,
             labels: Vec::new(),
             timer: None,
+            extra: None,
         }
     }
 
@@ -241,7 +259,16 @@ impl CustomerState {
                 self.nps_ts = e.ts;
                 self.last_nps = Some(*score);
             }
-            EventKind::Profile { industry, employees, country } if e.ts >= self.profile_ts => {
+            EventKind::Profile { industry, employees, country, attributes } if e.ts >= self.profile_ts => {
+                for (name, value) in attributes {
+                    let named = &mut self.extra.get_or_insert_with(Default::default).attributes;
+                    let full = named.len() >= MAX_NAMED_VALUES;
+                    match named.iter_mut().find(|(n, _)| n == name) {
+                        Some(slot) => slot.1 = value.clone(),
+                        None if full => kept = false,
+                        None => named.push((name.clone(), value.clone())),
+                    }
+                }
                 self.profile_ts = e.ts;
                 if industry.is_some() {
                     self.profile.industry.clone_from(industry);
@@ -251,6 +278,16 @@ impl CustomerState {
                 }
                 if country.is_some() {
                     self.profile.country.clone_from(country);
+                }
+            }
+            EventKind::Survey { question, answer } => {
+                let answers = &mut self.extra.get_or_insert_with(Default::default).answers;
+                let full = answers.len() >= MAX_NAMED_VALUES;
+                match answers.iter_mut().find(|(q, _, _)| q == question) {
+                    Some(slot) if slot.2 <= e.ts => *slot = (question.clone(), answer.clone(), e.ts),
+                    Some(_) => {}
+                    None if full => kept = false,
+                    None => answers.push((question.clone(), answer.clone(), e.ts)),
                 }
             }
             _ => {}
@@ -275,6 +312,43 @@ impl CustomerState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn attributes_merge_by_name_and_answers_keep_the_latest_by_time() {
+        let profile = |ts, attrs: Vec<(&str, AttrValue)>| Event {
+            event_id: format!("p{ts}"),
+            customer_id: "c".into(),
+            ts,
+            kind: EventKind::Profile {
+                industry: None,
+                employees: None,
+                country: None,
+                attributes: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            },
+        };
+        let survey = |ts, q: &str, a: Answer| Event {
+            event_id: format!("s{ts}{q}"),
+            customer_id: "c".into(),
+            ts,
+            kind: EventKind::Survey { question: q.into(), answer: a },
+        };
+        let mut st = CustomerState::new(0);
+        st.apply(&profile(10, vec![("crm", AttrValue::Str("hubspot".into())), ("seats", AttrValue::Num(5.0))]));
+        st.apply(&profile(20, vec![("crm", AttrValue::Str("salesforce".into()))]));
+        st.apply(&profile(15, vec![("crm", AttrValue::Str("pipedrive".into()))])); // older: ignored
+        let attrs = &st.extra.as_ref().expect("named values").attributes;
+        assert_eq!(
+            attrs,
+            &vec![("crm".into(), AttrValue::Str("salesforce".into())), ("seats".into(), AttrValue::Num(5.0))]
+        );
+        st.apply(&survey(30, "role", Answer::Str("admin".into())));
+        st.apply(&survey(25, "role", Answer::Str("analyst".into()))); // older answer: ignored
+        st.apply(&survey(40, "ease", Answer::Num(6.0)));
+        let answers: Vec<_> =
+            st.extra.as_ref().expect("named values").answers.iter().map(|(q, a, _)| (q.as_str(), a.clone())).collect();
+        assert_eq!(answers, vec![("role", Answer::Str("admin".into())), ("ease", Answer::Num(6.0))]);
+        assert_eq!(st.last_active, None, "neither is activity");
+    }
+
     #[test]
     fn open_tickets_and_features_are_bounded() {
         let ev = |id: String, kind| Event { event_id: id.clone(), customer_id: "c".into(), ts: 0, kind };

@@ -12,8 +12,8 @@ use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use segstream_decode::{
-    event_schema, event_to_avro_value, event_to_json, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus,
-    TicketAction, DAY_MS,
+    event_schema, event_to_avro_value, event_to_json, Answer, AttrValue, Event, EventKind, PaymentStatus, Priority,
+    SubscriptionStatus, TicketAction, DAY_MS,
 };
 
 use segstream_decode::Format;
@@ -165,12 +165,32 @@ fn day_events(c: &mut Customer, day: u32, day_ms: i64, rng: &mut StdRng, out: &m
     };
     let age = day - c.start_day;
     if age == 0 {
+        // Technographics from the id, so they draw nothing from the
+        // generator (the rest of a sample stays as it was before them).
+        let n: usize = c.id.bytes().map(usize::from).sum();
+        let integrations: Vec<String> = ["slack", "jira", "github"]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| n >> i & 1 == 1)
+            .map(|(_, s)| s.to_string())
+            .collect();
         let profile = EventKind::Profile {
             industry: Some(INDUSTRIES[rng.random_range(0..INDUSTRIES.len())].into()),
             employees: Some(rng.random_range(5..5000)),
             country: Some(COUNTRIES[rng.random_range(0..COUNTRIES.len())].into()),
+            attributes: vec![
+                ("crm".into(), AttrValue::Str(["salesforce", "hubspot", "none"][n % 3].into())),
+                ("integrations".into(), AttrValue::List(integrations)),
+                ("platform".into(), AttrValue::Str(if n.is_multiple_of(4) { "mobile" } else { "web" }.into())),
+            ],
         };
         push(c, day_ms + 1000, profile);
+        if n.is_multiple_of(3) {
+            let role = ["admin", "analyst", "developer"][n / 3 % 3];
+            push(c, day_ms + 3000, EventKind::Survey { question: "role".into(), answer: Answer::Str(role.into()) });
+            let ease = (n % 7 + 1) as f64;
+            push(c, day_ms + 3001, EventKind::Survey { question: "ease_of_task".into(), answer: Answer::Num(ease) });
+        }
         let status = if c.kind == Archetype::New { SubscriptionStatus::Trialing } else { SubscriptionStatus::Active };
         let mrr = if status == SubscriptionStatus::Trialing { 0 } else { c.mrr };
         push(c, day_ms + 2000, EventKind::Subscription { plan: plan(c.mrr).into(), mrr_cents: mrr, status });

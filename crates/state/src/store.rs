@@ -11,7 +11,9 @@ use segstream_scoring::CustomerState;
 const CF_CUSTOMERS: &str = "customers";
 const CF_TIMERS: &str = "timers";
 const CF_META: &str = "meta";
-const STATE_FORMAT: u8 = 1;
+/// Format 2 added `CustomerState::extra` (attributes and survey answers).
+const STATE_FORMAT: u8 = 2;
+const STATE_FORMAT_1: u8 = 1;
 /// Committed timers read from RocksDB at a time.
 const TIMER_BATCH: usize = 4096;
 
@@ -128,6 +130,12 @@ pub fn decode_state(key: &[u8], v: &[u8]) -> Result<CustomerState, StateError> {
     let corrupt = |reason: String| StateError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason };
     match v.split_first() {
         Some((&STATE_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
+        Some((&STATE_FORMAT_1, rest)) => {
+            // Format 1 lacks the last field (`extra`): append its `None`.
+            let mut bytes = rest.to_vec();
+            bytes.push(0);
+            postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
+        }
         Some((v, _)) => Err(corrupt(format!("unknown state format {v}"))),
         None => Err(corrupt("empty value".into())),
     }
@@ -454,6 +462,20 @@ impl StateStore {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn states_of_the_earlier_format_still_read() {
+        let st = CustomerState::new(1_767_225_600_000);
+        let current = encode_state(&st);
+        assert_eq!(current[0], STATE_FORMAT);
+        // Format 1 is format 2 without the last field, `extra` (a 0 byte for None).
+        assert_eq!(current.last(), Some(&0));
+        let mut v1 = current[..current.len() - 1].to_vec();
+        v1[0] = STATE_FORMAT_1;
+        assert_eq!(decode_state(b"c", &v1).expect("format 1"), st);
+        assert!(decode_state(b"c", &[9, 1, 2]).is_err());
+    }
+
     use super::*;
     use segstream_decode::{Event, EventKind};
 
