@@ -60,9 +60,13 @@ impl GroupContext {
             .name(format!("partition-{partition}"))
             .spawn(move || {
                 let ended = Task::open(shared, partition, task_stop).and_then(|task| task.run(rx));
-                if let Some(e) = ended.as_ref().err().filter(|e| !matches!(e, Error::Stopped)) {
+                match &ended {
+                    // Revoked while restoring: the restore stops at once, so
+                    // the rebalance is not held up by it.
+                    Err(Error::Stopped) => tracing::info!(partition, "restore stopped: the partition was revoked"),
                     // Said now, not when the main thread collects the task.
-                    tracing::error!(partition, "partition task failed: {e}");
+                    Err(e) => tracing::error!(partition, "partition task failed: {e}"),
+                    Ok(()) => {}
                 }
                 ended
             })
