@@ -1044,3 +1044,29 @@ fn a_backfill_that_pauses_under_the_default_wall_clock_advance_equals_file_mode(
     p.assert_exactly_expected(&["a"]);
     sigterm(&mut child);
 }
+
+/// Two instances must converge while restores are slow: a large changelog
+/// (every commit rewrites many customers), an instance killed, a fresh
+/// instance with no local state restoring everything from the changelog
+/// while the other joins and leaves. A revocation stops a restore at once
+/// (its waits are stop-aware), so rebalances do not wait for restores.
+#[test]
+fn two_instances_converge_while_restoring_a_large_changelog() {
+    let p = Pipeline::new(sqlite, 4, 500, 30, None);
+    p.produce_all();
+    let extra = "state.commit_every_records = 5";
+    let mut a = p.start("a", extra);
+    p.wait_output(p.expected.len() * 3 / 4, "a alone", &["a"]);
+    kill9(&mut a);
+    // b has no local state: it restores every partition from the changelog;
+    // a comes back while b restores, and the group rebalances under it.
+    let mut b = p.start("b", extra);
+    p.wait_log("b", 0, "partitions assigned", 1);
+    let mut a = p.start("a", extra);
+    p.assert_exactly_expected(&["a", "b"]);
+    let restored = log_max(&(p.log("a") + &p.log("b")), "changelog_records=");
+    eprintln!("largest restore: {restored} changelog records");
+    assert!(restored > 1000, "a restore of some size: {restored} records");
+    sigterm(&mut a);
+    sigterm(&mut b);
+}
