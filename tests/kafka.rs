@@ -992,40 +992,6 @@ fn an_unreadable_local_marker_rebuilds_from_the_changelog() {
     sigterm(&mut child);
 }
 
-/// The commit marker, not the group offset, says where a partition's input
-/// resumes: with the group's offsets reset to the end while segstream was
-/// stopped (an operator's `--reset-offsets --to-latest`), the records after
-/// the last commit are still processed, none lost.
-#[test]
-fn a_group_offset_reset_past_the_last_commit_loses_nothing() {
-    let p = Pipeline::new(sqlite, 2, 60, 50, None);
-    let half = p.produced.len() / 2;
-    produce(&p.broker.addr, EVENTS, &p.produced[..half]);
-    let mut child = p.start("a", "");
-    // Some output, then a stop (which commits what was processed).
-    p.wait_output(50, "the first half", &["a"]);
-    sigterm(&mut child);
-    produce(&p.broker.addr, EVENTS, &p.produced[half..]);
-    // The group's offsets moved to the end of the topic, past the second half.
-    let c: rdkafka::consumer::BaseConsumer = client_config(&p.broker.addr)
-        .set("group.id", "g")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for q in 0..2 {
-        let (_, high) =
-            rdkafka::consumer::Consumer::fetch_watermarks(&c, EVENTS, q, Duration::from_secs(10)).expect("watermarks");
-        tpl.add_partition_offset(EVENTS, q, rdkafka::Offset::Offset(high)).expect("tpl");
-    }
-    rdkafka::consumer::Consumer::commit(&c, &tpl, rdkafka::consumer::CommitMode::Sync)
-        .expect("reset the group offsets");
-    drop(c);
-    let mut child = p.start("a", "");
-    p.assert_exactly_expected(&["a"]);
-    sigterm(&mut child);
-}
-
 /// With the default wall-clock advance (`idle_advance_ms` 1000, lateness 0),
 /// a backfill of last year's events that pauses now and then (a slow ETL)
 /// still gives file mode's transitions: its records are far behind their

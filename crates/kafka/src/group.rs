@@ -30,12 +30,9 @@ struct TaskHandle {
     tx: SyncSender<Msg>,
     stop: StopFlag,
     join: JoinHandle<Result<(), Error>>,
-    /// Batches the task's queue had no room for, or fetched while it restores.
+    /// Batches the task's queue had no room for.
     pending: VecDeque<Vec<Rec>>,
     paused: bool,
-    /// The task restored and the consumer reads from its positions: records
-    /// may go to it.
-    ready: bool,
 }
 
 /// Owns the partition tasks; the rebalance callbacks start and stop them.
@@ -71,7 +68,7 @@ impl GroupContext {
                 ended
             })
             .expect("spawning a partition thread");
-        let handle = TaskHandle { tx, stop, join, pending: VecDeque::new(), paused: false, ready: false };
+        let handle = TaskHandle { tx, stop, join, pending: VecDeque::new(), paused: false };
         self.tasks.lock().expect("tasks").insert(partition, handle);
         self.shared.metrics.assigned_partitions.inc();
     }
@@ -190,7 +187,6 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
         output: checked.output,
         changelog_delete_retention: checked.changelog_delete_retention,
         committed: Mutex::new(HashMap::new()),
-        seeks: Mutex::new(Vec::new()),
         input_partitions: checked.input_partitions,
     });
     let ctx = GroupContext { shared: shared.clone(), tasks: Mutex::new(HashMap::new()), failure: Mutex::new(None) };
@@ -251,25 +247,6 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
             wait = Duration::ZERO;
         }
         let mut tasks = ctx.tasks.lock().expect("tasks");
-        // Restored partitions read their input from their marker's
-        // positions, whatever the group offset says (it may have been reset).
-        let seeks = std::mem::take(&mut *ctx.shared.seeks.lock().expect("seeks"));
-        for (p, positions) in seeks {
-            let Some(h) = tasks.get_mut(&p) else { continue };
-            for (topic, offset) in &positions {
-                if let Err(e) = consumer.seek(topic, p, Offset::Offset(*offset), Duration::from_secs(10)) {
-                    ctx.fail(format!("partition {p}: seeking {topic} to its last commit, offset {offset}: {e}"));
-                }
-                // What was fetched of this topic from elsewhere is fetched again.
-                let t = topics.iter().position(|name| name == topic);
-                for b in h.pending.iter_mut() {
-                    b.retain(|r| Some(r.topic) != t);
-                }
-                batches.retain(|(q, u), _| *q != p || Some(*u) != t);
-            }
-            h.pending.retain(|b| !b.is_empty());
-            h.ready = true;
-        }
         for ((p, _), recs) in batches.drain() {
             match tasks.get_mut(&p) {
                 Some(h) => h.pending.push_back(recs),
@@ -283,9 +260,7 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
         // record is waiting for it.
         let mut ended: Vec<i32> = tasks.iter().filter(|(_, h)| h.join.is_finished()).map(|(p, _)| *p).collect();
         for (&p, h) in tasks.iter_mut() {
-            // A restoring task's records wait (its partition paused) until it is ready.
-            while h.ready {
-                let Some(b) = h.pending.pop_front() else { break };
+            while let Some(b) = h.pending.pop_front() {
                 match h.tx.try_send(Msg::Records(b)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(Msg::Records(b))) => {

@@ -44,10 +44,6 @@ pub struct Shared {
     /// Per partition, the next offset of each input topic at its last
     /// commit, for the main thread to commit to the consumer group.
     pub committed: Mutex<HashMap<i32, Positions>>,
-    /// Restored partitions and where their input must be read from (the
-    /// marker's positions, not the group offset): the main thread holds a
-    /// partition's records until it is here, then seeks the consumer there.
-    pub seeks: Mutex<Vec<(i32, Positions)>>,
     /// Partitions of the input topics when the process started.
     pub input_partitions: i32,
 }

@@ -198,14 +198,6 @@ impl Task {
                 task.advance_to(w)?;
             }
         }
-        let positions: Vec<(String, i64)> = k
-            .inputs
-            .iter()
-            .zip(&task.next_offsets)
-            .filter(|(_, o)| **o >= 0)
-            .map(|(i, o)| (i.topic.clone(), *o))
-            .collect();
-        shared.seeks.lock().expect("seeks").push((partition, positions));
         let source = if restored > 0 { "changelog" } else { "local" };
         shared.metrics.restores.get_or_create(&SourceLabel { source: source.into() }).inc();
         shared.metrics.restore_seconds.observe(started.elapsed().as_secs_f64());
