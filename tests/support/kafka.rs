@@ -197,6 +197,9 @@ pub struct Read {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: HashMap<String, String>,
+    /// The record's timestamp (epoch ms; for segstream's outputs, when the
+    /// producing process handed it to librdkafka).
+    pub timestamp: Option<i64>,
 }
 
 /// Reads every partition of `topic` from the start to its current end.
@@ -243,6 +246,7 @@ pub fn read_all(addr: &str, topic: &str) -> Vec<Read> {
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
                         headers,
+                        timestamp: m.timestamp().to_millis(),
                     });
                     if m.offset() + 1 >= high {
                         break;

@@ -7,7 +7,10 @@
 //! their output). Customer values: `S` + applied-through record number
 //! (8 bytes, big-endian) + the state as RocksDB stores it; `D` +
 //! applied-through for an erased customer (replaced by a tombstone once the
-//! erasure is committed).
+//! erasure is committed). `o` is the owner record: a task writes it when it
+//! takes the partition, and its offset is the owner epoch that every record
+//! the task writes afterwards carries in its [`EPOCH_HEADER`] (see
+//! [`crate::fence`]).
 
 use segstream_scoring::CustomerState;
 use segstream_state::{decode_state, encode_state};
@@ -16,6 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::marker::Marker;
 
 pub const MARKER_KEY: &[u8] = b"m";
+pub const OWNER_KEY: &[u8] = b"o";
+/// The header carrying the owner epoch (decimal) on every changelog record
+/// a task writes after its owner record.
+pub const EPOCH_HEADER: &str = "segstream_owner";
 const CUSTOMER_PREFIX: &[u8] = b"c/";
 const RUN_PREFIX: &[u8] = b"b/";
 
@@ -44,6 +51,14 @@ pub struct LoggedRun {
     pub topic: String,
     pub first: i64,
     pub last: i64,
+}
+
+/// The value of an owner record: who took the partition, and when (for
+/// people reading the changelog; the epoch is the record's offset).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub instance: String,
+    pub at_ms: i64,
 }
 
 /// The key of the run that starts at record number `record`.
@@ -87,6 +102,8 @@ pub enum Entry {
     },
     /// `None`: a tombstone (the run's commit is complete).
     Run(Option<LoggedRun>),
+    /// An instance took the partition; the record's offset is its epoch.
+    Owner,
 }
 
 pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, ChangelogError> {
@@ -95,6 +112,10 @@ pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, Changelog
         return serde_json::from_slice(v)
             .map(|m| Entry::Marker(Box::new(m)))
             .map_err(|e| ChangelogError::Marker(e.to_string()));
+    }
+    if key == OWNER_KEY {
+        // The value is informational: an unreadable one still marks an owner.
+        return Ok(Entry::Owner);
     }
     if key.starts_with(RUN_PREFIX) {
         return match value {
@@ -151,5 +172,6 @@ mod tests {
         let v = serde_json::to_vec(&run).expect("json");
         assert!(matches!(decode_entry(&run_key(12), Some(&v)), Ok(Entry::Run(Some(r))) if r == run));
         assert!(matches!(decode_entry(&run_key(12), None), Ok(Entry::Run(None))));
+        assert!(matches!(decode_entry(OWNER_KEY, Some(b"{}")), Ok(Entry::Owner)));
     }
 }

@@ -2,11 +2,14 @@
 //! function over the side effects it needs ([`CommitIo`]), so that its order
 //! — the whole point of it — is tested without a broker.
 //!
-//! 1. every transition and dead letter produced so far is acknowledged;
+//! 1. every transition and dead letter produced so far is acknowledged, and
+//!    no newer owner has taken the partition ([`crate::fence`]);
 //! 2. the changed customers' states go to the changelog;
 //! 3. the next marker (made after step 1, so its output ends are
 //!    acknowledged ones) goes to the changelog and is acknowledged: its
-//!    offset is the commit's place in the changelog;
+//!    offset is the commit's place in the changelog; if a newer owner
+//!    wrote in between, the commit is not kept (its records are stale and
+//!    every restore ignores them);
 //! 4. tombstones (erased customers, logged runs now committed);
 //! 5. the local RocksDB commit of state and marker.
 //!
@@ -31,6 +34,8 @@ pub trait CommitIo {
     fn send_changelog(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), Error>;
     /// The offset after the last acknowledged changelog record.
     fn changelog_end(&self) -> Option<i64>;
+    /// Fails with [`Error::Fenced`] when a newer owner took the partition.
+    fn check_owner(&mut self) -> Result<(), Error>;
     /// Commits the engine's state with the marker to the local RocksDB.
     fn commit_local(&mut self, local: &LocalMarker) -> Result<(), Error>;
     /// Fault injection: may abort the process here.
@@ -64,7 +69,13 @@ pub struct Committed {
 
 pub fn commit<I: CommitIo>(io: &mut I, c: Commit<'_>) -> Result<Committed, Error> {
     let started = Instant::now();
-    io.flush()?;
+    if let Err(e) = io.flush() {
+        // Records that could not be delivered after a stall: fenced, if a
+        // newer owner took over meanwhile (then that is what to say).
+        io.check_owner()?;
+        return Err(e);
+    }
+    io.check_owner()?;
     let outputs_acknowledged = started.elapsed();
     io.crash_point(CrashPoint::AfterOutput);
     for (key, value) in &c.states {
@@ -77,6 +88,7 @@ pub fn commit<I: CommitIo>(io: &mut I, c: Commit<'_>) -> Result<Committed, Error
     io.flush()?;
     let changelog_offset =
         io.changelog_end().ok_or_else(|| Error::Delivery("no acknowledgement for the commit marker".into()))? - 1;
+    io.check_owner()?;
     let marker_acknowledged = started.elapsed();
     io.crash_point(CrashPoint::AfterMarker);
     // Erasures and runs are committed now: tombstones let compaction drop their keys.
@@ -102,6 +114,9 @@ mod tests {
         acknowledged: i64,
         outputs_end: i64,
         refuse_acks: bool,
+        /// A newer owner appears at the n-th owner check.
+        fenced_at_check: Option<usize>,
+        checks: usize,
     }
 
     impl CommitIo for Recorder {
@@ -132,6 +147,15 @@ mod tests {
 
         fn changelog_end(&self) -> Option<i64> {
             (self.acknowledged > 0).then_some(100 + self.acknowledged)
+        }
+
+        fn check_owner(&mut self) -> Result<(), Error> {
+            self.steps.borrow_mut().push("check owner".into());
+            self.checks += 1;
+            match self.fenced_at_check {
+                Some(n) if self.checks >= n => Err(Error::Fenced("a newer owner".into())),
+                _ => Ok(()),
+            }
         }
 
         fn commit_local(&mut self, local: &LocalMarker) -> Result<(), Error> {
@@ -176,12 +200,14 @@ mod tests {
             *io.steps.borrow(),
             [
                 "flush",
+                "check owner",
                 "may crash after_output",
                 "put c/a",
                 "put c/b",
                 "may crash after_changelog_states",
                 "put m",
                 "flush",
+                "check owner",
                 "may crash after_marker",
                 "tombstone c/b",
                 "tombstone b/40",
@@ -203,5 +229,21 @@ mod tests {
         assert!(matches!(commit(&mut io, commit_of(&prev, false)), Err(Error::Delivery(_))));
         let steps = io.steps.borrow();
         assert!(!steps.iter().any(|s| s.starts_with("local") || s.starts_with("tombstone")), "{steps:?}");
+    }
+
+    #[test]
+    fn a_newer_owner_stops_the_commit_before_its_changelog_records_or_before_it_is_kept() {
+        let prev = Marker::first(BTreeMap::new(), 1, 1);
+        let mut io = Recorder { fenced_at_check: Some(1), ..Recorder::default() };
+        assert!(matches!(commit(&mut io, commit_of(&prev, false)), Err(Error::Fenced(_))));
+        assert!(!io.steps.borrow().iter().any(|s| s.starts_with("put")), "nothing written: {:?}", io.steps.borrow());
+        let mut io = Recorder { fenced_at_check: Some(2), ..Recorder::default() };
+        assert!(matches!(commit(&mut io, commit_of(&prev, false)), Err(Error::Fenced(_))));
+        let steps = io.steps.borrow();
+        assert!(steps.contains(&"put m".to_string()));
+        assert!(
+            !steps.iter().any(|s| s.starts_with("local") || s.starts_with("tombstone")),
+            "a commit interleaved with a newer owner is not kept: {steps:?}"
+        );
     }
 }

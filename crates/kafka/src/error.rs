@@ -38,6 +38,11 @@ pub enum Error {
     /// A partition task ended with this error (the first of them).
     #[error("{0}")]
     PartitionFailed(String),
+    /// Another instance owns the partition now (a newer owner record in its
+    /// changelog, or the group said this instance's assignment was lost):
+    /// this one stopped writing to it.
+    #[error("{0}")]
+    Fenced(String),
     /// The partition (or the process) was told to stop during a wait.
     #[error("stopped while waiting")]
     Stopped,
@@ -75,6 +80,7 @@ impl Classify for Error {
             | Error::Delivery(_)
             | Error::PartitionFailed(_)
             | Error::Io { .. }
+            | Error::Fenced(_)
             | Error::Stopped => ErrorClass::Fatal,
         }
     }

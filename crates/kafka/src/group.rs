@@ -29,6 +29,7 @@ const BATCH: usize = 2_000;
 struct TaskHandle {
     tx: SyncSender<Msg>,
     stop: StopFlag,
+    lost: StopFlag,
     join: JoinHandle<Result<(), Error>>,
     /// Batches the task's queue had no room for.
     pending: VecDeque<Vec<Rec>>,
@@ -40,7 +41,14 @@ struct GroupContext {
     shared: Arc<Shared>,
     tasks: Mutex<HashMap<i32, TaskHandle>>,
     failure: Mutex<Option<String>>,
+    /// Partitions whose task found a newer owner, since when: the group
+    /// should revoke them soon; their records are dropped meanwhile.
+    fenced: Mutex<HashMap<i32, Instant>>,
 }
+
+/// How long a partition may stay assigned here after its task was fenced
+/// before the process stops (a restart rejoins the group cleanly).
+const FENCED_LIMIT: Duration = Duration::from_secs(60);
 
 impl GroupContext {
     fn fail(&self, msg: String) {
@@ -52,15 +60,17 @@ impl GroupContext {
         let (tx, rx) = sync_channel(TASK_QUEUE);
         let shared = self.shared.clone();
         let stop = StopFlag::new();
-        let task_stop = stop.clone();
+        let lost = StopFlag::new();
+        let (task_stop, task_lost) = (stop.clone(), lost.clone());
         let join = std::thread::Builder::new()
             .name(format!("partition-{partition}"))
             .spawn(move || {
-                let ended = Task::open(shared, partition, task_stop).and_then(|task| task.run(rx));
+                let ended = Task::open(shared, partition, task_stop, task_lost).and_then(|task| task.run(rx));
                 match &ended {
                     // Revoked while restoring: the restore stops at once, so
                     // the rebalance is not held up by it.
                     Err(Error::Stopped) => tracing::info!(partition, "restore stopped: the partition was revoked"),
+                    Err(Error::Fenced(why)) => tracing::warn!(partition, "{why}"),
                     // Said now, not when the main thread collects the task.
                     Err(e) => tracing::error!(partition, "partition task failed: {e}"),
                     Ok(()) => {}
@@ -68,16 +78,21 @@ impl GroupContext {
                 ended
             })
             .expect("spawning a partition thread");
-        let handle = TaskHandle { tx, stop, join, pending: VecDeque::new(), paused: false };
+        let handle = TaskHandle { tx, stop, lost, join, pending: VecDeque::new(), paused: false };
         self.tasks.lock().expect("tasks").insert(partition, handle);
         self.shared.metrics.assigned_partitions.inc();
     }
 
     /// Stops a task after it commits: returns once its state and outputs
-    /// are durable, so the next owner starts from them.
-    fn stop(&self, partition: i32) {
+    /// are durable, so the next owner starts from them. With `lost` (the
+    /// group gave the partition to another member already), the task ends
+    /// without writing anything.
+    fn stop(&self, partition: i32, lost: bool) {
         let Some(h) = self.tasks.lock().expect("tasks").remove(&partition) else { return };
         self.shared.metrics.assigned_partitions.dec();
+        if lost {
+            h.lost.set();
+        }
         // A task waiting on a retry (registry, broker) gives up at once; one
         // that already ended dropped its receiver: nothing to tell it.
         h.stop.set();
@@ -85,6 +100,14 @@ impl GroupContext {
         match h.join.join() {
             // Stopped during its restore: nothing was processed, nothing to commit.
             Ok(Ok(())) | Ok(Err(Error::Stopped)) => {}
+            // Another instance owns it now: not this process's failure.
+            Ok(Err(Error::Fenced(_))) => {
+                // Its positions are the new owner's to commit.
+                self.shared.committed.lock().expect("committed").remove(&partition);
+                if !lost {
+                    self.fenced.lock().expect("fenced").insert(partition, Instant::now());
+                }
+            }
             Ok(Err(e)) => self.fail(format!("partition {partition}: {e}")),
             Err(_) => self.fail(format!("partition {partition}: the task panicked")),
         }
@@ -93,7 +116,7 @@ impl GroupContext {
     fn stop_all(&self) {
         let parts: Vec<i32> = self.tasks.lock().expect("tasks").keys().copied().collect();
         for p in parts {
-            self.stop(p);
+            self.stop(p, false);
         }
     }
 
@@ -132,11 +155,25 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = partitions(tpl);
-            tracing::info!(?parts, "partitions revoked: committing and handing over");
-            for &p in &parts {
-                self.stop(p);
+            self.fenced.lock().expect("fenced").retain(|p, _| !parts.contains(p));
+            if consumer.assignment_lost() {
+                // The group moved on without this instance (it missed the
+                // session timeout): others own these partitions already.
+                tracing::warn!(
+                    ?parts,
+                    "assignment lost (this instance missed the group's session timeout): \
+                     its partitions stop without writing; their new owners replay what was not committed"
+                );
+                for &p in &parts {
+                    self.stop(p, true);
+                }
+            } else {
+                tracing::info!(?parts, "partitions revoked: committing and handing over");
+                for &p in &parts {
+                    self.stop(p, false);
+                }
+                self.commit_offsets(consumer, Some(&parts), CommitMode::Sync);
             }
-            self.commit_offsets(consumer, Some(&parts), CommitMode::Sync);
             self.shared.committed.lock().expect("committed").retain(|p, _| !parts.contains(p));
         }
     }
@@ -155,6 +192,7 @@ impl ConsumerContext for GroupContext {
                     ));
                 }
                 tracing::info!(?parts, "partitions assigned: restoring");
+                self.fenced.lock().expect("fenced").clear();
                 for p in parts {
                     self.start(p);
                 }
@@ -189,7 +227,12 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
         committed: Mutex::new(HashMap::new()),
         input_partitions: checked.input_partitions,
     });
-    let ctx = GroupContext { shared: shared.clone(), tasks: Mutex::new(HashMap::new()), failure: Mutex::new(None) };
+    let ctx = GroupContext {
+        shared: shared.clone(),
+        tasks: Mutex::new(HashMap::new()),
+        failure: Mutex::new(None),
+        fenced: Mutex::new(HashMap::new()),
+    };
     let consumer: BaseConsumer<GroupContext> =
         consumer_config.create_with_context(ctx).map_err(Error::broker("creating the group consumer"))?;
     let names = shared.kafka.topic_names();
@@ -288,8 +331,16 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
         }
         drop(tasks);
         for p in ended {
-            // The task ended on an error: collect it.
-            ctx.stop(p);
+            // The task ended on an error (or found a newer owner): collect it.
+            ctx.stop(p, false);
+        }
+        if let Some((p, _)) =
+            ctx.fenced.lock().expect("fenced").iter().find(|(_, since)| since.elapsed() > FENCED_LIMIT)
+        {
+            return Err(Error::PartitionFailed(format!(
+                "partition {p}: another instance took it over, but the group still assigns it here after {FENCED_LIMIT:?}; \
+                 stopping so that a restart rejoins the group"
+            )));
         }
         if last_offset_commit.elapsed() >= Duration::from_secs(1) {
             ctx.commit_offsets(consumer, None, CommitMode::Async);

@@ -17,6 +17,7 @@ mod clock;
 pub mod commit;
 mod config;
 mod error;
+pub mod fence;
 mod group;
 pub mod marker;
 mod metrics;

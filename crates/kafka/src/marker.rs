@@ -55,6 +55,10 @@ pub struct Marker {
     /// and a recovery sends them again in case the crash came first.
     #[serde(default)]
     pub erased: Vec<String>,
+    /// The owner epoch of the task that wrote it (the offset of its owner
+    /// record, see [`crate::fence`]); `None` in markers of earlier versions.
+    #[serde(default)]
+    pub owner: Option<i64>,
 }
 
 /// The marker as the local RocksDB keeps it, with where it is in the changelog.
@@ -116,6 +120,7 @@ impl Marker {
             time_fingerprint: Some(time_fingerprint),
             last_delay_ms: None,
             erased: Vec::new(),
+            owner: None,
         }
     }
 
@@ -149,6 +154,7 @@ impl Marker {
             time_fingerprint: self.time_fingerprint,
             last_delay_ms: p.last_delay_ms,
             erased: p.erased,
+            owner: self.owner,
         }
     }
 }

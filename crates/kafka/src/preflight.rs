@@ -28,6 +28,16 @@ pub struct Preflight {
 }
 
 pub fn check(k: &KafkaSettings) -> Result<Preflight, Error> {
+    let session = k.session_timeout_ms();
+    if let Some(t) = k.configured_delivery_timeout_ms().filter(|t| *t > session) {
+        tracing::warn!(
+            delivery_timeout_ms = t,
+            session_timeout_ms = session,
+            "the producer's delivery timeout is longer than the group's session timeout: after a stall longer \
+             than the session timeout, records queued before it may still reach the outputs after another \
+             instance took the partition over (duplicates); see ARCHITECTURE.md, \"Two owners of one partition\""
+        );
+    }
     let output = OutputEncoding::new(k.output_format, output_schema_id(k)?)?;
     let probe = reader(k)?;
     let mut inputs: Option<(&str, i32)> = None;

@@ -55,10 +55,18 @@ pub struct Producer {
 
 impl Producer {
     /// Idempotent with `acks=all`, whatever the configuration says.
+    ///
+    /// Records not delivered within the group's session timeout (at least
+    /// 30 s, so that a loaded broker does not fail deliveries) fail instead
+    /// of being sent later, unless configured otherwise: a process that
+    /// stalls longer may have lost its partitions, and what it queued before
+    /// the stall should not reach the outputs after the new owner has read
+    /// them (ARCHITECTURE.md, "Two owners of one partition").
     pub fn new(settings: &KafkaSettings, partition: i32) -> Result<Self, Error> {
+        let timeout = settings.session_timeout_ms().max(30_000).to_string();
         let inner = settings
             .client_config(
-                &[("linger.ms", "5"), ("partitioner", "murmur2_random")],
+                &[("linger.ms", "5"), ("partitioner", "murmur2_random"), ("message.timeout.ms", timeout.as_str())],
                 &settings.producer_properties,
                 &[("enable.idempotence", "true"), ("acks", "all")],
             )

@@ -15,6 +15,7 @@ pub struct Rec {
 
 pub enum Msg {
     Records(Vec<Rec>),
-    /// Commit and end (revocation, shutdown).
+    /// Commit and end (revocation, shutdown); when the task's `lost` flag
+    /// is set, end without writing anything.
     Stop,
 }

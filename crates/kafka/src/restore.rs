@@ -56,8 +56,14 @@ pub struct ChangelogTail {
     ahead: HashMap<String, i64>,
     /// Runs logged after the last marker, with their keys.
     runs: Vec<(Vec<u8>, LoggedRun)>,
+    /// The newest owner epoch seen: the offset of the last owner record, or
+    /// the highest epoch a record carried (an owner record compaction removed).
+    owner: Option<i64>,
     /// Records read.
     pub records: u64,
+    /// Records ignored because a newer owner had taken the partition before
+    /// them: written by a stalled previous owner ([`crate::fence`]).
+    pub stale: u64,
 }
 
 /// A customer state read from the changelog, to put into the engine
@@ -83,13 +89,34 @@ pub struct Restored {
 impl ChangelogTail {
     /// Starts after the local state's marker, if any.
     pub fn after(local: Option<LocalMarker>) -> Self {
-        Self { last: local.map(|l| (l.marker, l.changelog_offset)), ..Self::default() }
+        let owner = local.as_ref().and_then(|l| l.marker.owner);
+        Self { last: local.map(|l| (l.marker, l.changelog_offset)), owner, ..Self::default() }
     }
 
-    /// Takes the record at `offset`; returns a customer state to restore.
-    pub fn apply(&mut self, key: &[u8], offset: i64, entry: Entry) -> Option<RestoredCustomer> {
+    /// The newest owner epoch seen so far.
+    pub fn owner(&self) -> Option<i64> {
+        self.owner
+    }
+
+    /// Takes the record at `offset`, written with owner epoch `epoch` (none:
+    /// before owner records existed); returns a customer state to restore.
+    pub fn apply(&mut self, key: &[u8], offset: i64, entry: Entry, epoch: Option<i64>) -> Option<RestoredCustomer> {
         self.records += 1;
+        if let Entry::Owner = entry {
+            self.owner = Some(self.owner.map_or(offset, |o| o.max(offset)));
+            return None;
+        }
+        if let Some(owner) = self.owner {
+            if epoch.unwrap_or(-1) < owner {
+                self.stale += 1;
+                return None;
+            }
+        }
+        if let Some(e) = epoch {
+            self.owner = Some(self.owner.map_or(e, |o| o.max(e)));
+        }
         match entry {
+            Entry::Owner => None,
             Entry::Marker(marker) => {
                 self.last = Some((*marker, offset));
                 self.ahead.clear();
@@ -173,17 +200,17 @@ mod tests {
     #[test]
     fn customers_after_the_last_marker_are_skipped_through_what_they_include() {
         let mut tail = ChangelogTail::after(None);
-        assert!(tail.apply(&customer_key("early"), 0, customer("early", Some(99))).is_some());
-        tail.apply(b"m", 1, marker(100, &[("kept", 150), ("both", 101)]));
-        assert_eq!(tail.apply(&customer_key("a"), 2, customer("a", Some(120))), Some(("a".to_string(), None)));
-        tail.apply(&customer_key("before"), 3, customer("before", Some(99)));
-        tail.apply(&customer_key("at"), 3, customer("at", Some(100)));
-        tail.apply(&customer_key("both"), 4, customer("both", Some(130)));
-        tail.apply(&customer_key("erased"), 5, customer("erased", Some(140)));
-        tail.apply(&customer_key("erased"), 6, customer("erased", None));
+        assert!(tail.apply(&customer_key("early"), 0, customer("early", Some(99)), None).is_some());
+        tail.apply(b"m", 1, marker(100, &[("kept", 150), ("both", 101)]), None);
+        assert_eq!(tail.apply(&customer_key("a"), 2, customer("a", Some(120)), None), Some(("a".to_string(), None)));
+        tail.apply(&customer_key("before"), 3, customer("before", Some(99)), None);
+        tail.apply(&customer_key("at"), 3, customer("at", Some(100)), None);
+        tail.apply(&customer_key("both"), 4, customer("both", Some(130)), None);
+        tail.apply(&customer_key("erased"), 5, customer("erased", Some(140)), None);
+        tail.apply(&customer_key("erased"), 6, customer("erased", None), None);
         let run = LoggedRun { topic: "t".into(), first: 7, last: 9 };
-        tail.apply(&run_key(100), 7, Entry::Run(Some(run.clone())));
-        tail.apply(&run_key(90), 8, Entry::Run(None));
+        tail.apply(&run_key(100), 7, Entry::Run(Some(run.clone())), None);
+        tail.apply(&run_key(90), 8, Entry::Run(None), None);
         assert_eq!(tail.records, 10);
         let r = tail.finish();
         assert_eq!(r.last.as_ref().map(|(_, offset)| *offset), Some(1));
@@ -200,18 +227,53 @@ mod tests {
     #[test]
     fn a_later_marker_completes_what_came_before_it() {
         let mut tail = ChangelogTail::after(Some(local(0, 0)));
-        tail.apply(&customer_key("a"), 1, customer("a", Some(5)));
-        tail.apply(&run_key(4), 2, Entry::Run(Some(LoggedRun { topic: "t".into(), first: 4, last: 5 })));
-        tail.apply(b"m", 3, marker(10, &[]));
+        tail.apply(&customer_key("a"), 1, customer("a", Some(5)), None);
+        tail.apply(&run_key(4), 2, Entry::Run(Some(LoggedRun { topic: "t".into(), first: 4, last: 5 })), None);
+        tail.apply(b"m", 3, marker(10, &[]), None);
         let r = tail.finish();
         assert!(r.skip.is_empty() && r.run_keys.is_empty());
         assert_eq!(r.last.map(|(_, offset)| offset), Some(3));
         assert_eq!(ChangelogTail::after(Some(local(7, 0))).finish().last.map(|(_, offset)| offset), Some(7));
         // No commit yet, but a first commit that did not finish wrote a customer.
         let mut tail = ChangelogTail::after(None);
-        tail.apply(&customer_key("a"), 0, customer("a", Some(5)));
+        tail.apply(&customer_key("a"), 0, customer("a", Some(5)), None);
         let r = tail.finish();
         assert!(r.last.is_none(), "nothing committed yet");
         assert_eq!(r.skip, BTreeMap::from([("a".into(), 5)]), "its events are already in its state");
+    }
+
+    #[test]
+    fn records_of_an_owner_older_than_the_newest_owner_record_before_them_are_ignored() {
+        let mut tail = ChangelogTail::after(None);
+        // Before any owner record (an earlier version's records): taken.
+        assert!(tail.apply(&customer_key("a"), 0, customer("a", Some(1)), None).is_some());
+        tail.apply(b"o", 1, Entry::Owner, None);
+        assert!(tail.apply(&customer_key("a"), 2, customer("a", Some(2)), Some(1)).is_some(), "the owner's own");
+        tail.apply(b"m", 3, marker(3, &[]), Some(1));
+        tail.apply(b"o", 4, Entry::Owner, None);
+        // The previous owner (epoch 1), stalled, writes after the new owner took over.
+        assert!(tail.apply(&customer_key("a"), 5, customer("a", Some(9)), Some(1)).is_none());
+        tail.apply(b"m", 6, marker(10, &[]), Some(1));
+        assert!(tail.apply(&customer_key("b"), 7, customer("b", None), None).is_none(), "no epoch: older still");
+        assert!(tail.apply(&customer_key("c"), 8, customer("c", Some(4)), Some(4)).is_some(), "the new owner's");
+        assert_eq!(tail.stale, 3);
+        assert_eq!(tail.owner(), Some(4));
+        let r = tail.finish();
+        assert_eq!(
+            r.last.map(|(m, offset)| (m.records, offset)),
+            Some((3, 3)),
+            "the stale marker is not the last commit"
+        );
+        assert_eq!(r.skip, BTreeMap::from([("c".into(), 4)]), "the stale record of a does not make it skip");
+        // An owner record compacted away: a record's epoch still says who owns it.
+        let mut tail = ChangelogTail::after(None);
+        tail.apply(&customer_key("x"), 10, customer("x", Some(1)), Some(9));
+        assert!(tail.apply(&customer_key("y"), 11, customer("y", Some(1)), Some(5)).is_none());
+        // The local marker's owner counts as seen.
+        let mut l = local(20, 0);
+        l.marker.owner = Some(15);
+        let mut tail = ChangelogTail::after(Some(l));
+        assert!(tail.apply(&customer_key("z"), 21, customer("z", Some(1)), Some(12)).is_none());
+        assert!(tail.apply(&customer_key("z"), 22, customer("z", Some(1)), Some(15)).is_some());
     }
 }

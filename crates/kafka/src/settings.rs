@@ -141,6 +141,24 @@ impl KafkaSettings {
         self.inputs.iter().map(|i| i.topic.as_str()).collect()
     }
 
+    /// The group's session timeout (ms) as the consumer is configured
+    /// (librdkafka's default otherwise).
+    pub fn session_timeout_ms(&self) -> u64 {
+        self.consumer_properties
+            .get("session.timeout.ms")
+            .or_else(|| self.properties.get("session.timeout.ms"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(45_000)
+    }
+
+    /// The producer's delivery timeout when configured: records not
+    /// delivered by then fail rather than reach the broker later.
+    pub fn configured_delivery_timeout_ms(&self) -> Option<u64> {
+        ["message.timeout.ms", "delivery.timeout.ms"].iter().find_map(|k| {
+            self.producer_properties.get(*k).or_else(|| self.properties.get(*k)).and_then(|v| v.parse().ok())
+        })
+    }
+
     /// Where partition `p` keeps its RocksDB state.
     pub fn partition_dir(&self, partition: i32) -> PathBuf {
         self.state_dir.join(format!("{}-{partition}", self.topic_names().join("+")))

@@ -9,15 +9,19 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use segstream_decode::{decode_json_line, Classify, DecodeError, ErrorClass, Event, Format};
 use segstream_engine::{Engine, EngineSettings};
 use segstream_output::{DeadLetter, Emitter};
 use segstream_scoring::{Outcome, Transition};
 
-use crate::changelog::{customer_key, encode_customer, run_key, LoggedRun};
+use crate::changelog::{customer_key, encode_customer, run_key, LoggedRun, EPOCH_HEADER};
+use crate::client::{read_range, watermarks};
 use crate::commit::{commit, Commit, CommitIo};
 use crate::error::Error;
+use crate::fence::{Fence, Look, STALL};
 use crate::marker::{LocalMarker, Marker, Progress, LOCAL_MARKER_META};
 use crate::metrics::{KindLabel, Metrics, PartitionLabel, TopicPartitionLabel, TransitionLabel};
 use crate::producer::Producer;
@@ -54,8 +58,19 @@ pub struct Task {
     shared: Arc<Shared>,
     partition: i32,
     stop: StopFlag,
+    /// Set when the group says this instance lost its assignment (it
+    /// missed the session timeout): end without writing anything.
+    lost: StopFlag,
     engine: Engine,
     emitter: Emitter<KafkaSink>,
+    /// Reads the changelog's end (and, when someone else wrote, what).
+    reader: BaseConsumer,
+    /// This task's owner epoch and what it knows of the changelog's writers.
+    fence: Fence,
+    /// The last time the task made progress (a record, a commit): a gap
+    /// longer than [`STALL`] means a stall, after which it checks that it
+    /// still owns the partition before doing anything.
+    last_alive: Instant,
     /// The last commit.
     marker: Marker,
     /// Per input topic, the next offset to process (-1: none yet).
@@ -102,6 +117,9 @@ fn keyed_by_customer(key: Option<&[u8]>, ev: Event) -> Result<Event, DecodeError
 /// The commit's side effects on a task's producer and engine.
 struct TaskIo<'a> {
     producer: &'a Producer,
+    reader: &'a BaseConsumer,
+    fence: &'a mut Fence,
+    lost: &'a StopFlag,
     engine: &'a mut Engine,
     changelog: &'a str,
     partition: i32,
@@ -119,15 +137,15 @@ impl CommitIo for TaskIo<'_> {
     }
 
     fn send_changelog(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), Error> {
-        let mut rec = BaseRecord::<[u8], [u8], ()>::to(self.changelog).partition(self.partition).key(key);
-        if let Some(v) = value {
-            rec = rec.payload(v);
-        }
-        self.producer.send(rec)
+        send_changelog(self.producer, self.fence, (self.changelog, self.partition), key, value)
     }
 
     fn changelog_end(&self) -> Option<i64> {
         self.producer.delivered_end(self.changelog, self.partition)
+    }
+
+    fn check_owner(&mut self) -> Result<(), Error> {
+        check_owner(self.producer, self.reader, self.fence, (self.changelog, self.partition), self.lost)
     }
 
     fn commit_local(&mut self, local: &LocalMarker) -> Result<(), Error> {
@@ -137,6 +155,72 @@ impl CommitIo for TaskIo<'_> {
     fn crash_point(&self, point: CrashPoint) {
         self.faults.crash_point(point, self.records, self.partition, || self.producer.flush_before_crash());
     }
+}
+
+/// Sends a record to the task's changelog partition with its owner epoch.
+fn send_changelog(
+    producer: &Producer,
+    fence: &mut Fence,
+    (changelog, partition): (&str, i32),
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), Error> {
+    let epoch = fence.epoch().to_string();
+    let headers = OwnedHeaders::new().insert(Header { key: EPOCH_HEADER, value: Some(epoch.as_bytes()) });
+    let mut rec = BaseRecord::<[u8], [u8], ()>::to(changelog).partition(partition).key(key).headers(headers);
+    if let Some(v) = value {
+        rec = rec.payload(v);
+    }
+    producer.send(rec)?;
+    fence.sent();
+    Ok(())
+}
+
+/// Whether the task still owns its partition: once what it sent is
+/// acknowledged, the changelog's end tells whether someone else wrote, and
+/// only then is what they wrote read, for a newer owner record. Waits are
+/// ended by `lost`, not by the task's stop flag: a hand-over still checks.
+fn check_owner(
+    producer: &Producer,
+    reader: &BaseConsumer,
+    fence: &mut Fence,
+    (changelog, partition): (&str, i32),
+    lost: &StopFlag,
+) -> Result<(), Error> {
+    let fenced =
+        |what: String| Error::Fenced(format!("partition {partition}: {what}; this instance stopped writing to it"));
+    // Acknowledgements first, so that the count of the task's own records
+    // is exact (a delivery failure is the caller's to report).
+    let _ = producer.flush();
+    let stopped = |e: Error| match e {
+        Error::Stopped => fenced("the group said this instance's assignment was lost".into()),
+        e => e,
+    };
+    let (_, end) = watermarks(reader, changelog, partition, lost).map_err(stopped)?;
+    if let Look::Scan { from, to } = fence.look(end) {
+        let mut newer = None;
+        read_range(reader, changelog, partition, (from, to), lost, |m| {
+            if newer.is_none() && fence.is_newer_owner(m.key().unwrap_or_default(), m.offset()) {
+                newer = Some(m.offset());
+            }
+            Ok(())
+        })
+        .map_err(stopped)?;
+        if let Some(at) = newer {
+            return Err(fenced(format!(
+                "another instance took it over (its owner record is at changelog offset {at}, this instance's at {})",
+                fence.epoch()
+            )));
+        }
+        tracing::warn!(
+            partition,
+            from,
+            to,
+            "changelog records of a previous owner after this one took over: ignored by every restore"
+        );
+    }
+    fence.looked(end);
+    Ok(())
 }
 
 impl Task {
@@ -174,8 +258,34 @@ impl Task {
     }
 
     fn hand_over(mut self) -> Result<(), Error> {
+        if self.lost.is_set() {
+            return Err(self.lost_error());
+        }
         self.commit(None)?;
         tracing::info!(partition = self.partition, records = self.records, "partition handed over");
+        Ok(())
+    }
+
+    fn lost_error(&self) -> Error {
+        Error::Fenced(format!(
+            "partition {}: the group said this instance's assignment was lost (it missed the session timeout); \
+             stopped without committing, the new owner replays what was not committed",
+            self.partition
+        ))
+    }
+
+    /// Before a record: whether the partition is still this task's. After
+    /// a stall the changelog is asked; otherwise it costs a clock read.
+    fn still_owner(&mut self) -> Result<(), Error> {
+        if self.lost.is_set() {
+            return Err(self.lost_error());
+        }
+        if self.last_alive.elapsed() >= STALL {
+            let changelog = self.shared.kafka.changelog_topic.as_str();
+            let producer = self.emitter.sink().producer();
+            check_owner(producer, &self.reader, &mut self.fence, (changelog, self.partition), &self.lost)?;
+        }
+        self.last_alive = Instant::now();
         Ok(())
     }
 
@@ -229,12 +339,8 @@ impl Task {
                     let run = LoggedRun { topic: self.shared.kafka.inputs[topic].topic.clone(), first, last };
                     let value = serde_json::to_vec(&run)?;
                     let producer = self.emitter.sink().producer();
-                    producer.send(
-                        BaseRecord::to(&self.shared.kafka.changelog_topic)
-                            .partition(self.partition)
-                            .key(key.as_slice())
-                            .payload(value.as_slice()),
-                    )?;
+                    let place = (self.shared.kafka.changelog_topic.as_str(), self.partition);
+                    send_changelog(producer, &mut self.fence, place, &key, Some(&value))?;
                     producer.flush()?;
                     self.run_keys.push(key);
                 }
@@ -273,6 +379,7 @@ impl Task {
         if r.offset < self.next_offsets[t] {
             return Ok(()); // already in the committed state
         }
+        self.still_owner()?;
         let record = self.records;
         if r.key.is_none() {
             self.shared.metrics.unkeyed.inc();
@@ -328,6 +435,9 @@ impl Task {
 
     /// Commits (see [`crate::commit`]), then tells the main thread and the metrics.
     fn commit(&mut self, pending_watermark: Option<i64>) -> Result<(), Error> {
+        if self.lost.is_set() {
+            return Err(self.lost_error());
+        }
         let started = Instant::now();
         let next = self.records;
         let mut states = Vec::new();
@@ -373,6 +483,9 @@ impl Task {
         };
         let mut io = TaskIo {
             producer: sink.producer(),
+            reader: &self.reader,
+            fence: &mut self.fence,
+            lost: &self.lost,
             engine: &mut self.engine,
             changelog: &self.shared.kafka.changelog_topic,
             partition: self.partition,
@@ -399,6 +512,7 @@ impl Task {
         self.epoch_applied.clear();
         self.records_since_commit = 0;
         self.last_commit = Instant::now();
+        self.last_alive = self.last_commit;
         Ok(())
     }
 

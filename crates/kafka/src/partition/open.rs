@@ -5,15 +5,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::BaseRecord;
 use segstream_engine::Engine;
 use segstream_output::Emitter;
 
 use super::{now_ms, Shared, Task};
-use crate::changelog::{decode_entry, ChangelogError};
+use crate::changelog::{decode_entry, ChangelogError, Owner, EPOCH_HEADER, OWNER_KEY};
 use crate::client::{end_offsets, partition_count, read_range, reader, watermarks};
 use crate::error::Error;
+use crate::fence::Fence;
 use crate::marker::{LocalMarker, Marker, LOCAL_MARKER_META};
 use crate::metrics::SourceLabel;
 use crate::producer::Producer;
@@ -25,6 +26,12 @@ use crate::sink::KafkaSink;
 use crate::stop::StopFlag;
 use segstream_decode::Format;
 
+/// Who this instance is, for people reading the changelog.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}/{}", host.trim(), std::process::id())
+}
+
 fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
     let h = m.headers()?;
     h.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
@@ -32,7 +39,7 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option
 
 impl Task {
     /// Opens the partition's state and brings it up to date.
-    pub fn open(shared: Arc<Shared>, partition: i32, stop: StopFlag) -> Result<Self, Error> {
+    pub fn open(shared: Arc<Shared>, partition: i32, stop: StopFlag, lost: StopFlag) -> Result<Self, Error> {
         let started = Instant::now();
         let k = &shared.kafka;
         let changelog = k.changelog_topic.as_str();
@@ -84,7 +91,8 @@ impl Task {
                 offset: m.offset(),
                 source: Box::new(e),
             })?;
-            if let Some((id, state)) = tail.apply(key, m.offset(), entry) {
+            let epoch = header(m, EPOCH_HEADER).and_then(|e| e.parse().ok());
+            if let Some((id, state)) = tail.apply(key, m.offset(), entry, epoch) {
                 engine.restore_customer(&id, state)?;
             }
             if tail.records.is_multiple_of(100_000) {
@@ -94,6 +102,13 @@ impl Task {
             Ok(())
         })?;
         let restored = tail.records;
+        if tail.stale > 0 {
+            tracing::warn!(
+                partition,
+                stale = tail.stale,
+                "changelog records written by a previous owner after a newer one took over: ignored"
+            );
+        }
         shared.metrics.restore_records.inc_by(restored);
         let fingerprint = shared.engine.fingerprint();
         let restored_tail = tail.finish();
@@ -136,7 +151,25 @@ impl Task {
         }
         let skips = skip.len();
         let guard = ReplayGuard::new(k.inputs.len(), skip);
-        let sink = KafkaSink::new(Producer::new(k, partition)?, k, shared.output, guard, shared.metrics.clone());
+        let producer = Producer::new(k, partition)?;
+        // Take the partition: the owner record fences any previous owner
+        // (crate::fence) before this task reads what the outputs hold.
+        let owner = Owner { instance: instance_name(), at_ms: now_ms() };
+        producer.send(
+            BaseRecord::<[u8], [u8], ()>::to(changelog)
+                .partition(partition)
+                .key(OWNER_KEY)
+                .payload(serde_json::to_vec(&owner)?.as_slice()),
+        )?;
+        producer.flush()?;
+        let epoch = producer
+            .delivered_end(changelog, partition)
+            .ok_or_else(|| Error::Delivery("no acknowledgement for the owner record".into()))?
+            - 1;
+        let mut marker = marker;
+        marker.owner = Some(epoch);
+        tracing::debug!(partition, epoch, "owner record written");
+        let sink = KafkaSink::new(producer, k, shared.output, guard, shared.metrics.clone());
         let decoder = k
             .inputs
             .iter()
@@ -153,8 +186,12 @@ impl Task {
             shared: shared.clone(),
             partition,
             stop,
+            lost,
             engine,
             emitter: Emitter::new(sink),
+            reader: consumer,
+            fence: Fence::new(epoch),
+            last_alive: Instant::now(),
             epoch_applied: HashMap::new(),
             decoder,
             out: Vec::new(),
@@ -170,7 +207,7 @@ impl Task {
             // The outputs' current ends must be durable before anything is produced.
             task.commit(None)?;
         } else {
-            task.read_outputs(&consumer)?;
+            task.read_outputs()?;
             if task.emitter.sink().guard().holds_outputs()
                 && task.marker.time_fingerprint.is_some_and(|f| f != time_fingerprint)
             {
@@ -188,11 +225,8 @@ impl Task {
             // next commit's flush acknowledges them).
             for id in &task.marker.erased {
                 let key = crate::changelog::customer_key(id);
-                task.emitter.sink().producer().send(
-                    rdkafka::producer::BaseRecord::<[u8], [u8], ()>::to(&k.changelog_topic)
-                        .partition(partition)
-                        .key(key.as_slice()),
-                )?;
+                let producer = task.emitter.sink().producer();
+                super::send_changelog(producer, &mut task.fence, (changelog, partition), &key, None)?;
             }
             if let Some(w) = task.marker.pending_watermark {
                 task.advance_to(w)?;
@@ -217,8 +251,9 @@ impl Task {
 
     /// Learns what the uncommitted tail wrote: every output and dead-letter
     /// record after the marker's end offsets whose source is this partition.
-    fn read_outputs(&mut self, consumer: &BaseConsumer) -> Result<(), Error> {
+    fn read_outputs(&mut self) -> Result<(), Error> {
         let k = &self.shared.kafka;
+        let consumer = &self.reader;
         for (topic, is_dlq) in [(&k.output_topic, false), (&k.dead_letter_topic, true)] {
             for q in 0..partition_count(consumer, topic, &self.stop)? {
                 let (low, high) = watermarks(consumer, topic, q, &self.stop)?;
