@@ -13,9 +13,9 @@
 
 use std::collections::BTreeMap;
 
-use segstream_decode::Event;
-use segstream_scoring::{CustomerState, Outcome, Scorer, Transition};
-use segstream_state::StateStore;
+use segstream_decode::{Event, DAY_MS};
+use segstream_scoring::{Cause, CustomerState, Group, Outcome, Scorer, Transition};
+use segstream_state::{HistoryEntry, SegmentCount, StateStore};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
@@ -24,6 +24,35 @@ use crate::settings::EngineSettings;
 const META_CONFIG: &str = "config_fingerprint";
 const META_CLOCK: &str = "clock";
 const META_COUNTERS: &str = "counters";
+/// `series:<day, 10 digits>` → segment counts when the watermark passed the
+/// end of that (UTC) day, written only when they changed.
+const META_SERIES: &str = "series:";
+
+/// Customers and MRR per (group index, segment index).
+pub type SegmentCounts = BTreeMap<(u16, u16), SegmentCount>;
+
+/// A transition as the customer's history keeps it.
+fn history_entry(groups: &[Group], t: &Transition) -> Option<HistoryEntry> {
+    let g = groups.iter().position(|g| g.name == t.group)?;
+    let index = |name: &Option<std::sync::Arc<str>>| {
+        name.as_ref().and_then(|n| groups[g].segments.iter().position(|s| s == n)).and_then(|i| u16::try_from(i).ok())
+    };
+    Some(HistoryEntry {
+        group: u16::try_from(g).ok()?,
+        from: index(&t.from),
+        to: index(&t.to),
+        at: t.at,
+        event_id: match &t.cause {
+            Cause::Event(id) => Some(id.clone()),
+            Cause::Time(_) => None,
+        },
+        boundary: match &t.cause {
+            Cause::Time(k) => k.bits(),
+            Cause::Event(_) => 0,
+        },
+        scores: t.scores,
+    })
+}
 
 /// Event-time clock, persisted with every commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +101,9 @@ pub struct Engine {
     counters: Counters,
     /// No timer is due before this instant (a lower bound; may be stale low).
     next_due: Option<i64>,
+    /// Day-end segment counts to write at the next commit, and the last ones.
+    pending_series: Vec<(i64, SegmentCounts)>,
+    last_series: Option<SegmentCounts>,
 }
 
 fn read_meta<T: for<'de> Deserialize<'de>>(store: &StateStore, key: &'static str) -> Result<Option<T>, EngineError> {
@@ -98,7 +130,30 @@ impl Engine {
         let counters = read_meta(&store, META_COUNTERS)?.unwrap_or_default();
         let lateness = settings.lateness_ms();
         let next_due = store.next_due(clock.watermark)?;
-        Ok(Self { scorer, store, lateness, clock, counters, next_due })
+        let mut engine =
+            Self { scorer, store, lateness, clock, counters, next_due, pending_series: Vec::new(), last_series: None };
+        engine.last_series = engine.series()?.pop().map(|(_, c)| c);
+        Ok(engine)
+    }
+
+    /// Segment counts at the end of each day the watermark passed, oldest
+    /// first; a day missing from the list had the counts of the day before.
+    pub fn series(&self) -> Result<Vec<(i64, SegmentCounts)>, EngineError> {
+        read_series(&self.store)
+    }
+
+    /// Customers and MRR per (group, segment) now (committed or not).
+    pub fn segment_counts(&self) -> SegmentCounts {
+        self.store.live_counts()
+    }
+
+    /// Keeps the transitions `out[from..]` of customer `sid` in its history.
+    fn keep_history(&mut self, sid: segstream_state::SlotId, out: &[Transition]) {
+        for t in out {
+            if let Some(entry) = history_entry(self.scorer.groups(), t) {
+                self.store.record_history(sid, entry);
+            }
+        }
     }
 
     pub fn scorer(&self) -> &Scorer {
@@ -149,6 +204,11 @@ impl Engine {
             }
         }
         let new_timer = slot.state.as_ref().and_then(|s| s.timer);
+        if matches!(outcome, Outcome::Deleted { .. }) {
+            self.store.erase_history(sid);
+        } else {
+            self.keep_history(sid, &out[before..]);
+        }
         let (applied, late) = match outcome {
             Outcome::Duplicate => {
                 self.counters.duplicate += 1;
@@ -230,7 +290,36 @@ impl Engine {
 
     /// Moves the watermark to `to` (never back), emitting every boundary
     /// `≤ to` of every customer, in (boundary, customer) order.
+    ///
+    /// At the end of each (UTC) day it passes, the segment counts are noted
+    /// for the daily series (`Engine::series`): the watermark stops there,
+    /// then goes on, which fires the same boundaries in the same order.
     pub fn advance_watermark(&mut self, to: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
+        let mut from = self.clock.watermark;
+        if from != i64::MIN && from >= 0 {
+            loop {
+                let end = (from.div_euclid(DAY_MS) + 1) * DAY_MS - 1;
+                let end = if end == from { end + DAY_MS } else { end };
+                if end > to {
+                    break;
+                }
+                self.advance_to(end, out)?;
+                self.note_day(end.div_euclid(DAY_MS));
+                from = end;
+            }
+        }
+        self.advance_to(to, out)
+    }
+
+    fn note_day(&mut self, day: i64) {
+        let counts = self.store.live_counts();
+        if self.last_series.as_ref() != Some(&counts) {
+            self.pending_series.push((day, counts.clone()));
+            self.last_series = Some(counts);
+        }
+    }
+
+    fn advance_to(&mut self, to: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
         let from = self.clock.watermark;
         if to <= from {
             return Ok(());
@@ -242,9 +331,11 @@ impl Engine {
         let before = out.len();
         for sid in self.store.due(from, to)? {
             let (id, state) = self.store.slot_mut(sid).parts();
+            let first = out.len();
             if let Some(st) = state {
                 self.scorer.advance(id, st, to, out);
             }
+            self.keep_history(sid, &out[first..]);
             self.store.touch(sid);
         }
         self.counters.transitions += (out.len() - before) as u64;
@@ -258,7 +349,12 @@ impl Engine {
         let mut meta = extra;
         meta.push((META_CLOCK.into(), serde_json::to_vec(&self.clock).expect("clock serializes")));
         meta.push((META_COUNTERS.into(), serde_json::to_vec(&self.counters).expect("counters serialize")));
+        for (day, counts) in &self.pending_series {
+            let pairs: Vec<((u16, u16), SegmentCount)> = counts.iter().map(|(k, c)| (*k, *c)).collect();
+            meta.push((format!("{META_SERIES}{day:010}"), postcard::to_stdvec(&pairs).expect("counts serialize")));
+        }
         self.store.commit(&meta)?;
+        self.pending_series.clear();
         Ok(())
     }
 
@@ -273,6 +369,18 @@ impl Engine {
         })?;
         Ok(sizes)
     }
+}
+
+/// The daily series of a state (see [`Engine::series`]), for readers too.
+pub fn read_series(store: &StateStore) -> Result<Vec<(i64, SegmentCounts)>, EngineError> {
+    let mut out = Vec::new();
+    for (k, v) in store.meta_with_prefix(META_SERIES)? {
+        let bad = |reason: String| EngineError::Meta { key: META_SERIES, reason: format!("{k}: {reason}") };
+        let day: i64 = k[META_SERIES.len()..].parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?;
+        let pairs: Vec<((u16, u16), SegmentCount)> = postcard::from_bytes(&v).map_err(|e| bad(e.to_string()))?;
+        out.push((day, pairs.into_iter().collect()));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -14,6 +14,6 @@ mod engine;
 mod error;
 mod settings;
 
-pub use engine::{Clock, Counters, Engine};
+pub use engine::{read_series, Clock, Counters, Engine, SegmentCounts};
 pub use error::EngineError;
 pub use settings::{EngineSettings, TimeWindow};

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub time: TimeConfig,
     pub state: StateConfig,
+    pub history: HistoryConfig,
     pub scoring: ScoringConfig,
     pub segments: SegmentsConfig,
     /// Kafka mode (`segstream run` without `--input`); absent in file mode.
@@ -47,6 +48,21 @@ pub const DEFAULT_MAX_FUTURE_MS: u64 = 366 * 86_400_000;
 impl Default for TimeConfig {
     fn default() -> Self {
         Self { allowed_lateness_ms: 0, earliest_event: None, max_future_ms: DEFAULT_MAX_FUTURE_MS }
+    }
+}
+
+/// What the state keeps for the query API besides each customer's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Transitions kept per customer (with their scores), for
+    /// `GET /v1/customers/{id}`; 0 keeps none.
+    pub per_customer: u32,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { per_customer: 50 }
     }
 }
 
@@ -99,6 +115,7 @@ impl Config {
             cache_customers: self.state.cache_customers,
             block_cache_bytes: self.state.block_cache_mib << 20,
             write_buffer_bytes: self.state.write_buffer_mib << 20,
+            history_per_customer: self.history.per_customer,
         };
         let earliest = match &self.time.earliest_event {
             None => None,

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod file;
 pub mod generate;
 pub mod http;
+pub mod query;
 pub mod settings;
 pub mod testhooks;
 

@@ -78,6 +78,21 @@ enum Command {
         #[arg(long)]
         metrics_addr: Option<String>,
     },
+    /// Answer questions about a state dir over HTTP (JSON under /v1; see
+    /// /v1/openapi.json): a customer's segments and history, segment sizes
+    /// and members, daily sizes. Read-only; safe next to a running `run`.
+    Serve {
+        /// The state dir a `segstream run` writes (file mode).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The configuration the state dir was run with (segment names and
+        /// rules); built-in SPEC defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+    },
     /// Generate a sample, run it, and show segment sizes and a few explained transitions.
     Demo {
         /// Directory for the sample, its state and its transitions (replaced on each run).
@@ -230,6 +245,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     segstream_kafka::run(settings.engine, *kafka, metrics, stop)?;
                 }
             }
+        }
+        Command::Serve { state_dir, config, addr } => {
+            let settings = load_config(config.as_ref())?.engine_settings()?;
+            let reader = Arc::new(segstream::query::StateReader::open(&state_dir, &settings)?);
+            segstream::query::api::serve(&addr, reader, |bound| {
+                eprintln!("serving {} on http://{bound}/v1/ (see /v1/openapi.json)", state_dir.display());
+            })?;
         }
         Command::Demo { dir, customers, days, seed, config } => {
             let settings = load_config(config.as_ref())?.engine_settings()?;

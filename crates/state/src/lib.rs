@@ -13,4 +13,6 @@
 
 mod store;
 
-pub use store::{decode_state, encode_state, Slot, SlotId, StateError, StateOptions, StateStore};
+pub use store::{
+    decode_state, encode_state, HistoryEntry, SegmentCount, Slot, SlotId, StateError, StateOptions, StateStore,
+};

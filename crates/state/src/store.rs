@@ -6,11 +6,22 @@ use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
     DB,
 };
-use segstream_scoring::CustomerState;
+use segstream_scoring::{CustomerState, Scores};
 
 const CF_CUSTOMERS: &str = "customers";
 const CF_TIMERS: &str = "timers";
 const CF_META: &str = "meta";
+/// Segment membership: group (u16, big-endian), segment (u16), customer id
+/// → nothing. Kept at each commit from the customers it writes.
+const CF_MEMBERS: &str = "members";
+/// Per (group, segment): customers and the sum of their MRR (cents).
+const META_SEGMENT_COUNTS: &str = "segments:counts";
+/// Present once the membership index covers every customer.
+const META_SEGMENT_INDEX: &str = "segments:index";
+/// A customer's last transitions: id length (u16, big-endian), id, sequence
+/// number (u32, big-endian) → a [`HistoryEntry`] (postcard).
+const CF_HISTORY: &str = "history";
+const ALL_CFS: [&str; 5] = [CF_CUSTOMERS, CF_TIMERS, CF_META, CF_MEMBERS, CF_HISTORY];
 /// Format 2 added `CustomerState::extra` (attributes and survey answers).
 const STATE_FORMAT: u8 = 2;
 const STATE_FORMAT_1: u8 = 1;
@@ -34,6 +45,21 @@ impl segstream_decode::Classify for StateError {
     }
 }
 
+/// One transition as a customer's history keeps it: groups and segments by
+/// their index in the configuration (a state dir is bound to one).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryEntry {
+    pub group: u16,
+    pub from: Option<u16>,
+    pub to: Option<u16>,
+    pub at: i64,
+    /// The event's id, or `None` for a time boundary.
+    pub event_id: Option<String>,
+    /// The boundary's kind bits (time boundaries).
+    pub boundary: u8,
+    pub scores: Scores,
+}
+
 /// Tuning of the store; defaults suit a laptop and a 2-core CI machine.
 #[derive(Debug, Clone)]
 pub struct StateOptions {
@@ -43,11 +69,18 @@ pub struct StateOptions {
     pub block_cache_bytes: usize,
     /// RocksDB memtable size per column family, bytes.
     pub write_buffer_bytes: usize,
+    /// Transitions kept per customer (0: no history).
+    pub history_per_customer: u32,
 }
 
 impl Default for StateOptions {
     fn default() -> Self {
-        Self { cache_customers: 500_000, block_cache_bytes: 64 << 20, write_buffer_bytes: 32 << 20 }
+        Self {
+            cache_customers: 500_000,
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 32 << 20,
+            history_per_customer: 50,
+        }
     }
 }
 
@@ -67,6 +100,60 @@ pub struct Slot {
     committed_timer: Option<i64>,
     /// Bumped on eviction, so that stale timer-heap entries are recognised.
     generation: u32,
+    /// The labels and MRR as the membership index has them (`None`: not in
+    /// it), for a commit to move the customer between segments.
+    committed: Option<Membership>,
+    /// Transitions since the last commit, for the history.
+    history: Vec<HistoryEntry>,
+    /// The customer was erased since the last commit: its history goes.
+    history_reset: bool,
+}
+
+fn history_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + id.len());
+    k.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn history_key(id: &str, seq: u32) -> Vec<u8> {
+    let mut k = history_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// What the membership index and the segment counters know of a customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Membership {
+    labels: Box<[u16]>,
+    mrr_cents: i64,
+}
+
+impl Membership {
+    fn of(st: Option<&CustomerState>) -> Option<Self> {
+        st.map(|s| Self { labels: s.labels.clone().into_boxed_slice(), mrr_cents: s.mrr_cents })
+    }
+}
+
+/// Customers and their summed MRR in one segment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentCount {
+    pub customers: i64,
+    pub mrr_cents: i64,
+}
+
+fn encode_counts(counts: &std::collections::BTreeMap<(u16, u16), SegmentCount>) -> Vec<u8> {
+    let pairs: Vec<((u16, u16), SegmentCount)> = counts.iter().map(|(k, c)| (*k, *c)).collect();
+    postcard::to_stdvec(&pairs).expect("counts serialize")
+}
+
+/// The membership key of a customer in segment `label` of group `group`.
+fn member_key(group: u16, label: u16, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + id.len());
+    k.extend_from_slice(&group.to_be_bytes());
+    k.extend_from_slice(&label.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 impl Slot {
@@ -100,6 +187,8 @@ pub struct StateStore {
     /// in `ahead` or was consumed; `None` when nothing is loaded.
     ahead_through: Option<i64>,
     opts: StateOptions,
+    /// Per (group, segment), as of the last commit.
+    counts: std::collections::BTreeMap<(u16, u16), SegmentCount>,
 }
 
 fn timer_key(due: i64, id: &str) -> Vec<u8> {
@@ -155,9 +244,47 @@ impl StateStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
-        let cfs = [CF_CUSTOMERS, CF_TIMERS, CF_META].map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()));
+        let cfs = ALL_CFS.map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(Self {
+        let mut store = Self::with_db(db, opts);
+        store.counts = store.read_counts()?;
+        if store.meta(META_SEGMENT_INDEX)?.is_none() {
+            store.build_segment_index()?;
+        }
+        Ok(store)
+    }
+
+    /// Opens a state dir for reading next to the process that writes it (a
+    /// RocksDB secondary instance, which keeps its own files under
+    /// `secondary`): [`StateStore::catch_up`] brings in what that process
+    /// committed since.
+    pub fn open_reader(dir: &Path, secondary: &Path) -> Result<Self, StateError> {
+        let mut db_opts = Options::default();
+        db_opts.set_max_open_files(-1);
+        let db = DB::open_cf_as_secondary(&db_opts, dir, secondary, ALL_CFS)?;
+        let mut store = Self::with_db(db, StateOptions::default());
+        if store.meta(META_SEGMENT_INDEX)?.is_none() {
+            return Err(StateError::Corrupt {
+                key: META_SEGMENT_INDEX.into(),
+                reason: format!(
+                    "{} has no segment index yet: run `segstream run` on it once with this version",
+                    dir.display()
+                ),
+            });
+        }
+        store.counts = store.read_counts()?;
+        Ok(store)
+    }
+
+    /// Reads what the writing process committed since the last call.
+    pub fn catch_up(&mut self) -> Result<(), StateError> {
+        self.db.try_catch_up_with_primary()?;
+        self.counts = self.read_counts()?;
+        Ok(())
+    }
+
+    fn with_db(db: DB, opts: StateOptions) -> Self {
+        Self {
             db,
             index: HashMap::default(),
             slots: Vec::new(),
@@ -166,7 +293,163 @@ impl StateStore {
             ahead: VecDeque::new(),
             ahead_through: None,
             opts,
-        })
+            counts: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn read_counts(&self) -> Result<std::collections::BTreeMap<(u16, u16), SegmentCount>, StateError> {
+        match self.meta(META_SEGMENT_COUNTS)? {
+            None => Ok(std::collections::BTreeMap::new()),
+            Some(v) => {
+                let pairs: Vec<((u16, u16), SegmentCount)> = postcard::from_bytes(&v)
+                    .map_err(|e| StateError::Corrupt { key: META_SEGMENT_COUNTS.into(), reason: e.to_string() })?;
+                Ok(pairs.into_iter().collect())
+            }
+        }
+    }
+
+    /// Builds the membership index and the counters from every committed
+    /// customer (a state dir of an earlier version), streaming through them.
+    fn build_segment_index(&mut self) -> Result<(), StateError> {
+        let members = self.cf(CF_MEMBERS);
+        // An earlier attempt may have stopped half-way.
+        self.db.delete_range_cf(members, &[][..], &[0xffu8; 5][..])?;
+        let mut counts = std::collections::BTreeMap::<(u16, u16), SegmentCount>::new();
+        let mut batch = WriteBatch::default();
+        let mut n = 0u64;
+        for item in self.db.iterator_cf(self.cf(CF_CUSTOMERS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let st = decode_state(&k, &v)?;
+            let id = String::from_utf8_lossy(&k);
+            for (g, &label) in st.labels.iter().enumerate() {
+                let g = u16::try_from(g).unwrap_or(u16::MAX);
+                batch.put_cf(members, member_key(g, label, &id), []);
+                let c = counts.entry((g, label)).or_default();
+                c.customers += 1;
+                c.mrr_cents = c.mrr_cents.saturating_add(st.mrr_cents);
+            }
+            n += 1;
+            if batch.len() >= 100_000 {
+                self.db.write(std::mem::take(&mut batch))?;
+            }
+        }
+        self.counts = counts;
+        let meta = self.cf(CF_META);
+        batch.put_cf(meta, META_SEGMENT_COUNTS, encode_counts(&self.counts));
+        batch.put_cf(meta, META_SEGMENT_INDEX, b"1");
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        if n > 0 {
+            tracing::info!(customers = n, "built the segment membership index of an earlier state dir");
+        }
+        Ok(())
+    }
+
+    /// Keeps a transition of the customer in `sid` for its history (written
+    /// at the next commit, with the customer).
+    pub fn record_history(&mut self, sid: SlotId, entry: HistoryEntry) {
+        if self.opts.history_per_customer > 0 {
+            self.slots[sid as usize].history.push(entry);
+        }
+    }
+
+    /// The customer in `sid` was erased: its history goes with it.
+    pub fn erase_history(&mut self, sid: SlotId) {
+        let slot = &mut self.slots[sid as usize];
+        slot.history.clear();
+        slot.history_reset = true;
+    }
+
+    /// A customer's kept transitions, oldest first (committed ones).
+    pub fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, StateError> {
+        let prefix = history_prefix(id);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_HISTORY), IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 4 {
+                break;
+            }
+            out.push(
+                postcard::from_bytes(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The next history sequence number of a customer (after its last kept entry).
+    fn next_history_seq(&self, id: &str) -> Result<u32, StateError> {
+        let upper = history_key(id, u32::MAX);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_HISTORY));
+        it.seek_for_prev(&upper);
+        if it.valid() {
+            if let Some(k) = it.key() {
+                let prefix = history_prefix(id);
+                if k.len() == prefix.len() + 4 && k.starts_with(&prefix) {
+                    let seq: [u8; 4] = k[prefix.len()..].try_into().expect("4 bytes");
+                    return Ok(u32::from_be_bytes(seq).saturating_add(1));
+                }
+            }
+        }
+        it.status()?;
+        Ok(0)
+    }
+
+    /// Customers and MRR per (group, segment) now: the last commit's counts
+    /// moved by the customers changed since.
+    pub fn live_counts(&self) -> std::collections::BTreeMap<(u16, u16), SegmentCount> {
+        let mut counts = self.counts.clone();
+        for slot in self.slots.iter().filter(|s| s.dirty) {
+            for (m, sign) in [(slot.committed.clone(), -1), (Membership::of(slot.state.as_ref()), 1)] {
+                if let Some(m) = m {
+                    for (g, &l) in m.labels.iter().enumerate() {
+                        let e = counts.entry((u16::try_from(g).unwrap_or(u16::MAX), l)).or_default();
+                        e.customers += sign;
+                        e.mrr_cents = e.mrr_cents.saturating_add(sign * m.mrr_cents);
+                    }
+                }
+            }
+        }
+        counts.retain(|_, v| *v != SegmentCount::default());
+        counts
+    }
+
+    /// Customers and MRR per (group, segment) as of the last commit.
+    pub fn segment_counts(&self) -> &std::collections::BTreeMap<(u16, u16), SegmentCount> {
+        &self.counts
+    }
+
+    /// Up to `limit` members of segment `label` of group `group`, in
+    /// customer id order, after customer `after` (exclusive).
+    pub fn members(
+        &self,
+        group: u16,
+        label: u16,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let prefix = member_key(group, label, "");
+        let mut start = member_key(group, label, after.unwrap_or(""));
+        if after.is_some() {
+            start.push(0); // the smallest key after `after`
+        }
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_MEMBERS), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// A customer's committed state, read without the cache (for readers).
+    pub fn committed_customer(&self, id: &str) -> Result<Option<CustomerState>, StateError> {
+        match self.db.get_pinned_cf(self.cf(CF_CUSTOMERS), id.as_bytes())? {
+            Some(v) => Ok(Some(decode_state(id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -184,6 +467,7 @@ impl StateStore {
             None => None,
         };
         let committed_timer = state.as_ref().and_then(|s| s.timer);
+        let committed = Membership::of(state.as_ref());
         let sid = match self.free.pop() {
             Some(sid) => {
                 let slot = &mut self.slots[sid as usize];
@@ -192,6 +476,9 @@ impl StateStore {
                 slot.dirty = false;
                 slot.used = true;
                 slot.committed_timer = committed_timer;
+                slot.committed = committed;
+                slot.history.clear();
+                slot.history_reset = false;
                 sid
             }
             None => {
@@ -203,6 +490,9 @@ impl StateStore {
                     used: true,
                     committed_timer,
                     generation: 0,
+                    committed,
+                    history: Vec::new(),
+                    history_reset: false,
                 });
                 sid
             }
@@ -346,7 +636,34 @@ impl StateStore {
         // position and cost a fraction of random ones.
         let dirty = self.dirty_sorted();
         let mut timer_ops: Vec<(Vec<u8>, bool)> = Vec::new();
-        for slot in dirty {
+        let mut member_ops: Vec<(Vec<u8>, bool)> = Vec::new();
+        let mut deltas: Vec<((u16, u16), i64, i64)> = Vec::new();
+        for slot in &dirty {
+            let now = slot.state.as_ref().map(|s| (&s.labels[..], s.mrr_cents));
+            let before = slot.committed.as_ref().map(|m| (&m.labels[..], m.mrr_cents));
+            if now == before {
+                continue;
+            }
+            if let Some((labels, mrr)) = before {
+                for (g, &l) in labels.iter().enumerate() {
+                    let g = u16::try_from(g).unwrap_or(u16::MAX);
+                    deltas.push(((g, l), -1, -mrr));
+                    if now.is_none_or(|(n, _)| n.get(usize::from(g)) != Some(&l)) {
+                        member_ops.push((member_key(g, l, &slot.id), false));
+                    }
+                }
+            }
+            if let Some((labels, mrr)) = now {
+                for (g, &l) in labels.iter().enumerate() {
+                    let g = u16::try_from(g).unwrap_or(u16::MAX);
+                    deltas.push(((g, l), 1, mrr));
+                    if before.is_none_or(|(b, _)| b.get(usize::from(g)) != Some(&l)) {
+                        member_ops.push((member_key(g, l, &slot.id), true));
+                    }
+                }
+            }
+        }
+        for slot in &dirty {
             match &slot.state {
                 Some(st) => batch.put_cf(customers, slot.id.as_bytes(), encode_state(st)),
                 None => batch.delete_cf(customers, slot.id.as_bytes()),
@@ -369,17 +686,71 @@ impl StateStore {
                 batch.delete_cf(timers, key);
             }
         }
+        let history = self.cf(CF_HISTORY);
+        let keep = self.opts.history_per_customer;
+        for slot in &dirty {
+            let prefix = history_prefix(&slot.id);
+            let mut end = prefix.clone();
+            end.extend_from_slice(&[0xff; 5]);
+            if slot.history_reset || slot.state.is_none() {
+                batch.delete_range_cf(history, &prefix, &end);
+            }
+            if slot.history.is_empty() || slot.state.is_none() {
+                continue;
+            }
+            let mut seq = if slot.history_reset { 0 } else { self.next_history_seq(&slot.id)? };
+            for entry in &slot.history {
+                batch.put_cf(
+                    history,
+                    history_key(&slot.id, seq),
+                    postcard::to_stdvec(entry).expect("entry serializes"),
+                );
+                if let Some(old) = seq.checked_sub(keep) {
+                    batch.delete_cf(history, history_key(&slot.id, old));
+                }
+                seq = seq.saturating_add(1);
+            }
+        }
+        member_ops.sort_unstable();
+        let members = self.cf(CF_MEMBERS);
+        for (key, put) in member_ops {
+            if put {
+                batch.put_cf(members, key, []);
+            } else {
+                batch.delete_cf(members, key);
+            }
+        }
+        let mut counts = None;
+        if !deltas.is_empty() {
+            let mut c = self.counts.clone();
+            for (k, n, mrr) in deltas {
+                let e = c.entry(k).or_default();
+                e.customers += n;
+                e.mrr_cents = e.mrr_cents.saturating_add(mrr);
+            }
+            c.retain(|_, v| *v != SegmentCount::default());
+            counts = Some(c);
+        }
         let meta_cf = self.cf(CF_META);
+        if let Some(c) = &counts {
+            batch.put_cf(meta_cf, META_SEGMENT_COUNTS, encode_counts(c));
+        }
         for (k, v) in meta {
             batch.put_cf(meta_cf, k.as_bytes(), v);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
+        if let Some(c) = counts {
+            self.counts = c;
+        }
         for slot in &mut self.slots {
             if slot.dirty {
                 slot.dirty = false;
                 slot.committed_timer = slot.state.as_ref().and_then(|s| s.timer);
+                slot.committed = Membership::of(slot.state.as_ref());
+                slot.history.clear();
+                slot.history_reset = false;
             }
         }
         // Every timer is in the index now; the read-ahead may lack new ones.
@@ -442,14 +813,14 @@ impl StateStore {
 
     /// Compacts every column family (for size measurements and `compact` runs).
     pub fn compact(&self) {
-        for cf in [CF_CUSTOMERS, CF_TIMERS, CF_META] {
+        for cf in ALL_CFS {
             self.db.compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }
     }
 
     /// Total size of the live SST files, bytes.
     pub fn live_sst_bytes(&self) -> u64 {
-        [CF_CUSTOMERS, CF_TIMERS, CF_META]
+        ALL_CFS
             .iter()
             .filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), "rocksdb.live-sst-files-size").ok().flatten())
             .sum()
@@ -587,5 +958,127 @@ mod tests {
         assert!(matches!(decode_state(b"k", &[]), Err(StateError::Corrupt { .. })));
         let st = state(77, None);
         assert_eq!(decode_state(b"k", &encode_state(&st)).expect("decodes"), st);
+    }
+
+    fn entry(group: u16, to: u16, at: i64) -> HistoryEntry {
+        HistoryEntry {
+            group,
+            from: None,
+            to: Some(to),
+            at,
+            event_id: Some(format!("e{at}")),
+            boundary: 0,
+            scores: Scores::default(),
+        }
+    }
+
+    /// Brute force over the committed customers: members and counts.
+    type Members = BTreeMap<(u16, u16), Vec<String>>;
+    /// Per customer: (labels, MRR) or erased, and its history.
+    type Model = BTreeMap<String, (Option<(Vec<u16>, i64)>, Vec<HistoryEntry>)>;
+
+    fn scanned(s: &StateStore) -> (Members, BTreeMap<(u16, u16), SegmentCount>) {
+        let mut members: BTreeMap<(u16, u16), Vec<String>> = BTreeMap::new();
+        let mut counts: BTreeMap<(u16, u16), SegmentCount> = BTreeMap::new();
+        s.for_each_customer(|id, st| {
+            for (g, &l) in st.labels.iter().enumerate() {
+                members.entry((g as u16, l)).or_default().push(id.to_string());
+                let c = counts.entry((g as u16, l)).or_default();
+                c.customers += 1;
+                c.mrr_cents += st.mrr_cents;
+            }
+        })
+        .expect("scan");
+        (members, counts)
+    }
+
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_membership_index_counts_and_history_follow_every_change_through_evictions_and_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = StateOptions { cache_customers: 4, history_per_customer: 3, ..StateOptions::default() };
+        let mut s = StateStore::open(dir.path(), opts.clone()).expect("open");
+        let mut seed: u64 = 7;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        // The model: each customer's current state (None: erased) and history.
+        let mut model: Model = BTreeMap::new();
+        for step in 0..3000i64 {
+            let id = format!("c{}", next(40));
+            let sid = s.customer(&id).expect("load");
+            let m = model.entry(id.clone()).or_default();
+            if next(10) == 0 {
+                s.slot_mut(sid).state = None;
+                s.erase_history(sid);
+                *m = (None, Vec::new());
+            } else {
+                let mut st = s.slot(sid).state.clone().unwrap_or_else(|| state(step, None));
+                st.labels = vec![next(3) as u16, next(5) as u16];
+                st.mrr_cents = next(1000) as i64;
+                let e = entry(next(2) as u16, next(5) as u16, step);
+                s.slot_mut(sid).state = Some(st.clone());
+                s.record_history(sid, e.clone());
+                m.0 = Some((st.labels.clone(), st.mrr_cents));
+                m.1.push(e);
+            }
+            s.touch(sid);
+            if next(25) == 0 {
+                let live = s.live_counts();
+                s.commit(&[]).expect("commit");
+                let (members, counts) = scanned(&s);
+                assert_eq!(s.segment_counts(), &counts, "counts at step {step}");
+                assert_eq!(live, counts, "live counts before the commit at step {step}");
+                for g in 0..2u16 {
+                    for l in 0..5u16 {
+                        let all = s.members(g, l, None, 1000).expect("members");
+                        assert_eq!(&all, members.get(&(g, l)).unwrap_or(&Vec::new()), "members of {g}/{l}");
+                        // Paged by two: the same list.
+                        let mut paged = Vec::new();
+                        loop {
+                            let page = s.members(g, l, paged.last().map(String::as_str), 2).expect("page");
+                            if page.is_empty() {
+                                break;
+                            }
+                            paged.extend(page);
+                        }
+                        assert_eq!(paged, all);
+                    }
+                }
+                for (id, (_, history)) in &model {
+                    let keep = history.len().saturating_sub(3);
+                    assert_eq!(s.history(id).expect("history"), history[keep..].to_vec(), "history of {id}");
+                }
+            }
+        }
+        s.commit(&[]).expect("commit");
+        let before = scanned(&s);
+        // A state dir of an earlier version: no index. Opening builds it.
+        let members = s.cf(CF_MEMBERS);
+        s.db.delete_range_cf(members, &[][..], &[0xffu8; 5][..]).expect("wipe");
+        s.db.delete_cf(s.cf(CF_META), META_SEGMENT_INDEX).expect("unmark");
+        s.db.delete_cf(s.cf(CF_META), META_SEGMENT_COUNTS).expect("uncount");
+        drop(s);
+        let s = StateStore::open(dir.path(), opts).expect("reopen");
+        assert_eq!(s.segment_counts(), &before.1, "counts rebuilt");
+        for ((g, l), ids) in &before.0 {
+            assert_eq!(&s.members(*g, *l, None, 1000).expect("members"), ids, "members rebuilt");
+        }
+        // A reader next to the writer sees its commits after catching up.
+        let secondary = tempfile::tempdir().expect("tempdir");
+        let mut reader = StateStore::open_reader(dir.path(), secondary.path()).expect("reader");
+        assert_eq!(reader.segment_counts(), &before.1);
+        let mut s = s;
+        let sid = s.customer("new").expect("load");
+        let mut st = state(1, None);
+        st.labels = vec![2, 4];
+        s.slot_mut(sid).state = Some(st);
+        s.touch(sid);
+        s.commit(&[]).expect("commit");
+        reader.catch_up().expect("catch up");
+        assert!(reader.members(1, 4, None, 1000).expect("members").contains(&"new".to_string()));
+        assert!(reader.committed_customer("new").expect("read").is_some());
     }
 }

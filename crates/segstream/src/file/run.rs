@@ -351,6 +351,13 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
     summary.elapsed = started.elapsed();
     summary.invalid_samples = out.invalid_samples().to_vec();
     summary.transitions = out.tally().transitions();
+    let counts = engine.segment_counts();
+    for (g, group) in engine.scorer().groups().iter().enumerate() {
+        for (l, segment) in group.segments.iter().enumerate() {
+            let c = counts.get(&(g as u16, l as u16)).copied().unwrap_or_default();
+            summary.segments.push((group.name.to_string(), segment.to_string(), c.customers, c.mrr_cents));
+        }
+    }
     summary.dead_letter = out.sink().dead_letter_path().map(Path::to_path_buf);
     Ok(summary)
 }

@@ -37,6 +37,9 @@ pub struct RunSummary {
     pub invalid_samples: Vec<String>,
     /// Transitions written by this process, by (group, new segment or `null`).
     pub transitions: BTreeMap<(String, String), u64>,
+    /// Every segment now, in configuration order: (group, segment,
+    /// customers, MRR in cents).
+    pub segments: Vec<(String, String, i64, i64)>,
     pub elapsed: Duration,
     /// Record number this run resumed after (`None`: it started a segment).
     pub resumed_from: Option<u64>,
@@ -117,7 +120,23 @@ impl RunSummary {
             );
         }
         let _ = writeln!(s, "customers {}", self.totals.customers);
-        let _ = writeln!(s, "transitions {}", c.transitions);
+        if !self.segments.is_empty() {
+            let _ = writeln!(s, "segments now (customers, MRR):");
+        }
+        let mut group = "";
+        for (g, seg, n, mrr) in &self.segments {
+            if g != group {
+                let _ = write!(s, "{}  {g}:", if group.is_empty() { "" } else { "\n" });
+                group = g;
+            }
+            if *n > 0 {
+                let _ = write!(s, " {seg}={n} (${:.0})", *mrr as f64 / 100.0);
+            }
+        }
+        if !group.is_empty() {
+            s.push('\n');
+        }
+        let _ = writeln!(s, "transitions {} (by the segment entered):", c.transitions);
         let mut group = "";
         for ((g, seg), n) in &self.transitions {
             if g != group {
