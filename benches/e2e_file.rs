@@ -3,13 +3,14 @@
 //! commits, transition output), and report throughput, memory and state size.
 //!
 //! Run: `cargo bench -p segstream --bench e2e_file`
-//! Sizes: SEGSTREAM_BENCH_CUSTOMERS (default 100000), SEGSTREAM_BENCH_DAYS (default 14).
+//! Sizes: SEGSTREAM_BENCH_CUSTOMERS (default 100000), SEGSTREAM_BENCH_DAYS (default 14);
+//! SEGSTREAM_BENCH_HISTORY: transitions kept per customer (`history.per_customer`, default 50).
 
 use std::time::Instant;
 
-use segstream::{generate, run_file, FileSettings, GenerateArgs};
+use segstream::{generate, run_file, Config, FileSettings, GenerateArgs};
 use segstream_decode::Format;
-use segstream_engine::{Engine, EngineSettings};
+use segstream_engine::Engine;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -61,7 +62,10 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    let cfg = EngineSettings::spec_default();
+    let mut config = Config::default();
+    config.history.per_customer = env_or("SEGSTREAM_BENCH_HISTORY", 50) as u32;
+    let cfg = config.engine_settings().expect("default settings");
+    println!("history.per_customer = {}", config.history.per_customer);
     let state = dir.path().join("state");
     let mut args = FileSettings::new(&input, dir.path().join("transitions.jsonl"), &state);
     args.until = Some(stats.end_ms);
