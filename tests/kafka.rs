@@ -1153,3 +1153,144 @@ fn a_stalled_instance_that_resumes_after_a_takeover_writes_nothing_twice() {
         assert_eq!(kafka.get(id), Some(st), "state of {id}");
     }
 }
+
+/// GET on an instance's query API: status, `Location`, JSON body.
+fn api_get(url: &str) -> (u16, Option<String>, serde_json::Value) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).expect("a path");
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).expect("response");
+    let status = text[9..12].parse().expect("status");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: ").or_else(|| l.strip_prefix("Location: ")))
+        .map(str::to_string);
+    (status, location, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+/// The query API's base URL an instance logged.
+fn api_base(p: &Pipeline, instance: &str) -> String {
+    p.wait_log(instance, 0, "query API on http://", 1);
+    let log = p.log(instance);
+    let at = log.find("query API on http://").expect("logged") + "query API on ".len();
+    log[at..].split("/v1/").next().expect("url").to_string()
+}
+
+#[test]
+fn any_instance_answers_for_any_customer_and_the_whole_group() {
+    use segstream_kafka::owners::partition_for_key;
+    use segstream_kafka::KeyPartitioner;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, _) = sample(dir.path(), "events.jsonl", 80, 40, 5, Format::Json, None);
+    let text = std::fs::read_to_string(&input).expect("sample");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let max_ts = lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["ts"].as_i64()).max();
+    // One event at the last instant in every partition (as the producers
+    // place it), so that every partition's time ends where file mode's does.
+    let mut covered = std::collections::BTreeSet::new();
+    for k in 0.. {
+        let id = format!("zz-end-{k}");
+        if covered.insert(partition_for_key(id.as_bytes(), 4, KeyPartitioner::Murmur2)) {
+            lines.push(format!(
+                r#"{{"event_id":"end-{k}","customer_id":"{id}","type":"login","ts":{}}}"#,
+                max_ts.expect("ts")
+            ));
+        }
+        if covered.len() == 4 {
+            break;
+        }
+    }
+    let p = Pipeline::from_lines(dir, sqlite, 4, lines.clone(), |_, _| 0);
+    let keyed: Vec<(Vec<u8>, Vec<u8>)> =
+        lines.iter().map(|l| (customer_of(l).expect("valid sample").into_bytes(), l.clone().into_bytes())).collect();
+    produce_partitioned(&p.broker.addr, EVENTS, "murmur2", &keyed);
+    let extra = "metrics_addr = \"127.0.0.1:0\"";
+    let mut a = p.start("a", extra);
+    let mut b = p.start("b", extra);
+    p.assert_exactly_expected(&["a", "b"]);
+    let (url_a, url_b) = (api_base(&p, "a"), api_base(&p, "b"));
+
+    // What the output implies (computed here from file mode's transitions,
+    // which the output equals), and MRR from the input.
+    let mut now: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut last_at: BTreeMap<(String, String), String> = BTreeMap::new();
+    for t in &p.expected {
+        let v: serde_json::Value = serde_json::from_str(t).expect("json");
+        let key = (v["customer_id"].as_str().expect("id").to_string(), v["group"].as_str().expect("g").to_string());
+        let at = v["at"].as_str().expect("at").to_string();
+        if last_at.get(&key).is_none_or(|a| *a <= at) {
+            last_at.insert(key.clone(), at);
+            match v["to"].as_str() {
+                Some(to) => now.insert(key, to.to_string()),
+                None => now.remove(&key),
+            };
+        }
+    }
+    let mut sizes: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for ((_, g), s) in &now {
+        *sizes.entry((g.clone(), s.clone())).or_default() += 1;
+    }
+
+    // Sizes: the whole group's, from either instance.
+    for base in [&url_a, &url_b] {
+        let (status, _, v) = api_get(&format!("{base}/v1/segments"));
+        assert_eq!(status, 200, "{v}");
+        let mut got = BTreeMap::new();
+        for g in v["groups"].as_array().expect("groups") {
+            for s in g["segments"].as_array().expect("segments") {
+                let n = s["customers"].as_i64().expect("n");
+                if n > 0 {
+                    got.insert(
+                        (g["group"].as_str().expect("g").to_string(), s["segment"].as_str().expect("s").to_string()),
+                        n,
+                    );
+                }
+            }
+        }
+        assert_eq!(got, sizes, "sizes from {base}");
+    }
+
+    // Every customer through instance a: answered there, or redirected to
+    // its owner, which answers.
+    let mut redirected = 0;
+    let customers: std::collections::BTreeSet<&String> = now.keys().map(|(c, _)| c).collect();
+    for c in &customers {
+        let (mut status, location, mut v) = api_get(&format!("{url_a}/v1/customers/{c}"));
+        if status == 307 {
+            redirected += 1;
+            let to = location.expect("a Location");
+            assert!(to.starts_with(&url_b), "{to}");
+            (status, _, v) = api_get(&to);
+        }
+        assert_eq!(status, 200, "{c}: {v}");
+        for g in ["rfm", "health", "value", "engagement"] {
+            let want = now.get(&((*c).clone(), g.to_string()));
+            assert_eq!(v["segments"][g]["segment"].as_str(), want.map(String::as_str), "{c} {g}");
+        }
+    }
+    assert!(redirected > 0 && redirected < customers.len(), "both instances own customers: {redirected} redirected");
+
+    // Members of a segment, merged over the partitions of both instances.
+    let want: Vec<String> =
+        now.iter().filter(|((_, g), s)| g == "health" && *s == "green").map(|((c, _), _)| c.clone()).collect();
+    let mut got = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, _, v) = api_get(&format!("{url_b}/v1/segments/health/green/customers?limit=5{after}"));
+        assert_eq!(status, 200, "{v}");
+        got.extend(v["customers"].as_array().expect("ids").iter().map(|c| c.as_str().expect("id").to_string()));
+        match v["next"].as_str() {
+            Some(n) => after = format!("&after={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(got, want, "members in id order");
+    let (status, _, v) = api_get(&format!("{url_a}/v1/segments/health/history"));
+    assert_eq!(status, 200, "{v}");
+    assert!(!v["days"].as_array().expect("days").is_empty(), "{v}");
+    sigterm(&mut a);
+    sigterm(&mut b);
+}

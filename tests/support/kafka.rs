@@ -184,6 +184,31 @@ pub fn produce(addr: &str, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) {
     p.flush(Duration::from_secs(60)).expect("flush");
 }
 
+/// Produces keyed records, letting librdkafka's `partitioner` (e.g.
+/// `murmur2`) pick each one's partition, as an application's producer would.
+pub fn produce_partitioned(addr: &str, topic: &str, partitioner: &str, records: &[(Vec<u8>, Vec<u8>)]) {
+    let p: BaseProducer = client_config(addr)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("partitioner", partitioner)
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    for (key, payload) in records {
+        let mut rec = BaseRecord::to(topic).key(key.as_slice()).payload(payload.as_slice());
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    p.poll(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+}
+
 /// The partition a test puts a customer in.
 pub fn partition_of(customer: &str, partitions: i32) -> i32 {
     (xxhash_rust::xxh3::xxh3_64(customer.as_bytes()) % partitions as u64) as i32

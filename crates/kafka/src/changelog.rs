@@ -59,6 +59,9 @@ pub struct LoggedRun {
 pub struct Owner {
     pub instance: String,
     pub at_ms: i64,
+    /// Where the owner's query API answers (`kafka.http_advertised_url`).
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 /// The key of the run that starts at record number `record`.

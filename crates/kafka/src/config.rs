@@ -71,6 +71,15 @@ pub struct KafkaConfig {
     /// `host:port` of the HTTP endpoint serving `/metrics` (Prometheus) and
     /// `/healthz`. Empty: no endpoint.
     pub metrics_addr: String,
+    /// The URL other instances reach this one's HTTP endpoint at (the query
+    /// API redirects there). Default: `http://<metrics_addr>` as bound, unless
+    /// it listens on every interface (0.0.0.0), where it must be set.
+    pub http_advertised_url: Option<String>,
+    /// How the input's producers map a key to a partition, for the query
+    /// API to find a customer's partition: `murmur2` (Kafka's Java client,
+    /// librdkafka's `murmur2`/`murmur2_random`) or `consistent` (librdkafka's
+    /// default `consistent_random`: CRC-32).
+    pub key_partitioner: KeyPartitioner,
     /// librdkafka properties for every client (security.protocol,
     /// sasl.*, ssl.*…), applied after segstream's own settings.
     pub properties: BTreeMap<String, String>,
@@ -101,9 +110,20 @@ impl Default for KafkaConfig {
             schema_registry_user_info: None,
             schemas: BTreeMap::new(),
             metrics_addr: "127.0.0.1:9464".into(),
+            http_advertised_url: None,
+            key_partitioner: KeyPartitioner::Murmur2,
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
         }
     }
+}
+
+/// See [`KafkaConfig::key_partitioner`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPartitioner {
+    #[default]
+    Murmur2,
+    Consistent,
 }

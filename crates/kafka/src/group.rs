@@ -15,12 +15,15 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use segstream_engine::EngineSettings;
 
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PartitionState};
 use crate::partition::{Shared, Task};
 use crate::preflight;
 use crate::record::{Msg, Rec};
 use crate::settings::KafkaSettings;
 use crate::stop::StopFlag;
+
+/// Numbers the assignments of partitions (see [`PartitionState::Ready`]).
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Batches queued per partition before its fetching is paused.
 const TASK_QUEUE: usize = 8;
@@ -62,10 +65,16 @@ impl GroupContext {
         let stop = StopFlag::new();
         let lost = StopFlag::new();
         let (task_stop, task_lost) = (stop.clone(), lost.clone());
+        let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.metrics.set_partition(partition, Some(PartitionState::Restoring));
         let join = std::thread::Builder::new()
             .name(format!("partition-{partition}"))
             .spawn(move || {
-                let ended = Task::open(shared, partition, task_stop, task_lost).and_then(|task| task.run(rx));
+                let metrics = shared.metrics.clone();
+                let ended = Task::open(shared, partition, task_stop, task_lost).and_then(|task| {
+                    metrics.set_partition(partition, Some(PartitionState::Ready(generation)));
+                    task.run(rx)
+                });
                 match &ended {
                     // Revoked while restoring: the restore stops at once, so
                     // the rebalance is not held up by it.
@@ -90,6 +99,7 @@ impl GroupContext {
     fn stop(&self, partition: i32, lost: bool) {
         let Some(h) = self.tasks.lock().expect("tasks").remove(&partition) else { return };
         self.shared.metrics.assigned_partitions.dec();
+        self.shared.metrics.set_partition(partition, None);
         if lost {
             h.lost.set();
         }
@@ -207,6 +217,7 @@ impl ConsumerContext for GroupContext {
 /// which is an error: a restart recovers exactly).
 pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, stop: StopFlag) -> Result<(), Error> {
     let checked = preflight::check(&kafka)?;
+    metrics.set_input_partitions(checked.input_partitions);
     let group_id = kafka.group_id.clone();
     let consumer_config = kafka.client_config(
         &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest")],

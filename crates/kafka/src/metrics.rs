@@ -61,6 +61,19 @@ pub struct Metrics {
     pub offsets: Family<TopicPartitionLabel, Gauge>,
     pub registry_errors: Counter,
     ready: AtomicBool,
+    /// This instance's partitions and whether each is restoring, for the
+    /// query API (and probes); with the input's partition count.
+    partitions: std::sync::Mutex<(i32, std::collections::BTreeMap<i32, PartitionState>)>,
+}
+
+/// A partition this instance owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionState {
+    /// Being restored: its state is not complete yet.
+    Restoring,
+    /// Restored and processing; the number tells assignments apart (a
+    /// partition that left and came back may have had its state rebuilt).
+    Ready(u64),
 }
 
 impl Metrics {
@@ -170,6 +183,27 @@ impl Metrics {
             offsets,
             registry_errors,
             ready: AtomicBool::new(false),
+            partitions: std::sync::Mutex::new((0, std::collections::BTreeMap::new())),
+        }
+    }
+
+    /// The input's partition count and this instance's partitions.
+    pub fn partitions(&self) -> (i32, std::collections::BTreeMap<i32, PartitionState>) {
+        self.partitions.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn set_input_partitions(&self, n: i32) {
+        if let Ok(mut g) = self.partitions.lock() {
+            g.0 = n;
+        }
+    }
+
+    pub(crate) fn set_partition(&self, partition: i32, state: Option<PartitionState>) {
+        if let Ok(mut g) = self.partitions.lock() {
+            match state {
+                Some(s) => g.1.insert(partition, s),
+                None => g.1.remove(&partition),
+            };
         }
     }
 

@@ -68,6 +68,10 @@ pub struct KafkaSettings {
     pub schemas: StaticSchemas,
     /// `None`: no HTTP endpoint.
     pub metrics_addr: Option<String>,
+    /// See [`KafkaConfig::http_advertised_url`]; filled in from the bound
+    /// address when unset.
+    pub http_advertised_url: Option<String>,
+    pub key_partitioner: crate::config::KeyPartitioner,
     pub properties: BTreeMap<String, String>,
     pub consumer_properties: BTreeMap<String, String>,
     pub producer_properties: BTreeMap<String, String>,
@@ -130,6 +134,8 @@ impl KafkaSettings {
             registry,
             schemas,
             metrics_addr: (!metrics_addr.is_empty()).then_some(metrics_addr),
+            http_advertised_url: cfg.http_advertised_url.clone().map(|u| u.trim_end_matches('/').to_string()),
+            key_partitioner: cfg.key_partitioner,
             properties: cfg.properties.clone(),
             consumer_properties: cfg.consumer_properties.clone(),
             producer_properties: cfg.producer_properties.clone(),

@@ -7,11 +7,28 @@ use std::sync::Arc;
 
 use segstream_kafka::Metrics;
 
-/// Serves on `addr` (port 0 picks a free one); returns the bound address.
-pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+/// Binds `addr` (port 0 picks a free one).
+pub fn bind(addr: &str) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
     let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("metrics address {addr}: {e}"))?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    Ok((listener, bound))
+}
+
+/// Serves on `addr` (port 0 picks a free one); returns the bound address.
+pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+    let (listener, bound) = bind(addr)?;
+    serve_on(listener, metrics, None)?;
+    Ok(bound)
+}
+
+/// Serves `/metrics`, `/healthz` and `extra`'s routes (the query API) on a
+/// bound listener, from a thread of its own.
+pub fn serve_on(
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+    extra: Option<axum::Router>,
+) -> anyhow::Result<()> {
     std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -58,10 +75,14 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
                         }
                     }),
                 );
+            let app = match extra {
+                Some(extra) => app.merge(extra),
+                None => app,
+            };
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("metrics endpoint: {e}");
             }
         });
     })?;
-    Ok(bound)
+    Ok(())
 }

@@ -232,15 +232,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         );
                     }
                 }
-                Mode::Kafka(kafka) => {
+                Mode::Kafka(mut kafka) => {
                     let stop = StopFlag::new();
                     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                         signal_hook::flag::register(sig, stop.shared()).context("installing signal handlers")?;
                     }
                     let metrics = Arc::new(Metrics::new());
-                    if let Some(addr) = &kafka.metrics_addr {
-                        let bound = segstream::http::serve(addr, metrics.clone())?;
-                        tracing::info!("metrics on http://{bound}/metrics");
+                    if let Some(addr) = kafka.metrics_addr.clone() {
+                        let (listener, bound) = segstream::http::bind(&addr)?;
+                        if kafka.http_advertised_url.is_none() && !bound.ip().is_unspecified() {
+                            kafka.http_advertised_url = Some(format!("http://{bound}"));
+                        }
+                        let query = segstream::query::cluster::KafkaQuery::new(
+                            settings.engine.clone(),
+                            (*kafka).clone(),
+                            metrics.clone(),
+                        )?;
+                        let api = segstream::query::api::router(Arc::new(query));
+                        segstream::http::serve_on(listener, metrics.clone(), Some(api))?;
+                        tracing::info!(
+                            advertised = kafka.http_advertised_url.as_deref().unwrap_or("none"),
+                            "metrics on http://{bound}/metrics, query API on http://{bound}/v1/"
+                        );
                     }
                     segstream_kafka::run(settings.engine, *kafka, metrics, stop)?;
                 }
@@ -248,7 +261,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { state_dir, config, addr } => {
             let settings = load_config(config.as_ref())?.engine_settings()?;
-            let reader = Arc::new(segstream::query::StateReader::open(&state_dir, &settings)?);
+            let reader: Arc<dyn segstream::query::Answers> =
+                Arc::new(segstream::query::StateReader::open(&state_dir, &settings)?);
             segstream::query::api::serve(&addr, reader, |bound| {
                 eprintln!("serving {} on http://{bound}/v1/ (see /v1/openapi.json)", state_dir.display());
             })?;

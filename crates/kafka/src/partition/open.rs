@@ -154,7 +154,7 @@ impl Task {
         let producer = Producer::new(k, partition)?;
         // Take the partition: the owner record fences any previous owner
         // (crate::fence) before this task reads what the outputs hold.
-        let owner = Owner { instance: instance_name(), at_ms: now_ms() };
+        let owner = Owner { instance: instance_name(), at_ms: now_ms(), url: k.http_advertised_url.clone() };
         producer.send(
             BaseRecord::<[u8], [u8], ()>::to(changelog)
                 .partition(partition)

@@ -13,7 +13,9 @@ use axum::{Json, Router};
 use segstream_decode::parse_rfc3339_millis;
 use serde_json::Value;
 
-use super::{QueryError, StateReader};
+use super::{Answers, PartitionAsk, QueryError};
+
+type Source = Arc<dyn Answers>;
 
 /// The OpenAPI description served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -24,7 +26,15 @@ const MAX_LIMIT: usize = 1000;
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.body())).into_response()
+        let mut resp = (status, Json(self.body())).into_response();
+        let headers = resp.headers_mut();
+        if let Some(l) = self.location.as_deref().and_then(|l| axum::http::HeaderValue::from_str(l).ok()) {
+            headers.insert(axum::http::header::LOCATION, l);
+        }
+        if let Some(s) = self.retry_after {
+            headers.insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        resp
     }
 }
 
@@ -44,67 +54,88 @@ fn instant(params: &HashMap<String, String>, name: &'static str) -> Result<Optio
 
 fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), QueryError> {
     match params.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(QueryError {
-            status: 400,
-            code: "unknown_parameter",
-            message: format!("unknown parameter {k:?}; this endpoint takes: {}", allowed.join(", ")),
-            parameter: None,
-        }),
+        Some(k) => Err(QueryError::new(
+            400,
+            "unknown_parameter",
+            format!("unknown parameter {k:?}; this endpoint takes: {}", allowed.join(", ")),
+        )),
         None => Ok(()),
     }
 }
 
-/// Runs a reader call on the blocking pool.
+/// Runs a call on the blocking pool (RocksDB reads, other instances).
 async fn blocking(
-    reader: Arc<StateReader>,
-    f: impl FnOnce(&StateReader) -> Result<Value, QueryError> + Send + 'static,
+    source: Source,
+    f: impl FnOnce(&dyn Answers) -> Result<Value, QueryError> + Send + 'static,
 ) -> Result<Json<Value>, QueryError> {
-    tokio::task::spawn_blocking(move || f(&reader))
-        .await
-        .map_err(|e| QueryError { status: 500, code: "internal", message: e.to_string(), parameter: None })?
-        .map(Json)
+    tokio::task::spawn_blocking(move || f(&*source)).await.map_err(QueryError::internal)?.map(Json)
+}
+
+fn limit(p: &HashMap<String, String>) -> Result<usize, QueryError> {
+    match p.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT + 1).contains(&n) => Ok(n),
+            _ => Err(QueryError::bad("limit", format!("limit={v:?}: a number from 1 to {MAX_LIMIT}"))),
+        },
+    }
 }
 
 async fn customer(
-    State(r): State<Arc<StateReader>>,
+    State(r): State<Source>,
     Path(id): Path<String>,
     Query(p): Params,
+    uri: axum::http::Uri,
 ) -> Result<Json<Value>, QueryError> {
     only(&p, &["at"])?;
     let at = instant(&p, "at")?;
-    blocking(r, move |r| r.customer(&id, at)).await
+    let query = uri.query().unwrap_or_default().to_string();
+    blocking(r, move |r| r.customer(&id, at, &query)).await
 }
 
-async fn segments(State(r): State<Arc<StateReader>>, Query(p): Params) -> Result<Json<Value>, QueryError> {
+async fn segments(State(r): State<Source>, Query(p): Params) -> Result<Json<Value>, QueryError> {
     only(&p, &[])?;
     blocking(r, |r| r.segments()).await
 }
 
 async fn members(
-    State(r): State<Arc<StateReader>>,
+    State(r): State<Source>,
     Path((group, segment)): Path<(String, String)>,
     Query(p): Params,
 ) -> Result<Json<Value>, QueryError> {
     only(&p, &["limit", "after"])?;
-    let limit = match p.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(QueryError::bad("limit", format!("limit={v:?}: a number from 1 to {MAX_LIMIT}"))),
-        },
-    };
+    let limit = limit(&p)?.min(MAX_LIMIT);
     let after = p.get("after").cloned();
     blocking(r, move |r| r.members(&group, &segment, after.as_deref(), limit)).await
 }
 
 async fn history(
-    State(r): State<Arc<StateReader>>,
+    State(r): State<Source>,
     Path(group): Path<String>,
     Query(p): Params,
 ) -> Result<Json<Value>, QueryError> {
     only(&p, &["from", "to"])?;
     let (from, to) = (instant(&p, "from")?, instant(&p, "to")?);
     blocking(r, move |r| r.history(&group, from, to)).await
+}
+
+/// Between instances: one partition's counts, members or daily counts.
+async fn partition_counts(State(r): State<Source>, Path(p): Path<i32>) -> Result<Json<Value>, QueryError> {
+    blocking(r, move |r| r.partition(p, PartitionAsk::Counts)).await
+}
+
+async fn partition_series(State(r): State<Source>, Path(p): Path<i32>) -> Result<Json<Value>, QueryError> {
+    blocking(r, move |r| r.partition(p, PartitionAsk::Series)).await
+}
+
+async fn partition_members(
+    State(r): State<Source>,
+    Path((p, group, segment)): Path<(i32, String, String)>,
+    Query(q): Params,
+) -> Result<Json<Value>, QueryError> {
+    only(&q, &["limit", "after"])?;
+    let ask = PartitionAsk::Members { group, segment, after: q.get("after").cloned(), limit: limit(&q)? };
+    blocking(r, move |r| r.partition(p, ask)).await
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -115,21 +146,24 @@ async fn not_found() -> QueryError {
     QueryError::not_found("not_found", "no such endpoint; see /v1/openapi.json".into())
 }
 
-/// The `/v1` routes over `reader`.
-pub fn router(reader: Arc<StateReader>) -> Router {
+/// The `/v1` routes over `source`.
+pub fn router(source: Source) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/customers/{id}", get(customer))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{group}/history", get(history))
         .route("/v1/segments/{group}/{segment}/customers", get(members))
+        .route("/v1/partitions/{partition}/segments", get(partition_counts))
+        .route("/v1/partitions/{partition}/series", get(partition_series))
+        .route("/v1/partitions/{partition}/segments/{group}/{segment}/customers", get(partition_members))
         .fallback(not_found)
-        .with_state(reader)
+        .with_state(source)
 }
 
 /// Serves the API on `addr` from the calling thread until the process ends;
 /// `ready` is told the bound address first.
-pub fn serve(addr: &str, reader: Arc<StateReader>, ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+pub fn serve(addr: &str, reader: Source, ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("address {addr}: {e}"))?;
     listener.set_nonblocking(true)?;
     ready(listener.local_addr()?);

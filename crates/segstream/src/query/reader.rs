@@ -1,0 +1,248 @@
+//! One state dir opened for questions, next to the process that writes it.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use segstream_decode::{format_rfc3339_millis, Answer, AttrValue, DAY_MS};
+use segstream_engine::{read_series, Clock, EngineSettings, SegmentCounts};
+use segstream_scoring::{BoundaryKind, CustomerState, Scorer};
+use segstream_state::{HistoryEntry, StateStore};
+use serde_json::{json, Map, Value};
+
+use super::{counts_json, series_json, ts, Answers, Names, PartitionAsk, QueryError, Series};
+
+/// How often a reader looks for what the writing process committed.
+const CATCH_UP_EVERY: Duration = Duration::from_millis(500);
+
+/// A state dir opened by a RocksDB secondary instance: it runs next to the
+/// process writing the state and catches up with its commits.
+pub struct StateReader {
+    store: Mutex<(StateStore, Instant)>,
+    scorer: Scorer,
+    names: Names,
+    /// Kept while the reader lives: the secondary instance's own files.
+    _secondary: tempfile::TempDir,
+}
+
+impl StateReader {
+    /// Opens `dir` (a state dir run with `settings`' scoring and segments).
+    pub fn open(dir: &Path, settings: &EngineSettings) -> anyhow::Result<Self> {
+        if !dir.join("CURRENT").exists() {
+            anyhow::bail!("{} is not a state dir (no RocksDB database there)", dir.display());
+        }
+        let secondary = tempfile::Builder::new().prefix("segstream-reader-").tempdir()?;
+        let store = StateStore::open_reader(dir, secondary.path())?;
+        let fingerprint = settings.fingerprint();
+        match store.meta("config_fingerprint")? {
+            Some(v) if String::from_utf8_lossy(&v) == fingerprint.to_string() => {}
+            Some(v) => anyhow::bail!(
+                "{} was built with another scoring or segments configuration (fingerprint {}, this one {fingerprint}): \
+                 pass the --config it was run with",
+                dir.display(),
+                String::from_utf8_lossy(&v)
+            ),
+            None => anyhow::bail!("{} has no configuration fingerprint: not a segstream state dir", dir.display()),
+        }
+        let scorer = settings.scorer();
+        let names = Names::new(scorer.groups());
+        Ok(Self { store: Mutex::new((store, Instant::now())), scorer, names, _secondary: secondary })
+    }
+
+    /// Runs `f` on the store, after catching up with the writer if it is time.
+    fn with_store<T>(&self, f: impl FnOnce(&StateStore) -> Result<T, QueryError>) -> Result<T, QueryError> {
+        let mut guard = self.store.lock().map_err(|_| QueryError::internal("state reader poisoned"))?;
+        let (store, last) = &mut *guard;
+        if last.elapsed() >= CATCH_UP_EVERY {
+            store.catch_up().map_err(QueryError::internal)?;
+            *last = Instant::now();
+        }
+        f(store)
+    }
+
+    fn clock(store: &StateStore) -> Result<Clock, QueryError> {
+        match store.meta("clock").map_err(QueryError::internal)? {
+            Some(v) => serde_json::from_slice(&v).map_err(QueryError::internal),
+            None => Ok(Clock::default()),
+        }
+    }
+
+    /// Customers and MRR per segment, and the watermark.
+    pub fn counts(&self) -> Result<(SegmentCounts, i64), QueryError> {
+        self.with_store(|store| Ok((store.segment_counts().clone(), Self::clock(store)?.watermark)))
+    }
+
+    /// Up to `limit` members of a segment after `after`.
+    pub fn member_ids(&self, g: u16, l: u16, after: Option<&str>, limit: usize) -> Result<Vec<String>, QueryError> {
+        self.with_store(|store| store.members(g, l, after, limit).map_err(QueryError::internal))
+    }
+
+    /// The daily counts.
+    pub fn series(&self) -> Result<Series, QueryError> {
+        self.with_store(|store| {
+            let days = read_series(store).map_err(QueryError::internal)?;
+            // The last day whose end the watermark has passed.
+            let last_day = Self::clock(store)?.watermark.saturating_add(1).div_euclid(DAY_MS) - 1;
+            Ok(Series { days, last_day })
+        })
+    }
+
+    fn history_json(&self, e: &HistoryEntry) -> Value {
+        let cause = match &e.event_id {
+            Some(id) => json!({ "kind": "event", "event_id": id }),
+            None => json!({ "kind": "time", "boundary": BoundaryKind::from_bits(e.boundary).name() }),
+        };
+        json!({
+            "group": self.names.groups().get(usize::from(e.group)).map_or("", |g| &*g.name),
+            "from": self.names.label(e.group, e.from),
+            "to": self.names.label(e.group, e.to),
+            "at": ts(e.at),
+            "cause": cause,
+            "scores": e.scores,
+        })
+    }
+
+    /// `GET /v1/customers/{id}`; with `at`, the segments at that earlier
+    /// instant as the kept history tells.
+    pub fn customer_json(&self, id: &str, at: Option<i64>) -> Result<Value, QueryError> {
+        self.with_store(|store| {
+            let unknown = || QueryError::not_found("unknown_customer", format!("no customer {id:?} in this state"));
+            let st = store.committed_customer(id).map_err(QueryError::internal)?.ok_or_else(unknown)?;
+            let history = store.history(id).map_err(QueryError::internal)?;
+            let clock = Self::clock(store)?;
+            match at {
+                None => Ok(self.customer_now(id, &st, &history, clock)),
+                Some(t) => self.customer_at(id, &history, t),
+            }
+        })
+    }
+
+    fn customer_now(&self, id: &str, st: &CustomerState, history: &[HistoryEntry], clock: Clock) -> Value {
+        let tau = clock.watermark.max(st.evaluated_at);
+        let scores = self.scorer.scores(st, tau);
+        let mut segments = Map::new();
+        for (g, (group, &label)) in self.names.groups().iter().zip(&st.labels).enumerate() {
+            // Entered at the last kept transition into it (absent: before the kept history).
+            let since = history.iter().rev().find(|e| usize::from(e.group) == g && e.to == Some(label)).map(|e| e.at);
+            segments.insert(
+                group.name.to_string(),
+                json!({ "segment": self.names.label(g as u16, Some(label)), "since": since.map_or(Value::Null, ts) }),
+            );
+        }
+        let mut attributes = Map::new();
+        let mut answers = Map::new();
+        if let Some(extra) = &st.extra {
+            for (name, v) in &extra.attributes {
+                let v = match v {
+                    AttrValue::Str(s) => json!(s),
+                    AttrValue::Num(n) => json!(n),
+                    AttrValue::Bool(b) => json!(b),
+                    AttrValue::List(l) => json!(l),
+                };
+                attributes.insert(name.clone(), v);
+            }
+            for (q, a, _) in &extra.answers {
+                let a = match a {
+                    Answer::Str(s) => json!(s),
+                    Answer::Num(n) => json!(n),
+                };
+                answers.insert(q.clone(), a);
+            }
+        }
+        json!({
+            "customer_id": id,
+            "as_of": ts(tau),
+            "segments": segments,
+            "scores": scores,
+            "facts": {
+                "first_seen": ts(st.first_seen),
+                "last_active": st.last_active.map_or(Value::Null, ts),
+                "active_days": scores.active_days,
+                "features": scores.features,
+                "mrr_cents": st.mrr_cents,
+                "subscription_status": st.sub_status.map(|s| s.as_str()),
+                "payment_failed": st.payment_failed,
+                "open_tickets": st.open_tickets.len(),
+                "nps": st.last_nps,
+                "profile": {
+                    "industry": st.profile.industry,
+                    "employees": st.profile.employees,
+                    "country": st.profile.country,
+                    "attributes": attributes,
+                },
+                "survey": answers,
+            },
+            "next_boundary": st.timer.map_or(Value::Null, ts),
+            "history": history.iter().rev().map(|e| self.history_json(e)).collect::<Vec<_>>(),
+        })
+    }
+
+    fn customer_at(&self, id: &str, history: &[HistoryEntry], t: i64) -> Result<Value, QueryError> {
+        let mut segments = Map::new();
+        for (g, group) in self.names.groups().iter().enumerate() {
+            let mine: Vec<&HistoryEntry> = history.iter().filter(|e| usize::from(e.group) == g).collect();
+            let value = match mine.iter().rev().find(|e| e.at <= t) {
+                Some(e) => json!({ "segment": self.names.label(g as u16, e.to), "since": ts(e.at) }),
+                // Before its first transition: not a customer yet, if the
+                // kept history starts with its creation.
+                None if mine.first().is_some_and(|e| e.from.is_none()) => json!({ "segment": null, "since": null }),
+                None => {
+                    return Err(QueryError {
+                        parameter: Some("at"),
+                        ..QueryError::new(
+                            422,
+                            "before_history",
+                            format!(
+                                "{} is before the kept history of {id:?} (history.per_customer transitions are kept)",
+                                format_rfc3339_millis(t)
+                            ),
+                        )
+                    })
+                }
+            };
+            segments.insert(group.name.to_string(), value);
+        }
+        Ok(json!({ "customer_id": id, "as_of": ts(t), "segments": segments }))
+    }
+
+    /// A partition's own answers, as another instance asks for them.
+    pub fn partition_answer(&self, ask: PartitionAsk) -> Result<Value, QueryError> {
+        match ask {
+            PartitionAsk::Counts => {
+                let (counts, watermark) = self.counts()?;
+                Ok(json!({ "watermark": watermark, "counts": counts_json(&counts) }))
+            }
+            PartitionAsk::Members { group, segment, after, limit } => {
+                let (g, l) = self.names.segment(&group, &segment)?;
+                Ok(json!({ "customers": self.member_ids(g, l, after.as_deref(), limit)? }))
+            }
+            PartitionAsk::Series => Ok(series_json(&self.series()?)),
+        }
+    }
+}
+
+/// File mode: the one state dir answers everything.
+impl Answers for StateReader {
+    fn customer(&self, id: &str, at: Option<i64>, _query: &str) -> Result<Value, QueryError> {
+        self.customer_json(id, at)
+    }
+
+    fn segments(&self) -> Result<Value, QueryError> {
+        let (counts, watermark) = self.counts()?;
+        Ok(self.names.segments(&counts, watermark))
+    }
+
+    fn members(&self, group: &str, segment: &str, after: Option<&str>, limit: usize) -> Result<Value, QueryError> {
+        let (g, l) = self.names.segment(group, segment)?;
+        Ok(Names::members(group, segment, self.member_ids(g, l, after, limit + 1)?, limit))
+    }
+
+    fn history(&self, group: &str, from: Option<i64>, to: Option<i64>) -> Result<Value, QueryError> {
+        self.names.group(group)?;
+        self.names.history(group, &[self.series()?], from, to)
+    }
+
+    fn partition(&self, _partition: i32, _ask: PartitionAsk) -> Result<Value, QueryError> {
+        Err(QueryError::not_found("not_found", "file mode has no partitions".into()))
+    }
+}
