@@ -192,13 +192,13 @@ impl Metrics {
         self.partitions.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
-    pub(crate) fn set_input_partitions(&self, n: i32) {
+    pub fn set_input_partitions(&self, n: i32) {
         if let Ok(mut g) = self.partitions.lock() {
             g.0 = n;
         }
     }
 
-    pub(crate) fn set_partition(&self, partition: i32, state: Option<PartitionState>) {
+    pub fn set_partition(&self, partition: i32, state: Option<PartitionState>) {
         if let Ok(mut g) = self.partitions.lock() {
             match state {
                 Some(s) => g.1.insert(partition, s),

@@ -206,3 +206,25 @@ impl Answers for KafkaQuery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use segstream_kafka::{KafkaConfig, KafkaEnvironment, KafkaOverrides};
+
+    use super::*;
+
+    #[test]
+    fn a_partition_being_restored_answers_503_with_retry_after() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_input_partitions(1);
+        metrics.set_partition(0, Some(PartitionState::Restoring));
+        let kafka =
+            KafkaSettings::resolve(&KafkaConfig::default(), &KafkaOverrides::default(), &KafkaEnvironment::default())
+                .expect("defaults");
+        let q = KafkaQuery::new(EngineSettings::spec_default(), kafka, metrics).expect("query");
+        for e in [q.customer("anyone", None, "").expect_err("restoring"), q.segments().expect_err("restoring")] {
+            assert_eq!((e.status, e.code, e.retry_after), (503, "restoring", Some(2)), "{e:?}");
+        }
+        assert_eq!(q.members("rfm", "nowhere", None, 5).expect_err("unknown").code, "unknown_segment");
+    }
+}
