@@ -1054,7 +1054,8 @@ fn changelog_states(addr: &str) -> BTreeMap<String, String> {
             let key = r.key.unwrap_or_default();
             let entry = decode_entry(&key, r.payload.as_deref()).expect("a changelog record segstream reads");
             let epoch = r.headers.get(EPOCH_HEADER).and_then(|e| e.parse().ok());
-            if let Some((id, st)) = tail.apply(&key, r.offset, entry, epoch) {
+            if let Some(segstream_kafka::restore::Restore::Customer(id, st)) = tail.apply(&key, r.offset, entry, epoch)
+            {
                 match st {
                     Some(st) => states.insert(id, format!("{st:?}")),
                     None => states.remove(&id),
@@ -1208,9 +1209,13 @@ fn any_instance_answers_for_any_customer_and_the_whole_group() {
         lines.iter().map(|l| (customer_of(l).expect("valid sample").into_bytes(), l.clone().into_bytes())).collect();
     produce_partitioned(&p.broker.addr, EVENTS, "murmur2", &keyed);
     let extra = "metrics_addr = \"127.0.0.1:0\"";
+    // a does everything; then b joins with an empty state dir and restores
+    // its share of the partitions from the changelog, history included.
     let mut a = p.start("a", extra);
+    p.assert_exactly_expected(&["a"]);
     let mut b = p.start("b", extra);
-    p.assert_exactly_expected(&["a", "b"]);
+    p.wait_log("b", 0, "partition restored", 2);
+    std::thread::sleep(Duration::from_secs(1));
     let (url_a, url_b) = (api_base(&p, "a"), api_base(&p, "b"));
 
     // What the output implies (computed here from file mode's transitions,
@@ -1228,6 +1233,11 @@ fn any_instance_answers_for_any_customer_and_the_whole_group() {
                 None => now.remove(&key),
             };
         }
+    }
+    let mut transitions_of: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &p.expected {
+        let v: serde_json::Value = serde_json::from_str(t).expect("json");
+        *transitions_of.entry(v["customer_id"].as_str().expect("id").to_string()).or_default() += 1;
     }
     let mut sizes: BTreeMap<(String, String), i64> = BTreeMap::new();
     for ((_, g), s) in &now {
@@ -1270,6 +1280,11 @@ fn any_instance_answers_for_any_customer_and_the_whole_group() {
             let want = now.get(&((*c).clone(), g.to_string()));
             assert_eq!(v["segments"][g]["segment"].as_str(), want.map(String::as_str), "{c} {g}");
         }
+        assert_eq!(
+            v["history"].as_array().map(Vec::len),
+            Some(transitions_of[*c].min(50)),
+            "{c}: its history, also where the partition was restored from the changelog"
+        );
     }
     assert!(redirected > 0 && redirected < customers.len(), "both instances own customers: {redirected} redirected");
 

@@ -147,13 +147,40 @@ impl Engine {
         self.store.live_counts()
     }
 
-    /// Keeps the transitions `out[from..]` of customer `sid` in its history.
-    fn keep_history(&mut self, sid: segstream_state::SlotId, out: &[Transition]) {
+    /// Keeps the transitions `out` of customer `sid` in its history.
+    fn keep_history(&mut self, sid: segstream_state::SlotId, out: &[Transition]) -> Result<(), EngineError> {
         for t in out {
             if let Some(entry) = history_entry(self.scorer.groups(), t) {
-                self.store.record_history(sid, entry);
+                self.store.record_history(sid, entry)?;
             }
         }
+        Ok(())
+    }
+
+    /// Calls `f` for every customer whose history changed since the last
+    /// commit, with its history writes (Kafka mode sends them to the changelog).
+    pub fn for_each_history_change(&self, f: impl FnMut(&str, &[(u32, Option<HistoryEntry>)])) {
+        self.store.for_each_history_change(f);
+    }
+
+    /// Day-end counts noted since the last commit (Kafka mode sends them to
+    /// the changelog).
+    pub fn pending_series(&self) -> &[(i64, SegmentCounts)] {
+        &self.pending_series
+    }
+
+    /// A history entry as a restore found it (`None`: deleted).
+    pub fn restore_history(&mut self, id: &str, seq: u32, entry: Option<HistoryEntry>) -> Result<(), EngineError> {
+        let sid = self.store.customer(id)?;
+        self.store.restore_history(sid, seq, entry);
+        self.store.touch(sid);
+        Ok(())
+    }
+
+    /// A day's counts as a restore found them.
+    pub fn restore_series(&mut self, day: i64, counts: SegmentCounts) {
+        self.last_series = Some(counts.clone());
+        self.pending_series.push((day, counts));
     }
 
     pub fn scorer(&self) -> &Scorer {
@@ -205,9 +232,9 @@ impl Engine {
         }
         let new_timer = slot.state.as_ref().and_then(|s| s.timer);
         if matches!(outcome, Outcome::Deleted { .. }) {
-            self.store.erase_history(sid);
+            self.store.erase_history(sid)?;
         } else {
-            self.keep_history(sid, &out[before..]);
+            self.keep_history(sid, &out[before..])?;
         }
         let (applied, late) = match outcome {
             Outcome::Duplicate => {
@@ -335,7 +362,7 @@ impl Engine {
             if let Some(st) = state {
                 self.scorer.advance(id, st, to, out);
             }
-            self.keep_history(sid, &out[first..]);
+            self.keep_history(sid, &out[first..])?;
             self.store.touch(sid);
         }
         self.counters.transitions += (out.len() - before) as u64;

@@ -25,6 +25,8 @@ pub const OWNER_KEY: &[u8] = b"o";
 pub const EPOCH_HEADER: &str = "segstream_owner";
 const CUSTOMER_PREFIX: &[u8] = b"c/";
 const RUN_PREFIX: &[u8] = b"b/";
+const HISTORY_PREFIX: &[u8] = b"h/";
+const SERIES_PREFIX: &[u8] = b"s/";
 
 /// A changelog record segstream cannot read: the topic holds something it
 /// did not write, or a newer version's format.
@@ -71,6 +73,29 @@ pub fn run_key(record: i64) -> Vec<u8> {
     k
 }
 
+/// The key of a customer's history entry `seq`: `h/`, the id's length
+/// (u16, big-endian), the id, `seq` (u32, big-endian).
+pub fn history_key(id: &str, seq: u32) -> Vec<u8> {
+    let mut k = HISTORY_PREFIX.to_vec();
+    k.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The key of a day's segment counts (see `Engine::series`).
+pub fn series_key(day: i64) -> Vec<u8> {
+    let mut k = SERIES_PREFIX.to_vec();
+    k.extend_from_slice(day.to_string().as_bytes());
+    k
+}
+
+/// A day's counts as the changelog carries them.
+pub fn encode_series(counts: &segstream_engine::SegmentCounts) -> Vec<u8> {
+    let pairs: Vec<((u16, u16), segstream_state::SegmentCount)> = counts.iter().map(|(k, c)| (*k, *c)).collect();
+    postcard::to_stdvec(&pairs).expect("counts serialize")
+}
+
 pub fn customer_key(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(CUSTOMER_PREFIX.len() + id.len());
     k.extend_from_slice(CUSTOMER_PREFIX);
@@ -107,6 +132,17 @@ pub enum Entry {
     Run(Option<LoggedRun>),
     /// An instance took the partition; the record's offset is its epoch.
     Owner,
+    /// A customer's history entry (`None`: deleted).
+    History {
+        id: String,
+        seq: u32,
+        entry: Option<segstream_state::HistoryEntry>,
+    },
+    /// A day's segment counts.
+    Series {
+        day: i64,
+        counts: segstream_engine::SegmentCounts,
+    },
 }
 
 pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, ChangelogError> {
@@ -119,6 +155,35 @@ pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, Changelog
     if key == OWNER_KEY {
         // The value is informational: an unreadable one still marks an owner.
         return Ok(Entry::Owner);
+    }
+    if let Some(rest) = key.strip_prefix(HISTORY_PREFIX) {
+        let bad = |reason: &str| ChangelogError::Customer {
+            id: String::from_utf8_lossy(rest).into_owned(),
+            reason: reason.into(),
+        };
+        let (len, rest) = rest.split_first_chunk::<2>().ok_or_else(|| bad("short history key"))?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        if rest.len() != len + 4 {
+            return Err(bad("history key length"));
+        }
+        let id = std::str::from_utf8(&rest[..len]).map_err(|_| bad("history key id"))?.to_string();
+        let seq = u32::from_be_bytes(rest[len..].try_into().map_err(|_| bad("history key seq"))?);
+        let entry = match value {
+            None => None,
+            Some(v) => Some(postcard::from_bytes(v).map_err(|e| bad(&format!("history entry: {e}")))?),
+        };
+        return Ok(Entry::History { id, seq, entry });
+    }
+    if let Some(rest) = key.strip_prefix(SERIES_PREFIX) {
+        let bad = |reason: String| {
+            ChangelogError::Marker(format!("daily counts {}: {reason}", String::from_utf8_lossy(rest)))
+        };
+        let day = std::str::from_utf8(rest).ok().and_then(|d| d.parse().ok()).ok_or_else(|| bad("day".into()))?;
+        let pairs: Vec<((u16, u16), segstream_state::SegmentCount)> = match value {
+            None => Vec::new(),
+            Some(v) => postcard::from_bytes(v).map_err(|e| bad(e.to_string()))?,
+        };
+        return Ok(Entry::Series { day, counts: pairs.into_iter().collect() });
     }
     if key.starts_with(RUN_PREFIX) {
         return match value {
@@ -176,5 +241,29 @@ mod tests {
         assert!(matches!(decode_entry(&run_key(12), Some(&v)), Ok(Entry::Run(Some(r))) if r == run));
         assert!(matches!(decode_entry(&run_key(12), None), Ok(Entry::Run(None))));
         assert!(matches!(decode_entry(OWNER_KEY, Some(b"{}")), Ok(Entry::Owner)));
+        let entry = segstream_state::HistoryEntry {
+            group: 1,
+            from: None,
+            to: Some(2),
+            at: 5,
+            event_id: Some("e".into()),
+            boundary: 0,
+            scores: segstream_scoring::Scores::default(),
+        };
+        let v = postcard::to_stdvec(&entry).expect("entry");
+        match decode_entry(&history_key("c/1", 7), Some(&v)).expect("history") {
+            Entry::History { id, seq, entry: Some(e) } => assert_eq!((id.as_str(), seq, e), ("c/1", 7, entry)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(decode_entry(&history_key("x", 1), None), Ok(Entry::History { entry: None, .. })));
+        assert!(decode_entry(b"h/\x00\x09ab", None).is_err());
+        let counts = segstream_engine::SegmentCounts::from([(
+            (0, 1),
+            segstream_state::SegmentCount { customers: 3, mrr_cents: 9 },
+        )]);
+        match decode_entry(&series_key(20_000), Some(&encode_series(&counts))).expect("series") {
+            Entry::Series { day, counts: c } => assert_eq!((day, c), (20_000, counts)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -49,8 +49,9 @@ pub struct Commit<'a> {
     pub progress: Progress<'a>,
     /// Keep the previous marker's output ends (a replay has not passed them).
     pub hold_outputs: bool,
-    /// Changed customers: changelog key and value.
-    pub states: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Changed customers (with their history and the day counts noted):
+    /// changelog key and value (`None`: a tombstone).
+    pub states: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Keys tombstoned once the marker is written.
     pub tombstones: Vec<Vec<u8>>,
     /// Wall clock now (epoch ms), kept with the local marker.
@@ -79,7 +80,7 @@ pub fn commit<I: CommitIo>(io: &mut I, c: Commit<'_>) -> Result<Committed, Error
     let outputs_acknowledged = started.elapsed();
     io.crash_point(CrashPoint::AfterOutput);
     for (key, value) in &c.states {
-        io.send_changelog(key, Some(value))?;
+        io.send_changelog(key, value.as_deref())?;
     }
     io.crash_point(CrashPoint::AfterChangelogStates);
     let delivered = io.delivered();
@@ -185,7 +186,7 @@ mod tests {
                 last_delay_ms: None,
             },
             hold_outputs,
-            states: vec![(b"c/a".to_vec(), b"S".to_vec()), (b"c/b".to_vec(), b"D".to_vec())],
+            states: vec![(b"c/a".to_vec(), Some(b"S".to_vec())), (b"c/b".to_vec(), Some(b"D".to_vec()))],
             tombstones: vec![b"c/b".to_vec(), b"b/40".to_vec()],
             now_ms: 7,
         }

@@ -66,9 +66,18 @@ pub struct ChangelogTail {
     pub stale: u64,
 }
 
-/// A customer state read from the changelog, to put into the engine
-/// (`None`: erased).
-pub type RestoredCustomer = (String, Option<CustomerState>);
+/// What a changelog record puts into the engine (one at a time: the size
+/// difference of the variants does not matter).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Restore {
+    /// A customer's state (`None`: erased).
+    Customer(String, Option<CustomerState>),
+    /// A customer's history entry (`None`: deleted).
+    History { id: String, seq: u32, entry: Option<segstream_state::HistoryEntry> },
+    /// A day's segment counts.
+    Series(i64, segstream_engine::SegmentCounts),
+}
 
 /// The partition's committed position after the changelog's tail.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +109,7 @@ impl ChangelogTail {
 
     /// Takes the record at `offset`, written with owner epoch `epoch` (none:
     /// before owner records existed); returns a customer state to restore.
-    pub fn apply(&mut self, key: &[u8], offset: i64, entry: Entry, epoch: Option<i64>) -> Option<RestoredCustomer> {
+    pub fn apply(&mut self, key: &[u8], offset: i64, entry: Entry, epoch: Option<i64>) -> Option<Restore> {
         self.records += 1;
         if let Entry::Owner = entry {
             self.owner = Some(self.owner.map_or(offset, |o| o.max(offset)));
@@ -133,8 +142,10 @@ impl ChangelogTail {
                     Some(a) => self.ahead.insert(id.clone(), a),
                     None => self.ahead.remove(&id),
                 };
-                Some((id, state))
+                Some(Restore::Customer(id, state))
             }
+            Entry::History { id, seq, entry } => Some(Restore::History { id, seq, entry }),
+            Entry::Series { day, counts } => Some(Restore::Series(day, counts)),
         }
     }
 
@@ -202,7 +213,10 @@ mod tests {
         let mut tail = ChangelogTail::after(None);
         assert!(tail.apply(&customer_key("early"), 0, customer("early", Some(99)), None).is_some());
         tail.apply(b"m", 1, marker(100, &[("kept", 150), ("both", 101)]), None);
-        assert_eq!(tail.apply(&customer_key("a"), 2, customer("a", Some(120)), None), Some(("a".to_string(), None)));
+        assert_eq!(
+            tail.apply(&customer_key("a"), 2, customer("a", Some(120)), None),
+            Some(Restore::Customer("a".to_string(), None))
+        );
         tail.apply(&customer_key("before"), 3, customer("before", Some(99)), None);
         tail.apply(&customer_key("at"), 3, customer("at", Some(100)), None);
         tail.apply(&customer_key("both"), 4, customer("both", Some(130)), None);

@@ -103,10 +103,14 @@ pub struct Slot {
     /// The labels and MRR as the membership index has them (`None`: not in
     /// it), for a commit to move the customer between segments.
     committed: Option<Membership>,
-    /// Transitions since the last commit, for the history.
-    history: Vec<HistoryEntry>,
-    /// The customer was erased since the last commit: its history goes.
+    /// History writes since the last commit, in order: (sequence number,
+    /// entry or `None` to delete it).
+    history: Vec<(u32, Option<HistoryEntry>)>,
+    /// The customer was erased since the last commit: all its history goes
+    /// (before the writes above).
     history_reset: bool,
+    /// The sequence number of its next history entry, once looked up.
+    history_next: Option<u32>,
 }
 
 fn history_prefix(id: &str) -> Vec<u8> {
@@ -346,19 +350,64 @@ impl StateStore {
         Ok(())
     }
 
-    /// Keeps a transition of the customer in `sid` for its history (written
-    /// at the next commit, with the customer).
-    pub fn record_history(&mut self, sid: SlotId, entry: HistoryEntry) {
-        if self.opts.history_per_customer > 0 {
-            self.slots[sid as usize].history.push(entry);
+    /// The next history sequence number of the customer in `sid`.
+    fn history_next(&mut self, sid: SlotId) -> Result<u32, StateError> {
+        if let Some(n) = self.slots[sid as usize].history_next {
+            return Ok(n);
         }
+        let n = self.next_history_seq(&self.slots[sid as usize].id)?;
+        self.slots[sid as usize].history_next = Some(n);
+        Ok(n)
+    }
+
+    /// Keeps a transition of the customer in `sid` for its history (written
+    /// at the next commit, with the customer); the oldest kept one beyond
+    /// `history_per_customer` goes.
+    pub fn record_history(&mut self, sid: SlotId, entry: HistoryEntry) -> Result<(), StateError> {
+        let keep = self.opts.history_per_customer;
+        if keep == 0 {
+            return Ok(());
+        }
+        let seq = self.history_next(sid)?;
+        let slot = &mut self.slots[sid as usize];
+        slot.history.push((seq, Some(entry)));
+        if let Some(old) = seq.checked_sub(keep) {
+            slot.history.push((old, None));
+        }
+        slot.history_next = Some(seq.saturating_add(1));
+        Ok(())
     }
 
     /// The customer in `sid` was erased: its history goes with it.
-    pub fn erase_history(&mut self, sid: SlotId) {
+    pub fn erase_history(&mut self, sid: SlotId) -> Result<(), StateError> {
+        let next = self.history_next(sid)?;
+        let keep = self.opts.history_per_customer;
         let slot = &mut self.slots[sid as usize];
-        slot.history.clear();
+        for seq in next.saturating_sub(keep.max(1))..next {
+            slot.history.push((seq, None));
+        }
         slot.history_reset = true;
+        slot.history_next = Some(0);
+        Ok(())
+    }
+
+    /// Writes a history entry as a restore found it (`None`: deleted).
+    pub fn restore_history(&mut self, sid: SlotId, seq: u32, entry: Option<HistoryEntry>) {
+        let slot = &mut self.slots[sid as usize];
+        if entry.is_some() {
+            slot.history_next = Some(slot.history_next.unwrap_or(0).max(seq.saturating_add(1)));
+        }
+        slot.history.push((seq, entry));
+    }
+
+    /// Calls `f` for every customer whose history changed since the last
+    /// commit: its history writes in order (`None`: a deletion).
+    pub fn for_each_history_change(&self, mut f: impl FnMut(&str, &[(u32, Option<HistoryEntry>)])) {
+        for slot in self.dirty_sorted() {
+            if !slot.history.is_empty() {
+                f(&slot.id, &slot.history);
+            }
+        }
     }
 
     /// A customer's kept transitions, oldest first (committed ones).
@@ -479,6 +528,7 @@ impl StateStore {
                 slot.committed = committed;
                 slot.history.clear();
                 slot.history_reset = false;
+                slot.history_next = None;
                 sid
             }
             None => {
@@ -493,6 +543,7 @@ impl StateStore {
                     committed,
                     history: Vec::new(),
                     history_reset: false,
+                    history_next: None,
                 });
                 sid
             }
@@ -687,7 +738,6 @@ impl StateStore {
             }
         }
         let history = self.cf(CF_HISTORY);
-        let keep = self.opts.history_per_customer;
         for slot in &dirty {
             let prefix = history_prefix(&slot.id);
             let mut end = prefix.clone();
@@ -695,20 +745,18 @@ impl StateStore {
             if slot.history_reset || slot.state.is_none() {
                 batch.delete_range_cf(history, &prefix, &end);
             }
-            if slot.history.is_empty() || slot.state.is_none() {
+            if slot.state.is_none() {
                 continue;
             }
-            let mut seq = if slot.history_reset { 0 } else { self.next_history_seq(&slot.id)? };
-            for entry in &slot.history {
-                batch.put_cf(
-                    history,
-                    history_key(&slot.id, seq),
-                    postcard::to_stdvec(entry).expect("entry serializes"),
-                );
-                if let Some(old) = seq.checked_sub(keep) {
-                    batch.delete_cf(history, history_key(&slot.id, old));
+            for (seq, entry) in &slot.history {
+                match entry {
+                    Some(e) => batch.put_cf(
+                        history,
+                        history_key(&slot.id, *seq),
+                        postcard::to_stdvec(e).expect("entry serializes"),
+                    ),
+                    None => batch.delete_cf(history, history_key(&slot.id, *seq)),
                 }
-                seq = seq.saturating_add(1);
             }
         }
         member_ops.sort_unstable();
@@ -1012,7 +1060,7 @@ mod tests {
             let m = model.entry(id.clone()).or_default();
             if next(10) == 0 {
                 s.slot_mut(sid).state = None;
-                s.erase_history(sid);
+                s.erase_history(sid).expect("erase");
                 *m = (None, Vec::new());
             } else {
                 let mut st = s.slot(sid).state.clone().unwrap_or_else(|| state(step, None));
@@ -1020,7 +1068,7 @@ mod tests {
                 st.mrr_cents = next(1000) as i64;
                 let e = entry(next(2) as u16, next(5) as u16, step);
                 s.slot_mut(sid).state = Some(st.clone());
-                s.record_history(sid, e.clone());
+                s.record_history(sid, e.clone()).expect("record");
                 m.0 = Some((st.labels.clone(), st.mrr_cents));
                 m.1.push(e);
             }

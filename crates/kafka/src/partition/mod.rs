@@ -17,7 +17,9 @@ use segstream_engine::{Engine, EngineSettings};
 use segstream_output::{DeadLetter, Emitter};
 use segstream_scoring::{Outcome, Transition};
 
-use crate::changelog::{customer_key, encode_customer, run_key, LoggedRun, EPOCH_HEADER};
+use crate::changelog::{
+    customer_key, encode_customer, encode_series, history_key, run_key, series_key, LoggedRun, EPOCH_HEADER,
+};
 use crate::client::{read_range, watermarks};
 use crate::commit::{commit, Commit, CommitIo};
 use crate::error::Error;
@@ -446,12 +448,24 @@ impl Task {
         let guard = self.emitter.sink().guard();
         self.engine.for_each_dirty(|id, st| {
             let applied = self.epoch_applied.get(id).copied().or_else(|| guard.applied_through(id)).unwrap_or(-1);
-            states.push((customer_key(id), encode_customer(applied, st)));
+            states.push((customer_key(id), Some(encode_customer(applied, st))));
             if st.is_none() {
                 tombstones.push(customer_key(id));
                 erased.push(id.to_string());
             }
         });
+        let customers = states.len();
+        // The query API's history and daily counts, so that a new owner
+        // restoring from the changelog has them too.
+        self.engine.for_each_history_change(|id, writes| {
+            for (seq, entry) in writes {
+                let value = entry.as_ref().map(|e| postcard::to_stdvec(e).expect("entry serializes"));
+                states.push((history_key(id, *seq), value));
+            }
+        });
+        for (day, counts) in self.engine.pending_series() {
+            states.push((series_key(*day), Some(encode_series(counts))));
+        }
         tombstones.append(&mut self.run_keys);
         let inputs = &self.shared.kafka.inputs;
         let offsets: Vec<(&str, i64)> =
@@ -466,7 +480,6 @@ impl Task {
         let sink = self.emitter.sink_mut();
         let hold_outputs = sink.guard().holds_outputs();
         let skip = sink.guard_mut().prune_skips(next).clone();
-        let customers = states.len();
         let sink = self.emitter.sink();
         let progress = Progress {
             records: next,

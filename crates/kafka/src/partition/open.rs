@@ -19,7 +19,7 @@ use crate::marker::{LocalMarker, Marker, LOCAL_MARKER_META};
 use crate::metrics::SourceLabel;
 use crate::producer::Producer;
 use crate::replay::{dead_letter_id, parse_source, ReplayGuard};
-use crate::restore::{verdict, ChangelogTail, Verdict};
+use crate::restore::{verdict, ChangelogTail, Restore, Verdict};
 use crate::runlog::RunLog;
 use crate::schemas::WireDecoder;
 use crate::sink::KafkaSink;
@@ -92,8 +92,11 @@ impl Task {
                 source: Box::new(e),
             })?;
             let epoch = header(m, EPOCH_HEADER).and_then(|e| e.parse().ok());
-            if let Some((id, state)) = tail.apply(key, m.offset(), entry, epoch) {
-                engine.restore_customer(&id, state)?;
+            match tail.apply(key, m.offset(), entry, epoch) {
+                Some(Restore::Customer(id, state)) => engine.restore_customer(&id, state)?,
+                Some(Restore::History { id, seq, entry }) => engine.restore_history(&id, seq, entry)?,
+                Some(Restore::Series(day, counts)) => engine.restore_series(day, counts),
+                None => {}
             }
             if tail.records.is_multiple_of(100_000) {
                 engine.commit(Vec::new())?;
