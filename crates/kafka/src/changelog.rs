@@ -7,7 +7,9 @@
 //! their output). Customer values: `S` + applied-through record number
 //! (8 bytes, big-endian) + the state as RocksDB stores it; `D` +
 //! applied-through for an erased customer (replaced by a tombstone once the
-//! erasure is committed). `o` is the owner record: a task writes it when it
+//! erasure is committed). `h/<id length><id><seq>` is a customer's history
+//! entry (tombstoned when trimmed), `s/<day>` a day's segment counts (both
+//! for the query API). `o` is the owner record: a task writes it when it
 //! takes the partition, and its offset is the owner epoch that every record
 //! the task writes afterwards carries in its [`EPOCH_HEADER`] (see
 //! [`crate::fence`]).
