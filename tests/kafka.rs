@@ -129,12 +129,20 @@ impl Pipeline {
         // [time], the rest to [kafka].
         let (time_lines, rest): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("time."));
         let time_extra: String = time_lines.iter().map(|l| format!("{}\n", &l["time.".len()..])).collect();
+        let (history_lines, rest): (Vec<&str>, Vec<&str>) = rest.into_iter().partition(|l| l.starts_with("history."));
+        let history_extra: String = history_lines.iter().map(|l| format!("{}\n", &l["history.".len()..])).collect();
         let (state_lines, kafka_lines): (Vec<&str>, Vec<&str>) =
             rest.into_iter().partition(|l| l.starts_with("state."));
         let mut state_extra: String = state_lines.iter().map(|l| format!("{}\n", &l["state.".len()..])).collect();
         if !state_extra.contains("commit_every_records") {
             state_extra.push_str("commit_every_records = 400\n");
         }
+        // `test.session_timeout_ms = n`: the consumers' session timeout (6 s
+        // unless given), for tests that saturate the broker.
+        let (session_lines, kafka_lines): (Vec<&str>, Vec<&str>) =
+            kafka_lines.into_iter().partition(|l| l.starts_with("test.session_timeout_ms"));
+        let session_ms: u64 =
+            session_lines.first().and_then(|l| l.split('=').nth(1)).map_or(6_000, |v| v.trim().parse().expect("ms"));
         let mut extra = kafka_lines.join("\n");
         for (key, default) in [("idle_advance_ms", "0"), ("metrics_addr", "\"\""), ("commit_interval_ms", "300")] {
             if !extra.contains(key) {
@@ -145,6 +153,8 @@ impl Pipeline {
             r#"
 [time]
 {time_extra}
+[history]
+{history_extra}
 [state]
 {state_extra}
 [kafka]
@@ -158,11 +168,12 @@ state_dir = "{state}"
 
 [kafka.consumer_properties]
 "fetch.wait.max.ms" = "10"
-"session.timeout.ms" = "6000"
+"session.timeout.ms" = "{session_ms}"
 "heartbeat.interval.ms" = "500"
 "#,
             addr = self.broker.addr,
             state = state.display(),
+            session_ms = session_ms,
         );
         std::fs::write(&path, text).expect("config");
         path
@@ -1020,7 +1031,9 @@ fn a_backfill_that_pauses_under_the_default_wall_clock_advance_equals_file_mode(
 fn two_instances_converge_while_restoring_a_large_changelog() {
     let p = Pipeline::new(sqlite, 4, 500, 30, None);
     p.produce_all();
-    let extra = "state.commit_every_records = 5";
+    // A commit every 5 records saturates tansu's SQLite storage (ADR 004):
+    // its heartbeat answers can take longer than the usual 6 s.
+    let extra = "state.commit_every_records = 5\ntest.session_timeout_ms = 20000";
     let mut a = p.start("a", extra);
     p.wait_output(p.expected.len() * 3 / 4, "a alone", &["a"]);
     kill9(&mut a);

@@ -236,11 +236,12 @@ pub fn read_all(addr: &str, topic: &str) -> Vec<Read> {
         .set("fetch.wait.max.ms", "10")
         .create()
         .expect("consumer");
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    let parts = md.topics()[0].partitions().len() as i32;
+    let parts = patiently("metadata", || {
+        c.fetch_metadata(Some(topic), Duration::from_secs(10)).map(|md| md.topics()[0].partitions().len() as i32)
+    });
     let mut out = Vec::new();
     for p in 0..parts {
-        let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+        let (low, high) = patiently("watermarks", || c.fetch_watermarks(topic, p, Duration::from_secs(10)));
         if high <= low {
             continue;
         }
@@ -287,12 +288,27 @@ pub fn read_all(addr: &str, topic: &str) -> Vec<Read> {
 }
 
 /// Number of records in `topic` (sum of end − start over its partitions).
+/// tansu's SQLite storage can take over 10 s to answer under the heaviest
+/// tests: the tests' own requests are retried for a minute.
+fn patiently<T>(what: &str, mut f: impl FnMut() -> Result<T, KafkaError>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => eprintln!("{what}: {e}; retrying"),
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 pub fn count(addr: &str, topic: &str) -> i64 {
     let c: BaseConsumer = client_config(addr).create().expect("consumer");
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    (0..md.topics()[0].partitions().len() as i32)
+    let parts = patiently("metadata", || {
+        c.fetch_metadata(Some(topic), Duration::from_secs(10)).map(|md| md.topics()[0].partitions().len() as i32)
+    });
+    (0..parts)
         .map(|p| {
-            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            let (low, high) = patiently("watermarks", || c.fetch_watermarks(topic, p, Duration::from_secs(10)));
             high - low
         })
         .sum()

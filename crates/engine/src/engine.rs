@@ -169,6 +169,18 @@ impl Engine {
         &self.pending_series
     }
 
+    /// Marks a customer changed, to be written at the next commit as it is.
+    pub fn touch_customer(&mut self, id: &str) -> Result<(), EngineError> {
+        let sid = self.store.customer(id)?;
+        self.store.touch(sid);
+        Ok(())
+    }
+
+    /// One kept history entry of a customer (committed).
+    pub fn history_entry(&self, id: &str, seq: u32) -> Result<Option<HistoryEntry>, EngineError> {
+        Ok(self.store.history_entry(id, seq)?)
+    }
+
     /// A history entry as a restore found it (`None`: deleted).
     pub fn restore_history(&mut self, id: &str, seq: u32, entry: Option<HistoryEntry>) -> Result<(), EngineError> {
         let sid = self.store.customer(id)?;

@@ -75,6 +75,9 @@ pub struct KafkaConfig {
     /// API redirects there). Default: `http://<metrics_addr>` as bound, unless
     /// it listens on every interface (0.0.0.0), where it must be set.
     pub http_advertised_url: Option<String>,
+    /// Serve the query API (`/v1`, customer data, no authentication) beside
+    /// `/metrics`.
+    pub query_api: bool,
     /// How the input's producers map a key to a partition, for the query
     /// API to find a customer's partition: `murmur2` (Kafka's Java client,
     /// librdkafka's `murmur2`/`murmur2_random`) or `consistent` (librdkafka's
@@ -111,6 +114,7 @@ impl Default for KafkaConfig {
             schemas: BTreeMap::new(),
             metrics_addr: "127.0.0.1:9464".into(),
             http_advertised_url: None,
+            query_api: true,
             key_partitioner: KeyPartitioner::Murmur2,
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),

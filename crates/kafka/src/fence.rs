@@ -35,6 +35,10 @@ pub struct Fence {
     known_end: i64,
     /// Records this task sent since `known_end` was established.
     sent: i64,
+    /// Keys a previous owner wrote after this task took over: compaction
+    /// would keep those stale values over this task's, so they are written
+    /// again at the next commit.
+    stale: Vec<Vec<u8>>,
 }
 
 /// What a look at the partition's end needs.
@@ -49,7 +53,7 @@ pub enum Look {
 impl Fence {
     /// After this task's owner record, acknowledged at offset `epoch`.
     pub fn new(epoch: i64) -> Self {
-        Self { epoch, known_end: epoch + 1, sent: 0 }
+        Self { epoch, known_end: epoch + 1, sent: 0, stale: Vec::new() }
     }
 
     pub fn epoch(&self) -> i64 {
@@ -75,6 +79,18 @@ impl Fence {
     pub fn looked(&mut self, end: i64) {
         self.known_end = end;
         self.sent = 0;
+    }
+
+    /// A previous owner's record, found after this task's owner record.
+    pub fn note_stale(&mut self, key: &[u8]) {
+        if key != OWNER_KEY {
+            self.stale.push(key.to_vec());
+        }
+    }
+
+    /// The stale keys to write again.
+    pub fn take_stale(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.stale)
     }
 
     /// Whether the changelog record `key` at `offset` is a newer owner's.

@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 
 use crate::changelog::{Owner, EPOCH_HEADER, OWNER_KEY};
-use crate::client::{read_range, reader, watermarks};
+use crate::client::{read_range, reader};
 use crate::config::KeyPartitioner;
 use crate::error::Error;
 use crate::settings::KafkaSettings;
@@ -61,6 +61,9 @@ pub fn partition_for_key(key: &[u8], partitions: i32, partitioner: KeyPartitione
     }
 }
 
+/// How long finding an owner may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long an owner looked up stays trusted.
 const OWNER_TTL: Duration = Duration::from_secs(2);
 
@@ -94,9 +97,18 @@ impl OwnerDirectory {
         self.cache.remove(&partition);
     }
 
+    /// Two reads with short waits (a query must not hang on a slow broker).
     fn look_up(&self, p: i32) -> Result<Option<Owner>, Error> {
         let stop = StopFlag::new();
-        let (low, high) = watermarks(&self.consumer, &self.changelog, p, &stop)?;
+        let deadline = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(LOOKUP_TIMEOUT);
+            deadline.set();
+        });
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&self.changelog, p, LOOKUP_TIMEOUT)
+            .map_err(Error::broker(format!("{}/{p} offsets", self.changelog)))?;
         if high <= low {
             return Ok(None);
         }

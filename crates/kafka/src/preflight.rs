@@ -37,6 +37,12 @@ pub fn check(k: &KafkaSettings) -> Result<Preflight, Error> {
              than the session timeout, records queued before it may still reach the outputs after another \
              instance took the partition over (duplicates); see ARCHITECTURE.md, \"Two owners of one partition\""
         );
+    } else if k.configured_delivery_timeout_ms().is_none() && session < 30_000 {
+        tracing::info!(
+            session_timeout_ms = session,
+            "the producer's delivery timeout defaults to 30 s, longer than this session timeout: records queued \
+             before a stall of between the two may still reach the outputs after another instance took over"
+        );
     }
     let output = OutputEncoding::new(k.output_format, output_schema_id(k)?)?;
     let probe = reader(k)?;

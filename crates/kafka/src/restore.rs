@@ -56,6 +56,9 @@ pub struct ChangelogTail {
     ahead: HashMap<String, i64>,
     /// Runs logged after the last marker, with their keys.
     runs: Vec<(Vec<u8>, LoggedRun)>,
+    /// History entries written after the last marker: kept only for the
+    /// customers whose state that unfinished commit wrote too.
+    history: Vec<(String, u32)>,
     /// The newest owner epoch seen: the offset of the last owner record, or
     /// the highest epoch a record carried (an owner record compaction removed).
     owner: Option<i64>,
@@ -93,6 +96,9 @@ pub struct Restored {
     pub runs: Vec<LoggedRun>,
     /// Keys of the runs logged after the marker, tombstoned at the next commit.
     pub run_keys: Vec<Vec<u8>>,
+    /// History entries an unfinished commit wrote for customers whose state
+    /// it did not: to delete again (the replay records them anew).
+    pub undo_history: Vec<(String, u32)>,
 }
 
 impl ChangelogTail {
@@ -130,6 +136,7 @@ impl ChangelogTail {
                 self.last = Some((*marker, offset));
                 self.ahead.clear();
                 self.runs.clear();
+                self.history.clear();
                 None
             }
             Entry::Run(Some(run)) => {
@@ -144,7 +151,12 @@ impl ChangelogTail {
                 };
                 Some(Restore::Customer(id, state))
             }
-            Entry::History { id, seq, entry } => Some(Restore::History { id, seq, entry }),
+            Entry::History { id, seq, entry } => {
+                if entry.is_some() {
+                    self.history.push((id.clone(), seq));
+                }
+                Some(Restore::History { id, seq, entry })
+            }
             Entry::Series { day, counts } => Some(Restore::Series(day, counts)),
         }
     }
@@ -163,7 +175,8 @@ impl ChangelogTail {
         }
         let (run_keys, logged): (Vec<_>, Vec<_>) = self.runs.into_iter().unzip();
         runs.extend(logged);
-        Restored { last: self.last, skip, runs, run_keys }
+        let undo_history = self.history.into_iter().filter(|(id, _)| !skip.contains_key(id)).collect();
+        Restored { last: self.last, skip, runs, run_keys, undo_history }
     }
 }
 
@@ -289,5 +302,28 @@ mod tests {
         let mut tail = ChangelogTail::after(Some(l));
         assert!(tail.apply(&customer_key("z"), 21, customer("z", Some(1)), Some(12)).is_none());
         assert!(tail.apply(&customer_key("z"), 22, customer("z", Some(1)), Some(15)).is_some());
+    }
+
+    #[test]
+    fn history_of_an_unfinished_commit_stays_only_with_its_customers_state() {
+        let entry = segstream_state::HistoryEntry {
+            group: 0,
+            from: None,
+            to: Some(1),
+            at: 1,
+            event_id: None,
+            boundary: 1,
+            scores: segstream_scoring::Scores::default(),
+        };
+        let h = |id: &str, seq: u32| Entry::History { id: id.into(), seq, entry: Some(entry.clone()) };
+        let mut tail = ChangelogTail::after(None);
+        tail.apply(b"h", 0, h("committed", 0), None);
+        tail.apply(b"m", 1, marker(10, &[]), None);
+        // An unfinished commit: both customers' history, only one's state.
+        tail.apply(b"h", 2, h("both", 3), None);
+        tail.apply(b"h", 3, h("history_only", 5), None);
+        tail.apply(&customer_key("both"), 4, customer("both", Some(12)), None);
+        let r = tail.finish();
+        assert_eq!(r.undo_history, vec![("history_only".to_string(), 5)], "replayed, so recorded again");
     }
 }

@@ -72,6 +72,7 @@ pub struct KafkaSettings {
     /// address when unset.
     pub http_advertised_url: Option<String>,
     pub key_partitioner: crate::config::KeyPartitioner,
+    pub query_api: bool,
     pub properties: BTreeMap<String, String>,
     pub consumer_properties: BTreeMap<String, String>,
     pub producer_properties: BTreeMap<String, String>,
@@ -136,6 +137,7 @@ impl KafkaSettings {
             metrics_addr: (!metrics_addr.is_empty()).then_some(metrics_addr),
             http_advertised_url: cfg.http_advertised_url.clone().map(|u| u.trim_end_matches('/').to_string()),
             key_partitioner: cfg.key_partitioner,
+            query_api: cfg.query_api,
             properties: cfg.properties.clone(),
             consumer_properties: cfg.consumer_properties.clone(),
             producer_properties: cfg.producer_properties.clone(),

@@ -243,13 +243,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         if kafka.http_advertised_url.is_none() && !bound.ip().is_unspecified() {
                             kafka.http_advertised_url = Some(format!("http://{bound}"));
                         }
-                        let query = segstream::query::cluster::KafkaQuery::new(
-                            settings.engine.clone(),
-                            (*kafka).clone(),
-                            metrics.clone(),
-                        )?;
-                        let api = segstream::query::api::router(Arc::new(query));
-                        segstream::http::serve_on(listener, metrics.clone(), Some(api))?;
+                        let api = if kafka.query_api {
+                            if bound.ip().is_unspecified() {
+                                tracing::warn!(
+                                    "the query API serves customer data without authentication on every interface \
+                                     ({bound}): restrict access (network policy, an authenticating proxy) or set \
+                                     kafka.query_api = false"
+                                );
+                            }
+                            let query = segstream::query::cluster::KafkaQuery::new(
+                                settings.engine.clone(),
+                                (*kafka).clone(),
+                                metrics.clone(),
+                            )?;
+                            Some(segstream::query::api::router(Arc::new(query)))
+                        } else {
+                            None
+                        };
+                        segstream::http::serve_on(listener, metrics.clone(), api)?;
                         tracing::info!(
                             advertised = kafka.http_advertised_url.as_deref().unwrap_or("none"),
                             "metrics on http://{bound}/metrics, query API on http://{bound}/v1/"

@@ -391,12 +391,12 @@ impl StateStore {
         Ok(())
     }
 
-    /// Writes a history entry as a restore found it (`None`: deleted).
+    /// Writes a history entry as a restore found it (`None`: deleted). The
+    /// next sequence number is looked up again after the commit that writes
+    /// it (an erasure may have restarted the numbering).
     pub fn restore_history(&mut self, sid: SlotId, seq: u32, entry: Option<HistoryEntry>) {
         let slot = &mut self.slots[sid as usize];
-        if entry.is_some() {
-            slot.history_next = Some(slot.history_next.unwrap_or(0).max(seq.saturating_add(1)));
-        }
+        slot.history_next = None;
         slot.history.push((seq, entry));
     }
 
@@ -424,6 +424,16 @@ impl StateStore {
             );
         }
         Ok(out)
+    }
+
+    /// One kept history entry of a customer (committed).
+    pub fn history_entry(&self, id: &str, seq: u32) -> Result<Option<HistoryEntry>, StateError> {
+        match self.db.get_pinned_cf(self.cf(CF_HISTORY), history_key(id, seq))? {
+            Some(v) => Ok(Some(
+                postcard::from_bytes(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// The next history sequence number of a customer (after its last kept entry).

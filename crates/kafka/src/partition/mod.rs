@@ -146,8 +146,8 @@ impl CommitIo for TaskIo<'_> {
         self.producer.delivered_end(self.changelog, self.partition)
     }
 
-    fn check_owner(&mut self) -> Result<(), Error> {
-        check_owner(self.producer, self.reader, self.fence, (self.changelog, self.partition), self.lost)
+    fn check_owner(&mut self, ask_broker: bool) -> Result<(), Error> {
+        check_owner(self.producer, self.reader, self.fence, (self.changelog, self.partition), self.lost, ask_broker)
     }
 
     fn commit_local(&mut self, local: &LocalMarker) -> Result<(), Error> {
@@ -179,15 +179,18 @@ fn send_changelog(
 }
 
 /// Whether the task still owns its partition: once what it sent is
-/// acknowledged, the changelog's end tells whether someone else wrote, and
-/// only then is what they wrote read, for a newer owner record. Waits are
-/// ended by `lost`, not by the task's stop flag: a hand-over still checks.
+/// acknowledged, the end of the changelog (`ask_broker`: its high
+/// watermark; otherwise the offset after the task's last record) tells
+/// whether someone else wrote, and only then is what they wrote read, for a
+/// newer owner record. Waits are ended by `lost`, not by the task's stop
+/// flag: a hand-over still checks.
 fn check_owner(
     producer: &Producer,
     reader: &BaseConsumer,
     fence: &mut Fence,
     (changelog, partition): (&str, i32),
     lost: &StopFlag,
+    ask_broker: bool,
 ) -> Result<(), Error> {
     let fenced =
         |what: String| Error::Fenced(format!("partition {partition}: {what}; this instance stopped writing to it"));
@@ -198,12 +201,20 @@ fn check_owner(
         Error::Stopped => fenced("the group said this instance's assignment was lost".into()),
         e => e,
     };
-    let (_, end) = watermarks(reader, changelog, partition, lost).map_err(stopped)?;
+    let end = if ask_broker {
+        watermarks(reader, changelog, partition, lost).map_err(stopped)?.1
+    } else {
+        producer.delivered_end(changelog, partition).unwrap_or_default()
+    };
     if let Look::Scan { from, to } = fence.look(end) {
         let mut newer = None;
+        let mut stale = Vec::new();
         read_range(reader, changelog, partition, (from, to), lost, |m| {
-            if newer.is_none() && fence.is_newer_owner(m.key().unwrap_or_default(), m.offset()) {
-                newer = Some(m.offset());
+            let key = m.key().unwrap_or_default();
+            if fence.is_newer_owner(key, m.offset()) {
+                newer.get_or_insert(m.offset());
+            } else {
+                stale.push(key.to_vec());
             }
             Ok(())
         })
@@ -218,8 +229,12 @@ fn check_owner(
             partition,
             from,
             to,
-            "changelog records of a previous owner after this one took over: ignored by every restore"
+            "changelog records of a previous owner after this one took over: ignored by every restore, \
+             and their keys written again at the next commit (compaction keeps the last value of a key)"
         );
+        for key in stale {
+            fence.note_stale(&key);
+        }
     }
     fence.looked(end);
     Ok(())
@@ -285,7 +300,7 @@ impl Task {
         if self.last_alive.elapsed() >= STALL {
             let changelog = self.shared.kafka.changelog_topic.as_str();
             let producer = self.emitter.sink().producer();
-            check_owner(producer, &self.reader, &mut self.fence, (changelog, self.partition), &self.lost)?;
+            check_owner(producer, &self.reader, &mut self.fence, (changelog, self.partition), &self.lost, true)?;
         }
         self.last_alive = Instant::now();
         Ok(())
@@ -337,6 +352,7 @@ impl Task {
             match self.runs.next(&self.next_offsets) {
                 Step::Record(r) => self.process(r)?,
                 Step::Log { topic, first, last } => {
+                    self.still_owner()?;
                     let key = run_key(self.records);
                     let run = LoggedRun { topic: self.shared.kafka.inputs[topic].topic.clone(), first, last };
                     let value = serde_json::to_vec(&run)?;
@@ -443,9 +459,21 @@ impl Task {
         let started = Instant::now();
         let next = self.records;
         let mut states = Vec::new();
+        self.rewrite_stale_keys(&mut states)?;
         let mut tombstones = Vec::new();
         let mut erased = Vec::new();
         let guard = self.emitter.sink().guard();
+        // The query API's history first (a recovery keeps an unfinished
+        // commit's history only with its customer's state, see `restore`),
+        // then the customers; the daily counts, so that a new owner
+        // restoring from the changelog has them too.
+        self.engine.for_each_history_change(|id, writes| {
+            for (seq, entry) in writes {
+                let value = entry.as_ref().map(|e| postcard::to_stdvec(e).expect("entry serializes"));
+                states.push((history_key(id, *seq), value));
+            }
+        });
+        let histories = states.len();
         self.engine.for_each_dirty(|id, st| {
             let applied = self.epoch_applied.get(id).copied().or_else(|| guard.applied_through(id)).unwrap_or(-1);
             states.push((customer_key(id), Some(encode_customer(applied, st))));
@@ -454,15 +482,7 @@ impl Task {
                 erased.push(id.to_string());
             }
         });
-        let customers = states.len();
-        // The query API's history and daily counts, so that a new owner
-        // restoring from the changelog has them too.
-        self.engine.for_each_history_change(|id, writes| {
-            for (seq, entry) in writes {
-                let value = entry.as_ref().map(|e| postcard::to_stdvec(e).expect("entry serializes"));
-                states.push((history_key(id, *seq), value));
-            }
-        });
+        let customers = states.len() - histories;
         for (day, counts) in self.engine.pending_series() {
             states.push((series_key(*day), Some(encode_series(counts))));
         }
@@ -526,6 +546,30 @@ impl Task {
         self.records_since_commit = 0;
         self.last_commit = Instant::now();
         self.last_alive = self.last_commit;
+        Ok(())
+    }
+
+    /// Keys a stalled previous owner wrote after this task took over (see
+    /// [`Fence::note_stale`]): customers are written again with this commit
+    /// (touched), history entries and day counts with this task's values.
+    fn rewrite_stale_keys(&mut self, states: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
+        for key in self.fence.take_stale() {
+            match crate::changelog::decode_entry(&key, None) {
+                Ok(crate::changelog::Entry::Customer { id, .. }) => self.engine.touch_customer(&id)?,
+                Ok(crate::changelog::Entry::History { id, seq, .. }) => {
+                    let value = self.engine.history_entry(&id, seq)?;
+                    states.push((key, value.map(|e| postcard::to_stdvec(&e).expect("entry serializes"))));
+                }
+                Ok(crate::changelog::Entry::Series { day, .. }) => {
+                    if let Some(counts) = self.engine.series()?.into_iter().find(|(d, _)| *d == day).map(|(_, c)| c) {
+                        states.push((key, Some(encode_series(&counts))));
+                    }
+                }
+                // A run record: nobody needs it; a marker: this commit's supersedes it.
+                Ok(crate::changelog::Entry::Run(_)) => states.push((key, None)),
+                _ => {}
+            }
+        }
         Ok(())
     }
 

@@ -83,27 +83,57 @@ impl Task {
         }
         let from = local.as_ref().map_or(low, |l| l.changelog_offset + 1);
         let mut tail = ChangelogTail::after(local);
-        read_range(&consumer, changelog, partition, (from, high), &stop, |m| {
-            let key = m.key().unwrap_or_default();
-            let entry = decode_entry(key, m.payload()).map_err(|e| ChangelogError::At {
-                topic: changelog.to_string(),
-                partition,
-                offset: m.offset(),
-                source: Box::new(e),
-            })?;
-            let epoch = header(m, EPOCH_HEADER).and_then(|e| e.parse().ok());
-            match tail.apply(key, m.offset(), entry, epoch) {
-                Some(Restore::Customer(id, state)) => engine.restore_customer(&id, state)?,
-                Some(Restore::History { id, seq, entry }) => engine.restore_history(&id, seq, entry)?,
-                Some(Restore::Series(day, counts)) => engine.restore_series(day, counts),
-                None => {}
-            }
-            if tail.records.is_multiple_of(100_000) {
-                engine.commit(Vec::new())?;
-                tracing::info!(partition, restored = tail.records, of = high - from, "restoring from the changelog");
-            }
-            Ok(())
-        })?;
+        let mut read = |range: (i64, i64)| {
+            read_range(&consumer, changelog, partition, range, &stop, |m| {
+                let key = m.key().unwrap_or_default();
+                let entry = decode_entry(key, m.payload()).map_err(|e| ChangelogError::At {
+                    topic: changelog.to_string(),
+                    partition,
+                    offset: m.offset(),
+                    source: Box::new(e),
+                })?;
+                let epoch = header(m, EPOCH_HEADER).and_then(|e| e.parse().ok());
+                match tail.apply(key, m.offset(), entry, epoch) {
+                    Some(Restore::Customer(id, state)) => engine.restore_customer(&id, state)?,
+                    Some(Restore::History { id, seq, entry }) => engine.restore_history(&id, seq, entry)?,
+                    Some(Restore::Series(day, counts)) => engine.restore_series(day, counts),
+                    None => {}
+                }
+                if tail.records.is_multiple_of(100_000) {
+                    engine.commit(Vec::new())?;
+                    tracing::info!(
+                        partition,
+                        restored = tail.records,
+                        of = high - from,
+                        "restoring from the changelog"
+                    );
+                }
+                Ok(())
+            })
+        };
+        read((from, high))?;
+        if stop.is_set() || lost.is_set() {
+            return Err(Error::Stopped);
+        }
+        let producer = Producer::new(k, partition)?;
+        // Take the partition: the owner record fences any previous owner
+        // (crate::fence) before this task reads what the outputs hold. What
+        // the previous owner wrote after the restore read and before the
+        // owner record was still its own to write: it is restored too.
+        let owner = Owner { instance: instance_name(), at_ms: now_ms(), url: k.http_advertised_url.clone() };
+        producer.send(
+            BaseRecord::<[u8], [u8], ()>::to(changelog)
+                .partition(partition)
+                .key(OWNER_KEY)
+                .payload(serde_json::to_vec(&owner)?.as_slice()),
+        )?;
+        producer.flush()?;
+        let epoch = producer
+            .delivered_end(changelog, partition)
+            .ok_or_else(|| Error::Delivery("no acknowledgement for the owner record".into()))?
+            - 1;
+        read((high, epoch))?;
+        tracing::debug!(partition, epoch, "owner record written");
         let restored = tail.records;
         if tail.stale > 0 {
             tracing::warn!(
@@ -115,6 +145,9 @@ impl Task {
         shared.metrics.restore_records.inc_by(restored);
         let fingerprint = shared.engine.fingerprint();
         let restored_tail = tail.finish();
+        for (id, seq) in &restored_tail.undo_history {
+            engine.restore_history(id, *seq, None)?;
+        }
         let (skip, runs, run_keys) = (restored_tail.skip, restored_tail.runs, restored_tail.run_keys);
         let (marker, changelog_offset, fresh) = match restored_tail.last {
             Some((marker, offset)) => (marker, offset, false),
@@ -154,24 +187,8 @@ impl Task {
         }
         let skips = skip.len();
         let guard = ReplayGuard::new(k.inputs.len(), skip);
-        let producer = Producer::new(k, partition)?;
-        // Take the partition: the owner record fences any previous owner
-        // (crate::fence) before this task reads what the outputs hold.
-        let owner = Owner { instance: instance_name(), at_ms: now_ms(), url: k.http_advertised_url.clone() };
-        producer.send(
-            BaseRecord::<[u8], [u8], ()>::to(changelog)
-                .partition(partition)
-                .key(OWNER_KEY)
-                .payload(serde_json::to_vec(&owner)?.as_slice()),
-        )?;
-        producer.flush()?;
-        let epoch = producer
-            .delivered_end(changelog, partition)
-            .ok_or_else(|| Error::Delivery("no acknowledgement for the owner record".into()))?
-            - 1;
         let mut marker = marker;
         marker.owner = Some(epoch);
-        tracing::debug!(partition, epoch, "owner record written");
         let sink = KafkaSink::new(producer, k, shared.output, guard, shared.metrics.clone());
         let decoder = k
             .inputs

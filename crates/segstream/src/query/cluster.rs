@@ -48,13 +48,22 @@ impl KafkaQuery {
         Ok(Self { names, engine, kafka, metrics, owners, readers: Mutex::new(HashMap::new()), http })
     }
 
-    fn partitions(&self) -> i32 {
-        self.metrics.partitions().0
+    /// The input's partition count, once the group consumer knows it.
+    fn partitions(&self) -> Result<i32, QueryError> {
+        match self.metrics.partitions().0 {
+            0 => Err(QueryError::unavailable("starting", "this instance is joining the group".into(), 2)),
+            n => Ok(n),
+        }
     }
 
     /// The reader of `p` when this instance owns it; 503 while it restores.
     fn local(&self, p: i32) -> Result<Option<Arc<StateReader>>, QueryError> {
-        match self.metrics.partitions().1.get(&p) {
+        let states = self.metrics.partitions().1;
+        if let Ok(mut readers) = self.readers.lock() {
+            // Partitions that left: their readers go (and their files with them).
+            readers.retain(|q, (g, _)| states.get(q) == Some(&PartitionState::Ready(*g)));
+        }
+        match states.get(&p) {
             None => Ok(None),
             Some(PartitionState::Restoring) => Err(QueryError::unavailable(
                 "restoring",
@@ -80,7 +89,9 @@ impl KafkaQuery {
     /// The URL of the instance owning `p` (not this one).
     fn owner_url(&self, p: i32) -> Result<String, QueryError> {
         let mut owners = self.owners.lock().map_err(|_| QueryError::internal("owners poisoned"))?;
-        let owner = owners.owner(p).map_err(QueryError::internal)?;
+        let owner = owners.owner(p).map_err(|e| {
+            QueryError::unavailable("owner_unknown", format!("partition {p}: finding its owner: {e}"), 2)
+        })?;
         let url = owner.and_then(|o| o.url);
         match url {
             Some(u) if Some(&u) != self.kafka.http_advertised_url.as_ref() => Ok(u),
@@ -133,13 +144,13 @@ impl KafkaQuery {
     }
 
     fn all<T>(&self, ask: PartitionAsk, read: impl Fn(&Value) -> Result<T, QueryError>) -> Result<Vec<T>, QueryError> {
-        (0..self.partitions()).map(|p| self.ask(p, ask.clone()).and_then(|v| read(&v))).collect()
+        (0..self.partitions()?).map(|p| self.ask(p, ask.clone()).and_then(|v| read(&v))).collect()
     }
 }
 
 impl Answers for KafkaQuery {
     fn customer(&self, id: &str, at: Option<i64>, query: &str) -> Result<Value, QueryError> {
-        let p = partition_for_key(id.as_bytes(), self.partitions(), self.kafka.key_partitioner);
+        let p = partition_for_key(id.as_bytes(), self.partitions()?, self.kafka.key_partitioner);
         if let Some(r) = self.local(p)? {
             return r.customer_json(id, at);
         }

@@ -224,9 +224,11 @@ impl Names {
         let Some(first) = sources.iter().filter_map(|s| s.days.first().map(|d| d.0)).min() else {
             return Ok(json!({ "group": group, "days": [] }));
         };
-        let last = sources.iter().map(|s| s.last_day).min().unwrap_or(first);
+        // Up to the last day every partition with data has passed (one that
+        // never had an event has no say).
+        let last = sources.iter().filter(|s| !s.days.is_empty()).map(|s| s.last_day).min().unwrap_or(first);
         let from_day = from.map_or(first, |t| t.div_euclid(DAY_MS)).max(first);
-        let to_day = to.map_or(last, |t| t.div_euclid(DAY_MS));
+        let to_day = to.map_or(last, |t| t.div_euclid(DAY_MS)).min(last);
         if let (Some(f), Some(t)) = (from, to) {
             if t < f {
                 return Err(QueryError::bad("to", "to is before from".into()));
@@ -238,7 +240,7 @@ impl Names {
         let mut days = Vec::new();
         let mut at = vec![0usize; sources.len()];
         let mut current: Vec<Option<&SegmentCounts>> = vec![None; sources.len()];
-        for day in first..=to_day.min(last) {
+        for day in first..=to_day {
             for (i, s) in sources.iter().enumerate() {
                 while at[i] < s.days.len() && s.days[at[i]].0 <= day {
                     current[i] = Some(&s.days[at[i]].1);
