@@ -94,7 +94,13 @@ pub struct KafkaSink {
     source: String,
     guard: ReplayGuard,
     metrics: Arc<Metrics>,
+    /// Asked before every record is produced (whether the partition is
+    /// still this task's, see `crate::fence`).
+    gate: Option<Gate>,
 }
+
+/// See [`KafkaSink::set_gate`].
+pub type Gate = Box<dyn FnMut(&Producer) -> Result<(), Error>>;
 
 impl KafkaSink {
     pub fn new(
@@ -112,6 +118,19 @@ impl KafkaSink {
             source: String::new(),
             guard,
             metrics,
+            gate: None,
+        }
+    }
+
+    /// Asks `gate` before producing each record; its error stops the task.
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = Some(gate);
+    }
+
+    fn pass_gate(&mut self) -> Result<(), Error> {
+        match &mut self.gate {
+            Some(g) => g(&self.producer),
+            None => Ok(()),
         }
     }
 
@@ -146,6 +165,7 @@ impl TransitionSink for KafkaSink {
             return Ok(false);
         }
         let payload = self.encoding.value(t, encoded)?;
+        self.pass_gate()?;
         let headers = OwnedHeaders::new()
             .insert(Header { key: "transition_id", value: Some(id.as_str()) })
             .insert(Header { key: "source", value: Some(self.source.as_str()) });
@@ -179,7 +199,11 @@ impl TransitionSink for KafkaSink {
         if let Some(raw) = value {
             rec = rec.payload(raw);
         }
-        self.producer.send(rec)?;
+        let producer = &self.producer;
+        if let Some(g) = &mut self.gate {
+            g(producer)?;
+        }
+        producer.send(rec)?;
         Ok(true)
     }
 }

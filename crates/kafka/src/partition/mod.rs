@@ -4,7 +4,9 @@
 
 mod open;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,14 +67,9 @@ pub struct Task {
     lost: StopFlag,
     engine: Engine,
     emitter: Emitter<KafkaSink>,
-    /// Reads the changelog's end (and, when someone else wrote, what).
-    reader: BaseConsumer,
-    /// This task's owner epoch and what it knows of the changelog's writers.
-    fence: Fence,
-    /// The last time the task made progress (a record, a commit): a gap
-    /// longer than [`STALL`] means a stall, after which it checks that it
-    /// still owns the partition before doing anything.
-    last_alive: Instant,
+    /// Whether the partition is still this task's; shared with the sink,
+    /// which asks it before every record it produces.
+    owner: Rc<RefCell<OwnerCheck>>,
     /// The last commit.
     marker: Marker,
     /// Per input topic, the next offset to process (-1: none yet).
@@ -119,9 +116,7 @@ fn keyed_by_customer(key: Option<&[u8]>, ev: Event) -> Result<Event, DecodeError
 /// The commit's side effects on a task's producer and engine.
 struct TaskIo<'a> {
     producer: &'a Producer,
-    reader: &'a BaseConsumer,
-    fence: &'a mut Fence,
-    lost: &'a StopFlag,
+    owner: &'a RefCell<OwnerCheck>,
     engine: &'a mut Engine,
     changelog: &'a str,
     partition: i32,
@@ -139,7 +134,7 @@ impl CommitIo for TaskIo<'_> {
     }
 
     fn send_changelog(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), Error> {
-        send_changelog(self.producer, self.fence, (self.changelog, self.partition), key, value)
+        send_changelog(self.producer, &mut self.owner.borrow_mut().fence, (self.changelog, self.partition), key, value)
     }
 
     fn changelog_end(&self) -> Option<i64> {
@@ -147,7 +142,7 @@ impl CommitIo for TaskIo<'_> {
     }
 
     fn check_owner(&mut self, ask_broker: bool) -> Result<(), Error> {
-        check_owner(self.producer, self.reader, self.fence, (self.changelog, self.partition), self.lost, ask_broker)
+        self.owner.borrow_mut().check(self.producer, ask_broker)
     }
 
     fn commit_local(&mut self, local: &LocalMarker) -> Result<(), Error> {
@@ -178,66 +173,106 @@ fn send_changelog(
     Ok(())
 }
 
-/// Whether the task still owns its partition: once what it sent is
-/// acknowledged, the end of the changelog (`ask_broker`: its high
-/// watermark; otherwise the offset after the task's last record) tells
-/// whether someone else wrote, and only then is what they wrote read, for a
-/// newer owner record. Waits are ended by `lost`, not by the task's stop
-/// flag: a hand-over still checks.
-fn check_owner(
-    producer: &Producer,
-    reader: &BaseConsumer,
-    fence: &mut Fence,
-    (changelog, partition): (&str, i32),
-    lost: &StopFlag,
-    ask_broker: bool,
-) -> Result<(), Error> {
-    let fenced =
-        |what: String| Error::Fenced(format!("partition {partition}: {what}; this instance stopped writing to it"));
-    // Acknowledgements first, so that the count of the task's own records
-    // is exact (a delivery failure is the caller's to report).
-    let _ = producer.flush();
-    let stopped = |e: Error| match e {
-        Error::Stopped => fenced("the group said this instance's assignment was lost".into()),
-        e => e,
-    };
-    let end = if ask_broker {
-        watermarks(reader, changelog, partition, lost).map_err(stopped)?.1
-    } else {
-        producer.delivered_end(changelog, partition).unwrap_or_default()
-    };
-    if let Look::Scan { from, to } = fence.look(end) {
-        let mut newer = None;
-        let mut stale = Vec::new();
-        read_range(reader, changelog, partition, (from, to), lost, |m| {
-            let key = m.key().unwrap_or_default();
-            if fence.is_newer_owner(key, m.offset()) {
-                newer.get_or_insert(m.offset());
-            } else {
-                stale.push(key.to_vec());
-            }
-            Ok(())
-        })
-        .map_err(stopped)?;
-        if let Some(at) = newer {
-            return Err(fenced(format!(
-                "another instance took it over (its owner record is at changelog offset {at}, this instance's at {})",
-                fence.epoch()
-            )));
-        }
-        tracing::warn!(
-            partition,
-            from,
-            to,
-            "changelog records of a previous owner after this one took over: ignored by every restore, \
-             and their keys written again at the next commit (compaction keeps the last value of a key)"
-        );
-        for key in stale {
-            fence.note_stale(&key);
-        }
+/// What a task knows of its partition's ownership ([`crate::fence`]).
+pub(crate) struct OwnerCheck {
+    /// Reads the changelog's end (and, when someone else wrote, what).
+    pub(crate) reader: BaseConsumer,
+    /// This task's owner epoch and what it knows of the changelog's writers.
+    pub(crate) fence: Fence,
+    lost: StopFlag,
+    changelog: String,
+    partition: i32,
+    /// The last time the task made progress: a gap longer than [`STALL`]
+    /// means a stall, after which nothing is produced before a check.
+    last_alive: Instant,
+}
+
+impl OwnerCheck {
+    pub(crate) fn new(reader: BaseConsumer, fence: Fence, lost: StopFlag, changelog: &str, partition: i32) -> Self {
+        Self { reader, fence, lost, changelog: changelog.to_string(), partition, last_alive: Instant::now() }
     }
-    fence.looked(end);
-    Ok(())
+
+    fn lost_error(&self) -> Error {
+        Error::Fenced(format!(
+            "partition {}: the group said this instance's assignment was lost (it missed the session timeout); \
+             stopped without committing, the new owner replays what was not committed",
+            self.partition
+        ))
+    }
+
+    /// Before anything is produced: after a stall, the broker is asked.
+    pub(crate) fn before_output(&mut self, producer: &Producer) -> Result<(), Error> {
+        if self.lost.is_set() {
+            return Err(self.lost_error());
+        }
+        if self.last_alive.elapsed() >= STALL {
+            self.check(producer, true)?;
+        }
+        self.last_alive = Instant::now();
+        Ok(())
+    }
+
+    /// Progress was made (a commit): no stall until [`STALL`] from now.
+    fn alive(&mut self) {
+        self.last_alive = Instant::now();
+    }
+
+    /// Whether the task still owns its partition: once what it sent is
+    /// acknowledged, the end of the changelog (`ask_broker`: its high
+    /// watermark; otherwise the offset after the task's last record) tells
+    /// whether someone else wrote, and only then is what they wrote read,
+    /// for a newer owner record. Waits are ended by `lost`, not by the task's
+    /// stop flag: a hand-over still checks.
+    pub(crate) fn check(&mut self, producer: &Producer, ask_broker: bool) -> Result<(), Error> {
+        let (changelog, partition) = (self.changelog.as_str(), self.partition);
+        let (reader, fence, lost) = (&self.reader, &mut self.fence, &self.lost);
+        let fenced =
+            |what: String| Error::Fenced(format!("partition {partition}: {what}; this instance stopped writing to it"));
+        // Acknowledgements first, so that the count of the task's own records
+        // is exact (a delivery failure is the caller's to report).
+        let _ = producer.flush();
+        let stopped = |e: Error| match e {
+            Error::Stopped => fenced("the group said this instance's assignment was lost".into()),
+            e => e,
+        };
+        let end = if ask_broker {
+            watermarks(reader, changelog, partition, lost).map_err(stopped)?.1
+        } else {
+            producer.delivered_end(changelog, partition).unwrap_or_default()
+        };
+        if let Look::Scan { from, to } = fence.look(end) {
+            let mut newer = None;
+            let mut stale = Vec::new();
+            read_range(reader, changelog, partition, (from, to), lost, |m| {
+                let key = m.key().unwrap_or_default();
+                if fence.is_newer_owner(key, m.offset()) {
+                    newer.get_or_insert(m.offset());
+                } else {
+                    stale.push(key.to_vec());
+                }
+                Ok(())
+            })
+            .map_err(stopped)?;
+            if let Some(at) = newer {
+                return Err(fenced(format!(
+                    "another instance took it over (its owner record is at changelog offset {at}, this instance's at {})",
+                    fence.epoch()
+                )));
+            }
+            tracing::warn!(
+                partition,
+                from,
+                to,
+                "changelog records of a previous owner after this one took over: ignored by every restore, \
+                 and their keys written again at the next commit (compaction keeps the last value of a key)"
+            );
+            for key in stale {
+                fence.note_stale(&key);
+            }
+        }
+        fence.looked(end);
+        Ok(())
+    }
 }
 
 impl Task {
@@ -294,16 +329,7 @@ impl Task {
     /// Before a record: whether the partition is still this task's. After
     /// a stall the changelog is asked; otherwise it costs a clock read.
     fn still_owner(&mut self) -> Result<(), Error> {
-        if self.lost.is_set() {
-            return Err(self.lost_error());
-        }
-        if self.last_alive.elapsed() >= STALL {
-            let changelog = self.shared.kafka.changelog_topic.as_str();
-            let producer = self.emitter.sink().producer();
-            check_owner(producer, &self.reader, &mut self.fence, (changelog, self.partition), &self.lost, true)?;
-        }
-        self.last_alive = Instant::now();
-        Ok(())
+        self.owner.borrow_mut().before_output(self.emitter.sink().producer())
     }
 
     /// An idle partition's watermark follows the wall clock (less the
@@ -358,7 +384,7 @@ impl Task {
                     let value = serde_json::to_vec(&run)?;
                     let producer = self.emitter.sink().producer();
                     let place = (self.shared.kafka.changelog_topic.as_str(), self.partition);
-                    send_changelog(producer, &mut self.fence, place, &key, Some(&value))?;
+                    send_changelog(producer, &mut self.owner.borrow_mut().fence, place, &key, Some(&value))?;
                     producer.flush()?;
                     self.run_keys.push(key);
                 }
@@ -516,9 +542,7 @@ impl Task {
         };
         let mut io = TaskIo {
             producer: sink.producer(),
-            reader: &self.reader,
-            fence: &mut self.fence,
-            lost: &self.lost,
+            owner: &self.owner,
             engine: &mut self.engine,
             changelog: &self.shared.kafka.changelog_topic,
             partition: self.partition,
@@ -545,7 +569,7 @@ impl Task {
         self.epoch_applied.clear();
         self.records_since_commit = 0;
         self.last_commit = Instant::now();
-        self.last_alive = self.last_commit;
+        self.owner.borrow_mut().alive();
         Ok(())
     }
 
@@ -553,7 +577,8 @@ impl Task {
     /// [`Fence::note_stale`]): customers are written again with this commit
     /// (touched), history entries and day counts with this task's values.
     fn rewrite_stale_keys(&mut self, states: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), Error> {
-        for key in self.fence.take_stale() {
+        let stale = self.owner.borrow_mut().fence.take_stale();
+        for key in stale {
             match crate::changelog::decode_entry(&key, None) {
                 Ok(crate::changelog::Entry::Customer { id, .. }) => self.engine.touch_customer(&id)?,
                 Ok(crate::changelog::Entry::History { id, seq, .. }) => {

@@ -1,7 +1,9 @@
 //! Opening a partition (ARCHITECTURE.md, "Recovery"): local RocksDB, then
 //! the changelog after it, then what the outputs already hold.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +12,7 @@ use rdkafka::producer::BaseRecord;
 use segstream_engine::Engine;
 use segstream_output::Emitter;
 
-use super::{now_ms, Shared, Task};
+use super::{now_ms, OwnerCheck, Shared, Task};
 use crate::changelog::{decode_entry, ChangelogError, Owner, EPOCH_HEADER, OWNER_KEY};
 use crate::client::{end_offsets, partition_count, read_range, reader, watermarks};
 use crate::error::Error;
@@ -189,7 +191,11 @@ impl Task {
         let guard = ReplayGuard::new(k.inputs.len(), skip);
         let mut marker = marker;
         marker.owner = Some(epoch);
-        let sink = KafkaSink::new(producer, k, shared.output, guard, shared.metrics.clone());
+        let mut sink = KafkaSink::new(producer, k, shared.output, guard, shared.metrics.clone());
+        let owner_check =
+            Rc::new(RefCell::new(OwnerCheck::new(consumer, Fence::new(epoch), lost.clone(), changelog, partition)));
+        let gate = owner_check.clone();
+        sink.set_gate(Box::new(move |producer| gate.borrow_mut().before_output(producer)));
         let decoder = k
             .inputs
             .iter()
@@ -209,9 +215,7 @@ impl Task {
             lost,
             engine,
             emitter: Emitter::new(sink),
-            reader: consumer,
-            fence: Fence::new(epoch),
-            last_alive: Instant::now(),
+            owner: owner_check.clone(),
             epoch_applied: HashMap::new(),
             decoder,
             out: Vec::new(),
@@ -246,7 +250,13 @@ impl Task {
             for id in &task.marker.erased {
                 let key = crate::changelog::customer_key(id);
                 let producer = task.emitter.sink().producer();
-                super::send_changelog(producer, &mut task.fence, (changelog, partition), &key, None)?;
+                super::send_changelog(
+                    producer,
+                    &mut task.owner.borrow_mut().fence,
+                    (changelog, partition),
+                    &key,
+                    None,
+                )?;
             }
             if let Some(w) = task.marker.pending_watermark {
                 task.advance_to(w)?;
@@ -273,7 +283,8 @@ impl Task {
     /// record after the marker's end offsets whose source is this partition.
     fn read_outputs(&mut self) -> Result<(), Error> {
         let k = &self.shared.kafka;
-        let consumer = &self.reader;
+        let owner = self.owner.borrow();
+        let consumer = &owner.reader;
         for (topic, is_dlq) in [(&k.output_topic, false), (&k.dead_letter_topic, true)] {
             for q in 0..partition_count(consumer, topic, &self.stop)? {
                 let (low, high) = watermarks(consumer, topic, q, &self.stop)?;
