@@ -106,6 +106,11 @@ pub fn run_demo(settings: &EngineSettings, args: &DemoArgs) -> anyhow::Result<De
         args.dir.join("state2").display(),
         format_rfc3339_millis(stats.end_ms)
     );
+    let _ = writeln!(
+        text,
+        "Ask: segstream serve --state-dir {}   (then: curl localhost:8080/v1/segments)",
+        state.display()
+    );
     Ok(DemoReport { summary, text })
 }
 
