@@ -11,6 +11,7 @@
 //! Run: `cargo bench -p segstream --bench e2e_kafka`
 //! Sizes: SEGSTREAM_BENCH_CUSTOMERS (default 20000), SEGSTREAM_BENCH_DAYS
 //! (default 14), SEGSTREAM_BENCH_PARTITIONS (default 4);
+//! SEGSTREAM_BENCH_HISTORY: `history.per_customer` (default 50, 0 = off);
 //! SEGSTREAM_BENCH_STORAGE=memory (default) or sqlite for the broker. Needs
 //! the tansu binary (`.ci/install-tansu.sh`, or TANSU_BIN).
 
@@ -169,6 +170,8 @@ fn main() {
         &cfg,
         format!(
             r#"
+[history]
+per_customer = {history}
 [kafka]
 brokers = "{addr}"
 group_id = "bench"
@@ -182,7 +185,8 @@ metrics_addr = "{metrics}"
 "fetch.wait.max.ms" = "10"
 "#,
             addr = broker.addr,
-            state = dir.path().join("state").display()
+            state = dir.path().join("state").display(),
+            history = env_or("SEGSTREAM_BENCH_HISTORY", 50),
         ),
     )
     .expect("config");
