@@ -212,9 +212,13 @@ impl OwnerCheck {
         Ok(())
     }
 
-    /// Progress was made (a commit): no stall until [`STALL`] from now.
+    /// Progress was made (a commit): no stall until [`STALL`] from now —
+    /// unless the commit itself took that long (a stall in the middle of it
+    /// must still be checked before anything more is produced).
     fn alive(&mut self) {
-        self.last_alive = Instant::now();
+        if self.last_alive.elapsed() < STALL {
+            self.last_alive = Instant::now();
+        }
     }
 
     /// Whether the task still owns its partition: once what it sent is
