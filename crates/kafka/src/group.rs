@@ -258,9 +258,22 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
     ctx.commit_offsets(&consumer, None, CommitMode::Sync);
     let failure = ctx.failure.lock().expect("failure").take();
     tracing::info!("partitions committed; leaving the group");
-    consumer.unsubscribe();
-    drop(consumer);
-    tracing::info!("left the group");
+    // Everything is committed: a broker that does not answer the leave
+    // request must not keep the process from exiting (the group notices a
+    // member that left without a word within its session timeout).
+    let (left, leaving) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+        let _ = left.send(());
+    });
+    match leaving.recv_timeout(Duration::from_secs(10)) {
+        Ok(()) => tracing::info!("left the group"),
+        Err(_) => tracing::warn!(
+            "leaving the group takes over 10 s (the broker does not answer): exiting anyway; every partition is \
+             committed, and the group notices within its session timeout"
+        ),
+    }
     result?;
     match failure {
         Some(f) => Err(Error::PartitionFailed(f)),
