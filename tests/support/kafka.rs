@@ -171,17 +171,17 @@ pub fn produce(addr: &str, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) {
         if !key.is_empty() {
             rec = rec.key(key.as_slice());
         }
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    rec = back;
-                    p.poll(Duration::from_millis(20));
-                }
-            }
-        }
+        send_waiting(&p, rec);
     }
     p.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// Sends `rec`, waiting while the producer's queue is full.
+fn send_waiting(p: &BaseProducer, mut rec: BaseRecord<'_, [u8], [u8]>) {
+    while let Err((_, back)) = p.send(rec) {
+        rec = back;
+        p.poll(Duration::from_millis(20));
+    }
 }
 
 /// Produces keyed records, letting librdkafka's `partitioner` (e.g.
@@ -195,16 +195,7 @@ pub fn produce_partitioned(addr: &str, topic: &str, partitioner: &str, records: 
         .create()
         .expect("producer");
     for (key, payload) in records {
-        let mut rec = BaseRecord::to(topic).key(key.as_slice()).payload(payload.as_slice());
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    rec = back;
-                    p.poll(Duration::from_millis(20));
-                }
-            }
-        }
+        send_waiting(&p, BaseRecord::to(topic).key(key.as_slice()).payload(payload.as_slice()));
     }
     p.flush(Duration::from_secs(60)).expect("flush");
 }
