@@ -62,9 +62,6 @@ pub struct Task {
     shared: Arc<Shared>,
     partition: i32,
     stop: StopFlag,
-    /// Set when the group says this instance lost its assignment (it
-    /// missed the session timeout): end without writing anything.
-    lost: StopFlag,
     engine: Engine,
     emitter: Emitter<KafkaSink>,
     /// Whether the partition is still this task's; shared with the sink,
@@ -200,11 +197,17 @@ impl OwnerCheck {
         ))
     }
 
-    /// Before anything is produced: after a stall, the broker is asked.
-    pub(crate) fn before_output(&mut self, producer: &Producer) -> Result<(), Error> {
+    /// Fails when the group said this instance's assignment was lost.
+    pub(crate) fn not_lost(&self) -> Result<(), Error> {
         if self.lost.is_set() {
             return Err(self.lost_error());
         }
+        Ok(())
+    }
+
+    /// Before anything is produced: after a stall, the broker is asked.
+    pub(crate) fn before_output(&mut self, producer: &Producer) -> Result<(), Error> {
+        self.not_lost()?;
         if self.last_alive.elapsed() >= STALL {
             self.check(producer, true)?;
         }
@@ -314,20 +317,10 @@ impl Task {
     }
 
     fn hand_over(mut self) -> Result<(), Error> {
-        if self.lost.is_set() {
-            return Err(self.lost_error());
-        }
+        self.owner.borrow().not_lost()?;
         self.commit(None)?;
         tracing::info!(partition = self.partition, records = self.records, "partition handed over");
         Ok(())
-    }
-
-    fn lost_error(&self) -> Error {
-        Error::Fenced(format!(
-            "partition {}: the group said this instance's assignment was lost (it missed the session timeout); \
-             stopped without committing, the new owner replays what was not committed",
-            self.partition
-        ))
     }
 
     /// Before a record: whether the partition is still this task's. After
@@ -483,9 +476,7 @@ impl Task {
 
     /// Commits (see [`crate::commit`]), then tells the main thread and the metrics.
     fn commit(&mut self, pending_watermark: Option<i64>) -> Result<(), Error> {
-        if self.lost.is_set() {
-            return Err(self.lost_error());
-        }
+        self.owner.borrow().not_lost()?;
         let started = Instant::now();
         let next = self.records;
         let mut states = Vec::new();

@@ -212,7 +212,6 @@ impl Task {
             shared: shared.clone(),
             partition,
             stop,
-            lost,
             engine,
             emitter: Emitter::new(sink),
             owner: owner_check.clone(),
