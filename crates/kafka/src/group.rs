@@ -78,7 +78,8 @@ impl GroupContext {
                 match &ended {
                     // Revoked while restoring: the restore stops at once, so
                     // the rebalance is not held up by it.
-                    Err(Error::Stopped) => tracing::info!(partition, "restore stopped: the partition was revoked"),
+                    // (The restore says how far it came.)
+                    Err(Error::Stopped) => tracing::debug!(partition, "task stopped while opening"),
                     Err(Error::Fenced(why)) => tracing::warn!(partition, "{why}"),
                     // Said now, not when the main thread collects the task.
                     Err(e) => tracing::error!(partition, "partition task failed: {e}"),

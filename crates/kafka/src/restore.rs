@@ -108,6 +108,11 @@ impl ChangelogTail {
         Self { last: local.map(|l| (l.marker, l.changelog_offset)), owner, ..Self::default() }
     }
 
+    /// The last commit marker seen (or the local one) and its offset.
+    pub fn last(&self) -> Option<&(Marker, i64)> {
+        self.last.as_ref()
+    }
+
     /// The newest owner epoch seen so far.
     pub fn owner(&self) -> Option<i64> {
         self.owner

@@ -15,6 +15,10 @@ pub enum CrashPoint {
     AfterChangelogStates,
     /// Marker acknowledged; tombstones and the local RocksDB commit not done.
     AfterMarker,
+    /// In a restore, after this many changelog records were read (the
+    /// record number is the restore's count, not the partition's). While
+    /// armed, the restore checkpoints at every commit marker it reads.
+    DuringRestore,
 }
 
 impl CrashPoint {
@@ -23,6 +27,7 @@ impl CrashPoint {
             Self::AfterOutput => "after_output",
             Self::AfterChangelogStates => "after_changelog_states",
             Self::AfterMarker => "after_marker",
+            Self::DuringRestore => "during_restore",
         }
     }
 }
@@ -41,13 +46,17 @@ impl FromStr for FaultInjection {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad =
-            || format!("{CRASH_AT_ENV}={s}: expected <after_output|after_changelog_states|after_marker>:<record>");
+        let bad = || {
+            format!("{CRASH_AT_ENV}={s}: expected <after_output|after_changelog_states|after_marker|during_restore>:<record>")
+        };
         let (point, record) = s.split_once(':').ok_or_else(bad)?;
-        let point = [CrashPoint::AfterOutput, CrashPoint::AfterChangelogStates, CrashPoint::AfterMarker]
-            .into_iter()
-            .find(|p| p.name() == point)
-            .ok_or_else(bad)?;
+        let points = [
+            CrashPoint::AfterOutput,
+            CrashPoint::AfterChangelogStates,
+            CrashPoint::AfterMarker,
+            CrashPoint::DuringRestore,
+        ];
+        let point = points.into_iter().find(|p| p.name() == point).ok_or_else(bad)?;
         Ok(Self { crash_at: Some((point, record.parse().map_err(|_| bad())?)) })
     }
 }
@@ -61,6 +70,11 @@ impl fmt::Display for CrashPoint {
 impl FaultInjection {
     pub fn none() -> Self {
         Self::default()
+    }
+
+    /// Whether a crash is armed at `point` (whatever the record).
+    pub fn armed(&self, point: CrashPoint) -> bool {
+        self.crash_at.is_some_and(|(p, _)| p == point)
     }
 
     /// Whether to abort at `point` now that `records` records were processed.

@@ -26,7 +26,38 @@ use crate::runlog::RunLog;
 use crate::schemas::WireDecoder;
 use crate::sink::KafkaSink;
 use crate::stop::StopFlag;
+use crate::testhooks::CrashPoint;
 use segstream_decode::Format;
+
+/// When a restore records its progress in the local state: at a commit
+/// marker, after [`Checkpoint::RECORDS`] records or [`Checkpoint::EVERY`]
+/// since the last time (a checkpoint is one RocksDB batch).
+struct Checkpoint {
+    records: u64,
+    at: Instant,
+    every_records: u64,
+    /// The changelog offset of the last marker recorded.
+    offset: Option<i64>,
+}
+
+impl Checkpoint {
+    const RECORDS: u64 = 100_000;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn new(every_records: u64) -> Self {
+        Self { records: 0, at: Instant::now(), every_records, offset: None }
+    }
+
+    fn due(&self, records: u64) -> bool {
+        records > self.records && (records - self.records >= self.every_records || self.at.elapsed() >= Self::EVERY)
+    }
+
+    fn done(&mut self, records: u64, offset: i64) {
+        self.records = records;
+        self.offset = Some(offset);
+        self.at = Instant::now();
+    }
+}
 
 /// Who this instance is, for people reading the changelog.
 fn instance_name() -> String {
@@ -85,8 +116,11 @@ impl Task {
         }
         let from = local.as_ref().map_or(low, |l| l.changelog_offset + 1);
         let mut tail = ChangelogTail::after(local);
+        let faults = k.faults;
+        let mut checkpoint =
+            Checkpoint::new(if faults.armed(CrashPoint::DuringRestore) { 1 } else { Checkpoint::RECORDS });
         let mut read = |range: (i64, i64)| {
-            read_range(&consumer, changelog, partition, range, &stop, |m| {
+            let read = read_range(&consumer, changelog, partition, range, &stop, |m| {
                 let key = m.key().unwrap_or_default();
                 let entry = decode_entry(key, m.payload()).map_err(|e| ChangelogError::At {
                     topic: changelog.to_string(),
@@ -101,6 +135,19 @@ impl Task {
                     Some(Restore::Series(day, counts)) => engine.restore_series(day, counts),
                     None => {}
                 }
+                // At a commit marker the local state equals the partition's
+                // state at that commit: a restore stopped later (a rebalance,
+                // a crash) resumes from here, not from the beginning.
+                if let Some((marker, offset)) = tail.last().filter(|(_, o)| *o == m.offset()) {
+                    if checkpoint.due(tail.records) {
+                        let at_ms = m.timestamp().to_millis().unwrap_or(0).min(now_ms());
+                        let local =
+                            LocalMarker { marker: marker.clone(), changelog_offset: *offset, committed_at_ms: at_ms };
+                        engine.commit(vec![(LOCAL_MARKER_META.into(), serde_json::to_vec(&local)?)])?;
+                        checkpoint.done(tail.records, *offset);
+                    }
+                }
+                faults.crash_point(CrashPoint::DuringRestore, tail.records as i64, partition, || {});
                 if tail.records.is_multiple_of(100_000) {
                     engine.commit(Vec::new())?;
                     tracing::info!(
@@ -111,7 +158,17 @@ impl Task {
                     );
                 }
                 Ok(())
-            })
+            });
+            if let Err(Error::Stopped) = read {
+                tracing::info!(
+                    partition,
+                    changelog_records = tail.records,
+                    resumes_after = ?checkpoint.offset,
+                    "restore stopped (the partition was revoked): the next restore here resumes after the last \
+                     commit marker it recorded"
+                );
+            }
+            read
         };
         read((from, high))?;
         if stop.is_set() || lost.is_set() {
