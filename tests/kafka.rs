@@ -403,6 +403,18 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
     // A record without a key, in its customer's partition: processed, and counted.
     let keyless = p.produced.iter().position(|(_, key, _)| key.starts_with(b"cus_")).expect("a customer's record");
     p.produced[keyless].1.clear();
+    // An erasure of an unknown customer (valid, writes nothing), without a
+    // key, in a partition its customer does not belong to: processed,
+    // counted and logged with its location.
+    let stray_home = partition_of("cus_stray", 3);
+    let stray_at = (stray_home + 1) % 3;
+    p.produced.push((
+        stray_at,
+        Vec::new(),
+        br#"{"event_id":"stray","customer_id":"cus_stray","type":"customer_deleted","ts":1767225600000}"#.to_vec(),
+    ));
+    // The test's end-of-input records are placed by hand, one per partition.
+    let misplaced = 1 + (0..3).filter(|&q| partition_of(&format!("zz-end-{q}"), 3) != q).count();
     p.produce_all();
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let mut child = p.start("a", &format!("metrics_addr = \"127.0.0.1:{port}\""));
@@ -454,7 +466,12 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
         .map(|l| l.rsplit(' ').next().expect("value").parse::<f64>().expect("number"))
         .sum();
     assert_eq!(dead_total as usize, p.expected_dead, "{body}");
-    assert!(body.contains("segstream_input_unkeyed_records_total 2\n"), "{body}");
+    assert!(body.contains("segstream_input_unkeyed_records_total 3\n"), "{body}");
+    assert!(body.contains(&format!("segstream_input_misplaced_records_total {misplaced}\n")), "{body}");
+    let log = p.log("a");
+    let said = log.lines().find(|l| l.contains("wrong partition") && l.contains(&format!("events/{stray_at}/")));
+    let said = said.unwrap_or_else(|| panic!("the stray record is logged with its location:\n{log}"));
+    assert!(said.contains(&format!("home_partition={stray_home}")) && !said.contains("cus_stray"), "{said}");
     assert!(body.contains("segstream_output_transitions_total{"), "{body}");
     assert!(!body.contains("cus_"), "no customer ids in metrics");
     assert!(http_get(&format!("127.0.0.1:{port}"), "/healthz").contains("ok"));

@@ -202,7 +202,11 @@ pub fn produce_partitioned(addr: &str, topic: &str, partitioner: &str, records: 
 
 /// The partition a test puts a customer in.
 pub fn partition_of(customer: &str, partitions: i32) -> i32 {
-    (xxhash_rust::xxh3::xxh3_64(customer.as_bytes()) % partitions as u64) as i32
+    segstream_kafka::owners::partition_for_key(
+        customer.as_bytes(),
+        partitions,
+        segstream_kafka::KeyPartitioner::Murmur2,
+    )
 }
 
 /// A record read back from a topic.

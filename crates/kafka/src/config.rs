@@ -131,3 +131,13 @@ pub enum KeyPartitioner {
     Murmur2,
     Consistent,
 }
+
+impl KeyPartitioner {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Murmur2 => "murmur2",
+            Self::Consistent => "consistent",
+        }
+    }
+}

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub late: Counter,
     pub duplicates: Counter,
     pub unkeyed: Counter,
+    pub misplaced: Counter,
     pub dead_letters: Family<KindLabel, Counter>,
     pub transitions: Family<TransitionLabel, Counter>,
     pub replay_suppressed: Counter,
@@ -90,6 +91,13 @@ impl Metrics {
             "input_unkeyed_records",
             "Input records without a message key (with several partitions, a customer's events may be split)",
             unkeyed.clone(),
+        );
+        let misplaced = Counter::default();
+        registry.register(
+            "input_misplaced_records",
+            "Input records whose customer belongs to another partition by kafka.key_partitioner (processed where \
+             they are: a separate copy of the customer)",
+            misplaced.clone(),
         );
         let dead_letters = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -167,6 +175,7 @@ impl Metrics {
             late,
             duplicates,
             unkeyed,
+            misplaced,
             dead_letters,
             transitions,
             replay_suppressed,

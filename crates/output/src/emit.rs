@@ -83,45 +83,80 @@ impl Tally {
     }
 }
 
-/// Invalid records logged one by one before the log only summarises.
-const LOGGED_ONE_BY_ONE: u64 = 100;
-/// After that, one summary line at most this often.
-const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// Invalid records kept as text for an end-of-run summary.
 const SAMPLES: usize = 5;
 
-/// Logs invalid records without flooding the log: the first ones each with
-/// its location, kind and error (never the record's bytes), then a count
-/// per minute.
+/// What a [`Throttle`] lets a log say about one more occurrence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Say {
+    /// Log this one; `last`: the last one logged one by one (say so).
+    Each { last: bool },
+    /// Log a count of the occurrences not logged since the last summary.
+    Summary(u64),
+    /// Count it only.
+    Nothing,
+}
+
+/// Keeps a warning from flooding the log: the first `each` occurrences one
+/// by one, then one count at most every `every`.
 #[derive(Debug)]
-struct InvalidLog {
+pub struct Throttle {
+    each: u64,
+    every: Duration,
     seen: u64,
     unlogged: u64,
     last_summary: Instant,
 }
 
-impl InvalidLog {
-    fn note(&mut self, d: &DeadLetter<'_>) {
+impl Throttle {
+    pub fn new(each: u64, every: Duration) -> Self {
+        Self { each, every, seen: 0, unlogged: 0, last_summary: Instant::now() }
+    }
+
+    /// One more occurrence: what to log about it.
+    pub fn note(&mut self) -> Say {
         self.seen += 1;
-        if self.seen <= LOGGED_ONE_BY_ONE {
-            tracing::warn!(location = %d.location, kind = d.error.kind(), "invalid record: {}", d.error);
-            if self.seen == LOGGED_ONE_BY_ONE {
-                tracing::warn!(
-                    "further invalid records are only counted and dead-lettered (a count is logged every minute)"
-                );
+        if self.seen <= self.each {
+            if self.seen == self.each {
                 self.last_summary = Instant::now();
             }
-            return;
+            return Say::Each { last: self.seen == self.each };
         }
         self.unlogged += 1;
-        if self.last_summary.elapsed() >= SUMMARY_EVERY {
-            tracing::warn!(
-                count = self.unlogged,
-                last = d.location,
-                "invalid records dead-lettered in the last minute"
-            );
-            self.unlogged = 0;
+        if self.last_summary.elapsed() >= self.every {
+            let n = std::mem::take(&mut self.unlogged);
             self.last_summary = Instant::now();
+            return Say::Summary(n);
+        }
+        Say::Nothing
+    }
+}
+
+/// Logs invalid records without flooding the log: the first 100 each with
+/// its location, kind and error (never the record's bytes), then a count
+/// per minute.
+#[derive(Debug)]
+struct InvalidLog(Throttle);
+
+impl InvalidLog {
+    fn new() -> Self {
+        Self(Throttle::new(100, Duration::from_secs(60)))
+    }
+
+    fn note(&mut self, d: &DeadLetter<'_>) {
+        match self.0.note() {
+            Say::Each { last } => {
+                tracing::warn!(location = %d.location, kind = d.error.kind(), "invalid record: {}", d.error);
+                if last {
+                    tracing::warn!(
+                        "further invalid records are only counted and dead-lettered (a count is logged every minute)"
+                    );
+                }
+            }
+            Say::Summary(count) => {
+                tracing::warn!(count, last = d.location, "invalid records dead-lettered in the last minute");
+            }
+            Say::Nothing => {}
         }
     }
 }
@@ -136,12 +171,7 @@ pub struct Emitter<S> {
 
 impl<S: TransitionSink> Emitter<S> {
     pub fn new(sink: S) -> Self {
-        Self {
-            sink,
-            tally: Tally::default(),
-            log: InvalidLog { seen: 0, unlogged: 0, last_summary: Instant::now() },
-            samples: Vec::new(),
-        }
+        Self { sink, tally: Tally::default(), log: InvalidLog::new(), samples: Vec::new() }
     }
 
     /// Writes (and drains) `out`, in order.
@@ -298,6 +328,18 @@ mod tests {
             self.seen.push(d.location.to_string());
             Ok(true)
         }
+    }
+
+    #[test]
+    fn a_throttle_says_the_first_ones_then_counts() {
+        let mut t = Throttle::new(2, Duration::ZERO);
+        assert_eq!(t.note(), Say::Each { last: false });
+        assert_eq!(t.note(), Say::Each { last: true });
+        assert_eq!(t.note(), Say::Summary(1));
+        let mut t = Throttle::new(1, Duration::from_secs(3600));
+        assert_eq!(t.note(), Say::Each { last: true });
+        assert_eq!(t.note(), Say::Nothing);
+        assert_eq!(t.note(), Say::Nothing);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use segstream_decode::{decode_json_line, Classify, DecodeError, ErrorClass, Event, Format};
 use segstream_engine::{Engine, EngineSettings};
-use segstream_output::{DeadLetter, Emitter};
+use segstream_output::{DeadLetter, Emitter, Say, Throttle};
 use segstream_scoring::{Outcome, Transition};
 
 use crate::changelog::{
@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::fence::{Fence, Look, STALL};
 use crate::marker::{LocalMarker, Marker, Progress, LOCAL_MARKER_META};
 use crate::metrics::{KindLabel, Metrics, PartitionLabel, TopicPartitionLabel, TransitionLabel};
+use crate::owners::partition_for_key;
 use crate::producer::Producer;
 use crate::record::{Msg, Rec};
 use crate::runlog::{RunLog, Step};
@@ -94,6 +95,8 @@ pub struct Task {
     /// segment), dead letters by kind.
     published: HashMap<(String, String), u64>,
     published_dead: HashMap<&'static str, u64>,
+    /// Records whose customer belongs to another partition (logged, throttled).
+    misplaced: Throttle,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -440,6 +443,7 @@ impl Task {
                 self.emitter.dead_letter(&dead)?;
             }
             Ok(ev) => {
+                self.check_placement(&ev.customer_id, r.key.is_some(), &source);
                 if let Some(t) = r.timestamp {
                     self.last_delay_ms = Some(t.saturating_sub(ev.ts));
                 }
@@ -472,6 +476,41 @@ impl Task {
             self.commit(None)?;
         }
         Ok(())
+    }
+
+    /// A record whose customer belongs to another partition (by
+    /// `kafka.key_partitioner`) is processed here, where that customer's
+    /// state is not: a second, separate copy of the customer. Counted and
+    /// logged with its location (throttled; no customer id in the log).
+    fn check_placement(&mut self, customer: &str, keyed: bool, source: &str) {
+        let k = &self.shared.kafka;
+        let home = partition_for_key(customer.as_bytes(), self.shared.input_partitions, k.key_partitioner);
+        if home == self.partition {
+            return;
+        }
+        self.shared.metrics.misplaced.inc();
+        match self.misplaced.note() {
+            Say::Each { last } => {
+                tracing::warn!(
+                    location = source,
+                    keyed,
+                    home_partition = home,
+                    partitioner = k.key_partitioner.name(),
+                    "record in the wrong partition: its customer belongs to partition {home}, where its state is; \
+                     processed here it starts a separate copy of the customer (produce events keyed by \
+                     customer_id with the partitioner kafka.key_partitioner names){}",
+                    if last {
+                        "; further ones are counted (segstream_input_misplaced_records_total) and summarised every minute"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Say::Summary(count) => {
+                tracing::warn!(count, last = source, "records in the wrong partition in the last minute");
+            }
+            Say::Nothing => {}
+        }
     }
 
     /// Commits (see [`crate::commit`]), then tells the main thread and the metrics.

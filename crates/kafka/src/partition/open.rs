@@ -282,6 +282,7 @@ impl Task {
             last_delay_ms,
             published: HashMap::new(),
             published_dead: HashMap::new(),
+            misplaced: segstream_output::Throttle::new(10, std::time::Duration::from_secs(60)),
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.
