@@ -1119,6 +1119,37 @@ fn a_restore_stopped_halfway_resumes_from_its_last_checkpoint() {
     assert_eq!(local, file, "the resumed restore's state and file mode's");
 }
 
+/// The group's offsets moved forward by hand while segstream was stopped
+/// (`--reset-offsets --to-latest`): the records between each partition's
+/// last commit and the group's offset are read from the topic and
+/// processed, nothing is skipped.
+#[test]
+fn group_offsets_moved_forward_by_hand_skip_nothing() {
+    let p = Pipeline::new(sqlite, 2, 60, 60, None);
+    let (first, second) = (p.produced.len() / 2, p.produced.len() * 3 / 4);
+    produce(&p.broker.addr, EVENTS, &p.produced[..first]);
+    let mut a = p.start("a", "");
+    p.wait_output(1, "a on the first half", &["a"]);
+    std::thread::sleep(Duration::from_secs(3));
+    sigterm(&mut a);
+    // Both partitions processed (and committed) records: a partition that
+    // never processed one starts where the group consumer starts.
+    let handed: Vec<u64> =
+        p.log("a").lines().filter(|l| l.contains("partition handed over")).map(|l| log_max(l, "records=")).collect();
+    assert!(handed.len() == 2 && handed.iter().all(|&n| n > 0), "{}", p.log("a"));
+    // Produced while stopped; then the operator moves the group past them.
+    produce(&p.broker.addr, EVENTS, &p.produced[first..second]);
+    let moved = reset_group_to_latest(&p.broker.addr, "g", EVENTS);
+    eprintln!("group offsets moved to {moved:?}");
+    produce(&p.broker.addr, EVENTS, &p.produced[second..]);
+    let mark = p.log("a").len();
+    let mut a = p.start("a", "");
+    p.assert_exactly_expected(&["a"]);
+    let log = p.log("a")[mark..].to_string();
+    assert!(log.contains("reading the records in between from the topic first"), "{log}");
+    sigterm(&mut a);
+}
+
 /// Every customer's state as the changelog holds it, read the way a restore
 /// reads it (records of a stalled previous owner ignored), as Debug text.
 fn changelog_states(addr: &str) -> BTreeMap<String, String> {

@@ -282,7 +282,6 @@ pub fn read_all(addr: &str, topic: &str) -> Vec<Read> {
     out
 }
 
-/// Number of records in `topic` (sum of end − start over its partitions).
 /// tansu's SQLite storage can take over 10 s to answer under the heaviest
 /// tests: the tests' own requests are retried for a minute.
 fn patiently<T>(what: &str, mut f: impl FnMut() -> Result<T, KafkaError>) -> T {
@@ -296,6 +295,7 @@ fn patiently<T>(what: &str, mut f: impl FnMut() -> Result<T, KafkaError>) -> T {
     }
 }
 
+/// Number of records in `topic` (sum of end − start over its partitions).
 pub fn count(addr: &str, topic: &str) -> i64 {
     let c: BaseConsumer = client_config(addr).create().expect("consumer");
     let parts = patiently("metadata", || {
@@ -307,4 +307,29 @@ pub fn count(addr: &str, topic: &str) -> i64 {
             high - low
         })
         .sum()
+}
+
+/// Moves `group`'s committed offsets of every partition of `topic` to its
+/// end, as `kafka-consumer-groups --reset-offsets --to-latest` does while
+/// the group has no member; returns the offsets set.
+pub fn reset_group_to_latest(addr: &str, group: &str, topic: &str) -> Vec<(i32, i64)> {
+    let c: BaseConsumer =
+        client_config(addr).set("group.id", group).set("enable.auto.commit", "false").create().expect("consumer");
+    let parts = patiently("metadata", || {
+        c.fetch_metadata(Some(topic), Duration::from_secs(10)).map(|md| md.topics()[0].partitions().len() as i32)
+    });
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for p in 0..parts {
+        let (_, high) = patiently("watermarks", || c.fetch_watermarks(topic, p, Duration::from_secs(10)));
+        tpl.add_partition_offset(topic, p, Offset::Offset(high)).expect("offset");
+        ends.push((p, high));
+    }
+    patiently("committing offsets", || c.commit(&tpl, rdkafka::consumer::CommitMode::Sync));
+    let got = patiently("reading offsets", || c.committed_offsets(tpl.clone(), Duration::from_secs(10)));
+    for (p, high) in &ends {
+        let at = got.find_partition(topic, *p).map(|e| e.offset());
+        assert_eq!(at, Some(Offset::Offset(*high)), "the group's offset of {topic}/{p} was moved");
+    }
+    ends
 }

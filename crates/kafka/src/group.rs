@@ -298,13 +298,7 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
                 Some(Ok(m)) => {
                     n += 1;
                     let Some(topic) = topics.iter().position(|t| *t == m.topic()) else { continue };
-                    batches.entry((m.partition(), topic)).or_default().push(Rec {
-                        topic,
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        payload: m.payload().map(<[u8]>::to_vec),
-                        timestamp: m.timestamp().to_millis(),
-                    });
+                    batches.entry((m.partition(), topic)).or_default().push(Rec::from_message(topic, &m));
                 }
                 Some(Err(e)) => {
                     tracing::warn!("consumer: {e}");

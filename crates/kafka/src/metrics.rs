@@ -46,6 +46,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub unkeyed: Counter,
     pub misplaced: Counter,
+    pub gap_records: Counter,
+    pub retention_lost: Counter,
     pub dead_letters: Family<KindLabel, Counter>,
     pub transitions: Family<TransitionLabel, Counter>,
     pub replay_suppressed: Counter,
@@ -98,6 +100,20 @@ impl Metrics {
             "Input records whose customer belongs to another partition by kafka.key_partitioner (processed where \
              they are: a separate copy of the customer)",
             misplaced.clone(),
+        );
+        let gap_records = Counter::default();
+        registry.register(
+            "input_gap_records",
+            "Input records read directly from the topic because the group's offset was ahead of the partition's \
+             last commit (offsets moved forward by hand)",
+            gap_records.clone(),
+        );
+        let retention_lost = Counter::default();
+        registry.register(
+            "input_retention_lost_records",
+            "Input offsets after a partition's last commit that the topic's retention deleted before they were \
+             processed",
+            retention_lost.clone(),
         );
         let dead_letters = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -176,6 +192,8 @@ impl Metrics {
             duplicates,
             unkeyed,
             misplaced,
+            gap_records,
+            retention_lost,
             dead_letters,
             transitions,
             replay_suppressed,

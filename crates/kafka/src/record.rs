@@ -13,6 +13,20 @@ pub struct Rec {
     pub timestamp: Option<i64>,
 }
 
+impl Rec {
+    /// Copies a consumer message of input topic number `topic`.
+    pub fn from_message(topic: usize, m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        use rdkafka::Message;
+        Self {
+            topic,
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            timestamp: m.timestamp().to_millis(),
+        }
+    }
+}
+
 pub enum Msg {
     Records(Vec<Rec>),
     /// Commit and end (revocation, shutdown); when the task's `lost` flag

@@ -72,6 +72,9 @@ pub struct Task {
     marker: Marker,
     /// Per input topic, the next offset to process (-1: none yet).
     next_offsets: Vec<i64>,
+    /// Per input topic: whether the group consumer delivered a record yet
+    /// (its first one is checked against `next_offsets`).
+    delivered: Vec<bool>,
     /// Record number of the next record processed (all topics).
     records: i64,
     /// Customer → record number of its last event applied since the last commit.
@@ -367,6 +370,69 @@ impl Task {
     /// run is logged to the changelog (and acknowledged) before any of its
     /// output, so that a replay processes them in the same order.
     fn take(&mut self, recs: Vec<Rec>) -> Result<(), Error> {
+        if let Some(first) = recs.first() {
+            let t = first.topic;
+            if !std::mem::replace(&mut self.delivered[t], true)
+                && self.next_offsets[t] >= 0
+                && first.offset > self.next_offsets[t]
+            {
+                self.fill_gap(t, first.offset)?;
+            }
+        }
+        self.take_records(recs)
+    }
+
+    /// The group consumer started topic `t` at `to`, after this partition's
+    /// committed position (the group's offsets were moved forward by hand,
+    /// or reset to the latest after they expired): the records in between
+    /// are read from the topic here and processed first, so none is
+    /// skipped. Records the topic's retention already deleted are lost:
+    /// said and counted.
+    fn fill_gap(&mut self, t: usize, to: i64) -> Result<(), Error> {
+        const CHUNK: i64 = 10_000;
+        let topic = self.shared.kafka.inputs[t].topic.clone();
+        let partition = self.partition;
+        let from = self.next_offsets[t];
+        let (low, _) = watermarks(&self.owner.borrow().reader, &topic, partition, &self.stop)?;
+        if low > from {
+            let lost = (low.min(to) - from) as u64;
+            self.shared.metrics.retention_lost.inc_by(lost);
+            tracing::error!(
+                topic,
+                partition,
+                from,
+                to = low.min(to),
+                "input records deleted by the topic's retention before this partition processed them: lost \
+                 (the group was stopped for longer than the input's retention.ms)"
+            );
+        }
+        let mut at = from.max(low);
+        if at >= to {
+            return Ok(());
+        }
+        tracing::warn!(
+            topic,
+            partition,
+            from = at,
+            to,
+            "the group's offset is ahead of this partition's last commit (offsets moved by hand, or reset after \
+             they expired): reading the records in between from the topic first"
+        );
+        while at < to {
+            let end = (at + CHUNK).min(to);
+            let mut chunk = Vec::new();
+            read_range(&self.owner.borrow().reader, &topic, partition, (at, end), &self.stop, |m| {
+                chunk.push(Rec::from_message(t, m));
+                Ok(())
+            })?;
+            self.shared.metrics.gap_records.inc_by(chunk.len() as u64);
+            self.take_records(chunk)?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn take_records(&mut self, recs: Vec<Rec>) -> Result<(), Error> {
         if self.shared.kafka.inputs.len() == 1 {
             for r in recs {
                 self.process(r)?;

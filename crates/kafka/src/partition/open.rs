@@ -262,6 +262,7 @@ impl Task {
         let mut task = Self {
             source_prefixes: k.inputs.iter().map(|i| format!("{}/{partition}/", i.topic)).collect(),
             next_offsets: k.inputs.iter().map(|i| marker.input_offsets.get(&i.topic).copied().unwrap_or(-1)).collect(),
+            delivered: vec![false; k.inputs.len()],
             records: marker.records,
             runs: RunLog::new(k.inputs.len(), replay),
             run_keys,
