@@ -475,6 +475,57 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
     assert!(body.contains("segstream_output_transitions_total{"), "{body}");
     assert!(!body.contains("cus_"), "no customer ids in metrics");
     assert!(http_get(&format!("127.0.0.1:{port}"), "/healthz").contains("ok"));
+    assert!(http_get(&format!("127.0.0.1:{port}"), "/readyz").starts_with("HTTP/1.1 200"));
+
+    // What an operator watches: segment populations equal to file mode's
+    // (summed over this instance's partitions), no lag once caught up, the
+    // state's size, and the process.
+    let file_sizes = {
+        let engine = segstream_engine::Engine::open(&p.dir.path().join("file-state"), &EngineSettings::spec_default())
+            .expect("file state");
+        engine.segment_sizes().expect("sizes")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+        let gauge = |line_start: &str| -> Vec<f64> {
+            body.lines()
+                .filter(|l| l.starts_with(line_start))
+                .map(|l| l.rsplit(' ').next().expect("value").parse::<f64>().expect("number"))
+                .collect()
+        };
+        let mut sizes = BTreeMap::new();
+        for (group, segment) in file_sizes.keys() {
+            let v = gauge(&format!("segstream_segment_customers{{group=\"{group}\",segment=\"{segment}\"}} "));
+            sizes.insert((group.clone(), segment.clone()), v.first().copied().unwrap_or(0.0) as u64);
+        }
+        let lag: f64 = gauge("segstream_consumer_lag_records{").iter().sum();
+        let lagged = gauge("segstream_consumer_lag_records{").len();
+        let done = sizes == file_sizes && lagged == 3 && lag == 0.0;
+        if done || Instant::now() > deadline {
+            assert_eq!(sizes, file_sizes, "segment populations from /metrics and file mode's state\n{body}");
+            assert_eq!((lagged, lag), (3, 0.0), "a lag series per partition, none behind once caught up\n{body}");
+            let customers: f64 = gauge("segstream_state_customers{").iter().sum();
+            let in_rfm: u64 = file_sizes.iter().filter(|((g, _), _)| g == "rfm").map(|(_, n)| n).sum();
+            assert_eq!(customers as u64, in_rfm, "customers in state\n{body}");
+            for name in [
+                "segstream_segment_mrr_cents{",
+                "segstream_event_time_lag_seconds{",
+                "segstream_partition_last_commit_timestamp_seconds{",
+                "segstream_state_live_data_bytes{",
+                "segstream_group_partitions{state=\"ready\"} 3",
+                "segstream_group_partitions{state=\"restoring\"} 0",
+                "process_resident_memory_bytes ",
+                "process_cpu_seconds_total ",
+                "process_open_fds ",
+            ] {
+                assert!(body.contains(name), "{name} in /metrics:\n{body}");
+            }
+            assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics ends with # EOF");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     sigterm(&mut child);
 }
 

@@ -18,6 +18,27 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A range being read that delivers nothing for this long is an error.
 const READ_STALL: Duration = Duration::from_secs(60);
 
+/// librdkafka's log lines into tracing, with their level (target
+/// `librdkafka`, so `RUST_LOG=librdkafka=debug` shows its debug output when
+/// `debug` contexts are configured).
+pub fn bridge_log(client: &str, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(target: "librdkafka", client, facility, "{message}")
+        }
+        L::Warning => tracing::warn!(target: "librdkafka", client, facility, "{message}"),
+        L::Notice | L::Info => tracing::info!(target: "librdkafka", client, facility, "{message}"),
+        L::Debug => tracing::debug!(target: "librdkafka", client, facility, "{message}"),
+    }
+}
+
+/// librdkafka's error callback (broker down, authentication or TLS
+/// failures): an error in the log. librdkafka retries these itself.
+pub fn bridge_error(client: &str, error: &KafkaError, reason: &str) {
+    tracing::error!(target: "librdkafka", client, "{error}: {reason}");
+}
+
 /// A consumer outside the group (no offsets committed), for reading given
 /// ranges: restores, output tails, metadata.
 pub fn reader(settings: &KafkaSettings) -> Result<BaseConsumer, Error> {

@@ -58,6 +58,9 @@ pub struct KafkaConfig {
     /// record was one does not follow the wall clock when idle (else a pause
     /// in a backfill would move its time to today and make the rest late).
     pub live_lag_ms: u64,
+    /// `/healthz` fails when a partition with lag has made no progress for
+    /// this long (ms; restores excluded). 0 disables the check.
+    pub stuck_after_ms: u64,
     /// Schema Registry base URL (`GET /schemas/ids/{id}`), for Avro input.
     pub schema_registry_url: Option<String>,
     /// `user:password` for the registry's HTTP basic authentication
@@ -109,6 +112,7 @@ impl Default for KafkaConfig {
             commit_interval_ms: 1_000,
             idle_advance_ms: 1_000,
             live_lag_ms: 3_600_000,
+            stuck_after_ms: 300_000,
             schema_registry_url: None,
             schema_registry_user_info: None,
             schemas: BTreeMap::new(),

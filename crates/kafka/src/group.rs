@@ -47,6 +47,8 @@ struct GroupContext {
     /// Partitions whose task found a newer owner, since when: the group
     /// should revoke them soon; their records are dropped meanwhile.
     fenced: Mutex<HashMap<i32, Instant>>,
+    /// High watermarks of the input partitions from librdkafka's statistics.
+    highs: Mutex<HashMap<(String, i32), i64>>,
 }
 
 /// How long a partition may stay assigned here after its task was fenced
@@ -151,7 +153,28 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::client::bridge_log("consumer", level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::client::bridge_error("consumer", &error, reason);
+    }
+
+    /// librdkafka's statistics (`statistics.interval.ms`): the high
+    /// watermark of each input partition as of the last fetch, for the lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut highs = self.highs.lock().expect("highs");
+        for (topic, t) in statistics.topics {
+            for (p, part) in t.partitions {
+                if p >= 0 && part.hi_offset >= 0 {
+                    highs.insert((topic.clone(), p), part.hi_offset);
+                }
+            }
+        }
+    }
+}
 
 /// The partition numbers in a list (each once: co-partitioned input topics
 /// share their numbers, and one task serves partition `p` of all of them).
@@ -202,6 +225,7 @@ impl ConsumerContext for GroupContext {
                         self.shared.input_partitions
                     ));
                 }
+                self.shared.metrics.set_assigned();
                 tracing::info!(?parts, "partitions assigned: restoring");
                 self.fenced.lock().expect("fenced").clear();
                 for p in parts {
@@ -221,7 +245,7 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
     metrics.set_input_partitions(checked.input_partitions);
     let group_id = kafka.group_id.clone();
     let consumer_config = kafka.client_config(
-        &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest")],
+        &[("fetch.wait.max.ms", "100"), ("auto.offset.reset", "earliest"), ("statistics.interval.ms", "5000")],
         &kafka.consumer_properties,
         &[
             ("group.id", group_id.as_str()),
@@ -244,6 +268,7 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
         tasks: Mutex::new(HashMap::new()),
         failure: Mutex::new(None),
         fenced: Mutex::new(HashMap::new()),
+        highs: Mutex::new(HashMap::new()),
     };
     let consumer: BaseConsumer<GroupContext> =
         consumer_config.create_with_context(ctx).map_err(Error::broker("creating the group consumer"))?;
@@ -280,6 +305,55 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
         Some(f) => Err(Error::PartitionFailed(f)),
         None => Ok(()),
     }
+}
+
+/// Once a second: each partition's lag (the consumer's cached high
+/// watermark, no request, less the task's position), event-time lag, and
+/// which partitions are stuck (lag and no progress for
+/// `kafka.stuck_after_ms`; restoring ones excluded) for `/healthz`.
+fn watch(consumer: &BaseConsumer<GroupContext>, topics: &[&str]) {
+    use crate::metrics::{PartitionLabel, TopicPartitionLabel};
+    let ctx = consumer.context();
+    let m = &ctx.shared.metrics;
+    let g = &m.gauges;
+    let now_s = crate::clock::host_now_ms() as f64 / 1000.0;
+    let committed = ctx.shared.committed.lock().expect("committed").clone();
+    let mut stuck = Vec::new();
+    for (p, state) in m.partitions().1 {
+        if state == PartitionState::Restoring {
+            continue;
+        }
+        let label = PartitionLabel { partition: p };
+        let mut lag_total = 0;
+        for topic in topics {
+            let Some(high) = ctx.highs.lock().expect("highs").get(&(topic.to_string(), p)).copied() else { continue };
+            let tl = TopicPartitionLabel { topic: topic.to_string(), partition: p };
+            let at_commit = committed.get(&p).and_then(|ps| ps.iter().find(|(t, _)| t == topic)).map_or(0, |(_, o)| *o);
+            let position = g.position.get_or_create(&tl).get().max(at_commit);
+            let lag = (high - position).max(0);
+            g.lag.get_or_create(&tl).set(lag);
+            lag_total += lag;
+        }
+        let watermark = m.watermark.get_or_create(&label).get();
+        if watermark > 0.0 {
+            g.event_time_lag.get_or_create(&label).set((now_s - watermark).max(0.0));
+        }
+        let progress = g.last_progress.get_or_create(&label);
+        if lag_total == 0 || progress.get() == 0.0 {
+            // Caught up (or just started): that is progress.
+            progress.set(now_s);
+        } else if ctx.shared.kafka.stuck_after.is_some_and(|after| now_s - progress.get() > after.as_secs_f64()) {
+            stuck.push(p);
+        }
+    }
+    if stuck != m.stuck() {
+        if stuck.is_empty() {
+            tracing::info!("no partition is stuck any more: /healthz passes");
+        } else {
+            tracing::warn!(partitions = ?stuck, "partitions with lag made no progress for kafka.stuck_after_ms: /healthz fails");
+        }
+    }
+    m.set_stuck(stuck);
 }
 
 fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(), Error> {
@@ -364,6 +438,7 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
         if last_offset_commit.elapsed() >= Duration::from_secs(1) {
             ctx.commit_offsets(consumer, None, CommitMode::Async);
             last_offset_commit = Instant::now();
+            watch(consumer, &topics);
         }
     }
     Ok(())

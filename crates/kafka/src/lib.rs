@@ -18,6 +18,7 @@ pub mod commit;
 mod config;
 mod error;
 pub mod fence;
+pub mod gauges;
 mod group;
 pub mod marker;
 mod metrics;

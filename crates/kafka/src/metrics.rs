@@ -63,7 +63,13 @@ pub struct Metrics {
     pub records: Family<PartitionLabel, Gauge>,
     pub offsets: Family<TopicPartitionLabel, Gauge>,
     pub registry_errors: Counter,
+    /// Lag, progress, restore, state size, segment populations.
+    pub gauges: crate::gauges::Gauges,
     ready: AtomicBool,
+    /// Whether the group assigned partitions (possibly none) at least once.
+    assigned: AtomicBool,
+    /// Partitions with lag and no progress for `kafka.stuck_after_ms`.
+    stuck: std::sync::Mutex<Vec<i32>>,
     /// This instance's partitions and whether each is restoring, for the
     /// query API (and probes); with the input's partition count.
     partitions: std::sync::Mutex<(i32, std::collections::BTreeMap<i32, PartitionState>)>,
@@ -185,8 +191,11 @@ impl Metrics {
         );
         let registry_errors = Counter::default();
         registry.register("registry_errors", "Failed Schema Registry lookups (retried)", registry_errors.clone());
+        let gauges = crate::gauges::Gauges::default();
+        gauges.register(&mut registry);
         Self {
             registry,
+            gauges,
             events,
             late,
             duplicates,
@@ -210,6 +219,8 @@ impl Metrics {
             offsets,
             registry_errors,
             ready: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
+            stuck: std::sync::Mutex::new(Vec::new()),
             partitions: std::sync::Mutex::new((0, std::collections::BTreeMap::new())),
         }
     }
@@ -231,6 +242,12 @@ impl Metrics {
                 Some(s) => g.1.insert(partition, s),
                 None => g.1.remove(&partition),
             };
+            let restoring = g.1.values().filter(|s| **s == PartitionState::Restoring).count() as i64;
+            let by_state = &self.gauges.partitions;
+            by_state.get_or_create(&crate::gauges::StateLabel { state: "restoring".into() }).set(restoring);
+            by_state
+                .get_or_create(&crate::gauges::StateLabel { state: "ready".into() })
+                .set(g.1.len() as i64 - restoring);
         }
     }
 
@@ -243,9 +260,57 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// The group assigned this instance its partitions (possibly none).
+    pub fn set_assigned(&self) {
+        self.assigned.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stuck(&self) -> Vec<i32> {
+        self.stuck.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    pub fn set_stuck(&self, partitions: Vec<i32>) {
+        if let Ok(mut g) = self.stuck.lock() {
+            *g = partitions;
+        }
+    }
+
+    /// Liveness (`/healthz`): `Err` names the partitions with lag that made
+    /// no progress for `kafka.stuck_after_ms`.
+    pub fn liveness(&self) -> Result<(), String> {
+        let stuck = self.stuck();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("partitions {stuck:?} have lag and made no progress for kafka.stuck_after_ms"))
+        }
+    }
+
+    /// Readiness (`/readyz`): joined, assigned, and no partition restoring.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.is_ready() {
+            return Err("not consuming (starting or stopping)".into());
+        }
+        if !self.assigned.load(Ordering::Relaxed) {
+            return Err("waiting for the group's first assignment".into());
+        }
+        let restoring: Vec<i32> =
+            self.partitions().1.iter().filter(|(_, s)| **s == PartitionState::Restoring).map(|(p, _)| *p).collect();
+        if restoring.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("restoring partitions {restoring:?}"))
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        // The process's figures go before OpenMetrics' closing line.
+        let end = out.rfind("# EOF").unwrap_or(out.len());
+        let tail = out.split_off(end);
+        crate::gauges::encode_process(&mut out);
+        out.push_str(&tail);
         out
     }
 }

@@ -27,7 +27,15 @@ pub struct DeliveryContext {
     state: Mutex<Delivery>,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::client::bridge_log("producer", level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::client::bridge_error("producer", &error, reason);
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
@@ -103,6 +111,11 @@ impl Producer {
     /// multiple of 100 ms however fast the broker answered (and a `poll` under
     /// 1 ms spins). Here: send what lingers, then take the delivery reports
     /// as they come, sleeping 1 ms whenever none is there.
+    /// Messages queued or sent and not yet acknowledged.
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+
     pub fn flush(&self) -> Result<(), Error> {
         let started = Instant::now();
         let mut warn_after = Duration::from_secs(10);

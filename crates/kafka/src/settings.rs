@@ -63,6 +63,8 @@ pub struct KafkaSettings {
     pub idle_advance: Option<Duration>,
     /// A record this far behind its broker timestamp is a backfill's (ms).
     pub live_lag_ms: i64,
+    /// See `kafka.stuck_after_ms` (`None`: never stuck).
+    pub stuck_after: Option<Duration>,
     pub registry: Option<Registry>,
     /// Writer schemas from the configured `.avsc` files.
     pub schemas: StaticSchemas,
@@ -132,6 +134,7 @@ impl KafkaSettings {
             commit_interval: Duration::from_millis(cfg.commit_interval_ms.max(1)),
             idle_advance: (cfg.idle_advance_ms > 0).then(|| Duration::from_millis(cfg.idle_advance_ms)),
             live_lag_ms: i64::try_from(cfg.live_lag_ms).map_err(|_| "kafka.live_lag_ms is too large".to_string())?,
+            stuck_after: (cfg.stuck_after_ms > 0).then(|| Duration::from_millis(cfg.stuck_after_ms)),
             registry,
             schemas,
             metrics_addr: (!metrics_addr.is_empty()).then_some(metrics_addr),

@@ -1,11 +1,20 @@
 //! The HTTP endpoint beside a running pipeline: `/metrics` (OpenMetrics
-//! text) and `/healthz`, served by a small tokio runtime on its own thread,
+//! text), `/healthz` (liveness: fails when a partition with lag is stuck)
+//! and `/readyz` (readiness: joined, assigned, nothing restoring), served by a small tokio runtime on its own thread,
 //! so that nothing of the pipeline runs on a tokio worker.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use segstream_kafka::Metrics;
+
+/// A probe's answer: 200 with `ok`, or 503 with the reason.
+async fn probe(state: Result<(), String>, ok: &'static str) -> (axum::http::StatusCode, String) {
+    match state {
+        Ok(()) => (axum::http::StatusCode::OK, ok.to_string()),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
 
 /// Binds `addr` (port 0 picks a free one).
 pub fn bind(addr: &str) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
@@ -46,6 +55,7 @@ pub fn serve_on(
                 }
             };
             let m = metrics.clone();
+            let h = metrics.clone();
             let app = axum::Router::new()
                 .route(
                     "/metrics",
@@ -62,19 +72,8 @@ pub fn serve_on(
                         }
                     }),
                 )
-                .route(
-                    "/healthz",
-                    axum::routing::get(move || {
-                        let ready = metrics.is_ready();
-                        async move {
-                            if ready {
-                                (axum::http::StatusCode::OK, "ok")
-                            } else {
-                                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
-                            }
-                        }
-                    }),
-                );
+                .route("/healthz", axum::routing::get(move || probe(h.liveness(), "ok")))
+                .route("/readyz", axum::routing::get(move || probe(metrics.readiness(), "ready")));
             let app = match extra {
                 Some(extra) => app.merge(extra),
                 None => app,

@@ -15,4 +15,5 @@ mod store;
 
 pub use store::{
     decode_state, encode_state, HistoryEntry, SegmentCount, Slot, SlotId, StateError, StateOptions, StateStore,
+    StoreStats,
 };

@@ -139,6 +139,16 @@ impl Membership {
     }
 }
 
+/// See [`StateStore::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub live_data_bytes: u64,
+    pub estimated_keys: u64,
+    pub block_cache_bytes: u64,
+    pub pending_compaction_bytes: u64,
+    pub write_stopped: bool,
+}
+
 /// Customers and their summed MRR in one segment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentCount {
@@ -882,6 +892,19 @@ impl StateStore {
             .iter()
             .filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), "rocksdb.live-sst-files-size").ok().flatten())
             .sum()
+    }
+
+    /// RocksDB's figures for monitoring (estimates, cheap to read).
+    pub fn stats(&self) -> StoreStats {
+        let int = |cf: &str, name: &str| self.db.property_int_value_cf(self.cf(cf), name).ok().flatten().unwrap_or(0);
+        let sum = |name: &str| ALL_CFS.iter().map(|cf| int(cf, name)).sum::<u64>();
+        StoreStats {
+            live_data_bytes: sum("rocksdb.estimate-live-data-size"),
+            estimated_keys: int(CF_CUSTOMERS, "rocksdb.estimate-num-keys"),
+            block_cache_bytes: int(CF_CUSTOMERS, "rocksdb.block-cache-usage"),
+            pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+            write_stopped: self.db.property_int_value("rocksdb.is-write-stopped").ok().flatten().unwrap_or(0) > 0,
+        }
     }
 
     pub fn cached_customers(&self) -> usize {

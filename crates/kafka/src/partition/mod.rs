@@ -5,7 +5,7 @@
 mod open;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -100,6 +100,8 @@ pub struct Task {
     published_dead: HashMap<&'static str, u64>,
     /// Records whose customer belongs to another partition (logged, throttled).
     misplaced: Throttle,
+    /// This partition's share of the segment population gauges.
+    published_segments: BTreeMap<(String, String), (i64, i64)>,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -299,8 +301,12 @@ impl Task {
         loop {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Records(recs)) => {
+                    let topic = recs.first().map(|r| r.topic);
                     let taken = self.take(recs);
                     self.publish_tally();
+                    if let Some(t) = topic {
+                        self.publish_position(t);
+                    }
                     match taken {
                         Err(Error::Stopped) => return self.hand_over(),
                         other => other?,
@@ -711,7 +717,62 @@ impl Task {
                 .set(*offset);
         }
         m.watermark.get_or_create(&label).set(watermark.max(0) as f64 / 1000.0);
+        let g = &m.gauges;
+        g.last_commit.get_or_create(&label).set(now_ms() as f64 / 1000.0);
+        g.producer_queue.get_or_create(&label).set(i64::from(self.emitter.sink().producer().in_flight()));
         self.publish_tally();
+        self.publish_state();
+    }
+
+    /// After a batch: how far the partition is, for the lag gauges.
+    fn publish_position(&self, t: usize) {
+        let g = &self.shared.metrics.gauges;
+        let topic = self.shared.kafka.inputs[t].topic.clone();
+        g.position.get_or_create(&TopicPartitionLabel { topic, partition: self.partition }).set(self.next_offsets[t]);
+        g.last_progress.get_or_create(&PartitionLabel { partition: self.partition }).set(now_ms() as f64 / 1000.0);
+    }
+
+    /// At a commit: the state's size and this partition's share of the
+    /// segment populations (added as differences, so that the instance's
+    /// gauges are the sums over its partitions).
+    fn publish_state(&mut self) {
+        let g = &self.shared.metrics.gauges;
+        let counts = self.engine.segment_counts();
+        let groups = self.engine.scorer().groups();
+        let mut now: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+        for (&(gi, si), c) in &counts {
+            let Some(group) = groups.get(usize::from(gi)) else { continue };
+            let Some(segment) = group.segments.get(usize::from(si)) else { continue };
+            now.insert((group.name.to_string(), segment.to_string()), (c.customers, c.mrr_cents));
+        }
+        let customers: i64 = counts.iter().filter(|((gi, _), _)| *gi == 0).map(|(_, c)| c.customers).sum();
+        let mut delta = BTreeMap::new();
+        for (k, v) in &now {
+            let before = self.published_segments.get(k).copied().unwrap_or((0, 0));
+            delta.insert(k.clone(), (v.0 - before.0, v.1 - before.1));
+        }
+        for (k, before) in &self.published_segments {
+            if !now.contains_key(k) {
+                delta.insert(k.clone(), (-before.0, -before.1));
+            }
+        }
+        g.add_segments(&delta);
+        self.published_segments = now;
+        let store = self.engine.store();
+        let s = store.stats();
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        g.set_store(
+            self.partition,
+            crate::gauges::StoreFigures {
+                customers,
+                cached_customers: store.cached_customers() as i64,
+                live_data_bytes: big(s.live_data_bytes),
+                estimated_keys: big(s.estimated_keys),
+                block_cache_bytes: big(s.block_cache_bytes),
+                pending_compaction_bytes: big(s.pending_compaction_bytes),
+                write_stopped: s.write_stopped,
+            },
+        );
     }
 
     /// Adds what the emitter wrote since the last call to the transition and
@@ -737,5 +798,16 @@ impl Task {
                 m.dead_letters.get_or_create(&KindLabel { kind: kind.to_string() }).inc_by(n - before);
             }
         }
+    }
+}
+
+impl Drop for Task {
+    /// The partition leaves this instance: its share of the segment
+    /// populations and its series go with it.
+    fn drop(&mut self) {
+        let g = &self.shared.metrics.gauges;
+        let delta = self.published_segments.iter().map(|(k, v)| (k.clone(), (-v.0, -v.1))).collect();
+        g.add_segments(&delta);
+        g.forget_partition(self.partition, &self.shared.kafka.topic_names());
     }
 }

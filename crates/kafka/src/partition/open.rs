@@ -284,6 +284,7 @@ impl Task {
             published: HashMap::new(),
             published_dead: HashMap::new(),
             misplaced: segstream_output::Throttle::new(10, std::time::Duration::from_secs(60)),
+            published_segments: std::collections::BTreeMap::new(),
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.
