@@ -110,7 +110,11 @@ impl GroupContext {
         // that already ended dropped its receiver: nothing to tell it.
         h.stop.set();
         let _ = h.tx.send(Msg::Stop);
-        match h.join.join() {
+        let joined = h.join.join();
+        // (A task removes its series when it ends; a restore stopped before
+        // the task existed leaves its progress gauge.)
+        self.shared.metrics.gauges.forget_partition(partition, &self.shared.kafka.topic_names());
+        match joined {
             // Stopped during its restore: nothing was processed, nothing to commit.
             Ok(Ok(())) | Ok(Err(Error::Stopped)) => {}
             // Another instance owns it now: not this process's failure.

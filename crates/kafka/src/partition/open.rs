@@ -119,6 +119,13 @@ impl Task {
         let faults = k.faults;
         let mut checkpoint =
             Checkpoint::new(if faults.armed(CrashPoint::DuringRestore) { 1 } else { Checkpoint::RECORDS });
+        let remaining = shared
+            .metrics
+            .gauges
+            .restore_remaining
+            .get_or_create(&crate::metrics::PartitionLabel { partition })
+            .clone();
+        remaining.set((high - from).max(0));
         let mut read = |range: (i64, i64)| {
             let read = read_range(&consumer, changelog, partition, range, &stop, |m| {
                 let key = m.key().unwrap_or_default();
@@ -148,6 +155,9 @@ impl Task {
                     }
                 }
                 faults.crash_point(CrashPoint::DuringRestore, tail.records as i64, partition, || {});
+                if tail.records.is_multiple_of(1_000) {
+                    remaining.set((range.1 - m.offset() - 1).max(0));
+                }
                 if tail.records.is_multiple_of(100_000) {
                     engine.commit(Vec::new())?;
                     tracing::info!(
@@ -194,6 +204,7 @@ impl Task {
         read((high, epoch))?;
         tracing::debug!(partition, epoch, "owner record written");
         let restored = tail.records;
+        remaining.set(0);
         if tail.stale > 0 {
             tracing::warn!(
                 partition,
