@@ -34,6 +34,21 @@ pub struct KafkaEnvironment {
     pub registry_user_info: Option<String>,
     /// `SEGSTREAM_CRASH_AT` (tests only).
     pub crash_at: Option<String>,
+    /// librdkafka properties from `SEGSTREAM_KAFKA_<NAME>` variables (see
+    /// [`property_from_env`]), over the configuration's `kafka.properties`:
+    /// secrets (`SEGSTREAM_KAFKA_SASL_PASSWORD`) need not be in a file.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// The prefix of environment variables that set librdkafka properties.
+pub const PROPERTY_ENV_PREFIX: &str = "SEGSTREAM_KAFKA_";
+
+/// The librdkafka property an environment variable sets, if any:
+/// `SEGSTREAM_KAFKA_SASL_PASSWORD` → `sasl.password` (the rest of the name,
+/// lower case, `_` as `.`).
+pub fn property_from_env(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(PROPERTY_ENV_PREFIX)?;
+    (!rest.is_empty()).then(|| rest.to_ascii_lowercase().replace('_', "."))
 }
 
 impl KafkaEnvironment {
@@ -41,6 +56,9 @@ impl KafkaEnvironment {
         Self {
             registry_user_info: std::env::var(REGISTRY_USER_INFO_ENV).ok(),
             crash_at: std::env::var(CRASH_AT_ENV).ok(),
+            properties: std::env::vars()
+                .filter_map(|(k, v)| property_from_env(&k).map(|p| (p, v)))
+                .collect(),
         }
     }
 }
@@ -141,7 +159,7 @@ impl KafkaSettings {
             http_advertised_url: cfg.http_advertised_url.clone().map(|u| u.trim_end_matches('/').to_string()),
             key_partitioner: cfg.key_partitioner,
             query_api: cfg.query_api,
-            properties: cfg.properties.clone(),
+            properties: cfg.properties.iter().chain(&env.properties).map(|(k, v)| (k.clone(), v.clone())).collect(),
             consumer_properties: cfg.consumer_properties.clone(),
             producer_properties: cfg.producer_properties.clone(),
             faults,
@@ -214,7 +232,14 @@ mod tests {
             metrics_addr: Some(String::new()),
             ..KafkaOverrides::default()
         };
-        let env = KafkaEnvironment { registry_user_info: Some("k:s".into()), crash_at: Some("after_output:5".into()) };
+        let mut cfg = cfg;
+        cfg.properties.insert("sasl.username".into(), "file-user".into());
+        cfg.properties.insert("sasl.password".into(), "from-file".into());
+        let env = KafkaEnvironment {
+            registry_user_info: Some("k:s".into()),
+            crash_at: Some("after_output:5".into()),
+            properties: [("sasl.password".to_string(), "from-env".to_string())].into(),
+        };
         let s = KafkaSettings::resolve(&cfg, &over, &env).expect("valid");
         assert_eq!(s.brokers, "b:9092");
         assert_eq!(s.changelog_topic, "g2.changelog", "the changelog follows the overridden group");
@@ -226,6 +251,18 @@ mod tests {
         assert!(!format!("{s:?}").contains("k:s"), "the secret never shows in Debug output");
         assert!(s.faults.should_crash(crate::testhooks::CrashPoint::AfterOutput, 5));
         assert_eq!(s.partition_dir(3), PathBuf::from("segstream-state/in-3"));
+        assert_eq!(s.properties["sasl.password"], "from-env", "the environment wins over the file");
+        assert_eq!(s.properties["sasl.username"], "file-user");
+        let c = s.client_config(&[], &BTreeMap::new(), &[]);
+        assert_eq!(c.get("sasl.password"), Some("from-env"));
+    }
+
+    #[test]
+    fn environment_variables_name_librdkafka_properties() {
+        assert_eq!(property_from_env("SEGSTREAM_KAFKA_SASL_PASSWORD").as_deref(), Some("sasl.password"));
+        assert_eq!(property_from_env("SEGSTREAM_KAFKA_SSL_KEY_PASSWORD").as_deref(), Some("ssl.key.password"));
+        assert_eq!(property_from_env("SEGSTREAM_KAFKA_"), None);
+        assert_eq!(property_from_env("SEGSTREAM_SCHEMA_REGISTRY_USER_INFO"), None);
     }
 
     #[test]
