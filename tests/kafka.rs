@@ -4,6 +4,8 @@
 //! restart, and wall-clock time on a quiet topic.
 
 mod common;
+#[path = "support/deploy.rs"]
+mod deploy_support;
 #[path = "support/kafka.rs"]
 mod kafka_support;
 
@@ -522,6 +524,13 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
                 assert!(body.contains(name), "{name} in /metrics:\n{body}");
             }
             assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics ends with # EOF");
+            // The dashboard and the alert rules (deploy/) use only metrics
+            // a running engine exports.
+            let exported: Vec<&str> =
+                body.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split([' ', '{']).next()).collect();
+            let missing: Vec<String> =
+                deploy_support::deploy_metric_names().into_iter().filter(|m| !exported.contains(&m.as_str())).collect();
+            assert!(missing.is_empty(), "deploy/ uses metrics segstream does not export: {missing:?}\n{body}");
             break;
         }
         std::thread::sleep(Duration::from_millis(500));

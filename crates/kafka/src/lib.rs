@@ -42,5 +42,7 @@ pub use error::Error;
 pub use group::run;
 pub use metrics::{Metrics, PartitionState};
 pub use registry::{Registry, RegistryError};
-pub use settings::{KafkaEnvironment, KafkaOverrides, KafkaSettings, REGISTRY_USER_INFO_ENV};
+pub use settings::{
+    property_from_env, KafkaEnvironment, KafkaOverrides, KafkaSettings, ADVERTISED_URL_ENV, REGISTRY_USER_INFO_ENV,
+};
 pub use stop::StopFlag;

@@ -38,7 +38,13 @@ pub struct KafkaEnvironment {
     /// [`property_from_env`]), over the configuration's `kafka.properties`:
     /// secrets (`SEGSTREAM_KAFKA_SASL_PASSWORD`) need not be in a file.
     pub properties: BTreeMap<String, String>,
+    /// `SEGSTREAM_HTTP_ADVERTISED_URL`: this instance's own URL (one per
+    /// pod, where the configuration file is shared), over the file's.
+    pub http_advertised_url: Option<String>,
 }
+
+/// This instance's query API URL for the others (over the file's).
+pub const ADVERTISED_URL_ENV: &str = "SEGSTREAM_HTTP_ADVERTISED_URL";
 
 /// The prefix of environment variables that set librdkafka properties.
 pub const PROPERTY_ENV_PREFIX: &str = "SEGSTREAM_KAFKA_";
@@ -56,9 +62,8 @@ impl KafkaEnvironment {
         Self {
             registry_user_info: std::env::var(REGISTRY_USER_INFO_ENV).ok(),
             crash_at: std::env::var(CRASH_AT_ENV).ok(),
-            properties: std::env::vars()
-                .filter_map(|(k, v)| property_from_env(&k).map(|p| (p, v)))
-                .collect(),
+            properties: std::env::vars().filter_map(|(k, v)| property_from_env(&k).map(|p| (p, v))).collect(),
+            http_advertised_url: std::env::var(ADVERTISED_URL_ENV).ok().filter(|u| !u.is_empty()),
         }
     }
 }
@@ -156,7 +161,11 @@ impl KafkaSettings {
             registry,
             schemas,
             metrics_addr: (!metrics_addr.is_empty()).then_some(metrics_addr),
-            http_advertised_url: cfg.http_advertised_url.clone().map(|u| u.trim_end_matches('/').to_string()),
+            http_advertised_url: env
+                .http_advertised_url
+                .clone()
+                .or_else(|| cfg.http_advertised_url.clone())
+                .map(|u| u.trim_end_matches('/').to_string()),
             key_partitioner: cfg.key_partitioner,
             query_api: cfg.query_api,
             properties: cfg.properties.iter().chain(&env.properties).map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -239,6 +248,7 @@ mod tests {
             registry_user_info: Some("k:s".into()),
             crash_at: Some("after_output:5".into()),
             properties: [("sasl.password".to_string(), "from-env".to_string())].into(),
+            http_advertised_url: Some("http://segstream-1.segstream:9464/".into()),
         };
         let s = KafkaSettings::resolve(&cfg, &over, &env).expect("valid");
         assert_eq!(s.brokers, "b:9092");
@@ -252,6 +262,7 @@ mod tests {
         assert!(s.faults.should_crash(crate::testhooks::CrashPoint::AfterOutput, 5));
         assert_eq!(s.partition_dir(3), PathBuf::from("segstream-state/in-3"));
         assert_eq!(s.properties["sasl.password"], "from-env", "the environment wins over the file");
+        assert_eq!(s.http_advertised_url.as_deref(), Some("http://segstream-1.segstream:9464"));
         assert_eq!(s.properties["sasl.username"], "file-user");
         let c = s.client_config(&[], &BTreeMap::new(), &[]);
         assert_eq!(c.get("sasl.password"), Some("from-env"));
