@@ -8,8 +8,10 @@ mod common;
 mod deploy_support;
 #[path = "support/kafka.rs"]
 mod kafka_support;
+#[path = "support/receiver.rs"]
+mod receiver;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1208,6 +1210,156 @@ fn group_offsets_moved_forward_by_hand_skip_nothing() {
     let log = p.log("a")[mark..].to_string();
     assert!(log.contains("reading the records in between from the topic first"), "{log}");
     sigterm(&mut a);
+}
+
+/// The probes: `/readyz` is false before the first assignment and while a
+/// partition restores, true after; `/healthz` stays true while restoring,
+/// and turns false when a partition with lag makes no progress (here: its
+/// Avro input needs a Schema Registry that does not answer) for
+/// `kafka.stuck_after_ms`.
+#[test]
+fn readiness_follows_restores_and_liveness_fails_when_a_partition_is_stuck() {
+    // (status, body), or None while nothing listens yet.
+    let probe = |port: u16, path: &str| -> Option<(u16, String)> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).ok()?;
+        let status = text.get(9..12)?.parse().ok()?;
+        Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    };
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+
+    // Readiness: a restore held for 4 s.
+    let p = Pipeline::new(sqlite, 1, 20, 20, None);
+    p.produce_all();
+    let port = free_port();
+    let mut a = p.start_env(
+        "a",
+        &format!("metrics_addr = \"127.0.0.1:{port}\""),
+        &[(segstream_kafka::testhooks::RESTORE_PAUSE_ENV, "4000")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        if let Some((status, body)) = probe(port, "/readyz") {
+            if seen.last() != Some(&(status, body.clone())) {
+                seen.push((status, body.clone()));
+            }
+            if status == 200 {
+                break;
+            }
+            if body.contains("restoring") {
+                assert_eq!(probe(port, "/healthz").map(|a| a.0), Some(200), "alive while restoring");
+            }
+        }
+        assert!(Instant::now() < deadline, "readiness never came: {seen:?}\n{}", p.log("a"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen.iter().any(|(s, b)| *s == 503 && b.contains("restoring partitions [0]")),
+        "not ready while restoring: {seen:?}"
+    );
+    p.assert_exactly_expected(&["a"]);
+    sigterm(&mut a);
+
+    // Liveness: Avro input whose registry refuses connections; the
+    // partition retries, has lag, and makes no progress.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = sample_lines(dir.path(), 10, 10, None, 1);
+    let mut p = Pipeline::from_lines(dir, sqlite, 1, lines, place);
+    for r in &mut p.produced {
+        let ev = segstream_decode::decode_json_line(&r.2).expect("valid event");
+        r.2 = segstream_decode::event_to_wire(&ev, 1);
+    }
+    p.produce_all();
+    let (port, dead) = (free_port(), free_port());
+    let mut a = p.start(
+        "a",
+        &format!(
+            "metrics_addr = \"127.0.0.1:{port}\"\nstuck_after_ms = 2000\ninput_format = \"avro\"\n\
+             schema_registry_url = \"http://127.0.0.1:{dead}\""
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        if let Some((503, body)) = probe(port, "/healthz") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never unhealthy:\n{}", p.log("a"));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("partitions [0]") && body.contains("no progress"), "{body}");
+    let metrics = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+    let lag = metrics.lines().find(|l| l.starts_with("segstream_consumer_lag_records{")).expect("a lag series");
+    assert!(!lag.ends_with(" 0"), "the stuck partition has lag: {lag}");
+    assert!(p.log("a").contains("/healthz fails"), "{}", p.log("a"));
+    sigterm(&mut a);
+}
+
+/// `segstream webhook` in Kafka mode: follows the output topic with its own
+/// consumer group and delivers the chosen transitions, at least once, with
+/// their ids as idempotency keys; a restart goes on from the group's offsets.
+#[test]
+fn the_webhook_delivers_chosen_transitions_from_the_output_topic() {
+    let p = Pipeline::new(sqlite, 2, 60, 90, None);
+    p.produce_all();
+    let mut a = p.start("a", "");
+    p.assert_exactly_expected(&["a"]);
+    let chosen: Vec<String> = p
+        .expected
+        .iter()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            let to = v["to"].as_str().unwrap_or("null");
+            (v["group"] == "rfm" && (to == "at_risk" || to == "hibernating"))
+                .then(|| v["transition_id"].as_str().expect("id").to_string())
+        })
+        .collect();
+    assert!(chosen.len() >= 5, "{} chosen", chosen.len());
+    let (url, seen) = receiver::receiver(String::new());
+    let config = p.config("hook", "");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "\n[webhook]\nurl = \"{url}\"\ngroups = [\"rfm\"]\nto = [\"at_risk\", \"hibernating\"]\ntimeout_ms = 300\nbackoff_ms = 20\n"
+    ));
+    std::fs::write(&config, text).expect("config");
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_segstream"))
+            .args(["webhook", "--config"])
+            .arg(&config)
+            .env("SEGSTREAM_WEBHOOK_SECRET", "s3cret")
+            .stderr(Stdio::null())
+            .spawn()
+            .map(|c| Engine(c, p.dir.path().join("hook.log")))
+            .expect("start segstream webhook")
+    };
+    let accepted = |seen: &std::sync::Mutex<Vec<receiver::Seen>>| {
+        seen.lock().expect("seen").iter().filter(|s| s.status == 200).map(|s| s.key.clone()).collect::<BTreeSet<_>>()
+    };
+    // Half, then a graceful stop; the second run goes on from the group's offsets.
+    let mut hook = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted(&seen).len() < chosen.len() / 2 {
+        assert!(Instant::now() < deadline, "deliveries stalled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&mut hook);
+    let mut hook = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wanted: BTreeSet<String> = chosen.iter().cloned().collect();
+    while accepted(&seen) != wanted {
+        assert!(Instant::now() < deadline, "not all delivered: {} of {}", accepted(&seen).len(), wanted.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    sigterm(&mut hook);
+    sigterm(&mut a);
+    let seen = seen.lock().expect("seen").clone();
+    assert!(seen.iter().all(|s| wanted.contains(&s.key)), "only chosen transitions are posted");
+    assert!(seen.iter().all(|s| receiver::verify("s3cret", s.signature.as_deref().unwrap_or(""), &s.body)));
+    let repeats = seen.iter().filter(|s| s.status == 200).count() - wanted.len();
+    assert!(repeats <= 2, "a graceful stop saves the position: {repeats} repeats");
 }
 
 /// Every customer's state as the changelog holds it, read the way a restore

@@ -18,6 +18,7 @@ pub mod commit;
 mod config;
 mod error;
 pub mod fence;
+mod follower;
 pub mod gauges;
 mod group;
 pub mod marker;
@@ -39,6 +40,7 @@ pub mod testhooks;
 
 pub use config::{InputTopic, KafkaConfig, KeyPartitioner};
 pub use error::Error;
+pub use follower::OutputFollower;
 pub use group::run;
 pub use metrics::{Metrics, PartitionState};
 pub use registry::{Registry, RegistryError};

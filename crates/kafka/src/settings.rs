@@ -34,6 +34,8 @@ pub struct KafkaEnvironment {
     pub registry_user_info: Option<String>,
     /// `SEGSTREAM_CRASH_AT` (tests only).
     pub crash_at: Option<String>,
+    /// `SEGSTREAM_RESTORE_PAUSE_MS` (tests only).
+    pub restore_pause_ms: Option<u64>,
     /// librdkafka properties from `SEGSTREAM_KAFKA_<NAME>` variables (see
     /// [`property_from_env`]), over the configuration's `kafka.properties`:
     /// secrets (`SEGSTREAM_KAFKA_SASL_PASSWORD`) need not be in a file.
@@ -62,6 +64,7 @@ impl KafkaEnvironment {
         Self {
             registry_user_info: std::env::var(REGISTRY_USER_INFO_ENV).ok(),
             crash_at: std::env::var(CRASH_AT_ENV).ok(),
+            restore_pause_ms: std::env::var(crate::testhooks::RESTORE_PAUSE_ENV).ok().and_then(|v| v.parse().ok()),
             properties: std::env::vars().filter_map(|(k, v)| property_from_env(&k).map(|p| (p, v))).collect(),
             http_advertised_url: std::env::var(ADVERTISED_URL_ENV).ok().filter(|u| !u.is_empty()),
         }
@@ -139,10 +142,11 @@ impl KafkaSettings {
                 "kafka.output_format = \"avro\" needs kafka.output_schema_id or kafka.schema_registry_url".into()
             );
         }
-        let faults = match &env.crash_at {
+        let mut faults = match &env.crash_at {
             Some(v) => v.parse()?,
             None => FaultInjection::none(),
         };
+        faults.restore_pause = env.restore_pause_ms.map(Duration::from_millis);
         let metrics_addr = pick(&over.metrics_addr, &cfg.metrics_addr);
         Ok(Self {
             brokers: pick(&over.brokers, &cfg.brokers),
@@ -247,6 +251,7 @@ mod tests {
         let env = KafkaEnvironment {
             registry_user_info: Some("k:s".into()),
             crash_at: Some("after_output:5".into()),
+            restore_pause_ms: None,
             properties: [("sasl.password".to_string(), "from-env".to_string())].into(),
             http_advertised_url: Some("http://segstream-1.segstream:9464/".into()),
         };

@@ -40,7 +40,13 @@ pub const CRASH_AT_ENV: &str = "SEGSTREAM_CRASH_AT";
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultInjection {
     crash_at: Option<(CrashPoint, i64)>,
+    /// `SEGSTREAM_RESTORE_PAUSE_MS`: every restore waits this long before
+    /// reading the changelog (stop-aware), so that a test sees a restore.
+    pub restore_pause: Option<std::time::Duration>,
 }
+
+/// See [`FaultInjection::restore_pause`].
+pub const RESTORE_PAUSE_ENV: &str = "SEGSTREAM_RESTORE_PAUSE_MS";
 
 impl FromStr for FaultInjection {
     type Err = String;
@@ -57,7 +63,7 @@ impl FromStr for FaultInjection {
             CrashPoint::DuringRestore,
         ];
         let point = points.into_iter().find(|p| p.name() == point).ok_or_else(bad)?;
-        Ok(Self { crash_at: Some((point, record.parse().map_err(|_| bad())?)) })
+        Ok(Self { crash_at: Some((point, record.parse().map_err(|_| bad())?)), restore_pause: None })
     }
 }
 

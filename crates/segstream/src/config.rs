@@ -22,6 +22,8 @@ pub struct Config {
     pub segments: SegmentsConfig,
     /// Kafka mode (`segstream run` without `--input`); absent in file mode.
     pub kafka: Option<KafkaConfig>,
+    /// `segstream webhook`: which transitions go where.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 /// SPEC §2: time advances with the largest event `ts` seen, less this lateness.

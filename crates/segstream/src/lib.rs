@@ -16,6 +16,7 @@ pub mod http;
 pub mod query;
 pub mod settings;
 pub mod testhooks;
+pub mod webhook;
 
 pub use config::Config;
 pub use file::{run_file, InputOrder, InputProgress, InputReader, Position, Record, RunSummary};

@@ -111,6 +111,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Deliver chosen transitions (`[webhook]` in the configuration) as
+    /// signed HTTP POSTs, at least once, from a transitions file (followed as
+    /// it grows) or, without `--input`, from Kafka mode's output topic.
+    Webhook {
+        /// Configuration with a `[webhook]` section (and `[kafka]` without `--input`).
+        #[arg(long)]
+        config: PathBuf,
+        /// A transitions file (JSON lines) written by `segstream run`.
+        #[arg(long, requires = "state_dir")]
+        input: Option<PathBuf>,
+        /// Where the position in `--input` and the dead letters are kept.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Stop at the end of `--input` instead of waiting for more.
+        #[arg(long)]
+        once: bool,
+    },
     /// Write a realistic sample of SaaS events (several kinds of account) to a file.
     Generate {
         #[arg(long)]
@@ -155,6 +172,23 @@ fn parse_instant(s: &str) -> Result<i64, String> {
         Ok(ms)
     } else {
         Err(format!("{ms} is outside the years 0001 to 9999"))
+    }
+}
+
+/// Kafka mode's output topic as a webhook source.
+struct KafkaSource(segstream_kafka::OutputFollower);
+
+impl segstream::webhook::Source for KafkaSource {
+    fn next(&mut self, stop: &StopFlag) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.0.next(stop)?)
+    }
+
+    fn done(&mut self) {
+        self.0.done();
+    }
+
+    fn save(&mut self) -> anyhow::Result<()> {
+        Ok(self.0.save()?)
     }
 }
 
@@ -282,6 +316,52 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             segstream::query::api::serve(&addr, reader, |bound| {
                 eprintln!("serving {} on http://{bound}/v1/ (see /v1/openapi.json)", state_dir.display());
             })?;
+        }
+        Command::Webhook { config, input, state_dir, once } => {
+            let cfg = Config::load(&config)?;
+            let Some(hook) = cfg.webhook.clone() else {
+                anyhow::bail!("{}: no [webhook] section (url, groups, to; see README, \"Webhook\")", config.display())
+            };
+            hook.check(cfg.engine_settings()?.scorer().groups()).with_context(|| config.display().to_string())?;
+            let secret = std::env::var(segstream::webhook::SECRET_ENV).ok().or_else(|| hook.secret.clone());
+            if secret.is_none() {
+                tracing::warn!("no webhook secret (SEGSTREAM_WEBHOOK_SECRET): deliveries are not signed");
+            }
+            let stop = StopFlag::new();
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.shared()).context("installing signal handlers")?;
+            }
+            let (mut source, dead_letter): (Box<dyn segstream::webhook::Source>, PathBuf) = match (input, state_dir) {
+                (Some(input), Some(dir)) => {
+                    let source = segstream::webhook::FileSource::open(&input, &dir, once)?;
+                    (Box::new(source), dir.join("webhook-dead-letter.jsonl"))
+                }
+                _ => {
+                    let kafka = cfg.kafka.as_ref().with_context(|| {
+                        format!("{}: no --input and no [kafka] section: where are the transitions?", config.display())
+                    })?;
+                    let settings = segstream_kafka::KafkaSettings::resolve(
+                        kafka,
+                        &KafkaOverrides::default(),
+                        &KafkaEnvironment::from_process(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let group = hook.group_id.clone().unwrap_or_else(|| format!("{}.webhook", settings.group_id));
+                    let source = segstream_kafka::OutputFollower::new(&settings, &group)?;
+                    std::fs::create_dir_all(&settings.state_dir)?;
+                    (Box::new(KafkaSource(source)), settings.state_dir.join("webhook-dead-letter.jsonl"))
+                }
+            };
+            let s = segstream::webhook::deliver_all(&hook, secret, source.as_mut(), &dead_letter, &stop)?;
+            eprintln!(
+                "webhook: {} transitions read, {} delivered, {} refused (in {}), {} not chosen, {} retries",
+                s.read,
+                s.delivered,
+                s.refused,
+                dead_letter.display(),
+                s.skipped,
+                s.retries
+            );
         }
         Command::Demo { dir, customers, days, seed, config } => {
             let settings = load_config(config.as_ref())?.engine_settings()?;

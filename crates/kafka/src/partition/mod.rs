@@ -587,6 +587,7 @@ impl Task {
 
     /// Commits (see [`crate::commit`]), then tells the main thread and the metrics.
     fn commit(&mut self, pending_watermark: Option<i64>) -> Result<(), Error> {
+        let _span = tracing::debug_span!("commit", partition = self.partition, records = self.records).entered();
         self.owner.borrow().not_lost()?;
         let started = Instant::now();
         let next = self.records;

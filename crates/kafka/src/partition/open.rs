@@ -73,6 +73,7 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option
 impl Task {
     /// Opens the partition's state and brings it up to date.
     pub fn open(shared: Arc<Shared>, partition: i32, stop: StopFlag, lost: StopFlag) -> Result<Self, Error> {
+        let _span = tracing::info_span!("restore", partition).entered();
         let started = Instant::now();
         let k = &shared.kafka;
         let changelog = k.changelog_topic.as_str();
@@ -180,6 +181,12 @@ impl Task {
             }
             read
         };
+        if let Some(pause) = faults.restore_pause {
+            let until = Instant::now() + pause;
+            while Instant::now() < until && !stop.is_set() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         read((from, high))?;
         if stop.is_set() || lost.is_set() {
             return Err(Error::Stopped);
