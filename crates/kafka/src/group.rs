@@ -287,8 +287,13 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
     ctx.stop_all();
     ctx.commit_offsets(&consumer, None, CommitMode::Sync);
     let failure = ctx.failure.lock().expect("failure").take();
-    tracing::info!("partitions committed; leaving the group");
-    // Everything is committed: a broker that does not answer the leave
+    let committed = failure.is_none() && result.is_ok();
+    if committed {
+        tracing::info!("partitions committed; leaving the group");
+    } else {
+        tracing::info!("partitions that could commit did; leaving the group (a restart recovers the others exactly)");
+    }
+    // What could be committed is: a broker that does not answer the leave
     // request must not keep the process from exiting (the group notices a
     // member that left without a word within its session timeout).
     let (left, leaving) = std::sync::mpsc::channel();
@@ -300,8 +305,9 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
     match leaving.recv_timeout(Duration::from_secs(10)) {
         Ok(()) => tracing::info!("left the group"),
         Err(_) => tracing::warn!(
-            "leaving the group takes over 10 s (the broker does not answer): exiting anyway; every partition is \
-             committed, and the group notices within its session timeout"
+            "leaving the group takes over 10 s (the broker does not answer): exiting anyway{}; the group notices \
+             within its session timeout",
+            if committed { " (every partition is committed)" } else { "" }
         ),
     }
     result?;
