@@ -58,8 +58,8 @@ pub struct KafkaConfig {
     /// record was one does not follow the wall clock when idle (else a pause
     /// in a backfill would move its time to today and make the rest late).
     pub live_lag_ms: u64,
-    /// `/healthz` fails when a partition with lag has made no progress for
-    /// this long (ms; restores excluded). 0 disables the check.
+    /// `/healthz` fails when a partition has records waiting and processed
+    /// none for this long (ms; restores excluded). 0 disables the check.
     pub stuck_after_ms: u64,
     /// Schema Registry base URL (`GET /schemas/ids/{id}`), for Avro input.
     pub schema_registry_url: Option<String>,

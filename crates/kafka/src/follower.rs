@@ -35,7 +35,9 @@ impl OutputFollower {
         }
         let consumer: BaseConsumer = settings
             .client_config(
-                &[("auto.offset.reset", "earliest")],
+                // A receiver that is down holds the webhook in its retries
+                // without polling: it must not be dropped from the group.
+                &[("auto.offset.reset", "earliest"), ("max.poll.interval.ms", "86400000")],
                 &settings.consumer_properties,
                 &[("group.id", group), ("enable.auto.commit", "false"), ("enable.auto.offset.store", "false")],
             )
@@ -76,6 +78,13 @@ impl OutputFollower {
 
     /// Commits the positions after everything done with.
     pub fn save(&mut self) -> Result<(), Error> {
+        if self.positions.is_empty() {
+            return Ok(());
+        }
+        // Only partitions still assigned here: a revoked one's new owner
+        // commits its own positions (committing ours would move it back).
+        let assigned = self.consumer.assignment().map_err(Error::broker("reading the assignment"))?;
+        self.positions.retain(|p, _| assigned.find_partition(&self.topic, *p).is_some());
         if self.positions.is_empty() {
             return Ok(());
         }

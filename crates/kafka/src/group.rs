@@ -37,6 +37,13 @@ struct TaskHandle {
     /// Batches the task's queue had no room for.
     pending: VecDeque<Vec<Rec>>,
     paused: bool,
+    /// Records handed to the task, and those it processed (it counts):
+    /// work waits while `sent > processed`.
+    sent: u64,
+    processed: Arc<std::sync::atomic::AtomicU64>,
+    /// The task's processed count at the last check, and since when it
+    /// has not moved while work waited.
+    seen: (u64, Instant),
 }
 
 /// Owns the partition tasks; the rebalance callbacks start and stop them.
@@ -67,14 +74,17 @@ impl GroupContext {
         let stop = StopFlag::new();
         let lost = StopFlag::new();
         let (task_stop, task_lost) = (stop.clone(), lost.clone());
+        let processed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = processed.clone();
         let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shared.metrics.set_partition(partition, Some(PartitionState::Restoring));
         let join = std::thread::Builder::new()
             .name(format!("partition-{partition}"))
             .spawn(move || {
                 let metrics = shared.metrics.clone();
-                let ended = Task::open(shared, partition, task_stop, task_lost).and_then(|task| {
+                let ended = Task::open(shared, partition, task_stop, task_lost).and_then(|mut task| {
                     metrics.set_partition(partition, Some(PartitionState::Ready(generation)));
+                    task.count_processed(counter);
                     task.run(rx)
                 });
                 match &ended {
@@ -90,7 +100,17 @@ impl GroupContext {
                 ended
             })
             .expect("spawning a partition thread");
-        let handle = TaskHandle { tx, stop, lost, join, pending: VecDeque::new(), paused: false };
+        let handle = TaskHandle {
+            tx,
+            stop,
+            lost,
+            join,
+            pending: VecDeque::new(),
+            paused: false,
+            sent: 0,
+            processed,
+            seen: (0, Instant::now()),
+        };
         self.tasks.lock().expect("tasks").insert(partition, handle);
         self.shared.metrics.assigned_partitions.inc();
     }
@@ -172,8 +192,11 @@ impl ClientContext for GroupContext {
         let mut highs = self.highs.lock().expect("highs");
         for (topic, t) in statistics.topics {
             for (p, part) in t.partitions {
-                if p >= 0 && part.hi_offset >= 0 {
-                    highs.insert((topic.clone(), p), part.hi_offset);
+                // The last stable offset (what a read_committed consumer
+                // can reach), else the high watermark.
+                let end = if part.ls_offset >= 0 { part.ls_offset } else { part.hi_offset };
+                if p >= 0 && end >= 0 {
+                    highs.insert((topic.clone(), p), end);
                 }
             }
         }
@@ -317,50 +340,53 @@ pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, 
     }
 }
 
-/// Once a second: each partition's lag (the consumer's cached high
-/// watermark, no request, less the task's position), event-time lag, and
-/// which partitions are stuck (lag and no progress for
-/// `kafka.stuck_after_ms`; restoring ones excluded) for `/healthz`.
+/// Once a second: each partition's lag (librdkafka's statistics: the last
+/// stable offset of the last fetch, less the task's position) and
+/// event-time lag for the gauges, and which partitions are stuck for
+/// `/healthz`: records handed to their task wait and the task processed
+/// none of them for `kafka.stuck_after_ms` (restores excluded). Stuck is
+/// judged from the task's own progress, not from offsets: an idle
+/// partition, or one whose last offsets are transaction markers, is never
+/// stuck.
 fn watch(consumer: &BaseConsumer<GroupContext>, topics: &[&str]) {
     use crate::metrics::{PartitionLabel, TopicPartitionLabel};
     let ctx = consumer.context();
     let m = &ctx.shared.metrics;
     let g = &m.gauges;
     let now_s = crate::clock::host_now_ms() as f64 / 1000.0;
-    let committed = ctx.shared.committed.lock().expect("committed").clone();
-    let mut stuck = Vec::new();
-    for (p, state) in m.partitions().1 {
-        if state == PartitionState::Restoring {
-            continue;
-        }
+    let states = m.partitions().1;
+    for &p in states.keys() {
         let label = PartitionLabel { partition: p };
-        let mut lag_total = 0;
         for topic in topics {
-            let Some(high) = ctx.highs.lock().expect("highs").get(&(topic.to_string(), p)).copied() else { continue };
+            let Some(end) = ctx.highs.lock().expect("highs").get(&(topic.to_string(), p)).copied() else { continue };
             let tl = TopicPartitionLabel { topic: topic.to_string(), partition: p };
-            let at_commit = committed.get(&p).and_then(|ps| ps.iter().find(|(t, _)| t == topic)).map_or(0, |(_, o)| *o);
-            let position = g.position.get_or_create(&tl).get().max(at_commit);
-            let lag = (high - position).max(0);
-            g.lag.get_or_create(&tl).set(lag);
-            lag_total += lag;
+            let position = g.position.get_or_create(&tl).get();
+            g.lag.get_or_create(&tl).set((end - position).max(0));
         }
         let watermark = m.watermark.get_or_create(&label).get();
         if watermark > 0.0 {
             g.event_time_lag.get_or_create(&label).set((now_s - watermark).max(0.0));
         }
-        let progress = g.last_progress.get_or_create(&label);
-        if lag_total == 0 || progress.get() == 0.0 {
-            // Caught up (or just started): that is progress.
-            progress.set(now_s);
-        } else if ctx.shared.kafka.stuck_after.is_some_and(|after| now_s - progress.get() > after.as_secs_f64()) {
+    }
+    let mut stuck = Vec::new();
+    let after = ctx.shared.kafka.stuck_after;
+    for (&p, h) in ctx.tasks.lock().expect("tasks").iter_mut() {
+        let processed = h.processed.load(std::sync::atomic::Ordering::Relaxed);
+        let waiting = h.sent > processed || !h.pending.is_empty();
+        let restoring = states.get(&p) == Some(&PartitionState::Restoring);
+        if processed != h.seen.0 || !waiting || restoring {
+            h.seen = (processed, Instant::now());
+            g.last_progress.get_or_create(&PartitionLabel { partition: p }).set(now_s);
+        } else if after.is_some_and(|after| h.seen.1.elapsed() > after) {
             stuck.push(p);
         }
     }
+    stuck.sort_unstable();
     if stuck != m.stuck() {
         if stuck.is_empty() {
             tracing::info!("no partition is stuck any more: /healthz passes");
         } else {
-            tracing::warn!(partitions = ?stuck, "partitions with lag made no progress for kafka.stuck_after_ms: /healthz fails");
+            tracing::warn!(partitions = ?stuck, "partitions with records waiting processed none for kafka.stuck_after_ms: /healthz fails");
         }
     }
     m.set_stuck(stuck);
@@ -407,8 +433,9 @@ fn consume(consumer: &BaseConsumer<GroupContext>, stop: &StopFlag) -> Result<(),
         let mut ended: Vec<i32> = tasks.iter().filter(|(_, h)| h.join.is_finished()).map(|(p, _)| *p).collect();
         for (&p, h) in tasks.iter_mut() {
             while let Some(b) = h.pending.pop_front() {
+                let n = b.len() as u64;
                 match h.tx.try_send(Msg::Records(b)) {
-                    Ok(()) => {}
+                    Ok(()) => h.sent += n,
                     Err(TrySendError::Full(Msg::Records(b))) => {
                         h.pending.push_front(b);
                         break;

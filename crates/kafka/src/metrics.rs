@@ -282,7 +282,7 @@ impl Metrics {
         if stuck.is_empty() {
             Ok(())
         } else {
-            Err(format!("partitions {stuck:?} have lag and made no progress for kafka.stuck_after_ms"))
+            Err(format!("partitions {stuck:?} have records waiting and made no progress for kafka.stuck_after_ms"))
         }
     }
 

@@ -245,7 +245,17 @@ impl FileSource {
         };
         let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let len = file.metadata()?.len();
-        if offset > len {
+        if offset > len && !once {
+            // File mode cuts its output back to the last commit after a
+            // crash, then writes the same bytes again: wait for them.
+            tracing::warn!(
+                file = %path.display(),
+                len,
+                position = offset,
+                "the transitions file is shorter than the webhook's position: waiting for it to grow back \
+                 (a file-mode recovery rewrites it); if it is another file, remove the position file"
+            );
+        } else if offset > len {
             bail!(
                 "{} is shorter ({len} bytes) than the webhook's position ({offset}, in {}): a different file? \
                  Remove the position file to deliver it from the start",
@@ -327,11 +337,30 @@ pub fn deliver_all(
     let mut summary = WebhookSummary::default();
     let mut last_save = Instant::now();
     let mut unsaved = 0u64;
-    while let Some(body) = source.next(stop)? {
+    let dead = |record: serde_json::Value| -> anyhow::Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dead_letter)
+            .with_context(|| format!("opening {}", dead_letter.display()))?;
+        writeln!(f, "{record}")?;
+        f.sync_data()?;
+        Ok(())
+    };
+    while !stop.is_set() {
+        let Some(body) = source.next(stop)? else { break };
         summary.read += 1;
-        let v: serde_json::Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => bail!("transition {} is not JSON: {e}", summary.read),
+        let v: serde_json::Value = match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v) if v.is_object() => v,
+            other => {
+                // Not a transition record: kept, with why, and passed.
+                let why = other.err().map_or("not a JSON object".to_string(), |e| e.to_string());
+                tracing::warn!(record = summary.read, "not a transition record ({why}): dead-lettered");
+                summary.refused += 1;
+                dead(serde_json::json!({ "raw": String::from_utf8_lossy(&body), "status": 0, "answer": why }))?;
+                source.done();
+                continue;
+            }
         };
         let group = v["group"].as_str().unwrap_or_default();
         if !cfg.wants(group, v["to"].as_str()) {
@@ -348,14 +377,7 @@ pub fn deliver_all(
                     summary.refused += 1;
                     summary.retries += u64::from(attempts - 1);
                     tracing::warn!(key, status, "webhook refused a transition for good: dead-lettered");
-                    let mut f = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(dead_letter)
-                        .with_context(|| format!("opening {}", dead_letter.display()))?;
-                    let record = serde_json::json!({ "transition": v, "status": status, "answer": answer });
-                    writeln!(f, "{record}")?;
-                    f.sync_data()?;
+                    dead(serde_json::json!({ "transition": v, "status": status, "answer": answer }))?;
                 }
             }
         }

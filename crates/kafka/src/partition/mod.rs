@@ -102,6 +102,8 @@ pub struct Task {
     misplaced: Throttle,
     /// This partition's share of the segment population gauges.
     published_segments: BTreeMap<(String, String), (i64, i64)>,
+    /// Records processed, for the group thread's stuck check.
+    processed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -416,14 +418,7 @@ impl Task {
         if at >= to {
             return Ok(());
         }
-        tracing::warn!(
-            topic,
-            partition,
-            from = at,
-            to,
-            "the group's offset is ahead of this partition's last commit (offsets moved by hand, or reset after \
-             they expired): reading the records in between from the topic first"
-        );
+        let (start, mut read) = (at, 0);
         while at < to {
             let end = (at + CHUNK).min(to);
             let mut chunk = Vec::new();
@@ -432,8 +427,30 @@ impl Task {
                 Ok(())
             })?;
             self.shared.metrics.gap_records.inc_by(chunk.len() as u64);
+            read += chunk.len();
             self.take_records(chunk)?;
+            self.publish_position(t);
             at = end;
+        }
+        if read > 0 {
+            tracing::warn!(
+                topic,
+                partition,
+                from = start,
+                to,
+                records = read,
+                "the group's offset was ahead of this partition's last commit (offsets moved by hand, or reset after \
+                 they expired): the records in between were read from the topic and processed first"
+            );
+        } else {
+            // Only offsets without records (transaction markers, compaction).
+            tracing::debug!(
+                topic,
+                partition,
+                from = start,
+                to,
+                "no record between the last commit and the group's offset"
+            );
         }
         Ok(())
     }
@@ -537,6 +554,7 @@ impl Task {
             }
         }
         self.records += 1;
+        self.processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.next_offsets[t] = r.offset + 1;
         self.records_since_commit += 1;
         if let Some(left) = self.emitter.sink_mut().guard_mut().passed(&self.next_offsets) {
@@ -725,12 +743,27 @@ impl Task {
         self.publish_state();
     }
 
+    /// The counter of processed records the group thread watches.
+    pub fn count_processed(&mut self, counter: Arc<std::sync::atomic::AtomicU64>) {
+        counter.store(self.processed.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+        self.processed = counter;
+    }
+
+    /// Once restored: the gauges of a partition that may stay idle.
+    pub(crate) fn publish_opened(&mut self) {
+        for t in 0..self.next_offsets.len() {
+            if self.next_offsets[t] >= 0 {
+                self.publish_position(t);
+            }
+        }
+        self.publish_state();
+    }
+
     /// After a batch: how far the partition is, for the lag gauges.
     fn publish_position(&self, t: usize) {
         let g = &self.shared.metrics.gauges;
         let topic = self.shared.kafka.inputs[t].topic.clone();
         g.position.get_or_create(&TopicPartitionLabel { topic, partition: self.partition }).set(self.next_offsets[t]);
-        g.last_progress.get_or_create(&PartitionLabel { partition: self.partition }).set(now_ms() as f64 / 1000.0);
     }
 
     /// At a commit: the state's size and this partition's share of the

@@ -303,6 +303,7 @@ impl Task {
             published_dead: HashMap::new(),
             misplaced: segstream_output::Throttle::new(10, std::time::Duration::from_secs(60)),
             published_segments: std::collections::BTreeMap::new(),
+            processed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.
@@ -353,6 +354,7 @@ impl Task {
             seconds = started.elapsed().as_secs_f64(),
             "partition restored"
         );
+        task.publish_opened();
         Ok(task)
     }
 
