@@ -476,7 +476,10 @@ fn output_equals_file_mode_and_poison_records_go_to_the_dead_letter_topic() {
     let said = log.lines().find(|l| l.contains("wrong partition") && l.contains(&format!("events/{stray_at}/")));
     let said = said.unwrap_or_else(|| panic!("the stray record is logged with its location:\n{log}"));
     assert!(said.contains(&format!("home_partition={stray_home}")) && !said.contains("cus_stray"), "{said}");
-    assert!(body.contains("segstream_output_transitions_total{"), "{body}");
+    assert!(
+        body.contains("segstream_output_transitions_total{group=\"rfm\",from=\"null\",to=\"new_customers\"}"),
+        "flows by their previous segment: {body}"
+    );
     assert!(!body.contains("cus_"), "no customer ids in metrics");
     assert!(http_get(&format!("127.0.0.1:{port}"), "/healthz").contains("ok"));
     assert!(http_get(&format!("127.0.0.1:{port}"), "/readyz").starts_with("HTTP/1.1 200"));

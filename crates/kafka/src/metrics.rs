@@ -20,6 +20,7 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabel {
     pub group: String,
+    pub from: String,
     pub to: String,
 }
 
@@ -130,7 +131,7 @@ impl Metrics {
         let transitions = Family::<TransitionLabel, Counter>::default();
         registry.register(
             "output_transitions",
-            "Transitions produced, by group and target segment",
+            "Transitions produced, by group, previous and target segment (null: none)",
             transitions.clone(),
         );
         let replay_suppressed = Counter::default();

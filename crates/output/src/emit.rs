@@ -45,16 +45,19 @@ pub trait TransitionSink {
     fn dead_letter(&mut self, d: &DeadLetter<'_>) -> Result<bool, Self::Error>;
 }
 
-/// What was written, by group and new segment, and dead letters by kind.
+/// A transition's group, previous and new segment (`None`: no segment).
+pub type Flow = (Arc<str>, Option<Arc<str>>, Option<Arc<str>>);
+
+/// What was written, by group, old and new segment, and dead letters by kind.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
-    transitions: HashMap<(Arc<str>, Option<Arc<str>>), u64>,
+    transitions: HashMap<Flow, u64>,
     dead_letters: BTreeMap<&'static str, u64>,
 }
 
 impl Tally {
     pub fn count_transition(&mut self, t: &Transition) {
-        *self.transitions.entry((t.group.clone(), t.to.clone())).or_insert(0) += 1;
+        *self.transitions.entry((t.group.clone(), t.from.clone(), t.to.clone())).or_insert(0) += 1;
     }
 
     pub fn count_dead_letter(&mut self, kind: &'static str) {
@@ -63,15 +66,16 @@ impl Tally {
 
     /// Transitions by (group, new segment or `null`), sorted.
     pub fn transitions(&self) -> BTreeMap<(String, String), u64> {
-        self.transitions
-            .iter()
-            .map(|((g, to), n)| ((g.to_string(), to.as_deref().unwrap_or("null").to_string()), *n))
-            .collect()
+        let mut by_target = BTreeMap::new();
+        for ((g, _, to), n) in &self.transitions {
+            *by_target.entry((g.to_string(), to.as_deref().unwrap_or("null").to_string())).or_insert(0) += *n;
+        }
+        by_target
     }
 
-    /// Each (group, new segment) count, as shared names: for metrics labels.
-    pub fn transition_counts(&self) -> impl Iterator<Item = (&Arc<str>, Option<&Arc<str>>, u64)> {
-        self.transitions.iter().map(|((g, to), n)| (g, to.as_ref(), *n))
+    /// Each flow's count, as shared names: for metrics labels.
+    pub fn transition_counts(&self) -> impl Iterator<Item = (&Flow, u64)> {
+        self.transitions.iter().map(|(flow, n)| (flow, *n))
     }
 
     pub fn dead_letters(&self) -> &BTreeMap<&'static str, u64> {

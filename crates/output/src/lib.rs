@@ -14,7 +14,7 @@ mod error;
 mod file;
 mod record;
 
-pub use emit::{DeadLetter, Emitter, FileSink, Say, SyncedLengths, Tally, Throttle, TransitionSink};
+pub use emit::{DeadLetter, Emitter, FileSink, Flow, Say, SyncedLengths, Tally, Throttle, TransitionSink};
 pub use error::OutputError;
 pub use file::{CommittedFile, DeadLetterFile, TransitionFile};
 pub use record::{

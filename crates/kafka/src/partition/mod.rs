@@ -96,7 +96,7 @@ pub struct Task {
     last_delay_ms: Option<i64>,
     /// Tally counts already added to the metrics: transitions by (group,
     /// segment), dead letters by kind.
-    published: HashMap<(String, String), u64>,
+    published: HashMap<(String, String, String), u64>,
     published_dead: HashMap<&'static str, u64>,
     /// Records whose customer belongs to another partition (logged, throttled).
     misplaced: Throttle,
@@ -816,13 +816,13 @@ impl Task {
     fn publish_tally(&mut self) {
         let m = &self.shared.metrics;
         let tally = self.emitter.tally();
-        for (group, to, n) in tally.transition_counts() {
-            let key = (group.to_string(), to.map_or_else(|| "null".to_string(), |t| t.to_string()));
+        let name = |s: &Option<Arc<str>>| s.as_deref().map_or_else(|| "null".to_string(), str::to_string);
+        for ((group, from, to), n) in tally.transition_counts() {
+            let key = (group.to_string(), name(from), name(to));
             let before = self.published.get(&key).copied().unwrap_or(0);
             if n > before {
-                m.transitions
-                    .get_or_create(&TransitionLabel { group: key.0.clone(), to: key.1.clone() })
-                    .inc_by(n - before);
+                let label = TransitionLabel { group: key.0.clone(), from: key.1.clone(), to: key.2.clone() };
+                m.transitions.get_or_create(&label).inc_by(n - before);
                 self.published.insert(key, n);
             }
         }
