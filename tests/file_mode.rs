@@ -251,3 +251,35 @@ proptest! {
         prop_assert!(std::fs::read(&crashy.output).expect("read") == std::fs::read(&args.output).expect("read"));
     }
 }
+
+/// `run --metrics-addr` in file mode: the figures a long replay is watched
+/// by (events, records, bytes read, watermark, transitions by flow, dead
+/// letters by kind) end equal to the run's own counts.
+#[test]
+fn file_mode_metrics_follow_the_run() {
+    use segstream::http::Exposition;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, end) = sample(dir.path(), "e.jsonl", 60, 60, 5, Format::Json, Some(70));
+    let mut args = FileSettings::new(&input, dir.path().join("t.jsonl"), dir.path().join("s"));
+    args.until = Some(end);
+    let metrics = std::sync::Arc::new(segstream::file::FileMetrics::default());
+    args.metrics = Some(metrics.clone());
+    let s = run_file(&EngineSettings::spec_default(), &args).expect("run");
+    let text = metrics.encode();
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().expect("value").parse::<f64>().expect("number"))
+            .sum()
+    };
+    assert_eq!(value("segstream_input_events_total ") as u64, s.counts.events, "{text}");
+    assert_eq!(value("segstream_file_records_total ") as u64, s.records);
+    assert_eq!(value("segstream_input_dead_letters_total{") as u64, s.counts.invalid);
+    let lines = std::fs::read_to_string(&args.output).expect("output").lines().count();
+    assert_eq!(value("segstream_output_transitions_total{") as usize, lines);
+    let size = std::fs::metadata(&input).expect("input").len() as f64;
+    assert_eq!(value("segstream_file_read_bytes "), size);
+    assert_eq!(value("segstream_file_size_bytes "), size);
+    assert_eq!(value("segstream_time_watermark_seconds ") as i64, end / 1000);
+    assert!(text.contains("process_resident_memory_bytes ") && text.trim_end().ends_with("# EOF"));
+}

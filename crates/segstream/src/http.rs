@@ -8,6 +8,27 @@ use std::sync::Arc;
 
 use segstream_kafka::Metrics;
 
+/// What the endpoint serves: metrics text and the two probes.
+pub trait Exposition: Send + Sync + 'static {
+    fn encode(&self) -> String;
+    fn liveness(&self) -> Result<(), String>;
+    fn readiness(&self) -> Result<(), String>;
+}
+
+impl Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+
+    fn liveness(&self) -> Result<(), String> {
+        Metrics::liveness(self)
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        Metrics::readiness(self)
+    }
+}
+
 /// A probe's answer: 200 with `ok`, or 503 with the reason.
 async fn probe(state: Result<(), String>, ok: &'static str) -> (axum::http::StatusCode, String) {
     match state {
@@ -25,7 +46,7 @@ pub fn bind(addr: &str) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
 }
 
 /// Serves on `addr` (port 0 picks a free one); returns the bound address.
-pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+pub fn serve(addr: &str, metrics: Arc<dyn Exposition>) -> anyhow::Result<SocketAddr> {
     let (listener, bound) = bind(addr)?;
     serve_on(listener, metrics, None)?;
     Ok(bound)
@@ -35,7 +56,7 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
 /// bound listener, from a thread of its own.
 pub fn serve_on(
     listener: std::net::TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Exposition>,
     extra: Option<axum::Router>,
 ) -> anyhow::Result<()> {
     std::thread::Builder::new().name("metrics-http".into()).spawn(move || {

@@ -79,6 +79,7 @@ enum Command {
         #[arg(long)]
         dead_letter_topic: Option<String>,
         /// Kafka mode: overrides kafka.metrics_addr ("" disables the endpoint).
+        /// File mode: serves /metrics there while the run lasts (long replays).
         #[arg(long)]
         metrics_addr: Option<String>,
     },

@@ -44,6 +44,8 @@ pub struct FileSettings {
     /// Memory for sorting an input that is not in time order (bytes).
     pub sort_buffer: usize,
     pub faults: FileFaults,
+    /// `--metrics-addr`: figures for `/metrics` while the run lasts.
+    pub metrics: Option<std::sync::Arc<crate::file::FileMetrics>>,
 }
 
 impl FileSettings {
@@ -62,6 +64,7 @@ impl FileSettings {
             overwrite: false,
             sort_buffer: crate::config::DEFAULT_SORT_BUFFER_MIB << 20,
             faults: FileFaults::default(),
+            metrics: None,
         }
     }
 }
@@ -118,6 +121,12 @@ impl Settings {
         file.progress = true;
         file.overwrite = flags.overwrite;
         file.sort_buffer = config.state.sort_buffer_mib << 20;
+        if let Some(addr) = flags.kafka.metrics_addr.filter(|a| !a.is_empty()) {
+            let metrics = std::sync::Arc::new(crate::file::FileMetrics::default());
+            let bound = crate::http::serve(&addr, metrics.clone())?;
+            eprintln!("segstream: metrics on http://{bound}/metrics");
+            file.metrics = Some(metrics);
+        }
         Ok(Self { engine, mode: Mode::File(file) })
     }
 }

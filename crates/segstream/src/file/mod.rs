@@ -2,12 +2,14 @@
 //! dead-letter file), resumable exactly after any crash.
 
 mod input;
+mod metrics;
 mod progress;
 mod run;
 mod sort;
 mod summary;
 
 pub use input::{InputReader, Position, Record};
+pub use metrics::FileMetrics;
 pub use progress::{InputProgress, OutputRecord};
 pub use run::run_file;
 pub use summary::{InputOrder, RunSummary};

@@ -287,6 +287,13 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
     let commit_every = settings.commit_every_records();
     let mut buf: Vec<Transition> = Vec::new();
     let mut last_progress = Instant::now();
+    let mut last_metrics = Instant::now();
+    let publish = |engine: &Engine, out: &Emitter<FileSink>, records: u64, read: u64| {
+        if let Some(m) = &args.metrics {
+            let events = engine.counters().events.saturating_sub(start_counters.events);
+            m.update(events, records, (read, end), engine.clock().watermark, out.tally());
+        }
+    };
     let mut stopped_early = false;
     while let Some(reader) = &mut reader {
         let Some(rec) = reader.next_record() else { break };
@@ -317,6 +324,10 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
             stopped_early = true;
             break;
         }
+        if args.metrics.is_some() && last_metrics.elapsed() >= Duration::from_secs(1) {
+            last_metrics = Instant::now();
+            publish(&engine, &out, summary.records, pos.offset);
+        }
         if args.progress && last_progress.elapsed() >= PROGRESS_EVERY {
             last_progress = Instant::now();
             let secs = started.elapsed().as_secs_f64();
@@ -345,6 +356,7 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
+    publish(&engine, &out, summary.records, end);
     summary.stopped_early = stopped_early;
     summary.totals = engine.counters().clone();
     summary.counts = diff(engine.counters(), &start_counters);
