@@ -39,9 +39,29 @@ pub fn bridge_error(client: &str, error: &KafkaError, reason: &str) {
     tracing::error!(target: "librdkafka", client, "{error}: {reason}");
 }
 
+/// A client context that bridges librdkafka's logs and errors into
+/// tracing, for the clients outside the group and the producers' roles
+/// (`reader`, `admin`).
+pub struct LogContext(pub &'static str);
+
+impl rdkafka::ClientContext for LogContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        bridge_log(self.0, level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        bridge_error(self.0, &error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LogContext {}
+
+/// A consumer outside the group whose librdkafka logs reach tracing.
+pub type Reader = BaseConsumer<LogContext>;
+
 /// A consumer outside the group (no offsets committed), for reading given
 /// ranges: restores, output tails, metadata.
-pub fn reader(settings: &KafkaSettings) -> Result<BaseConsumer, Error> {
+pub fn reader(settings: &KafkaSettings) -> Result<Reader, Error> {
     settings
         .client_config(
             &[("fetch.wait.max.ms", "10")],
@@ -53,7 +73,7 @@ pub fn reader(settings: &KafkaSettings) -> Result<BaseConsumer, Error> {
                 ("auto.offset.reset", "earliest"),
             ],
         )
-        .create()
+        .create_with_context(LogContext("reader"))
         .map_err(Error::broker("creating the restore consumer"))
 }
 
@@ -63,7 +83,7 @@ pub fn request<T>(what: &str, stop: &StopFlag, f: impl FnMut() -> Result<T, Kafk
 }
 
 /// The low and high offsets of `topic`/`partition`.
-pub fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32, stop: &StopFlag) -> Result<(i64, i64), Error> {
+pub fn watermarks(consumer: &Reader, topic: &str, partition: i32, stop: &StopFlag) -> Result<(i64, i64), Error> {
     request(&format!("{topic}/{partition} offsets"), stop, || {
         consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
     })
@@ -71,7 +91,7 @@ pub fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32, stop: &S
 
 /// Partitions of `topic`, retrying broker errors (see [`check_topic`] for
 /// the start-up check, which fails at once).
-pub fn partition_count(consumer: &BaseConsumer, topic: &str, stop: &StopFlag) -> Result<i32, Error> {
+pub fn partition_count(consumer: &Reader, topic: &str, stop: &StopFlag) -> Result<i32, Error> {
     let md =
         request(&format!("metadata of topic {topic}"), stop, || consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT))?;
     topic_partitions(&md, topic)
@@ -79,7 +99,7 @@ pub fn partition_count(consumer: &BaseConsumer, topic: &str, stop: &StopFlag) ->
 
 /// Partitions of `topic`, failing on the first broker error: the check at
 /// start, where a wrong address or a missing topic must be reported at once.
-pub fn check_topic(consumer: &BaseConsumer, topic: &str) -> Result<i32, Error> {
+pub fn check_topic(consumer: &Reader, topic: &str) -> Result<i32, Error> {
     let md = consumer
         .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
         .map_err(Error::broker(format!("metadata of topic {topic} (are the brokers right?)")))?;
@@ -100,7 +120,7 @@ fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> Result<i32
 }
 
 /// The current end offsets of every partition of `topics`.
-pub fn end_offsets(consumer: &BaseConsumer, topics: [&str; 2], stop: &StopFlag) -> Result<OutputEnds, Error> {
+pub fn end_offsets(consumer: &Reader, topics: [&str; 2], stop: &StopFlag) -> Result<OutputEnds, Error> {
     let mut outputs = OutputEnds::new();
     for topic in topics {
         let mut ends = std::collections::BTreeMap::new();
@@ -114,7 +134,7 @@ pub fn end_offsets(consumer: &BaseConsumer, topics: [&str; 2], stop: &StopFlag) 
 
 /// Reads `topic`/`partition` from `from` up to (not including) `to`.
 pub fn read_range(
-    consumer: &BaseConsumer,
+    consumer: &Reader,
     topic: &str,
     partition: i32,
     (from, to): (i64, i64),

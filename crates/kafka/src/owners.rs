@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 
 use crate::changelog::{Owner, EPOCH_HEADER, OWNER_KEY};
@@ -70,7 +70,7 @@ const OWNER_TTL: Duration = Duration::from_secs(2);
 /// The owners of the changelog's partitions, looked up when asked (cached
 /// for a couple of seconds).
 pub struct OwnerDirectory {
-    consumer: BaseConsumer,
+    consumer: crate::client::Reader,
     changelog: String,
     cache: HashMap<i32, (Option<Owner>, Instant)>,
 }

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use segstream_decode::Format;
 
 use crate::client::{check_topic, reader};
@@ -102,8 +101,10 @@ fn output_schema_id(k: &KafkaSettings) -> Result<Option<u32>, Error> {
 /// the topic's configuration gets a warning, not a refusal.
 fn check_changelog_config(k: &KafkaSettings) -> Result<Duration, Error> {
     let changelog = k.changelog_topic.as_str();
-    let admin: AdminClient<DefaultClientContext> =
-        k.client_config(&[], &Default::default(), &[]).create().map_err(Error::broker("creating an admin client"))?;
+    let admin: AdminClient<crate::client::LogContext> = k
+        .client_config(&[], &Default::default(), &[])
+        .create_with_context(crate::client::LogContext("admin"))
+        .map_err(Error::broker("creating an admin client"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(Error::io("starting the admin client's runtime"))?;

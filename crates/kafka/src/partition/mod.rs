@@ -11,7 +11,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use segstream_decode::{decode_json_line, Classify, DecodeError, ErrorClass, Event, Format};
@@ -183,7 +182,7 @@ fn send_changelog(
 /// What a task knows of its partition's ownership ([`crate::fence`]).
 pub(crate) struct OwnerCheck {
     /// Reads the changelog's end (and, when someone else wrote, what).
-    pub(crate) reader: BaseConsumer,
+    pub(crate) reader: crate::client::Reader,
     /// This task's owner epoch and what it knows of the changelog's writers.
     pub(crate) fence: Fence,
     lost: StopFlag,
@@ -195,7 +194,13 @@ pub(crate) struct OwnerCheck {
 }
 
 impl OwnerCheck {
-    pub(crate) fn new(reader: BaseConsumer, fence: Fence, lost: StopFlag, changelog: &str, partition: i32) -> Self {
+    pub(crate) fn new(
+        reader: crate::client::Reader,
+        fence: Fence,
+        lost: StopFlag,
+        changelog: &str,
+        partition: i32,
+    ) -> Self {
         Self { reader, fence, lost, changelog: changelog.to_string(), partition, last_alive: Instant::now() }
     }
 
