@@ -37,12 +37,12 @@ struct TaskHandle {
     /// Batches the task's queue had no room for.
     pending: VecDeque<Vec<Rec>>,
     paused: bool,
-    /// Records handed to the task, and those it processed (it counts):
-    /// work waits while `sent > processed`.
+    /// Records handed to the task; the task counts those of the batches it
+    /// finished, and ticks per record: work waits while `sent > taken`.
     sent: u64,
-    processed: Arc<std::sync::atomic::AtomicU64>,
-    /// The task's processed count at the last check, and since when it
-    /// has not moved while work waited.
+    progress: Arc<crate::record::Progress>,
+    /// The task's ticks at the last check, and since when they have not
+    /// moved while work waited.
     seen: (u64, Instant),
 }
 
@@ -74,8 +74,8 @@ impl GroupContext {
         let stop = StopFlag::new();
         let lost = StopFlag::new();
         let (task_stop, task_lost) = (stop.clone(), lost.clone());
-        let processed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = processed.clone();
+        let progress = Arc::new(crate::record::Progress::default());
+        let counter = progress.clone();
         let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shared.metrics.set_partition(partition, Some(PartitionState::Restoring));
         let join = std::thread::Builder::new()
@@ -84,7 +84,7 @@ impl GroupContext {
                 let metrics = shared.metrics.clone();
                 let ended = Task::open(shared, partition, task_stop, task_lost).and_then(|mut task| {
                     metrics.set_partition(partition, Some(PartitionState::Ready(generation)));
-                    task.count_processed(counter);
+                    task.report_progress(counter);
                     task.run(rx)
                 });
                 match &ended {
@@ -108,7 +108,7 @@ impl GroupContext {
             pending: VecDeque::new(),
             paused: false,
             sent: 0,
-            processed,
+            progress,
             seen: (0, Instant::now()),
         };
         self.tasks.lock().expect("tasks").insert(partition, handle);
@@ -371,11 +371,12 @@ fn watch(consumer: &BaseConsumer<GroupContext>, topics: &[&str]) {
     let mut stuck = Vec::new();
     let after = ctx.shared.kafka.stuck_after;
     for (&p, h) in ctx.tasks.lock().expect("tasks").iter_mut() {
-        let processed = h.processed.load(std::sync::atomic::Ordering::Relaxed);
-        let waiting = h.sent > processed || !h.pending.is_empty();
+        let taken = h.progress.taken.load(std::sync::atomic::Ordering::Relaxed);
+        let ticks = h.progress.ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let waiting = h.sent > taken || !h.pending.is_empty();
         let restoring = states.get(&p) == Some(&PartitionState::Restoring);
-        if processed != h.seen.0 || !waiting || restoring {
-            h.seen = (processed, Instant::now());
+        if ticks != h.seen.0 || !waiting || restoring {
+            h.seen = (ticks, Instant::now());
             g.last_progress.get_or_create(&PartitionLabel { partition: p }).set(now_s);
         } else if after.is_some_and(|after| h.seen.1.elapsed() > after) {
             stuck.push(p);

@@ -27,6 +27,17 @@ impl Rec {
     }
 }
 
+/// What a task tells the group thread of its progress, for the stuck
+/// check: records of batches it finished (against the records handed to
+/// it), and a tick per record it went through (processed, skipped as
+/// already committed, or read to fill a gap), which shows life inside a
+/// long batch.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub taken: std::sync::atomic::AtomicU64,
+    pub ticks: std::sync::atomic::AtomicU64,
+}
+
 pub enum Msg {
     Records(Vec<Rec>),
     /// Commit and end (revocation, shutdown); when the task's `lost` flag

@@ -101,8 +101,8 @@ pub struct Task {
     misplaced: Throttle,
     /// This partition's share of the segment population gauges.
     published_segments: BTreeMap<(String, String), (i64, i64)>,
-    /// Records processed, for the group thread's stuck check.
-    processed: Arc<std::sync::atomic::AtomicU64>,
+    /// Progress reported to the group thread's stuck check.
+    progress: Arc<crate::record::Progress>,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -308,12 +308,13 @@ impl Task {
         loop {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Records(recs)) => {
-                    let topic = recs.first().map(|r| r.topic);
+                    let (topic, n) = (recs.first().map(|r| r.topic), recs.len() as u64);
                     let taken = self.take(recs);
                     self.publish_tally();
                     if let Some(t) = topic {
                         self.publish_position(t);
                     }
+                    self.progress.taken.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     match taken {
                         Err(Error::Stopped) => return self.hand_over(),
                         other => other?,
@@ -513,6 +514,7 @@ impl Task {
     }
 
     fn process(&mut self, r: Rec) -> Result<(), Error> {
+        self.progress.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = r.topic;
         if r.offset < self.next_offsets[t] {
             return Ok(()); // already in the committed state
@@ -559,7 +561,6 @@ impl Task {
             }
         }
         self.records += 1;
-        self.processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.next_offsets[t] = r.offset + 1;
         self.records_since_commit += 1;
         if let Some(left) = self.emitter.sink_mut().guard_mut().passed(&self.next_offsets) {
@@ -748,10 +749,9 @@ impl Task {
         self.publish_state();
     }
 
-    /// The counter of processed records the group thread watches.
-    pub fn count_processed(&mut self, counter: Arc<std::sync::atomic::AtomicU64>) {
-        counter.store(self.processed.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
-        self.processed = counter;
+    /// Where to report progress (the group thread watches it).
+    pub fn report_progress(&mut self, progress: Arc<crate::record::Progress>) {
+        self.progress = progress;
     }
 
     /// Once restored: the gauges of a partition that may stay idle.

@@ -303,7 +303,7 @@ impl Task {
             published_dead: HashMap::new(),
             misplaced: segstream_output::Throttle::new(10, std::time::Duration::from_secs(60)),
             published_segments: std::collections::BTreeMap::new(),
-            processed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            progress: Arc::new(crate::record::Progress::default()),
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.
