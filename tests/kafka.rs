@@ -1172,7 +1172,9 @@ fn a_restore_stopped_halfway_resumes_from_its_last_checkpoint() {
     let resumed = log_max(&p.log("b")[mark..], "changelog_records=");
     eprintln!("changelog: {total} records; the resumed restore read {resumed}");
     assert!(
-        resumed > 0 && resumed as i64 <= total - total / 2 + 10,
+        // (The last checkpoint is at the last marker before the crash: a
+        // commit's records apart, far fewer than the 200 allowed.)
+        resumed > 0 && resumed as i64 <= total - total / 2 + 200,
         "the second restore read {resumed} of {total} changelog records: it did not resume\n{}",
         p.log("b")
     );
@@ -1194,8 +1196,9 @@ fn group_offsets_moved_forward_by_hand_skip_nothing() {
     let (first, second) = (p.produced.len() / 2, p.produced.len() * 3 / 4);
     produce(&p.broker.addr, EVENTS, &p.produced[..first]);
     let mut a = p.start("a", "");
-    p.wait_output(1, "a on the first half", &["a"]);
-    std::thread::sleep(Duration::from_secs(3));
+    // Well into the first half in both partitions before the stop.
+    p.wait_output(p.expected.len() / 4, "a on the first half", &["a"]);
+    std::thread::sleep(Duration::from_secs(2));
     sigterm(&mut a);
     // Both partitions processed (and committed) records: a partition that
     // never processed one starts where the group consumer starts.
