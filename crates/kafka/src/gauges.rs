@@ -197,6 +197,18 @@ impl Gauges {
     }
 }
 
+/// `registry` as OpenMetrics text, with the process's figures before the
+/// closing `# EOF`.
+pub fn encode_with_process(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String cannot fail");
+    let end = out.rfind("# EOF").unwrap_or(out.len());
+    let tail = out.split_off(end);
+    encode_process(&mut out);
+    out.push_str(&tail);
+    out
+}
+
 /// The process's own figures, read from `/proc` at each scrape, in the
 /// names Prometheus client libraries use (`process_…`, no prefix).
 pub fn encode_process(out: &mut String) {

@@ -42,7 +42,7 @@ pub use config::{InputTopic, KafkaConfig, KeyPartitioner};
 pub use error::Error;
 pub use follower::OutputFollower;
 pub use group::run;
-pub use metrics::{Metrics, PartitionState};
+pub use metrics::{KindLabel, Metrics, PartitionState, TallyPublished, TransitionLabel};
 pub use registry::{Registry, RegistryError};
 pub use settings::{
     property_from_env, KafkaEnvironment, KafkaOverrides, KafkaSettings, ADVERTISED_URL_ENV, REGISTRY_USER_INFO_ENV,

@@ -40,6 +40,42 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// What of an emitter's tally is already in the transition and
+/// dead-letter counters: publishing adds only the difference (a tally
+/// counts from its emitter's start; labels are built per publication, not
+/// per record). Kafka mode keeps one per partition task, file mode one per run.
+#[derive(Debug, Default)]
+pub struct TallyPublished {
+    flows: std::collections::HashMap<(String, String, String), u64>,
+    dead: std::collections::HashMap<&'static str, u64>,
+}
+
+impl TallyPublished {
+    pub fn publish(
+        &mut self,
+        tally: &segstream_output::Tally,
+        transitions: &Family<TransitionLabel, Counter>,
+        dead_letters: &Family<KindLabel, Counter>,
+    ) {
+        let name = |s: &Option<std::sync::Arc<str>>| s.as_deref().map_or_else(|| "null".to_string(), str::to_string);
+        for ((group, from, to), n) in tally.transition_counts() {
+            let key = (group.to_string(), name(from), name(to));
+            let before = self.flows.get(&key).copied().unwrap_or(0);
+            if n > before {
+                let label = TransitionLabel { group: key.0.clone(), from: key.1.clone(), to: key.2.clone() };
+                transitions.get_or_create(&label).inc_by(n - before);
+                self.flows.insert(key, n);
+            }
+        }
+        for (&kind, &n) in tally.dead_letters() {
+            let before = self.dead.insert(kind, n).unwrap_or(0);
+            if n > before {
+                dead_letters.get_or_create(&KindLabel { kind: kind.to_string() }).inc_by(n - before);
+            }
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub events: Counter,
@@ -305,14 +341,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        // The process's figures go before OpenMetrics' closing line.
-        let end = out.rfind("# EOF").unwrap_or(out.len());
-        let tail = out.split_off(end);
-        crate::gauges::encode_process(&mut out);
-        out.push_str(&tail);
-        out
+        crate::gauges::encode_with_process(&self.registry)
     }
 }
 

@@ -26,7 +26,7 @@ use crate::commit::{commit, Commit, CommitIo};
 use crate::error::Error;
 use crate::fence::{Fence, Look, STALL};
 use crate::marker::{LocalMarker, Marker, Progress, LOCAL_MARKER_META};
-use crate::metrics::{KindLabel, Metrics, PartitionLabel, TopicPartitionLabel, TransitionLabel};
+use crate::metrics::{Metrics, PartitionLabel, TopicPartitionLabel};
 use crate::owners::partition_for_key;
 use crate::producer::Producer;
 use crate::record::{Msg, Rec};
@@ -95,8 +95,8 @@ pub struct Task {
     last_delay_ms: Option<i64>,
     /// Tally counts already added to the metrics: transitions by (group,
     /// segment), dead letters by kind.
-    published: HashMap<(String, String, String), u64>,
-    published_dead: HashMap<&'static str, u64>,
+    /// What of the emitter's tally the counters hold.
+    published: crate::metrics::TallyPublished,
     /// Records whose customer belongs to another partition (logged, throttled).
     misplaced: Throttle,
     /// This partition's share of the segment population gauges.
@@ -820,23 +820,7 @@ impl Task {
     /// strings for every transition).
     fn publish_tally(&mut self) {
         let m = &self.shared.metrics;
-        let tally = self.emitter.tally();
-        let name = |s: &Option<Arc<str>>| s.as_deref().map_or_else(|| "null".to_string(), str::to_string);
-        for ((group, from, to), n) in tally.transition_counts() {
-            let key = (group.to_string(), name(from), name(to));
-            let before = self.published.get(&key).copied().unwrap_or(0);
-            if n > before {
-                let label = TransitionLabel { group: key.0.clone(), from: key.1.clone(), to: key.2.clone() };
-                m.transitions.get_or_create(&label).inc_by(n - before);
-                self.published.insert(key, n);
-            }
-        }
-        for (&kind, &n) in tally.dead_letters() {
-            let before = self.published_dead.insert(kind, n).unwrap_or(0);
-            if n > before {
-                m.dead_letters.get_or_create(&KindLabel { kind: kind.to_string() }).inc_by(n - before);
-            }
-        }
+        self.published.publish(self.emitter.tally(), &m.transitions, &m.dead_letters);
     }
 }
 

@@ -2,28 +2,14 @@
 //! same names as Kafka mode where they mean the same (events, dead letters,
 //! transitions, watermark, process), and the input's progress in bytes.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use segstream_kafka::{KindLabel, TallyPublished, TransitionLabel};
 use segstream_output::Tally;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
-    kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FlowLabel {
-    group: String,
-    from: String,
-    to: String,
-}
 
 pub struct FileMetrics {
     registry: Registry,
@@ -33,7 +19,7 @@ pub struct FileMetrics {
     size_bytes: Gauge,
     watermark: Gauge<f64, AtomicU64>,
     dead_letters: Family<KindLabel, Counter>,
-    transitions: Family<FlowLabel, Counter>,
+    transitions: Family<TransitionLabel, Counter>,
     published: std::sync::Mutex<Published>,
 }
 
@@ -41,8 +27,7 @@ pub struct FileMetrics {
 struct Published {
     events: u64,
     records: u64,
-    flows: HashMap<(String, String, String), u64>,
-    dead: HashMap<&'static str, u64>,
+    tally: TallyPublished,
 }
 
 impl Default for FileMetrics {
@@ -68,7 +53,7 @@ impl Default for FileMetrics {
         registry.register("time_watermark_seconds", "Event-time watermark (epoch seconds)", watermark.clone());
         let dead_letters = Family::<KindLabel, Counter>::default();
         registry.register("input_dead_letters", "Records dead-lettered, by error kind", dead_letters.clone());
-        let transitions = Family::<FlowLabel, Counter>::default();
+        let transitions = Family::<TransitionLabel, Counter>::default();
         registry.register(
             "output_transitions",
             "Transitions written, by group, previous and target segment (null: none)",
@@ -105,34 +90,13 @@ impl FileMetrics {
         self.read_bytes.set(i64::try_from(bytes.0).unwrap_or(i64::MAX));
         self.size_bytes.set(i64::try_from(bytes.1).unwrap_or(i64::MAX));
         self.watermark.set(watermark_ms.max(0) as f64 / 1000.0);
-        let name = |s: &Option<Arc<str>>| s.as_deref().map_or_else(|| "null".to_string(), str::to_string);
-        for ((group, from, to), n) in tally.transition_counts() {
-            let key = (group.to_string(), name(from), name(to));
-            let before = p.flows.get(&key).copied().unwrap_or(0);
-            if n > before {
-                let label = FlowLabel { group: key.0.clone(), from: key.1.clone(), to: key.2.clone() };
-                self.transitions.get_or_create(&label).inc_by(n - before);
-                p.flows.insert(key, n);
-            }
-        }
-        for (&kind, &n) in tally.dead_letters() {
-            let before = p.dead.insert(kind, n).unwrap_or(0);
-            if n > before {
-                self.dead_letters.get_or_create(&KindLabel { kind: kind.to_string() }).inc_by(n - before);
-            }
-        }
+        p.tally.publish(tally, &self.transitions, &self.dead_letters);
     }
 }
 
 impl crate::http::Exposition for FileMetrics {
     fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        let end = out.rfind("# EOF").unwrap_or(out.len());
-        let tail = out.split_off(end);
-        segstream_kafka::gauges::encode_process(&mut out);
-        out.push_str(&tail);
-        out
+        segstream_kafka::gauges::encode_with_process(&self.registry)
     }
 
     fn liveness(&self) -> Result<(), String> {
