@@ -355,10 +355,11 @@ fn watch(consumer: &BaseConsumer<GroupContext>, topics: &[&str]) {
     let g = &m.gauges;
     let now_s = crate::clock::host_now_ms() as f64 / 1000.0;
     let states = m.partitions().1;
+    let highs = ctx.highs.lock().expect("highs");
     for &p in states.keys() {
         let label = PartitionLabel { partition: p };
         for topic in topics {
-            let Some(end) = ctx.highs.lock().expect("highs").get(&(topic.to_string(), p)).copied() else { continue };
+            let Some(&end) = highs.get(&(topic.to_string(), p)) else { continue };
             let tl = TopicPartitionLabel { topic: topic.to_string(), partition: p };
             let position = g.position.get_or_create(&tl).get();
             g.lag.get_or_create(&tl).set((end - position).max(0));
@@ -368,6 +369,7 @@ fn watch(consumer: &BaseConsumer<GroupContext>, topics: &[&str]) {
             g.event_time_lag.get_or_create(&label).set((now_s - watermark).max(0.0));
         }
     }
+    drop(highs);
     let mut stuck = Vec::new();
     let after = ctx.shared.kafka.stuck_after;
     for (&p, h) in ctx.tasks.lock().expect("tasks").iter_mut() {
