@@ -158,3 +158,52 @@ fn a_stop_while_retrying_keeps_the_transition_for_the_next_run() {
     assert!(accepted.contains(&"t3".to_string()));
     assert!(!accepted.contains(&"t1".to_string()), "not chosen");
 }
+
+/// Following a file that went quiet, the position is saved once caught up:
+/// a crash then (kill -9) repeats nothing.
+#[test]
+fn a_caught_up_follower_saves_its_position_while_the_file_is_quiet() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("transitions.jsonl");
+    let line = |id: &str| {
+        format!(
+            r#"{{"customer_id":"c","group":"rfm","from":null,"to":"at_risk","at":"2026-01-01T00:00:00.000Z","transition_id":"{id}"}}"#
+        )
+    };
+    std::fs::write(&out, [line("t1"), line("t2")].join("\n") + "\n").expect("write");
+    let (url, seen) = receiver(String::new());
+    let config = dir.path().join("webhook.toml");
+    std::fs::write(&config, format!("[webhook]\nurl = \"{url}\"\n")).expect("config");
+    let state = dir.path().join("hook");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_segstream"))
+            .args(["webhook", "--config"])
+            .arg(&config)
+            .arg("--input")
+            .arg(&out)
+            .arg("--state-dir")
+            .arg(&state)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start segstream webhook")
+    };
+    let mut first = run();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let accepted = || -> Vec<String> {
+        seen.lock().expect("seen").iter().filter(|s| s.status == 200).map(|s| s.key.clone()).collect()
+    };
+    while accepted().len() < 2 {
+        assert!(Instant::now() < deadline, "not delivered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Well under the once-a-second save of a busy run, well over one idle poll.
+    std::thread::sleep(Duration::from_millis(600));
+    first.kill().expect("kill -9");
+    let _ = first.wait();
+    let mut second = run();
+    std::thread::sleep(Duration::from_millis(1500));
+    second.kill().expect("kill -9");
+    let _ = second.wait();
+    // (The receiver fails t2's first attempt: a retry, not a repeat.)
+    assert_eq!(accepted(), ["t1", "t2"], "nothing accepted twice after a crash while caught up");
+}

@@ -21,6 +21,8 @@ pub struct OutputFollower {
     returned: Option<(i32, i64)>,
     /// Next offset per partition after what is done with.
     positions: HashMap<i32, i64>,
+    /// Whether `positions` moved since the last commit.
+    unsaved: bool,
 }
 
 impl OutputFollower {
@@ -45,7 +47,13 @@ impl OutputFollower {
             .map_err(Error::broker("creating the webhook consumer"))?;
         consumer.subscribe(&[settings.output_topic.as_str()]).map_err(Error::broker("subscribing"))?;
         tracing::info!(group, topic = settings.output_topic, "webhook: following the output topic");
-        Ok(Self { consumer, topic: settings.output_topic.clone(), returned: None, positions: HashMap::new() })
+        Ok(Self {
+            consumer,
+            topic: settings.output_topic.clone(),
+            returned: None,
+            positions: HashMap::new(),
+            unsaved: false,
+        })
     }
 
     /// The next transition's bytes; `None` once `stop` is set.
@@ -58,12 +66,16 @@ impl OutputFollower {
                 Some(Ok(m)) => {
                     let Some(p) = m.payload() else {
                         self.positions.insert(m.partition(), m.offset() + 1);
+                        self.unsaved = true;
                         continue;
                     };
                     self.returned = Some((m.partition(), m.offset() + 1));
                     return Ok(Some(p.to_vec()));
                 }
                 Some(Err(e)) => tracing::warn!("webhook consumer: {e}"),
+                // Caught up: what is done is committed now, not only when
+                // more arrives (a crash while the topic is quiet repeats nothing).
+                None if self.unsaved => self.save()?,
                 None => {}
             }
         }
@@ -73,11 +85,13 @@ impl OutputFollower {
     pub fn done(&mut self) {
         if let Some((p, next)) = self.returned.take() {
             self.positions.insert(p, next);
+            self.unsaved = true;
         }
     }
 
     /// Commits the positions after everything done with.
     pub fn save(&mut self) -> Result<(), Error> {
+        self.unsaved = false;
         if self.positions.is_empty() {
             return Ok(());
         }

@@ -220,6 +220,8 @@ pub struct FileSource {
     offset: u64,
     /// After the last line done with: what `save` writes.
     done: u64,
+    /// What the position file holds.
+    saved: u64,
     position_file: PathBuf,
     once: bool,
 }
@@ -264,7 +266,15 @@ impl FileSource {
             );
         }
         file.seek(SeekFrom::Start(offset))?;
-        Ok(Self { path: path.to_path_buf(), reader: BufReader::new(file), offset, done: offset, position_file, once })
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: BufReader::new(file),
+            offset,
+            done: offset,
+            saved: offset,
+            position_file,
+            once,
+        })
     }
 }
 
@@ -289,6 +299,11 @@ impl Source for FileSource {
             if self.once || stop.is_set() {
                 return Ok(None);
             }
+            // Caught up: what is done becomes durable now, not only when
+            // more arrives (a crash while the file is quiet repeats nothing).
+            if self.done != self.saved {
+                self.save()?;
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -306,6 +321,7 @@ impl Source for FileSource {
         if let Some(dir) = self.position_file.parent() {
             File::open(dir)?.sync_all()?;
         }
+        self.saved = self.done;
         Ok(())
     }
 }
