@@ -8,6 +8,7 @@
 //! (`segstream-state`) and the record formats (`segstream-decode`,
 //! `segstream-output`).
 
+pub mod analyze;
 pub mod config;
 pub mod demo;
 pub mod file;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use segstream::analyze::{ReportArgs, SimulateArgs};
 use segstream::demo::{run_demo, DemoArgs};
 use segstream::{generate, run_file, Config, GenerateArgs, Mode, RunFlags, Settings};
 use segstream_decode::{parse_rfc3339_millis, Format, MAX_TS, MIN_TS};
@@ -128,6 +129,69 @@ enum Command {
         /// Stop at the end of `--input` instead of waiting for more.
         #[arg(long)]
         once: bool,
+    },
+    /// Analyse segments the way the segmentation guides do: sizes and flows
+    /// over time, cohort retention, segment validation, firmographic
+    /// breakdowns, k-means against the rules. Runs the engine on the input
+    /// (or reads a state dir and its transitions) and writes one HTML page
+    /// (charts inline, nothing fetched), a JSON file or a directory of CSVs.
+    Report {
+        /// The input events (JSON lines or Avro), as given to `segstream run`.
+        #[arg(long)]
+        input: PathBuf,
+        /// The configuration the segments come from; built-in SPEC defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Report on this state dir (file mode) instead of running the engine; needs --transitions.
+        #[arg(long, requires = "transitions", conflicts_with = "to")]
+        state_dir: Option<PathBuf>,
+        /// The transitions file the state dir's run wrote.
+        #[arg(long, requires = "state_dir")]
+        transitions: Option<PathBuf>,
+        /// The period's start (RFC 3339 or epoch ms); the day of the first event otherwise.
+        #[arg(long, value_parser = parse_instant)]
+        from: Option<i64>,
+        /// The period's end: the report is as of this instant (events after it are left out,
+        /// boundaries up to it fire); the end of the data otherwise.
+        #[arg(long, value_parser = parse_instant)]
+        to: Option<i64>,
+        /// Where to write: a file (html, json) or a directory (csv).
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value = "html", value_parser = ["html", "json", "csv"])]
+        format: String,
+        /// Input format; from the file extension by default.
+        #[arg(long, value_parser = format_parser())]
+        input_format: Option<Format>,
+        /// Seed of the k-means (the same seed, the same clusters).
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// What would a rule change do? Replays the input through the engine
+    /// under the current and the new configuration (temporary state) and
+    /// writes the difference: sizes over time, who ends where, transitions
+    /// added and removed per day, example customers with both explanations.
+    Simulate {
+        /// The new configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The configuration in force; built-in SPEC defaults otherwise.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// The input events (JSON lines or Avro).
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, value_parser = parse_instant)]
+        from: Option<i64>,
+        #[arg(long, value_parser = parse_instant)]
+        to: Option<i64>,
+        /// Where to write: a file (html, json) or a directory (csv).
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value = "html", value_parser = ["html", "json", "csv"])]
+        format: String,
+        #[arg(long, value_parser = format_parser())]
+        input_format: Option<Format>,
     },
     /// Write a realistic sample of SaaS events (several kinds of account) to a file.
     Generate {
@@ -369,6 +433,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let report = run_demo(&settings, &DemoArgs { dir, customers, days, seed })?;
             eprint!("{}", report.summary.render());
             println!("\n{}", report.text);
+        }
+        Command::Report { input, config, state_dir, transitions, from, to, output, format, input_format, seed } => {
+            let format = format.parse().map_err(anyhow::Error::msg)?;
+            let args = ReportArgs { input, input_format, config, state_dir, transitions, from, to, output, format, seed };
+            for f in segstream::analyze::report(&args)? {
+                println!("{}", f.display());
+            }
+        }
+        Command::Simulate { config, baseline, input, from, to, output, format, input_format } => {
+            let format = format.parse().map_err(anyhow::Error::msg)?;
+            let args = SimulateArgs { input, input_format, config, baseline, from, to, output, format };
+            for f in segstream::analyze::simulate(&args)? {
+                println!("{}", f.display());
+            }
         }
         Command::Generate { output, customers, days, start, seed, format, invalid_every } => {
             let format = format.unwrap_or_else(|| Format::from_path(&output));

@@ -1,0 +1,349 @@
+//! What a report is computed from: the transitions a run produced, the input
+//! events (what happened to each account, month by month) and the state at
+//! the report's end (each customer's segments and scores), gathered once.
+
+use std::collections::{HashMap, HashSet};
+
+use segstream_decode::{Event, EventKind, SubscriptionStatus, DAY_MS};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::AnalysisError;
+
+/// The segment groups of the configuration the data was produced with, in
+/// its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub groups: Vec<GroupNames>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupNames {
+    pub name: String,
+    pub segments: Vec<String>,
+}
+
+impl Names {
+    pub fn new(groups: impl IntoIterator<Item = (String, Vec<String>)>) -> Self {
+        Self { groups: groups.into_iter().map(|(name, segments)| GroupNames { name, segments }).collect() }
+    }
+
+    pub fn group(&self, name: &str) -> Option<u16> {
+        self.groups.iter().position(|g| g.name == name).map(|g| g as u16)
+    }
+
+    pub fn segment(&self, group: u16, name: &str) -> Option<u16> {
+        self.groups.get(usize::from(group))?.segments.iter().position(|s| s == name).map(|s| s as u16)
+    }
+
+    pub fn group_name(&self, group: u16) -> &str {
+        &self.groups[usize::from(group)].name
+    }
+
+    pub fn segment_name(&self, group: u16, segment: u16) -> &str {
+        &self.groups[usize::from(group)].segments[usize::from(segment)]
+    }
+
+    /// A segment's name, `None` for "no segment" (before the first event, after erasure).
+    pub fn label(&self, group: u16, segment: Option<u16>) -> Option<String> {
+        segment.map(|s| self.segment_name(group, s).to_string())
+    }
+}
+
+/// One transition: a customer's label in a group changed at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub customer: u32,
+    pub group: u16,
+    pub from: Option<u16>,
+    pub to: Option<u16>,
+    pub at: i64,
+}
+
+/// A customer as the state holds it at the report's end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub customer: u32,
+    /// The segment of each group, by index.
+    pub labels: Vec<u16>,
+    pub r: u8,
+    pub f: u8,
+    pub m: u8,
+    pub adoption: u8,
+    pub health: u8,
+    pub mrr_cents: i64,
+    pub industry: Option<String>,
+    pub employees: Option<i64>,
+    pub country: Option<String>,
+}
+
+/// What changes an account's money, in time order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Money {
+    /// A `subscription` event: the MRR it sets (0 when canceled).
+    Subscription { mrr_cents: i64, canceled: bool },
+    /// A `customer_deleted` event: the account and its MRR are gone.
+    Erased,
+}
+
+/// What the input events tell of one account.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Facts {
+    /// `ts` of its first event (any type); `i64::MAX` when it has none.
+    pub first_seen: i64,
+    /// Calendar months (see [`month_of`]) with at least one activity event.
+    pub active_months: Vec<i32>,
+    /// (ts, input order, what happened), sorted by the first two once gathered.
+    pub money: Vec<(i64, u64, Money)>,
+}
+
+/// What an outcome of an account is, for the predictive checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A cancellation (a subscription becoming `canceled`) or an erasure.
+    Churn,
+    /// A subscription whose MRR is lower than the one before it, not canceled.
+    Downgrade,
+}
+
+impl Facts {
+    fn new() -> Self {
+        Self { first_seen: i64::MAX, ..Self::default() }
+    }
+
+    /// MRR in force at instant `t` (after every event with `ts ≤ t`).
+    pub fn mrr_at(&self, t: i64) -> i64 {
+        let mut mrr = 0;
+        for (ts, _, m) in &self.money {
+            if *ts > t {
+                break;
+            }
+            mrr = match m {
+                Money::Subscription { mrr_cents, .. } => *mrr_cents,
+                Money::Erased => 0,
+            };
+        }
+        mrr
+    }
+
+    /// The instants of each outcome, in time order.
+    pub fn outcomes(&self, kind: Outcome) -> Vec<i64> {
+        let (mut mrr, mut canceled) = (0i64, false);
+        let mut out = Vec::new();
+        for &(ts, _, m) in &self.money {
+            match (kind, m) {
+                (Outcome::Churn, Money::Erased) => out.push(ts),
+                (Outcome::Churn, Money::Subscription { canceled: true, .. }) if !canceled => out.push(ts),
+                (Outcome::Downgrade, Money::Subscription { mrr_cents, canceled: false }) if mrr_cents < mrr => {
+                    out.push(ts)
+                }
+                _ => {}
+            }
+            (mrr, canceled) = match m {
+                Money::Subscription { mrr_cents, canceled } => (mrr_cents, canceled),
+                Money::Erased => (0, false),
+            };
+        }
+        out
+    }
+}
+
+/// A calendar month as a number: `year × 12 + month − 1` (UTC).
+pub fn month_of(t: i64) -> i32 {
+    let d = date_of(t);
+    d.year() * 12 + i32::from(u8::from(d.month())) - 1
+}
+
+/// The first instant of a month numbered as by [`month_of`].
+pub fn month_start(month: i32) -> i64 {
+    let (y, m) = (month.div_euclid(12), month.rem_euclid(12) + 1);
+    let month = time::Month::try_from(m as u8).expect("1..=12");
+    let d = time::Date::from_calendar_date(y, month, 1).unwrap_or(time::Date::MIN);
+    i64::from(d.to_julian_day() - UNIX_EPOCH_JULIAN_DAY) * DAY_MS
+}
+
+/// `YYYY-MM` of a month numbered as by [`month_of`].
+pub fn month_label(month: i32) -> String {
+    format!("{:04}-{:02}", month.div_euclid(12), month.rem_euclid(12) + 1)
+}
+
+const UNIX_EPOCH_JULIAN_DAY: i32 = 2_440_588;
+
+/// The UTC date of an instant.
+pub fn date_of(t: i64) -> time::Date {
+    let day = t.div_euclid(DAY_MS).clamp(i64::from(i32::MIN / 2), i64::from(i32::MAX / 2)) as i32;
+    time::Date::from_julian_day(day + UNIX_EPOCH_JULIAN_DAY).unwrap_or(time::Date::MIN)
+}
+
+/// `YYYY-MM-DD` of the day numbered `day` (days since 1970-01-01).
+pub fn day_label(day: i64) -> String {
+    date_of(day * DAY_MS).to_string()
+}
+
+/// Everything a report or a comparison reads, customers numbered once.
+#[derive(Debug, Default)]
+pub struct Dataset {
+    pub names: Names,
+    ids: HashMap<Box<str>, u32>,
+    customers: Vec<Box<str>>,
+    pub(crate) moves: Vec<Move>,
+    pub(crate) facts: Vec<Facts>,
+    pub(crate) snapshot: Vec<Snapshot>,
+    seen_events: HashSet<u64>,
+    /// Events gathered (duplicates by `event_id` not included).
+    pub events: u64,
+    /// Events whose `event_id` the customer already had: ignored, as the engine does.
+    pub duplicate_events: u64,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self { groups: Vec::new() }
+    }
+}
+
+impl Dataset {
+    pub fn new(names: Names) -> Self {
+        Self { names, ..Self::default() }
+    }
+
+    /// The number of a customer id, given on first sight.
+    pub fn customer(&mut self, id: &str) -> u32 {
+        if let Some(&n) = self.ids.get(id) {
+            return n;
+        }
+        let n = self.customers.len() as u32;
+        self.ids.insert(id.into(), n);
+        self.customers.push(id.into());
+        self.facts.push(Facts::new());
+        n
+    }
+
+    /// The id of a customer number.
+    pub fn customer_id(&self, n: u32) -> &str {
+        &self.customers[n as usize]
+    }
+
+    pub fn customers(&self) -> usize {
+        self.customers.len()
+    }
+
+    pub fn moves(&self) -> &[Move] {
+        &self.moves
+    }
+
+    pub fn snapshot(&self) -> &[Snapshot] {
+        &self.snapshot
+    }
+
+    /// A transition, by names as its record carries them.
+    pub fn add_transition(
+        &mut self,
+        customer_id: &str,
+        group: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        at: i64,
+    ) -> Result<(), AnalysisError> {
+        let g = self.names.group(group).ok_or_else(|| AnalysisError::UnknownGroup(group.to_string()))?;
+        let seg = |s: Option<&str>| -> Result<Option<u16>, AnalysisError> {
+            s.map(|s| {
+                self.names
+                    .segment(g, s)
+                    .ok_or_else(|| AnalysisError::UnknownSegment { group: group.to_string(), segment: s.to_string() })
+            })
+            .transpose()
+        };
+        let (from, to) = (seg(from)?, seg(to)?);
+        let customer = self.customer(customer_id);
+        self.moves.push(Move { customer, group: g, from, to, at });
+        Ok(())
+    }
+
+    /// An input event; one whose `event_id` its customer already had is
+    /// counted and ignored.
+    pub fn add_event(&mut self, e: &Event) {
+        let mut h = Xxh3::new();
+        h.update(e.customer_id.as_bytes());
+        h.update(&[0]);
+        h.update(e.event_id.as_bytes());
+        if !self.seen_events.insert(h.digest()) {
+            self.duplicate_events += 1;
+            return;
+        }
+        let seq = self.events;
+        self.events += 1;
+        let c = self.customer(&e.customer_id) as usize;
+        let facts = &mut self.facts[c];
+        facts.first_seen = facts.first_seen.min(e.ts);
+        if e.kind.is_activity() {
+            let m = month_of(e.ts);
+            if !facts.active_months.contains(&m) {
+                facts.active_months.push(m);
+            }
+        }
+        match &e.kind {
+            EventKind::Subscription { mrr_cents, status, .. } => {
+                let canceled = *status == SubscriptionStatus::Canceled;
+                let mrr_cents = if canceled { 0 } else { *mrr_cents };
+                facts.money.push((e.ts, seq, Money::Subscription { mrr_cents, canceled }));
+            }
+            EventKind::CustomerDeleted => facts.money.push((e.ts, seq, Money::Erased)),
+            _ => {}
+        }
+    }
+
+    /// A customer of the state at the report's end.
+    pub fn add_snapshot(&mut self, customer_id: &str, mut row: Snapshot) {
+        row.customer = self.customer(customer_id);
+        self.snapshot.push(row);
+    }
+
+    /// Puts what was gathered in time order; call once, after the last `add_`.
+    pub fn finish(&mut self) {
+        self.moves.sort_by_key(|m| m.at);
+        for f in &mut self.facts {
+            f.money.sort_by_key(|(ts, seq, _)| (*ts, *seq));
+            f.active_months.sort_unstable();
+        }
+        self.snapshot.sort_by_key(|s| s.customer);
+        self.seen_events = HashSet::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_and_days_are_utc_calendar_ones() {
+        let t = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        assert_eq!(month_label(month_of(t)), "2026-01");
+        assert_eq!(month_label(month_of(t - 1)), "2025-12");
+        assert_eq!(month_start(month_of(t)), t);
+        assert_eq!(month_start(month_of(t) + 2), t + 59 * DAY_MS); // 31 + 28 days
+        assert_eq!(day_label(t / DAY_MS), "2026-01-01");
+    }
+
+    #[test]
+    fn outcomes_are_new_cancellations_erasures_and_lower_mrr() {
+        let sub = |mrr_cents, canceled| Money::Subscription { mrr_cents, canceled };
+        let f = Facts {
+            first_seen: 0,
+            active_months: vec![],
+            money: vec![
+                (1, 0, sub(5000, false)),
+                (2, 1, sub(3000, false)),
+                (3, 2, sub(0, true)),
+                (4, 3, sub(0, true)),
+                (5, 4, sub(4000, false)),
+                (6, 5, Money::Erased),
+                (7, 6, sub(1000, false)),
+            ],
+        };
+        assert_eq!(f.outcomes(Outcome::Churn), vec![3, 6]);
+        assert_eq!(f.outcomes(Outcome::Downgrade), vec![2]);
+        assert_eq!(f.mrr_at(2), 3000);
+        assert_eq!(f.mrr_at(6), 0);
+        assert_eq!(f.mrr_at(100), 1000);
+    }
+}

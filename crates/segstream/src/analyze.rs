@@ -1,0 +1,353 @@
+//! `segstream report` and `segstream simulate`: the engine's own runs,
+//! gathered into a [`Dataset`] and handed to `segstream-analysis`.
+//!
+//! A report reads the input events once (cohorts, outcomes) and takes the
+//! transitions and the end state either from a run it makes itself (file
+//! mode on a temporary state dir: the numbers are the stream's) or from an
+//! existing state dir and its transitions file. `simulate` makes two such
+//! runs, one per configuration, side by side on two threads.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use segstream_analysis::{
+    build_report, compare, write_tables, Dataset, Names, OutputFormat, ReportOptions, Snapshot,
+};
+use segstream_decode::{event_to_json, format_rfc3339_millis, Format, DAY_MS};
+use segstream_engine::{Clock, EngineSettings};
+use segstream_output::TransitionRecord;
+use segstream_state::StateStore;
+
+use crate::file::{InputReader, Position, Record};
+use crate::settings::FileSettings;
+use crate::{run_file, Config};
+
+/// `segstream report`'s arguments.
+#[derive(Debug, Clone)]
+pub struct ReportArgs {
+    pub input: PathBuf,
+    pub input_format: Option<Format>,
+    pub config: Option<PathBuf>,
+    /// With `transitions`: report on this state dir instead of running the engine.
+    pub state_dir: Option<PathBuf>,
+    pub transitions: Option<PathBuf>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub output: PathBuf,
+    pub format: OutputFormat,
+    pub seed: u64,
+}
+
+/// `segstream simulate`'s arguments.
+#[derive(Debug, Clone)]
+pub struct SimulateArgs {
+    pub input: PathBuf,
+    pub input_format: Option<Format>,
+    /// The candidate configuration.
+    pub config: PathBuf,
+    /// The configuration in force (SPEC defaults when absent).
+    pub baseline: Option<PathBuf>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub output: PathBuf,
+    pub format: OutputFormat,
+}
+
+fn load_settings(config: Option<&Path>) -> anyhow::Result<EngineSettings> {
+    let config = match config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    Ok(config.engine_settings()?)
+}
+
+fn names(settings: &EngineSettings) -> Names {
+    Names::new(
+        settings
+            .scorer()
+            .groups()
+            .iter()
+            .map(|g| (g.name.to_string(), g.segments.iter().map(|s| s.to_string()).collect())),
+    )
+}
+
+/// What reading the input found.
+#[derive(Debug, Default)]
+struct InputRead {
+    invalid: u64,
+    first_ts: Option<i64>,
+    /// Events after `--to`, left out.
+    after_to: u64,
+}
+
+/// Reads the input's events into `ds` (those up to `to`); with `copy`, also
+/// writes them there as JSON lines (the input a run up to `to` reads).
+fn read_events(
+    path: &Path,
+    format: Format,
+    settings: &EngineSettings,
+    to: Option<i64>,
+    mut ds: Option<&mut Dataset>,
+    mut copy: Option<&mut BufWriter<File>>,
+) -> anyhow::Result<InputRead> {
+    let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let mut reader = InputReader::open(path, format, Position::default(), len)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_window(*settings.window(), None);
+    let mut read = InputRead::default();
+    while let Some(r) = reader.next_record() {
+        match r.with_context(|| format!("reading {}", path.display()))? {
+            Record::Invalid(_) => read.invalid += 1,
+            Record::Event(e) if to.is_some_and(|to| e.ts > to) => read.after_to += 1,
+            Record::Event(e) => {
+                read.first_ts = Some(read.first_ts.map_or(e.ts, |t| t.min(e.ts)));
+                if let Some(w) = copy.as_deref_mut() {
+                    w.write_all(event_to_json(&e).as_bytes())?;
+                    w.write_all(b"\n")?;
+                }
+                if let Some(ds) = ds.as_deref_mut() {
+                    ds.add_event(&e);
+                }
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// Adds a transitions file (JSON lines, or Avro when named `.avro`) to `ds`.
+/// With `keep`, also returns the records of those customers (JSON values).
+fn read_transitions(path: &Path, mut ds: Option<&mut Dataset>, keep: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut kept = Vec::new();
+    let mut add = |rec: TransitionRecord, ds: &mut Option<&mut Dataset>, line: u64| -> anyhow::Result<()> {
+        if let Some(ds) = ds.as_deref_mut() {
+            let at = segstream_decode::parse_rfc3339_millis(&rec.at)
+                .map_err(|e| anyhow::anyhow!("{}:{line}: bad `at` {:?}: {e}", path.display(), rec.at))?;
+            ds.add_transition(&rec.customer_id, &rec.group, rec.from.as_deref(), rec.to.as_deref(), at)
+                .with_context(|| format!("{}:{line}", path.display()))?;
+        }
+        if keep.contains(&rec.customer_id) {
+            kept.push(serde_json::to_value(&rec)?);
+        }
+        Ok(())
+    };
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if Format::from_path(path) == Format::Avro {
+        let reader = apache_avro::Reader::new(BufReader::new(file))
+            .with_context(|| format!("{} is not an Avro container file", path.display()))?;
+        for (i, v) in reader.enumerate() {
+            let v = v.with_context(|| format!("{}#record {}", path.display(), i + 1))?;
+            let rec = segstream_output::transition_from_avro_value(&v)
+                .map_err(|e| anyhow::anyhow!("{}#record {}: {e}", path.display(), i + 1))?;
+            add(rec, &mut ds, i as u64 + 1)?;
+        }
+    } else {
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec: TransitionRecord = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: not a transition record", path.display(), i + 1))?;
+            add(rec, &mut ds, i as u64 + 1)?;
+        }
+    }
+    Ok(kept)
+}
+
+/// Adds every customer of a state dir, scored at its time, to `ds`;
+/// returns that time (the watermark).
+fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow::Result<i64> {
+    if !dir.join("CURRENT").exists() {
+        bail!("{} is not a state dir (no RocksDB database there)", dir.display());
+    }
+    let secondary = tempfile::Builder::new().prefix("segstream-report-").tempdir()?;
+    let store = StateStore::open_reader(dir, secondary.path())?;
+    match store.meta("config_fingerprint")? {
+        Some(v) if String::from_utf8_lossy(&v) == settings.fingerprint().to_string() => {}
+        Some(_) => bail!(
+            "{} was built with another scoring or segments configuration: pass the --config it was run with",
+            dir.display()
+        ),
+        None => bail!("{} has no configuration fingerprint: not a segstream state dir", dir.display()),
+    }
+    let clock: Clock = match store.meta("clock")? {
+        Some(v) => serde_json::from_slice(&v).context("reading the state's clock")?,
+        None => Clock::default(),
+    };
+    let scorer = settings.scorer();
+    let mut rows = Vec::new();
+    store.for_each_customer(|id, st| {
+        let s = scorer.scores(st, clock.watermark.max(st.evaluated_at));
+        rows.push((
+            id.to_string(),
+            Snapshot {
+                customer: 0,
+                labels: st.labels.clone(),
+                r: s.r,
+                f: s.f,
+                m: s.m,
+                adoption: s.adoption,
+                health: s.health,
+                mrr_cents: st.mrr_cents,
+                industry: st.profile.industry.clone(),
+                employees: st.profile.employees,
+                country: st.profile.country.clone(),
+            },
+        ));
+    })?;
+    for (id, row) in rows {
+        ds.add_snapshot(&id, row);
+    }
+    Ok(clock.watermark)
+}
+
+/// A file-mode run of `input` on a fresh state dir under `dir`, up to `until`.
+fn replay(settings: &EngineSettings, input: &Path, format: Format, until: Option<i64>, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (output, state) = (dir.join("transitions.jsonl"), dir.join("state"));
+    let mut args = FileSettings::new(input, &output, &state);
+    args.input_format = format;
+    args.until = until;
+    run_file(settings, &args)?;
+    Ok((output, state))
+}
+
+/// Where the engine's run for a report or a simulation takes its input:
+/// the file itself, or a copy holding only the events up to `--to`.
+fn prepared_input(
+    args_input: &Path,
+    format: Format,
+    settings: &EngineSettings,
+    to: Option<i64>,
+    ds: Option<&mut Dataset>,
+    work: &Path,
+) -> anyhow::Result<(PathBuf, Format, InputRead)> {
+    if to.is_some() {
+        let copy = work.join("input-to.jsonl");
+        let mut w = BufWriter::new(File::create(&copy)?);
+        let read = read_events(args_input, format, settings, to, ds, Some(&mut w))?;
+        w.flush()?;
+        Ok((copy, Format::Json, read))
+    } else {
+        let read = read_events(args_input, format, settings, to, ds, None)?;
+        Ok((args_input.to_path_buf(), format, read))
+    }
+}
+
+fn period_start(from: Option<i64>, read: &InputRead, ds: &Dataset) -> i64 {
+    from.or(read.first_ts.map(|t| t.div_euclid(DAY_MS) * DAY_MS))
+        .or(ds.moves().first().map(|m| m.at.div_euclid(DAY_MS) * DAY_MS))
+        .unwrap_or(0)
+}
+
+/// `segstream report`: the files written.
+pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let started = Instant::now();
+    let settings = load_settings(args.config.as_deref())?;
+    let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
+    let mut ds = Dataset::new(names(&settings));
+    let work = tempfile::Builder::new().prefix("segstream-report-").tempdir()?;
+    let (read, to) = match (&args.state_dir, &args.transitions) {
+        (Some(state), Some(transitions)) => {
+            let read = read_events(&args.input, format, &settings, None, Some(&mut ds), None)?;
+            read_transitions(transitions, Some(&mut ds), &[])?;
+            let to = read_state(state, &settings, &mut ds)?;
+            (read, to)
+        }
+        (None, None) => {
+            let (input, format, read) =
+                prepared_input(&args.input, format, &settings, args.to, Some(&mut ds), work.path())?;
+            let (transitions, state) = replay(&settings, &input, format, args.to, work.path())?;
+            read_transitions(&transitions, Some(&mut ds), &[])?;
+            let to = read_state(&state, &settings, &mut ds)?;
+            (read, args.to.unwrap_or(to).max(to))
+        }
+        _ => bail!("--state-dir and --transitions go together (or neither: the report runs the engine itself)"),
+    };
+    if to == i64::MIN {
+        bail!("no events in {}: nothing to report", args.input.display());
+    }
+    ds.finish();
+    let from = period_start(args.from, &read, &ds);
+    if from > to {
+        bail!("--from {} is after the end of the data ({})", format_rfc3339_millis(from), format_rfc3339_millis(to));
+    }
+    let mut opts = ReportOptions::new(from, to);
+    opts.seed = args.seed;
+    let gathered = started.elapsed();
+    let report = build_report(&ds, &opts);
+    let written = write_tables(&report, args.format, &args.output)?;
+    tracing::info!(
+        customers = report.period.customers,
+        events = ds.events,
+        invalid_events = read.invalid,
+        events_after_to = read.after_to,
+        transitions = ds.moves().len(),
+        gathered_s = gathered.as_secs_f64(),
+        total_s = started.elapsed().as_secs_f64(),
+        "report written"
+    );
+    Ok(written)
+}
+
+/// `segstream simulate`: the files written.
+pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let started = Instant::now();
+    let baseline = load_settings(args.baseline.as_deref())?;
+    let candidate = load_settings(Some(&args.config))?;
+    let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
+    let work = tempfile::Builder::new().prefix("segstream-simulate-").tempdir()?;
+    let (input, format, read) = match args.to {
+        Some(_) => prepared_input(&args.input, format, &baseline, args.to, None, work.path())?,
+        None => (args.input.clone(), format, InputRead::default()),
+    };
+    let (dir_b, dir_c) = (work.path().join("baseline"), work.path().join("candidate"));
+    let (run_b, run_c) = std::thread::scope(|s| {
+        let b = s.spawn(|| replay(&baseline, &input, format, args.to, &dir_b));
+        let c = s.spawn(|| replay(&candidate, &input, format, args.to, &dir_c));
+        (b.join(), c.join())
+    });
+    let joined = |r: std::thread::Result<anyhow::Result<(PathBuf, PathBuf)>>, what: &str| {
+        r.map_err(|_| anyhow::anyhow!("the {what} run panicked"))?.with_context(|| format!("the {what} run"))
+    };
+    let ((tb, sb), (tc, sc)) = (joined(run_b, "baseline")?, joined(run_c, "candidate")?);
+    let (mut db, mut dc) = (Dataset::new(names(&baseline)), Dataset::new(names(&candidate)));
+    read_transitions(&tb, Some(&mut db), &[])?;
+    read_transitions(&tc, Some(&mut dc), &[])?;
+    let to_b = read_state(&sb, &baseline, &mut db)?;
+    let to_c = read_state(&sc, &candidate, &mut dc)?;
+    if to_b == i64::MIN {
+        bail!("no events in {}: nothing to simulate", args.input.display());
+    }
+    db.finish();
+    dc.finish();
+    let to = args.to.unwrap_or(to_b).max(to_b).max(to_c);
+    let from = period_start(args.from, &read, &db);
+    let mut cmp = compare(&db, &dc, from, to);
+    // The examples' explanations: their transitions under each configuration.
+    let ids: Vec<String> = cmp.examples.iter().map(|e| e.customer_id.clone()).collect();
+    let kept_b = read_transitions(&tb, None, &ids)?;
+    let kept_c = read_transitions(&tc, None, &ids)?;
+    for e in &mut cmp.examples {
+        let of = |kept: &[serde_json::Value]| -> Vec<serde_json::Value> {
+            let mine: Vec<serde_json::Value> = kept
+                .iter()
+                .filter(|v| v["customer_id"] == e.customer_id.as_str() && v["group"] == e.group.as_str())
+                .cloned()
+                .collect();
+            mine[mine.len().saturating_sub(5)..].to_vec()
+        };
+        e.baseline_transitions = of(&kept_b);
+        e.candidate_transitions = of(&kept_c);
+    }
+    let written = write_tables(&cmp, args.format, &args.output)?;
+    tracing::info!(
+        customers_moved = cmp.period.customers_moved,
+        invalid_events = read.invalid,
+        total_s = started.elapsed().as_secs_f64(),
+        "comparison written"
+    );
+    Ok(written)
+}
