@@ -16,6 +16,7 @@ pub struct Comparison {
     pub groups: Vec<GroupDiffRow>,
     pub sizes: Vec<SizeDiffRow>,
     pub moved: Vec<MovedRow>,
+    #[serde(rename = "daily_transitions")]
     pub daily: Vec<DailyDiffRow>,
     pub examples: Vec<Example>,
 }

@@ -49,9 +49,12 @@ pub const STABLE_DAYS: i64 = 30;
 pub struct Report {
     pub period: Period,
     pub sizes_over_time: Vec<SizeRow>,
+    #[serde(rename = "current_sizes")]
     pub current: Vec<CurrentRow>,
     pub flows: Vec<FlowRow>,
+    #[serde(rename = "weekly_flows")]
     pub weekly: Vec<WeeklyRow>,
+    #[serde(rename = "cohort_retention")]
     pub cohorts: Vec<CohortRow>,
     pub validation: Vec<ValidationRow>,
     pub predictive: Vec<PredictiveRow>,
