@@ -86,9 +86,13 @@ fn fixture() -> Vec<Value> {
         push("e", d, "login", json!({}));
     }
     push("f", 20, "profile", json!({"industry": "retail", "employees": 30, "country": "DE"}));
-    // A repeated event: the engine ignores it, so does the report.
-    let dup = ev[5].clone();
-    ev.push(dup);
+    // Repeated events: the engine ignores them, so does the report. A login
+    // sent twice in a row, and d's downgrade sent again at the end of the file.
+    let login = ev[5].clone();
+    ev.insert(6, login);
+    let downgrade =
+        ev.iter().find(|e| e["customer_id"] == "d" && e["mrr_cents"] == 20_000).expect("d's downgrade").clone();
+    ev.push(downgrade);
     // Not in time order (file mode reads a finished file in any order).
     ev.reverse();
     ev
@@ -158,12 +162,29 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
     let events = fixture();
     write_lines(&d.join("events.jsonl"), &events);
     let to = TO.to_string();
-    ok(segstream(&["report", "--input", p(&d.join("events.jsonl")), "--to", &to, "--format", "json", "--output", p(&d.join("r.json"))]));
+    ok(segstream(&[
+        "report",
+        "--input",
+        p(&d.join("events.jsonl")),
+        "--to",
+        &to,
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("r.json")),
+    ]));
     let r = read_report(&d.join("r.json"));
     // A separate run of the engine gives the transitions the checks below use.
     ok(segstream(&[
-        "run", "--input", p(&d.join("events.jsonl")), "--output", p(&d.join("t.jsonl")),
-        "--state-dir", p(&d.join("s")), "--until", &to,
+        "run",
+        "--input",
+        p(&d.join("events.jsonl")),
+        "--output",
+        p(&d.join("t.jsonl")),
+        "--state-dir",
+        p(&d.join("s")),
+        "--until",
+        &to,
     ]));
     let transitions = read_json(&d.join("t.jsonl"));
 
@@ -171,8 +192,8 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
     let from = START + 4 * DAY;
     assert_eq!(r["period"]["from"], "2026-01-05T00:00:00.000Z");
     assert_eq!(r["period"]["to"], "2026-05-31T23:59:59.999Z");
-    assert_eq!(r["period"]["duplicate_events"], 1);
-    assert_eq!(r["period"]["events"], events.len() as u64 - 1);
+    assert_eq!(r["period"]["duplicate_events"], 2);
+    assert_eq!(r["period"]["events"], events.len() as u64 - 2);
     // c was erased: five customers remain; MRR b 300 000 + d 20 000 (a canceled).
     assert_eq!(r["period"]["customers"], 5);
     assert_eq!(r["period"]["mrr_cents"], 320_000);
@@ -202,7 +223,8 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
     let mut active: HashSet<(String, i64)> = HashSet::new();
     let mut seen_ids = HashSet::new();
     // (ts, Some((MRR, canceled)) for a subscription, None for an erasure)
-    let mut money: BTreeMap<String, Vec<(i64, Option<(i64, bool)>)>> = BTreeMap::new();
+    type Timeline = Vec<(i64, Option<(i64, bool)>)>;
+    let mut money: BTreeMap<String, Timeline> = BTreeMap::new();
     let mut by_time = events.clone();
     by_time.reverse(); // file order back; ts ties keep it
     by_time.sort_by_key(|e| e["ts"].as_i64());
@@ -210,7 +232,11 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
         if !seen_ids.insert(e["event_id"].as_str().expect("id").to_string()) {
             continue;
         }
-        let (c, ts, kind) = (e["customer_id"].as_str().expect("c").to_string(), e["ts"].as_i64().expect("ts"), e["type"].as_str().expect("type"));
+        let (c, ts, kind) = (
+            e["customer_id"].as_str().expect("c").to_string(),
+            e["ts"].as_i64().expect("ts"),
+            e["type"].as_str().expect("type"),
+        );
         first.entry(c.clone()).or_insert(ts);
         if activity.contains(&kind) {
             active.insert((c.clone(), month(ts)));
@@ -226,7 +252,9 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
         }
     }
     let mrr_at = |c: &str, t: i64| -> i64 {
-        money.get(c).map_or(0, |v| v.iter().take_while(|(ts, _)| *ts <= t).last().map_or(0, |(_, m)| m.map_or(0, |m| m.0)))
+        money
+            .get(c)
+            .map_or(0, |v| v.iter().take_while(|(ts, _)| *ts <= t).last().map_or(0, |(_, m)| m.map_or(0, |m| m.0)))
     };
     let mut expected_cohorts = Vec::new();
     let cohorts: BTreeMap<i64, Vec<&String>> = first.iter().fold(BTreeMap::new(), |mut m, (c, ts)| {
@@ -239,7 +267,14 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
             let end = (month_start(cm + k + 1) - 1).min(TO);
             let act = members.iter().filter(|c| active.contains(&((**c).clone(), cm + k))).count() as f64;
             let mrr: i64 = members.iter().map(|c| mrr_at(c, end)).sum();
-            expected_cohorts.push((*cm, k, members.len() as u64, act / members.len() as f64, mrr, (base > 0).then(|| mrr as f64 / base as f64)));
+            expected_cohorts.push((
+                *cm,
+                k,
+                members.len() as u64,
+                act / members.len() as f64,
+                mrr,
+                (base > 0).then(|| mrr as f64 / base as f64),
+            ));
         }
     }
     let got = r["cohort_retention"].as_array().expect("cohorts");
@@ -286,7 +321,11 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
         let observed: Vec<_> = mine.iter().filter(|x| x.3 + 30 * DAY <= TO).collect();
         let stayed = observed.iter().filter(|x| x.4.is_none_or(|l| l > x.3 + 30 * DAY)).count();
         assert_eq!(row["entries_observed_30d"], observed.len() as u64, "{what}");
-        opt_close(&row["still_there_30d"], (!observed.is_empty()).then(|| stayed as f64 / observed.len() as f64), &what);
+        opt_close(
+            &row["still_there_30d"],
+            (!observed.is_empty()).then(|| stayed as f64 / observed.len() as f64),
+            &what,
+        );
     }
 
     // Lift: entries followed by a cancellation or an erasure within the horizon.
@@ -336,12 +375,14 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
         checked_a_lift |= lift.is_some_and(|l| l > 1.0);
     }
     assert!(checked_a_lift, "the fixture has a segment whose entries churn more than the base");
-    // By hand: the erasure and the cancellation are the only churn outcomes, the downgrade the only one.
+    // By hand: the erasure and the cancellation are the only churn outcomes, the
+    // downgrade (sent twice) the only downgrade.
     assert_eq!(churn.values().map(Vec::len).sum::<usize>(), 2);
     assert_eq!(downgrade.values().map(Vec::len).sum::<usize>(), 1);
 
     // Sizes at the end: the engine's state (customers per segment) and MRR.
-    let engine = segstream_engine::Engine::open(&d.join("s"), &segstream_engine::EngineSettings::spec_default()).expect("open state");
+    let engine = segstream_engine::Engine::open(&d.join("s"), &segstream_engine::EngineSettings::spec_default())
+        .expect("open state");
     let sizes = engine.segment_sizes().expect("sizes");
     for row in r["current_sizes"].as_array().expect("current") {
         let key = (row["group"].as_str().expect("g").to_string(), row["segment"].as_str().expect("s").to_string());
@@ -349,9 +390,13 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
     }
     // Breakdowns: f is retail (11-50 employees, DE), b software; the others unknown.
     let bd = |dim: &str, value: &str| -> u64 {
-        r["breakdowns"].as_array().expect("breakdowns").iter()
+        r["breakdowns"]
+            .as_array()
+            .expect("breakdowns")
+            .iter()
             .filter(|x| x["dimension"] == dim && x["value"] == value && x["group"] == "value")
-            .map(|x| x["customers"].as_u64().expect("n")).sum()
+            .map(|x| x["customers"].as_u64().expect("n"))
+            .sum()
     };
     assert_eq!((bd("industry", "retail"), bd("industry", "software"), bd("industry", "unknown")), (1, 1, 3));
     assert_eq!((bd("employees", "11-50"), bd("employees", "201-1000"), bd("country", "DE")), (1, 1, 1));
@@ -380,13 +425,72 @@ fn report_sizes_equal_the_engine_state_and_a_state_dir_reports_like_a_replay() {
     ok(segstream(&["run", "--input", p(&input), "--output", p(&d.join("t.jsonl")), "--state-dir", p(&d.join("s"))]));
     ok(segstream(&["report", "--input", p(&input), "--format", "json", "--output", p(&d.join("replay.json"))]));
     ok(segstream(&[
-        "report", "--input", p(&input), "--state-dir", p(&d.join("s")), "--transitions", p(&d.join("t.jsonl")),
-        "--format", "json", "--output", p(&d.join("state.json")),
+        "report",
+        "--input",
+        p(&input),
+        "--state-dir",
+        p(&d.join("s")),
+        "--transitions",
+        p(&d.join("t.jsonl")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("state.json")),
     ]));
-    let (replay, state) = (read_report(&d.join("replay.json")), read_report(&d.join("state.json")));
+    let (mut replay, mut state) = (read_report(&d.join("replay.json")), read_report(&d.join("state.json")));
+    // Where the data came from is said; everything else is the same.
+    assert!(replay["period"]["source"].as_str().expect("source").starts_with("the engine's run of"));
+    assert!(state["period"]["source"].as_str().expect("source").starts_with("state dir"));
+    assert!(replay["period"]["unmatched_transitions"].is_null());
+    for r in [&mut replay, &mut state] {
+        r["period"]["source"] = Value::Null;
+    }
     assert_eq!(replay, state, "a report on the run's state dir equals one that runs the engine itself");
 
-    let engine = segstream_engine::Engine::open(&d.join("s"), &segstream_engine::EngineSettings::spec_default()).expect("open");
+    // A transitions file alone (as Kafka mode's output topic saved to a file):
+    // reported, and checked against the engine's run of the input.
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(d.join("t.jsonl")).expect("t").lines().map(str::to_string).collect();
+    lines.reverse(); // the order of a topic's partitions, not of time
+    std::fs::write(d.join("topic.jsonl"), lines.join("\n") + "\n").expect("write");
+    ok(segstream(&[
+        "report",
+        "--input",
+        p(&input),
+        "--transitions",
+        p(&d.join("topic.jsonl")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("topic.json")),
+    ]));
+    let mut topic = read_report(&d.join("topic.json"));
+    assert_eq!(topic["period"]["unmatched_transitions"], 0);
+    topic["period"]["source"] = Value::Null;
+    topic["period"]["unmatched_transitions"] = Value::Null;
+    assert_eq!(topic, replay);
+    // Ten transitions lost: said on the page, in the JSON and in the log.
+    std::fs::write(d.join("cut.jsonl"), lines[10..].join("\n") + "\n").expect("write");
+    let out = ok(segstream(&[
+        "report",
+        "--input",
+        p(&input),
+        "--transitions",
+        p(&d.join("cut.jsonl")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("cut.json")),
+    ]));
+    assert_eq!(read_report(&d.join("cut.json"))["period"]["unmatched_transitions"], 10);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("differs from the engine's run"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let engine =
+        segstream_engine::Engine::open(&d.join("s"), &segstream_engine::EngineSettings::spec_default()).expect("open");
     let sizes = engine.segment_sizes().expect("sizes");
     let total: u64 = sizes.iter().filter(|((g, _), _)| g == "rfm").map(|(_, n)| n).sum();
     assert!(total > 300, "{total}");
@@ -396,18 +500,31 @@ fn report_sizes_equal_the_engine_state_and_a_state_dir_reports_like_a_replay() {
         let key = (row["group"].as_str().expect("g").to_string(), row["segment"].as_str().expect("s").to_string());
         assert_eq!(row["customers"], sizes.get(&key).copied().unwrap_or(0), "{key:?}");
         // The daily series, made from the transitions, ends where the state is.
-        let daily = replay["sizes_over_time"].as_array().expect("sizes").iter()
+        let daily = replay["sizes_over_time"]
+            .as_array()
+            .expect("sizes")
+            .iter()
             .find(|x| x["day"] == last_day && x["group"] == key.0.as_str() && x["segment"] == key.1.as_str())
-            .expect("last day row")["customers"].clone();
+            .expect("last day row")["customers"]
+            .clone();
         assert_eq!(daily, row["customers"], "{key:?}");
     }
     // Flows add up to the transitions file.
-    let flows: u64 = replay["flows"].as_array().expect("flows").iter().map(|f| f["transitions"].as_u64().expect("n")).sum();
+    let flows: u64 =
+        replay["flows"].as_array().expect("flows").iter().map(|f| f["transitions"].as_u64().expect("n")).sum();
     assert_eq!(flows, read_json(&d.join("t.jsonl")).len() as u64);
     // k-means ran on this many customers, with a k of 2..8.
     let k = replay["discovery"]["k"].as_u64().expect("a k");
     assert!((2..=8).contains(&k));
-    assert_eq!(replay["discovery"]["clusters"].as_array().expect("clusters").iter().map(|c| c["customers"].as_u64().expect("n")).sum::<u64>(), total);
+    assert_eq!(
+        replay["discovery"]["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .map(|c| c["customers"].as_u64().expect("n"))
+            .sum::<u64>(),
+        total
+    );
 
     // The HTML page and the CSV tables, from the same data.
     ok(segstream(&["report", "--input", p(&input), "--output", p(&d.join("r.html"))]));
@@ -420,7 +537,17 @@ fn report_sizes_equal_the_engine_state_and_a_state_dir_reports_like_a_replay() {
     let current = std::fs::read_to_string(d.join("csv/current_sizes.csv")).expect("csv");
     assert!(current.starts_with("group,segment,customers,share,mrr_cents,mrr_share\n"), "{current}");
     assert_eq!(current.lines().count(), 1 + replay["current_sizes"].as_array().expect("rows").len());
-    for table in ["sizes_over_time", "flows", "weekly_flows", "cohort_retention", "validation", "predictive", "features", "breakdowns", "discovery_clusters"] {
+    for table in [
+        "sizes_over_time",
+        "flows",
+        "weekly_flows",
+        "cohort_retention",
+        "validation",
+        "predictive",
+        "features",
+        "breakdowns",
+        "discovery_clusters",
+    ] {
         assert!(d.join(format!("csv/{table}.csv")).exists(), "{table}.csv");
     }
 }
@@ -433,14 +560,46 @@ fn report_refuses_a_state_dir_of_other_rules_and_half_given_sources() {
     ok(segstream(&["run", "--input", p(&input), "--output", p(&d.join("t.jsonl")), "--state-dir", p(&d.join("s"))]));
     std::fs::write(d.join("other.toml"), "[scoring.recency]\nthresholds_days = [5, 14, 30, 60]\n").expect("config");
     let out = segstream(&[
-        "report", "--input", p(&input), "--state-dir", p(&d.join("s")), "--transitions", p(&d.join("t.jsonl")),
-        "--config", p(&d.join("other.toml")), "--output", p(&d.join("r.html")),
+        "report",
+        "--input",
+        p(&input),
+        "--state-dir",
+        p(&d.join("s")),
+        "--transitions",
+        p(&d.join("t.jsonl")),
+        "--config",
+        p(&d.join("other.toml")),
+        "--output",
+        p(&d.join("r.html")),
     ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another scoring or segments configuration"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = segstream(&["report", "--input", p(&input), "--state-dir", p(&d.join("s")), "--output", p(&d.join("r.html"))]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another scoring or segments configuration"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out =
+        segstream(&["report", "--input", p(&input), "--state-dir", p(&d.join("s")), "--output", p(&d.join("r.html"))]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--transitions"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A transitions file of other rules names what it does not know.
+    std::fs::write(
+        d.join("alien.jsonl"),
+        std::fs::read_to_string(d.join("t.jsonl")).expect("t").replace("\"rfm\"", "\"rfm2\""),
+    )
+    .expect("write");
+    let out = segstream(&[
+        "report",
+        "--input",
+        p(&input),
+        "--transitions",
+        p(&d.join("alien.jsonl")),
+        "--output",
+        p(&d.join("r.html")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("alien.jsonl:1") && err.contains("\"rfm2\"") && err.contains("--config"), "{err}");
     assert!(!d.join("r.html").exists(), "nothing written on error");
 }
 
@@ -450,7 +609,17 @@ fn simulate_finds_no_difference_between_equal_rules_and_exactly_the_moves_of_two
     let d = dir.path();
     let (input, _) = sample(d, "e.jsonl", 300, 150, 5, Format::Json, None);
     std::fs::write(d.join("same.toml"), "").expect("config");
-    ok(segstream(&["simulate", "--input", p(&input), "--config", p(&d.join("same.toml")), "--format", "json", "--output", p(&d.join("same.json"))]));
+    ok(segstream(&[
+        "simulate",
+        "--input",
+        p(&input),
+        "--config",
+        p(&d.join("same.toml")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("same.json")),
+    ]));
     let same = read_report(&d.join("same.json"));
     assert_eq!(same["period"]["customers_moved"], 0);
     assert!(same["moved"].as_array().expect("moved").is_empty());
@@ -463,12 +632,37 @@ fn simulate_finds_no_difference_between_equal_rules_and_exactly_the_moves_of_two
 
     // A stricter recency threshold: compare with two real runs diffed here.
     std::fs::write(d.join("new.toml"), "[scoring.recency]\nthresholds_days = [3, 14, 30, 60]\n").expect("config");
-    ok(segstream(&["simulate", "--input", p(&input), "--config", p(&d.join("new.toml")), "--format", "json", "--output", p(&d.join("new.json"))]));
-    let sim = read_report(&d.join("new.json"));
-    ok(segstream(&["run", "--input", p(&input), "--output", p(&d.join("base.jsonl")), "--state-dir", p(&d.join("sb"))]));
     ok(segstream(&[
-        "run", "--input", p(&input), "--output", p(&d.join("cand.jsonl")), "--state-dir", p(&d.join("sc")),
-        "--config", p(&d.join("new.toml")),
+        "simulate",
+        "--input",
+        p(&input),
+        "--config",
+        p(&d.join("new.toml")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("new.json")),
+    ]));
+    let sim = read_report(&d.join("new.json"));
+    ok(segstream(&[
+        "run",
+        "--input",
+        p(&input),
+        "--output",
+        p(&d.join("base.jsonl")),
+        "--state-dir",
+        p(&d.join("sb")),
+    ]));
+    ok(segstream(&[
+        "run",
+        "--input",
+        p(&input),
+        "--output",
+        p(&d.join("cand.jsonl")),
+        "--state-dir",
+        p(&d.join("sc")),
+        "--config",
+        p(&d.join("new.toml")),
     ]));
     let (base, cand) = (read_json(&d.join("base.jsonl")), read_json(&d.join("cand.jsonl")));
     let (lb, lc) = (final_labels(&base), final_labels(&cand));
@@ -483,7 +677,10 @@ fn simulate_finds_no_difference_between_equal_rules_and_exactly_the_moves_of_two
     }
     assert!(!customers.is_empty(), "a 3-day recency threshold moves someone");
     assert_eq!(sim["period"]["customers_moved"], customers.len() as u64);
-    let reported: BTreeMap<(String, Option<String>, Option<String>), u64> = sim["moved"].as_array().expect("moved").iter()
+    let reported: BTreeMap<(String, Option<String>, Option<String>), u64> = sim["moved"]
+        .as_array()
+        .expect("moved")
+        .iter()
         .map(|m| {
             let s = |k: &str| m[k].as_str().map(str::to_string);
             ((s("group").expect("g"), s("baseline"), s("candidate")), m["customers"].as_u64().expect("n"))
@@ -491,7 +688,8 @@ fn simulate_finds_no_difference_between_equal_rules_and_exactly_the_moves_of_two
         .collect();
     assert_eq!(reported, moved);
     // Transitions added and removed: the multiset difference of the two files.
-    let key = |t: &TransitionRecord| (t.customer_id.clone(), t.group.clone(), t.from.clone(), t.to.clone(), t.at.clone());
+    let key =
+        |t: &TransitionRecord| (t.customer_id.clone(), t.group.clone(), t.from.clone(), t.to.clone(), t.at.clone());
     let mut balance: HashMap<_, i64> = HashMap::new();
     for t in &base {
         *balance.entry(key(t)).or_default() -= 1;
@@ -514,7 +712,15 @@ fn simulate_finds_no_difference_between_equal_rules_and_exactly_the_moves_of_two
         assert_eq!(last("candidate_transitions"), e["candidate"], "{e}");
     }
     // The page too.
-    ok(segstream(&["simulate", "--input", p(&input), "--config", p(&d.join("new.toml")), "--output", p(&d.join("sim.html"))]));
+    ok(segstream(&[
+        "simulate",
+        "--input",
+        p(&input),
+        "--config",
+        p(&d.join("new.toml")),
+        "--output",
+        p(&d.join("sim.html")),
+    ]));
     let html = std::fs::read_to_string(d.join("sim.html")).expect("html");
     assert!(html.contains("customers who end elsewhere") && html.contains("<svg"));
     assert!(!html.contains("http:") && !html.contains("https:"));

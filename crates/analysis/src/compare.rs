@@ -131,6 +131,9 @@ fn daily_sizes(ds: &Dataset, from: i64, to: i64) -> BTreeMap<(i64, String, Strin
     out
 }
 
+/// A customer's differing groups: (group, baseline segment, candidate segment).
+type Moves = Vec<(String, Option<String>, Option<String>)>;
+
 /// How many examples a comparison shows.
 pub const EXAMPLES: usize = 10;
 
@@ -146,7 +149,7 @@ pub fn compare(baseline: &Dataset, candidate: &Dataset, from: i64, to: i64) -> C
     // Where customers end.
     let (lb, lc) = (final_labels(baseline, to), final_labels(candidate, to));
     let mut moved_pairs: BTreeMap<(String, Option<String>, Option<String>), u64> = BTreeMap::new();
-    let mut moved_customers: BTreeMap<String, Vec<(String, Option<String>, Option<String>)>> = BTreeMap::new();
+    let mut moved_customers: BTreeMap<String, Moves> = BTreeMap::new();
     let mut keys: Vec<&(String, String)> = lb.keys().chain(lc.keys().filter(|k| !lb.contains_key(*k))).collect();
     keys.sort();
     for key in keys {
@@ -169,7 +172,12 @@ pub fn compare(baseline: &Dataset, candidate: &Dataset, from: i64, to: i64) -> C
     let key_of = |ds: &Dataset, m: &crate::model::Move| -> Key {
         let label = |s: Option<u16>| s.map_or("\u{1}", |s| ds.names.segment_name(m.group, s));
         let pair = format!("{}\0{}", label(m.from), label(m.to));
-        (xxh3_64(ds.customer_id(m.customer).as_bytes()), xxh3_64(pair.as_bytes()), m.at, gindex(ds.names.group_name(m.group)))
+        (
+            xxh3_64(ds.customer_id(m.customer).as_bytes()),
+            xxh3_64(pair.as_bytes()),
+            m.at,
+            gindex(ds.names.group_name(m.group)),
+        )
     };
     let mut balance: HashMap<Key, i64> = HashMap::new();
     let mut totals: HashMap<usize, (u64, u64)> = HashMap::new();
@@ -220,7 +228,8 @@ pub fn compare(baseline: &Dataset, candidate: &Dataset, from: i64, to: i64) -> C
 
     // Sizes day by day.
     let (sb, sc) = (daily_sizes(baseline, from, to), daily_sizes(candidate, from, to));
-    let mut size_keys: Vec<&(i64, String, String)> = sb.keys().chain(sc.keys().filter(|k| !sb.contains_key(*k))).collect();
+    let mut size_keys: Vec<&(i64, String, String)> =
+        sb.keys().chain(sc.keys().filter(|k| !sb.contains_key(*k))).collect();
     let order = |g: &str| groups.iter().position(|x| x == g).unwrap_or(usize::MAX);
     let seg_order = |g: &str, s: &str| {
         let pos = |ds: &Dataset| ds.names.group(g).and_then(|gi| ds.names.segment(gi, s)).map(usize::from);
@@ -243,7 +252,7 @@ pub fn compare(baseline: &Dataset, candidate: &Dataset, from: i64, to: i64) -> C
         .collect();
 
     // Examples: spread over the ids by hash, the same for the same data.
-    let mut chosen: Vec<(&String, &Vec<(String, Option<String>, Option<String>)>)> = moved_customers.iter().collect();
+    let mut chosen: Vec<(&String, &Moves)> = moved_customers.iter().collect();
     chosen.sort_by_key(|(id, _)| (xxh3_64(id.as_bytes()), (*id).clone()));
     let examples = chosen
         .into_iter()

@@ -59,7 +59,7 @@ pub fn money(cents: i64) -> String {
     let digits = units.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -157,7 +157,8 @@ pub fn stacked_area(title: &str, x_labels: &[String], series: &[(String, Vec<f64
             .draw();
         for (i, layer) in layers.iter().enumerate().rev() {
             let c = color(i);
-            let _ = chart.draw_series(AreaSeries::new(layer.iter().copied().enumerate(), 0.0, c.mix(0.85)).border_style(c));
+            let _ =
+                chart.draw_series(AreaSeries::new(layer.iter().copied().enumerate(), 0.0, c.mix(0.85)).border_style(c));
         }
         let _ = root.present();
     }
@@ -195,7 +196,8 @@ pub fn lines(title: &str, x_labels: &[String], series: &[(String, usize, Vec<f64
         for (name, c, values) in series {
             let c = color(*c);
             if let Ok(s) = chart.draw_series(LineSeries::new(values.iter().copied().enumerate(), c.stroke_width(2))) {
-                s.label(name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], c.stroke_width(2)));
+                s.label(name.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], c.stroke_width(2)));
             }
         }
         let _ = chart
@@ -240,11 +242,20 @@ pub fn render_report(r: &Report) -> String {
     let p = &r.period;
     let _ = write!(
         b,
-        "<h1>Segment report</h1><p class=\"lead\">{} to {} · computed by segstream from its own transitions, \
-         state and the input events</p>",
+        "<h1>Segment report</h1><p class=\"lead\">{} to {} · {}</p>",
         esc(&p.from),
-        esc(&p.to)
+        esc(&p.to),
+        esc(&p.source)
     );
+    if let Some(n) = p.unmatched_transitions.filter(|n| *n > 0) {
+        let _ = write!(
+            b,
+            "<p class=\"note\" style=\"color:#b2182b\"><b>{} transitions of the period differ between the \
+             transitions file and the engine's run of the input</b>: the file is incomplete or was made with \
+             other rules or other input. The tables use the file.</p>",
+            count(n)
+        );
+    }
     let at_risk_mrr: i64 = r
         .current
         .iter()
@@ -271,8 +282,10 @@ pub fn render_report(r: &Report) -> String {
     );
 
     // Sizes.
-    b.push_str("<h2>1. Segment sizes</h2><p class=\"note\">Customers in each segment at the end of each day \
-        (from the transitions), and at the end of the period with their MRR (from the state).</p>");
+    b.push_str(
+        "<h2>1. Segment sizes</h2><p class=\"note\">Customers in each segment at the end of each day \
+        (from the transitions), and at the end of the period with their MRR (from the state).</p>",
+    );
     let mut groups: Vec<&str> = Vec::new();
     for c in &r.current {
         if !groups.contains(&c.group.as_str()) {
@@ -292,7 +305,13 @@ pub fn render_report(r: &Report) -> String {
             per.entry(i).or_insert_with(|| (s.segment.clone(), Vec::new())).1.push(s.customers as f64);
         }
         let series: Vec<(String, Vec<f64>)> = per.into_values().collect();
-        let _ = write!(b, "<h3>{}</h3><div class=\"chart\">{}{}</div>", esc(g), stacked_area(&format!("{g}: customers per segment"), &days, &series, 760, 300), legend(&segs));
+        let _ = write!(
+            b,
+            "<h3>{}</h3><div class=\"chart\">{}{}</div>",
+            esc(g),
+            stacked_area(&format!("{g}: customers per segment"), &days, &series, 760, 300),
+            legend(&segs)
+        );
         b.push_str("<table><tr><th>segment</th><th>customers</th><th>share</th><th>MRR</th><th>share of MRR</th></tr>");
         for c in r.current.iter().filter(|c| c.group == *g) {
             let _ = write!(
@@ -312,8 +331,10 @@ pub fn render_report(r: &Report) -> String {
     }
 
     // Flows.
-    b.push_str("<h2>2. Flows</h2><p class=\"note\">Transitions in the period, from the row's segment to the \
-        column's (— is no segment: a new customer, or an erased one).</p>");
+    b.push_str(
+        "<h2>2. Flows</h2><p class=\"note\">Transitions in the period, from the row's segment to the \
+        column's (— is no segment: a new customer, or an erased one).</p>",
+    );
     for g in &groups {
         let segs: Vec<String> = r.current.iter().filter(|c| c.group == *g).map(|c| c.segment.clone()).collect();
         let mut keys: Vec<Option<String>> = vec![None];
@@ -322,7 +343,12 @@ pub fn render_report(r: &Report) -> String {
             r.flows.iter().find(|x| x.group == *g && &x.from == f && &x.to == t).map_or(0, |x| x.transitions)
         };
         let max = r.flows.iter().filter(|x| x.group == *g).map(|x| x.transitions).max().unwrap_or(1).max(1);
-        let _ = write!(b, "<details{}><summary>{}</summary><table><tr><th>from \\ to</th>", if *g == groups[0] { " open" } else { "" }, esc(g));
+        let _ = write!(
+            b,
+            "<details{}><summary>{}</summary><table><tr><th>from \\ to</th>",
+            if *g == groups[0] { " open" } else { "" },
+            esc(g)
+        );
         for t in &keys {
             let _ = write!(b, "<th>{}</th>", esc(t.as_deref().unwrap_or("—")));
         }
@@ -331,7 +357,11 @@ pub fn render_report(r: &Report) -> String {
             let _ = write!(b, "<tr><th>{}</th>", esc(f.as_deref().unwrap_or("—")));
             for t in &keys {
                 let n = cell(f, t);
-                b.push_str(&heat_cell(&if n > 0 { count(n) } else { String::new() }, Some((n as f64 / max as f64).sqrt()), BLUE));
+                b.push_str(&heat_cell(
+                    &if n > 0 { count(n) } else { String::new() },
+                    Some((n as f64 / max as f64).sqrt()),
+                    BLUE,
+                ));
             }
             b.push_str("</tr>");
         }
@@ -351,14 +381,20 @@ pub fn render_report(r: &Report) -> String {
             ("inflow".to_string(), 4usize, rows.iter().map(|w| w.inflow as f64).collect()),
             ("outflow".to_string(), 2usize, rows.iter().map(|w| w.outflow as f64).collect()),
         ];
-        let _ = write!(b, "<div class=\"chart\">{}</div>", lines(&format!("{g} {s}: transitions per week"), &weeks, &series, 560, 260));
+        let _ = write!(
+            b,
+            "<div class=\"chart\">{}</div>",
+            lines(&format!("{g} {s}: transitions per week"), &weeks, &series, 560, 260)
+        );
     }
     b.push_str("</div>");
 
     // Cohorts.
-    b.push_str("<h2>3. Cohort retention</h2><p class=\"note\">Accounts by the month of their first event. \
+    b.push_str(
+        "<h2>3. Cohort retention</h2><p class=\"note\">Accounts by the month of their first event. \
         Active: share of the cohort with an activity event in that month. MRR: the cohort's MRR at the month's \
-        end over its MRR at the end of its first month. Months marked * are not over at the end of the period.</p>");
+        end over its MRR at the end of its first month. Months marked * are not over at the end of the period.</p>",
+    );
     let mut cohort_names: Vec<String> = Vec::new();
     for c in &r.cohorts {
         if !cohort_names.contains(&c.cohort) {
@@ -393,11 +429,13 @@ pub fn render_report(r: &Report) -> String {
     }
 
     // Validation.
-    b.push_str("<h2>4. Are the segments meaningful?</h2><p class=\"note\">Substantial: size and share at the end. \
+    b.push_str(
+        "<h2>4. Are the segments meaningful?</h2><p class=\"note\">Substantial: size and share at the end. \
         Stable: median length of the stays that ended, and the share of entries still in the segment 30 days \
         later. Predictive: share of entries followed within 90 days by a cancellation or erasure (churn), or by a \
         lower MRR (downgrade), and its lift over the rate of all entries of the group. Distinct: effect size \
-        (Cohen's d) of each feature against the rest of the customers; |d| ≥ 0.8 is large.</p>");
+        (Cohen's d) of each feature against the rest of the customers; |d| ≥ 0.8 is large.</p>",
+    );
     for g in &groups {
         let _ = write!(
             b,
@@ -412,7 +450,11 @@ pub fn render_report(r: &Report) -> String {
         }
         b.push_str("</tr>");
         for v in r.validation.iter().filter(|v| v.group == *g) {
-            let pred = |o: &str| r.predictive.iter().find(|p| p.group == *g && p.segment == v.segment && p.outcome == o && p.horizon_days == 90);
+            let pred = |o: &str| {
+                r.predictive
+                    .iter()
+                    .find(|p| p.group == *g && p.segment == v.segment && p.outcome == o && p.horizon_days == 90)
+            };
             let (c, d) = (pred("churn"), pred("downgrade"));
             let lift_cell = |p: Option<&crate::report::PredictiveRow>| {
                 let l = p.and_then(|p| p.lift);
@@ -435,7 +477,11 @@ pub fn render_report(r: &Report) -> String {
                 lift_cell(d)
             );
             for f in FEATURES {
-                let e = r.features.iter().find(|x| x.group == *g && x.segment == v.segment && x.feature == f).and_then(|x| x.effect_size);
+                let e = r
+                    .features
+                    .iter()
+                    .find(|x| x.group == *g && x.segment == v.segment && x.feature == f)
+                    .and_then(|x| x.effect_size);
                 let hue = if e.unwrap_or(0.0) < 0.0 { RED } else { BLUE };
                 b.push_str(&heat_cell(&num(e, 2), e.map(|e| (e.abs() / 2.0).min(1.0)), hue));
             }
@@ -445,8 +491,10 @@ pub fn render_report(r: &Report) -> String {
     }
 
     // Breakdowns.
-    b.push_str("<h2>5. Who is in each segment</h2><p class=\"note\">Share of each segment's customers by firmographic \
-        value (profile events); the CSV and JSON have every group.</p>");
+    b.push_str(
+        "<h2>5. Who is in each segment</h2><p class=\"note\">Share of each segment's customers by firmographic \
+        value (profile events); the CSV and JSON have every group.</p>",
+    );
     let mut dims: Vec<&str> = Vec::new();
     for x in &r.breakdowns {
         if !dims.contains(&x.dimension.as_str()) {
@@ -472,7 +520,8 @@ pub fn render_report(r: &Report) -> String {
             for seg in r.current.iter().filter(|c| c.group == *g && c.customers > 0) {
                 let _ = write!(b, "<tr><th>{}</th>", esc(&seg.segment));
                 for v in &values {
-                    let share = rows.iter().find(|x| x.segment == seg.segment && x.value == *v).map(|x| x.share_of_segment);
+                    let share =
+                        rows.iter().find(|x| x.segment == seg.segment && x.value == *v).map(|x| x.share_of_segment);
                     b.push_str(&heat_cell(&pct(share.or(Some(0.0))), share.or(Some(0.0)), BLUE));
                 }
                 b.push_str("</tr>");
@@ -528,7 +577,11 @@ pub fn render_report(r: &Report) -> String {
             for c in r.current.iter().filter(|c| c.group == d.group) {
                 segs.push(&c.segment);
             }
-            let _ = write!(b, "<h3>Clusters against {} segments (customers)</h3><table><tr><th>cluster</th>", esc(&d.group));
+            let _ = write!(
+                b,
+                "<h3>Clusters against {} segments (customers)</h3><table><tr><th>cluster</th>",
+                esc(&d.group)
+            );
             for s in &segs {
                 let _ = write!(b, "<th>{}</th>", esc(s));
             }
@@ -536,7 +589,11 @@ pub fn render_report(r: &Report) -> String {
             for c in &d.clusters {
                 let _ = write!(b, "<tr><th>{}</th>", c.cluster);
                 for s in &segs {
-                    let n = d.contingency.iter().find(|x| x.cluster == c.cluster && x.segment == *s).map_or(0, |x| x.customers);
+                    let n = d
+                        .contingency
+                        .iter()
+                        .find(|x| x.cluster == c.cluster && x.segment == *s)
+                        .map_or(0, |x| x.customers);
                     let share = if c.customers > 0 { n as f64 / c.customers as f64 } else { 0.0 };
                     b.push_str(&heat_cell(&if n > 0 { count(n) } else { String::new() }, Some(share), BLUE));
                 }
@@ -570,8 +627,10 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
         count(p.customers_baseline),
         count(p.customers_candidate)
     );
-    b.push_str("<h2>Per group</h2><table><tr><th>group</th><th>customers moved</th><th>transitions (baseline)</th>\
-        <th>transitions (candidate)</th><th>added</th><th>removed</th></tr>");
+    b.push_str(
+        "<h2>Per group</h2><table><tr><th>group</th><th>customers moved</th><th>transitions (baseline)</th>\
+        <th>transitions (candidate)</th><th>added</th><th>removed</th></tr>",
+    );
     for g in &c.groups {
         let note = match (g.in_baseline, g.in_candidate) {
             (true, false) => " (baseline only)",
@@ -606,8 +665,10 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
     }
     b.push_str("</table>");
 
-    b.push_str("<h2>Segment sizes over time</h2><p class=\"note\">Solid: candidate; the baseline's line is the \
-        lighter one of the same colour. Only segments whose size differs on some day.</p><div class=\"grid\">");
+    b.push_str(
+        "<h2>Segment sizes over time</h2><p class=\"note\">Solid: candidate; the baseline's line is the \
+        lighter one of the same colour. Only segments whose size differs on some day.</p><div class=\"grid\">",
+    );
     let mut groups: Vec<&str> = Vec::new();
     for g in &c.groups {
         groups.push(&g.group);
@@ -634,7 +695,8 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
             series.push((format!("{s} (baseline)"), i + 7, mine.iter().map(|r| r.baseline as f64).collect()));
         }
         if !series.is_empty() {
-            let _ = write!(b, "<div class=\"chart\">{}</div>", lines(&format!("{g}: customers"), &days, &series, 560, 300));
+            let _ =
+                write!(b, "<div class=\"chart\">{}</div>", lines(&format!("{g}: customers"), &days, &series, 560, 300));
         }
     }
     b.push_str("</div>");
@@ -650,14 +712,24 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
     if days.is_empty() {
         b.push_str("<p class=\"note\">No transition differs.</p>");
     } else {
-        let added: Vec<f64> = days.iter().map(|d| c.daily.iter().filter(|x| &x.day == d).map(|x| x.added as f64).sum()).collect();
-        let removed: Vec<f64> = days.iter().map(|d| -c.daily.iter().filter(|x| &x.day == d).map(|x| x.removed as f64).sum::<f64>()).collect();
+        let added: Vec<f64> =
+            days.iter().map(|d| c.daily.iter().filter(|x| &x.day == d).map(|x| x.added as f64).sum()).collect();
+        let removed: Vec<f64> = days
+            .iter()
+            .map(|d| -c.daily.iter().filter(|x| &x.day == d).map(|x| x.removed as f64).sum::<f64>())
+            .collect();
         let series = vec![("added".to_string(), 4usize, added), ("removed".to_string(), 2usize, removed)];
-        let _ = write!(b, "<div class=\"chart\">{}</div><p class=\"note\">Days on which some transition differs.</p>", lines("transitions added (+) and removed (−) per day", &days, &series, 760, 280));
+        let _ = write!(
+            b,
+            "<div class=\"chart\">{}</div><p class=\"note\">Days on which some transition differs.</p>",
+            lines("transitions added (+) and removed (−) per day", &days, &series, 760, 280)
+        );
     }
 
-    b.push_str("<h2>Examples</h2><p class=\"note\">Customers who end elsewhere, with their last transitions under \
-        each configuration: the cause and the scores explain the move.</p>");
+    b.push_str(
+        "<h2>Examples</h2><p class=\"note\">Customers who end elsewhere, with their last transitions under \
+        each configuration: the cause and the scores explain the move.</p>",
+    );
     for e in &c.examples {
         let _ = write!(
             b,
@@ -676,7 +748,12 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
                         format!("{} {}", c.get("kind").and_then(|k| k.as_str()).unwrap_or(""), x)
                     })
                 });
-                let sc = |k: &str| t.get("scores").and_then(|s| s.get(k)).and_then(|v| v.as_u64()).map_or("–".into(), |v| v.to_string());
+                let sc = |k: &str| {
+                    t.get("scores")
+                        .and_then(|s| s.get(k))
+                        .and_then(|v| v.as_u64())
+                        .map_or("–".into(), |v| v.to_string())
+                };
                 let _ = write!(
                     b,
                     "<tr><td>{}</td><td>{} → {}</td><td>{}</td><td>{} {} {}</td><td class=\"n\">{}</td></tr>",

@@ -195,7 +195,8 @@ pub fn discover(ds: &Dataset, seed: u64) -> Option<Discovery> {
     let g = ds.names.group("rfm").unwrap_or(0);
     let group = ds.names.group_name(g).to_string();
     let segments = &ds.names.groups[usize::from(g)].segments;
-    let seg_of: Vec<usize> = snap.iter().map(|s| usize::from(s.labels.get(usize::from(g)).copied().unwrap_or(0))).collect();
+    let seg_of: Vec<usize> =
+        snap.iter().map(|s| usize::from(s.labels.get(usize::from(g)).copied().unwrap_or(0))).collect();
     let mut table = vec![vec![0u64; segments.len()]; k];
     let mut sums = vec![[0.0; FEATURES.len()]; k];
     for ((&c, &s), v) in labels.iter().zip(&seg_of).zip(&raw) {

@@ -24,10 +24,12 @@ pub use kmeans::{
     adjusted_rand_index, choose_k, discover, kmeans, sample_indices, silhouette, standardize, ClusterRow,
     ContingencyRow, Discovery, SilhouetteRow, K_RANGE,
 };
-pub use model::{date_of, day_label, month_label, month_of, month_start, Dataset, GroupNames, Move, Names, Snapshot};
+pub use model::{
+    date_of, day_label, month_label, month_of, month_start, Dataset, EventFact, FactBatch, FactKind, GroupNames, Move,
+    Names, Snapshot,
+};
 pub use output::{write_tables, OutputFormat, Tables};
 pub use report::{
-    build_report, employee_band, median, week_start, BreakdownRow, CohortRow, CurrentRow, FeatureRow, FlowRow,
-    Period, PredictiveRow, Report, ReportOptions, SizeRow, ValidationRow, WeeklyRow, FEATURES, HORIZONS_DAYS,
-    STABLE_DAYS,
+    build_report, employee_band, median, week_start, BreakdownRow, CohortRow, CurrentRow, FeatureRow, FlowRow, Period,
+    PredictiveRow, Report, ReportOptions, SizeRow, ValidationRow, WeeklyRow, FEATURES, HORIZONS_DAYS, STABLE_DAYS,
 };

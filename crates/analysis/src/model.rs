@@ -2,16 +2,16 @@
 //! events (what happened to each account, month by month) and the state at
 //! the report's end (each customer's segments and scores), gathered once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use segstream_decode::{Event, EventKind, SubscriptionStatus, DAY_MS};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::AnalysisError;
 
 /// The segment groups of the configuration the data was produced with, in
 /// its order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Names {
     pub groups: Vec<GroupNames>,
 }
@@ -86,15 +86,27 @@ pub(crate) enum Money {
 }
 
 /// What the input events tell of one account.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Facts {
     /// `ts` of its first event (any type); `i64::MAX` when it has none.
     pub first_seen: i64,
     /// Calendar months (see [`month_of`]) with at least one activity event.
     pub active_months: Vec<i32>,
-    /// (ts, input order, what happened), sorted by the first two once gathered.
-    pub money: Vec<(i64, u64, Money)>,
+    /// (ts, input order, what happened, event id hash), sorted by the first
+    /// two once gathered.
+    pub money: Vec<(i64, u64, Money, u64)>,
+    /// Hashes of the last [`DEDUP_IDS`] event ids read, as the engine keeps
+    /// them: a ring (`recent_next` is the oldest once `recent_len` is full),
+    /// inline so that checking costs no further memory access.
+    recent_ids: [u64; DEDUP_IDS],
+    recent_len: u8,
+    recent_next: u8,
+    /// The day of the last activity event read (a shortcut for `active_months`).
+    last_active_day: i64,
 }
+
+/// Event ids remembered per customer for de-duplication: the engine's number.
+pub const DEDUP_IDS: usize = 32;
 
 /// What an outcome of an account is, for the predictive checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,13 +119,21 @@ pub enum Outcome {
 
 impl Facts {
     fn new() -> Self {
-        Self { first_seen: i64::MAX, ..Self::default() }
+        Self {
+            first_seen: i64::MAX,
+            active_months: Vec::new(),
+            money: Vec::new(),
+            recent_ids: [0; DEDUP_IDS],
+            recent_len: 0,
+            recent_next: 0,
+            last_active_day: i64::MIN,
+        }
     }
 
     /// MRR in force at instant `t` (after every event with `ts ≤ t`).
     pub fn mrr_at(&self, t: i64) -> i64 {
         let mut mrr = 0;
-        for (ts, _, m) in &self.money {
+        for (ts, _, m, _) in &self.money {
             if *ts > t {
                 break;
             }
@@ -129,7 +149,7 @@ impl Facts {
     pub fn outcomes(&self, kind: Outcome) -> Vec<i64> {
         let (mut mrr, mut canceled) = (0i64, false);
         let mut out = Vec::new();
-        for &(ts, _, m) in &self.money {
+        for &(ts, _, m, _) in &self.money {
             match (kind, m) {
                 (Outcome::Churn, Money::Erased) => out.push(ts),
                 (Outcome::Churn, Money::Subscription { canceled: true, .. }) if !canceled => out.push(ts),
@@ -144,6 +164,67 @@ impl Facts {
             };
         }
         out
+    }
+}
+
+/// What a report keeps of one input event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventFact {
+    pub ts: i64,
+    /// xxh3 of the `event_id`, for de-duplication.
+    pub event_id_hash: u64,
+    pub kind: FactKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FactKind {
+    /// `login`, `session`, `feature_used`, `workflow_completed`.
+    Activity,
+    Subscription {
+        mrr_cents: i64,
+        canceled: bool,
+    },
+    Erased,
+    /// Any other type (it still makes the customer exist).
+    Other,
+}
+
+impl EventFact {
+    pub fn of(e: &Event) -> Self {
+        let kind = match &e.kind {
+            k if k.is_activity() => FactKind::Activity,
+            EventKind::Subscription { mrr_cents, status, .. } => {
+                let canceled = *status == SubscriptionStatus::Canceled;
+                FactKind::Subscription { mrr_cents: if canceled { 0 } else { *mrr_cents }, canceled }
+            }
+            EventKind::CustomerDeleted => FactKind::Erased,
+            _ => FactKind::Other,
+        };
+        Self { ts: e.ts, event_id_hash: xxh3_64(e.event_id.as_bytes()), kind }
+    }
+}
+
+/// Events reduced to facts where they are decoded (one allocation per
+/// batch, not several per event), added to a [`Dataset`] in order.
+#[derive(Debug, Default)]
+pub struct FactBatch {
+    ids: String,
+    facts: Vec<(u32, u32, EventFact)>,
+}
+
+impl FactBatch {
+    pub fn push(&mut self, e: &Event) {
+        let start = self.ids.len() as u32;
+        self.ids.push_str(&e.customer_id);
+        self.facts.push((start, e.customer_id.len() as u32, EventFact::of(e)));
+    }
+
+    pub fn len(&self) -> usize {
+        self.facts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.facts.is_empty()
     }
 }
 
@@ -183,22 +264,15 @@ pub fn day_label(day: i64) -> String {
 #[derive(Debug, Default)]
 pub struct Dataset {
     pub names: Names,
-    ids: HashMap<Box<str>, u32>,
+    ids: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     customers: Vec<Box<str>>,
     pub(crate) moves: Vec<Move>,
     pub(crate) facts: Vec<Facts>,
     pub(crate) snapshot: Vec<Snapshot>,
-    seen_events: HashSet<u64>,
     /// Events gathered (duplicates by `event_id` not included).
     pub events: u64,
-    /// Events whose `event_id` the customer already had: ignored, as the engine does.
+    /// Events whose `event_id` is among the customer's last 32: ignored, as the engine does.
     pub duplicate_events: u64,
-}
-
-impl Default for Names {
-    fn default() -> Self {
-        Self { groups: Vec::new() }
-    }
 }
 
 impl Dataset {
@@ -259,36 +333,54 @@ impl Dataset {
         Ok(())
     }
 
-    /// An input event; one whose `event_id` its customer already had is
-    /// counted and ignored.
+    /// An input event; one whose `event_id` is among the last 32 its
+    /// customer had (in the order read) is counted and ignored, as the engine
+    /// ignores it (the same in a file in time order).
     pub fn add_event(&mut self, e: &Event) {
-        let mut h = Xxh3::new();
-        h.update(e.customer_id.as_bytes());
-        h.update(&[0]);
-        h.update(e.event_id.as_bytes());
-        if !self.seen_events.insert(h.digest()) {
+        self.add_fact(&e.customer_id, EventFact::of(e));
+    }
+
+    /// The events of a batch, in its order.
+    pub fn add_batch(&mut self, batch: &FactBatch) {
+        for (start, len, fact) in &batch.facts {
+            self.add_fact(&batch.ids[*start as usize..(*start + *len) as usize], *fact);
+        }
+    }
+
+    pub fn add_fact(&mut self, customer_id: &str, fact: EventFact) {
+        let c = self.customer(customer_id) as usize;
+        let facts = &mut self.facts[c];
+        if facts.recent_ids[..usize::from(facts.recent_len)].contains(&fact.event_id_hash) {
             self.duplicate_events += 1;
             return;
         }
+        if usize::from(facts.recent_len) < DEDUP_IDS {
+            facts.recent_ids[usize::from(facts.recent_len)] = fact.event_id_hash;
+            facts.recent_len += 1;
+        } else {
+            facts.recent_ids[usize::from(facts.recent_next)] = fact.event_id_hash;
+            facts.recent_next = ((usize::from(facts.recent_next) + 1) % DEDUP_IDS) as u8;
+        }
         let seq = self.events;
         self.events += 1;
-        let c = self.customer(&e.customer_id) as usize;
-        let facts = &mut self.facts[c];
-        facts.first_seen = facts.first_seen.min(e.ts);
-        if e.kind.is_activity() {
-            let m = month_of(e.ts);
-            if !facts.active_months.contains(&m) {
-                facts.active_months.push(m);
+        facts.first_seen = facts.first_seen.min(fact.ts);
+        match fact.kind {
+            FactKind::Activity => {
+                // Most activity falls on a day already seen: no calendar work then.
+                let day = fact.ts.div_euclid(DAY_MS);
+                if day != facts.last_active_day {
+                    facts.last_active_day = day;
+                    let m = month_of(fact.ts);
+                    if facts.active_months.last() != Some(&m) && !facts.active_months.contains(&m) {
+                        facts.active_months.push(m);
+                    }
+                }
             }
-        }
-        match &e.kind {
-            EventKind::Subscription { mrr_cents, status, .. } => {
-                let canceled = *status == SubscriptionStatus::Canceled;
-                let mrr_cents = if canceled { 0 } else { *mrr_cents };
-                facts.money.push((e.ts, seq, Money::Subscription { mrr_cents, canceled }));
+            FactKind::Subscription { mrr_cents, canceled } => {
+                facts.money.push((fact.ts, seq, Money::Subscription { mrr_cents, canceled }, fact.event_id_hash))
             }
-            EventKind::CustomerDeleted => facts.money.push((e.ts, seq, Money::Erased)),
-            _ => {}
+            FactKind::Erased => facts.money.push((fact.ts, seq, Money::Erased, fact.event_id_hash)),
+            FactKind::Other => {}
         }
     }
 
@@ -302,11 +394,17 @@ impl Dataset {
     pub fn finish(&mut self) {
         self.moves.sort_by_key(|m| m.at);
         for f in &mut self.facts {
-            f.money.sort_by_key(|(ts, seq, _)| (*ts, *seq));
+            f.money.sort_by_key(|(ts, seq, _, _)| (*ts, *seq));
+            // A subscription or erasure sent again with its id: next to its
+            // first copy in time order, where the engine ignores it, even when
+            // the file has them far apart.
+            let before = f.money.len();
+            f.money.dedup_by(|later, earlier| later.0 == earlier.0 && later.3 == earlier.3);
+            self.duplicate_events += (before - f.money.len()) as u64;
+            self.events -= (before - f.money.len()) as u64;
             f.active_months.sort_unstable();
         }
         self.snapshot.sort_by_key(|s| s.customer);
-        self.seen_events = HashSet::new();
     }
 }
 
@@ -328,17 +426,16 @@ mod tests {
     fn outcomes_are_new_cancellations_erasures_and_lower_mrr() {
         let sub = |mrr_cents, canceled| Money::Subscription { mrr_cents, canceled };
         let f = Facts {
-            first_seen: 0,
-            active_months: vec![],
             money: vec![
-                (1, 0, sub(5000, false)),
-                (2, 1, sub(3000, false)),
-                (3, 2, sub(0, true)),
-                (4, 3, sub(0, true)),
-                (5, 4, sub(4000, false)),
-                (6, 5, Money::Erased),
-                (7, 6, sub(1000, false)),
+                (1, 0, sub(5000, false), 0),
+                (2, 1, sub(3000, false), 1),
+                (3, 2, sub(0, true), 2),
+                (4, 3, sub(0, true), 3),
+                (5, 4, sub(4000, false), 4),
+                (6, 5, Money::Erased, 5),
+                (7, 6, sub(1000, false), 6),
             ],
+            ..Facts::new()
         };
         assert_eq!(f.outcomes(Outcome::Churn), vec![3, 6]);
         assert_eq!(f.outcomes(Outcome::Downgrade), vec![2]);

@@ -25,6 +25,8 @@ pub struct ReportOptions {
     pub seed: u64,
     /// Run the discovery section (k-means).
     pub discovery: bool,
+    /// Where the data comes from, in words (shown with the period).
+    pub source: String,
 }
 
 impl ReportOptions {
@@ -36,6 +38,7 @@ impl ReportOptions {
             breakdown_values: 8,
             seed: 7,
             discovery: true,
+            source: String::new(),
         }
     }
 }
@@ -75,6 +78,11 @@ pub struct Period {
     /// Input events read (duplicates not included).
     pub events: u64,
     pub duplicate_events: u64,
+    /// Where the transitions and the end state come from.
+    pub source: String,
+    /// With a transitions file checked against the engine's run of the
+    /// input: transitions of the period in one and not the other.
+    pub unmatched_transitions: Option<u64>,
 }
 
 /// Customers in a segment at the end of a day (the last day: at `to`).
@@ -417,10 +425,8 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
         for (s, segment) in group.segments.iter().enumerate() {
             let s16 = s as u16;
             let mine: Vec<&&Stay> = entered.iter().filter(|st| st.segment == s16).collect();
-            let mut dwell: Vec<f64> = mine
-                .iter()
-                .filter_map(|st| st.left.map(|l| (l - st.entered) as f64 / DAY_MS as f64))
-                .collect();
+            let mut dwell: Vec<f64> =
+                mine.iter().filter_map(|st| st.left.map(|l| (l - st.entered) as f64 / DAY_MS as f64)).collect();
             dwell.sort_by(f64::total_cmp);
             let stable = STABLE_DAYS * DAY_MS;
             let observed: Vec<&&&Stay> = mine.iter().filter(|st| st.entered + stable <= to).collect();
@@ -481,6 +487,8 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
             transitions,
             events: ds.events,
             duplicate_events: ds.duplicate_events,
+            source: opts.source.clone(),
+            unmatched_transitions: None,
         },
         sizes_over_time,
         current,
@@ -584,14 +592,15 @@ fn features(ds: &Dataset) -> Vec<FeatureRow> {
 
 fn breakdowns(ds: &Dataset, top: usize) -> Vec<BreakdownRow> {
     let names = &ds.names;
-    let dims: [(&str, Box<dyn Fn(&crate::model::Snapshot) -> String>); 3] = [
+    type ValueOf = Box<dyn Fn(&crate::model::Snapshot) -> String>;
+    let dims: [(&str, ValueOf); 3] = [
         ("industry", Box::new(|s| s.industry.clone().unwrap_or_else(|| "unknown".into()))),
         ("employees", Box::new(|s| employee_band(s.employees).to_string())),
         ("country", Box::new(|s| s.country.clone().unwrap_or_else(|| "unknown".into()))),
     ];
     let mut rows = Vec::new();
     for (dim, value_of) in &dims {
-        let values: Vec<String> = ds.snapshot.iter().map(|s| value_of(s)).collect();
+        let values: Vec<String> = ds.snapshot.iter().map(value_of).collect();
         let mut totals: HashMap<&str, u64> = HashMap::new();
         for v in &values {
             *totals.entry(v).or_default() += 1;
@@ -651,7 +660,7 @@ mod tests {
         assert_eq!(median(&[1.0, 2.0, 10.0]), Some(2.0));
         assert_eq!(median(&[1.0, 2.0, 4.0, 10.0]), Some(3.0));
         // a = {1, 3}, b = {5, 7}: pooled sd = sqrt(2), d = -4 / sqrt(2).
-        let d = cohens_d((2.0, 4.0, 10.0), (2.0, 12.0, 74.0)).unwrap();
+        let d = cohens_d((2.0, 4.0, 10.0), (2.0, 12.0, 74.0)).expect("both sides have spread");
         assert!((d + 4.0 / 2f64.sqrt()).abs() < 1e-9, "{d}");
         assert_eq!(cohens_d((1.0, 1.0, 1.0), (3.0, 3.0, 3.0)), None);
     }

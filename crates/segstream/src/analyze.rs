@@ -14,14 +14,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use segstream_analysis::{
-    build_report, compare, write_tables, Dataset, Names, OutputFormat, ReportOptions, Snapshot,
+    build_report, compare, write_tables, Dataset, FactBatch, Names, OutputFormat, ReportOptions, Snapshot,
 };
-use segstream_decode::{event_to_json, format_rfc3339_millis, Format, DAY_MS};
+use segstream_decode::{event_to_json, format_rfc3339_millis, Event, Format, DAY_MS};
 use segstream_engine::{Clock, EngineSettings};
 use segstream_output::TransitionRecord;
 use segstream_state::StateStore;
 
-use crate::file::{InputReader, Position, Record};
+use crate::file::{for_each_json_chunk, for_each_json_record, InputReader, Position, Record};
 use crate::settings::FileSettings;
 use crate::{run_file, Config};
 
@@ -83,6 +83,15 @@ struct InputRead {
     after_to: u64,
 }
 
+/// One chunk of the input, as its decoding thread reduced it.
+#[derive(Default)]
+struct ChunkRead {
+    facts: FactBatch,
+    invalid: u64,
+    after_to: u64,
+    first_ts: Option<i64>,
+}
+
 /// Reads the input's events into `ds` (those up to `to`); with `copy`, also
 /// writes them there as JSON lines (the input a run up to `to` reads).
 fn read_events(
@@ -94,15 +103,16 @@ fn read_events(
     mut copy: Option<&mut BufWriter<File>>,
 ) -> anyhow::Result<InputRead> {
     let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
-    let mut reader = InputReader::open(path, format, Position::default(), len)
-        .with_context(|| format!("opening {}", path.display()))?
-        .with_window(*settings.window(), None);
+    // Implausible times are judged as a fresh `segstream run` judges them:
+    // against the wall clock when the input is first read.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let mut read = InputRead::default();
-    while let Some(r) = reader.next_record() {
-        match r.with_context(|| format!("reading {}", path.display()))? {
-            Record::Invalid(_) => read.invalid += 1,
-            Record::Event(e) if to.is_some_and(|to| e.ts > to) => read.after_to += 1,
-            Record::Event(e) => {
+    let copying = copy.is_some();
+    let mut take = |record: Option<Event>| -> anyhow::Result<()> {
+        match record {
+            None => read.invalid += 1,
+            Some(e) if to.is_some_and(|to| e.ts > to) => read.after_to += 1,
+            Some(e) => {
                 read.first_ts = Some(read.first_ts.map_or(e.ts, |t| t.min(e.ts)));
                 if let Some(w) = copy.as_deref_mut() {
                     w.write_all(event_to_json(&e).as_bytes())?;
@@ -113,13 +123,64 @@ fn read_events(
                 }
             }
         }
+        Ok(())
+    };
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    match (format, !copying) {
+        // Reduced to facts on the decoding threads; this one only adds them up.
+        (Format::Json, true) => {
+            let per_chunk = |records: Vec<Option<Event>>| {
+                let mut chunk = ChunkRead::default();
+                for r in records {
+                    match r {
+                        None => chunk.invalid += 1,
+                        Some(e) if to.is_some_and(|to| e.ts > to) => chunk.after_to += 1,
+                        Some(e) => {
+                            chunk.first_ts = Some(chunk.first_ts.map_or(e.ts, |t| t.min(e.ts)));
+                            chunk.facts.push(&e);
+                        }
+                    }
+                }
+                chunk
+            };
+            for_each_json_chunk(path, *settings.window(), Some(now), workers, per_chunk, |chunk| {
+                read.invalid += chunk.invalid;
+                read.after_to += chunk.after_to;
+                read.first_ts = match (read.first_ts, chunk.first_ts) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(ds) = ds.as_deref_mut() {
+                    ds.add_batch(&chunk.facts);
+                }
+                Ok(())
+            })
+            .with_context(|| format!("reading {}", path.display()))?;
+        }
+        (Format::Json, false) => for_each_json_record(path, *settings.window(), Some(now), workers, take)
+            .with_context(|| format!("reading {}", path.display()))?,
+        _ => {
+            let mut reader = InputReader::open(path, format, Position::default(), len)
+                .with_context(|| format!("opening {}", path.display()))?
+                .with_window(*settings.window(), Some(now));
+            while let Some(r) = reader.next_record() {
+                match r.with_context(|| format!("reading {}", path.display()))? {
+                    Record::Invalid(_) => take(None)?,
+                    Record::Event(e) => take(Some(e))?,
+                }
+            }
+        }
     }
     Ok(read)
 }
 
 /// Adds a transitions file (JSON lines, or Avro when named `.avro`) to `ds`.
 /// With `keep`, also returns the records of those customers (JSON values).
-fn read_transitions(path: &Path, mut ds: Option<&mut Dataset>, keep: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
+fn read_transitions(
+    path: &Path,
+    mut ds: Option<&mut Dataset>,
+    keep: &[String],
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut kept = Vec::new();
     let mut add = |rec: TransitionRecord, ds: &mut Option<&mut Dataset>, line: u64| -> anyhow::Result<()> {
         if let Some(ds) = ds.as_deref_mut() {
@@ -205,7 +266,13 @@ fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow
 }
 
 /// A file-mode run of `input` on a fresh state dir under `dir`, up to `until`.
-fn replay(settings: &EngineSettings, input: &Path, format: Format, until: Option<i64>, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn replay(
+    settings: &EngineSettings,
+    input: &Path,
+    format: Format,
+    until: Option<i64>,
+    dir: &Path,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (output, state) = (dir.join("transitions.jsonl"), dir.join("state"));
     let mut args = FileSettings::new(input, &output, &state);
     args.input_format = format;
@@ -214,26 +281,21 @@ fn replay(settings: &EngineSettings, input: &Path, format: Format, until: Option
     Ok((output, state))
 }
 
-/// Where the engine's run for a report or a simulation takes its input:
-/// the file itself, or a copy holding only the events up to `--to`.
-fn prepared_input(
-    args_input: &Path,
+/// The input of the engine's run for a report or a simulation: the file
+/// itself, or with `to`, a copy (JSON lines) holding only the events up to it.
+fn run_input(
+    input: &Path,
     format: Format,
     settings: &EngineSettings,
     to: Option<i64>,
-    ds: Option<&mut Dataset>,
     work: &Path,
-) -> anyhow::Result<(PathBuf, Format, InputRead)> {
-    if to.is_some() {
-        let copy = work.join("input-to.jsonl");
-        let mut w = BufWriter::new(File::create(&copy)?);
-        let read = read_events(args_input, format, settings, to, ds, Some(&mut w))?;
-        w.flush()?;
-        Ok((copy, Format::Json, read))
-    } else {
-        let read = read_events(args_input, format, settings, to, ds, None)?;
-        Ok((args_input.to_path_buf(), format, read))
-    }
+) -> anyhow::Result<(PathBuf, Format)> {
+    let Some(to) = to else { return Ok((input.to_path_buf(), format)) };
+    let copy = work.join("input-to.jsonl");
+    let mut w = BufWriter::new(File::create(&copy)?);
+    read_events(input, format, settings, Some(to), None, Some(&mut w))?;
+    w.flush()?;
+    Ok((copy, Format::Json))
 }
 
 fn period_start(from: Option<i64>, read: &InputRead, ds: &Dataset) -> i64 {
@@ -249,22 +311,48 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
     let mut ds = Dataset::new(names(&settings));
     let work = tempfile::Builder::new().prefix("segstream-report-").tempdir()?;
-    let (read, to) = match (&args.state_dir, &args.transitions) {
+    let mut check: Option<Dataset> = None;
+    let (read, to, source) = match (&args.state_dir, &args.transitions) {
         (Some(state), Some(transitions)) => {
             let read = read_events(&args.input, format, &settings, None, Some(&mut ds), None)?;
             read_transitions(transitions, Some(&mut ds), &[])?;
             let to = read_state(state, &settings, &mut ds)?;
-            (read, to)
+            let source = format!("state dir {} and transitions {}", state.display(), transitions.display());
+            (read, to, source)
         }
-        (None, None) => {
-            let (input, format, read) =
-                prepared_input(&args.input, format, &settings, args.to, Some(&mut ds), work.path())?;
-            let (transitions, state) = replay(&settings, &input, format, args.to, work.path())?;
-            read_transitions(&transitions, Some(&mut ds), &[])?;
+        (None, given) => {
+            // The engine's run and the reading of the events, side by side.
+            let input = run_input(&args.input, format, &settings, args.to, work.path())?;
+            let (run, read) = std::thread::scope(|s| {
+                let run = s.spawn(|| replay(&settings, &input.0, input.1, args.to, work.path()));
+                let read = read_events(&args.input, format, &settings, args.to, Some(&mut ds), None);
+                (run.join(), read)
+            });
+            let (transitions, state) = run.map_err(|_| anyhow::anyhow!("the engine's run panicked"))??;
+            let read = read?;
+            let source = match given {
+                // A file from elsewhere (e.g. Kafka mode's output topic): its
+                // transitions are reported, checked against the engine's run.
+                Some(file) => {
+                    read_transitions(file, Some(&mut ds), &[])?;
+                    let mut replayed = Dataset::new(names(&settings));
+                    read_transitions(&transitions, Some(&mut replayed), &[])?;
+                    check = Some(replayed);
+                    format!(
+                        "transitions {}, the end state from the engine's run of {}",
+                        file.display(),
+                        args.input.display()
+                    )
+                }
+                None => {
+                    read_transitions(&transitions, Some(&mut ds), &[])?;
+                    format!("the engine's run of {}", args.input.display())
+                }
+            };
             let to = read_state(&state, &settings, &mut ds)?;
-            (read, args.to.unwrap_or(to).max(to))
+            (read, args.to.unwrap_or(to).max(to), source)
         }
-        _ => bail!("--state-dir and --transitions go together (or neither: the report runs the engine itself)"),
+        (Some(_), None) => bail!("--state-dir needs the --transitions file its run wrote"),
     };
     if to == i64::MIN {
         bail!("no events in {}: nothing to report", args.input.display());
@@ -276,8 +364,23 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     }
     let mut opts = ReportOptions::new(from, to);
     opts.seed = args.seed;
+    opts.source = source;
     let gathered = started.elapsed();
-    let report = build_report(&ds, &opts);
+    let mut report = build_report(&ds, &opts);
+    if let Some(mut replayed) = check {
+        replayed.finish();
+        let diff = compare(&replayed, &ds, from, to);
+        let (added, removed): (u64, u64) = diff.groups.iter().fold((0, 0), |(a, r), g| (a + g.added, r + g.removed));
+        if added + removed > 0 {
+            tracing::warn!(
+                only_in_file = added,
+                only_in_engine_run = removed,
+                "the transitions file differs from the engine's run of the input: it is incomplete, or was made \
+                 with other rules or other input; the report uses the file"
+            );
+        }
+        report.period.unmatched_transitions = Some(added + removed);
+    }
     let written = write_tables(&report, args.format, &args.output)?;
     tracing::info!(
         customers = report.period.customers,
@@ -299,10 +402,7 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Vec<PathBuf>> {
     let candidate = load_settings(Some(&args.config))?;
     let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
     let work = tempfile::Builder::new().prefix("segstream-simulate-").tempdir()?;
-    let (input, format, read) = match args.to {
-        Some(_) => prepared_input(&args.input, format, &baseline, args.to, None, work.path())?,
-        None => (args.input.clone(), format, InputRead::default()),
-    };
+    let (input, format) = run_input(&args.input, format, &baseline, args.to, work.path())?;
     let (dir_b, dir_c) = (work.path().join("baseline"), work.path().join("candidate"));
     let (run_b, run_c) = std::thread::scope(|s| {
         let b = s.spawn(|| replay(&baseline, &input, format, args.to, &dir_b));
@@ -324,7 +424,7 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Vec<PathBuf>> {
     db.finish();
     dc.finish();
     let to = args.to.unwrap_or(to_b).max(to_b).max(to_c);
-    let from = period_start(args.from, &read, &db);
+    let from = period_start(args.from, &InputRead::default(), &db);
     let mut cmp = compare(&db, &dc, from, to);
     // The examples' explanations: their transitions under each configuration.
     let ids: Vec<String> = cmp.examples.iter().map(|e| e.customer_id.clone()).collect();
@@ -345,7 +445,6 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Vec<PathBuf>> {
     let written = write_tables(&cmp, args.format, &args.output)?;
     tracing::info!(
         customers_moved = cmp.period.customers_moved,
-        invalid_events = read.invalid,
         total_s = started.elapsed().as_secs_f64(),
         "comparison written"
     );

@@ -145,8 +145,10 @@ enum Command {
         /// Report on this state dir (file mode) instead of running the engine; needs --transitions.
         #[arg(long, requires = "transitions", conflicts_with = "to")]
         state_dir: Option<PathBuf>,
-        /// The transitions file the state dir's run wrote.
-        #[arg(long, requires = "state_dir")]
+        /// The transitions file the state dir's run wrote. Without --state-dir (e.g. Kafka mode's
+        /// output topic saved to a file): its transitions are reported, the end state comes from
+        /// running the engine on the input, and the file is checked against that run.
+        #[arg(long)]
         transitions: Option<PathBuf>,
         /// The period's start (RFC 3339 or epoch ms); the day of the first event otherwise.
         #[arg(long, value_parser = parse_instant)]
@@ -436,7 +438,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Report { input, config, state_dir, transitions, from, to, output, format, input_format, seed } => {
             let format = format.parse().map_err(anyhow::Error::msg)?;
-            let args = ReportArgs { input, input_format, config, state_dir, transitions, from, to, output, format, seed };
+            let args =
+                ReportArgs { input, input_format, config, state_dir, transitions, from, to, output, format, seed };
             for f in segstream::analyze::report(&args)? {
                 println!("{}", f.display());
             }

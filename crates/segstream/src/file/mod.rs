@@ -3,6 +3,7 @@
 
 mod input;
 mod metrics;
+mod parallel;
 mod progress;
 mod run;
 mod sort;
@@ -10,6 +11,7 @@ mod summary;
 
 pub use input::{InputReader, Position, Record};
 pub use metrics::FileMetrics;
+pub use parallel::{for_each_json_chunk, for_each_json_record};
 pub use progress::{InputProgress, OutputRecord};
 pub use run::run_file;
 pub use summary::{InputOrder, RunSummary};
