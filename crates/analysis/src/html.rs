@@ -32,9 +32,20 @@ pub(crate) fn color(i: usize) -> RGBColor {
     RGBColor(r, g, b)
 }
 
-fn css_color(i: usize) -> String {
-    let (r, g, b) = PALETTE[i % PALETTE.len()];
-    format!("rgb({r},{g},{b})")
+/// A segment's colour: its own for names that are colours (the health
+/// group's green, yellow, red), else the palette's by index.
+fn segment_rgb(name: &str, i: usize) -> (u8, u8, u8) {
+    match name {
+        "green" => (89, 161, 79),
+        "yellow" => (237, 201, 72),
+        "red" => (225, 87, 89),
+        _ => PALETTE[i % PALETTE.len()],
+    }
+}
+
+fn segment_color(name: &str, i: usize) -> RGBColor {
+    let (r, g, b) = segment_rgb(name, i);
+    RGBColor(r, g, b)
 }
 
 /// HTML-escapes text.
@@ -156,7 +167,7 @@ pub fn stacked_area(title: &str, x_labels: &[String], series: &[(String, Vec<f64
             .label_style(("sans-serif", 11))
             .draw();
         for (i, layer) in layers.iter().enumerate().rev() {
-            let c = color(i);
+            let c = segment_color(&series[i].0, i);
             let _ =
                 chart.draw_series(AreaSeries::new(layer.iter().copied().enumerate(), 0.0, c.mix(0.85)).border_style(c));
         }
@@ -165,7 +176,8 @@ pub fn stacked_area(title: &str, x_labels: &[String], series: &[(String, Vec<f64
     inline(svg)
 }
 
-/// Lines over x labels, each (name, colour index, values).
+/// Lines over x labels, each (name, colour index, values); a colour index
+/// of 100 or more is colour `index − 100`, faded.
 pub fn lines(title: &str, x_labels: &[String], series: &[(String, usize, Vec<f64>)], w: u32, h: u32) -> String {
     let mut svg = String::new();
     if x_labels.is_empty() {
@@ -194,7 +206,7 @@ pub fn lines(title: &str, x_labels: &[String], series: &[(String, usize, Vec<f64
             .label_style(("sans-serif", 11))
             .draw();
         for (name, c, values) in series {
-            let c = color(*c);
+            let c = if *c >= 100 { color(*c - 100).mix(0.35) } else { color(*c).mix(1.0) };
             if let Ok(s) = chart.draw_series(LineSeries::new(values.iter().copied().enumerate(), c.stroke_width(2))) {
                 s.label(name.clone())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], c.stroke_width(2)));
@@ -221,7 +233,8 @@ fn inline(svg: String) -> String {
 pub fn legend(names: &[String]) -> String {
     let mut out = String::from("<div class=\"legend\">");
     for (i, n) in names.iter().enumerate() {
-        let _ = write!(out, "<span><i style=\"background:{}\"></i>{}</span>", css_color(i), esc(n));
+        let (r, g, b) = segment_rgb(n, i);
+        let _ = write!(out, "<span><i style=\"background:rgb({r},{g},{b})\"></i>{}</span>", esc(n));
     }
     out.push_str("</div>");
     out
@@ -511,7 +524,17 @@ pub fn render_report(r: &Report) -> String {
                     values.push(&x.value);
                 }
             }
-            values.sort_unstable();
+            // Bands in their order; names alphabetically, `other` and `unknown` last.
+            let rank = |v: &str| -> (usize, String) {
+                let bands = ["1-10", "11-50", "51-200", "201-1000", "1001-5000", "5001+"];
+                match (bands.iter().position(|b| *b == v), v) {
+                    (Some(i), _) => (i, String::new()),
+                    (None, "other") => (100, String::new()),
+                    (None, "unknown") => (101, String::new()),
+                    (None, _) => (50, v.to_string()),
+                }
+            };
+            values.sort_by_key(|v| rank(v));
             let _ = write!(b, "<h3>{}</h3><table><tr><th>segment</th>", esc(dim));
             for v in &values {
                 let _ = write!(b, "<th>{}</th>", esc(v));
@@ -692,7 +715,7 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
                 continue;
             }
             series.push((format!("{s} (candidate)"), i, mine.iter().map(|r| r.candidate as f64).collect::<Vec<_>>()));
-            series.push((format!("{s} (baseline)"), i + 7, mine.iter().map(|r| r.baseline as f64).collect()));
+            series.push((format!("{s} (baseline)"), i + 100, mine.iter().map(|r| r.baseline as f64).collect()));
         }
         if !series.is_empty() {
             let _ =
