@@ -27,8 +27,10 @@ fn day(t: i64) -> i64 {
     t.div_euclid(DAY)
 }
 
-/// SPEC §4–5 at τ from the customer's events with ts ≤ τ (in input order).
-fn labels_at(events: &[&Event], tau: i64) -> [&'static str; 4] {
+/// SPEC §4–5 at τ from the customer's events with ts ≤ τ (in input order);
+/// with `fm`, the RFM grid's columns are the mean of F and M rounded half up
+/// (`segments.rfm.axis = "FM"`).
+fn labels_at(events: &[&Event], tau: i64, fm: bool) -> [&'static str; 4] {
     let seen: Vec<&&Event> = events.iter().filter(|e| e.ts <= tau).collect();
     let first_seen = seen.iter().map(|e| e.ts).min().expect("customer exists");
     let activity: Vec<i64> = seen.iter().filter(|e| e.kind.is_activity()).map(|e| e.ts).collect();
@@ -126,7 +128,8 @@ fn labels_at(events: &[&Event], tau: i64) -> [&'static str; 4] {
         ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
         ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
     ];
-    let rfm = GRID[(5 - r) as usize][(f - 1) as usize];
+    let column = if fm { ((f + m) as f64 / 2.0).round() as i64 } else { f };
+    let rfm = GRID[(5 - r) as usize][(column - 1) as usize];
     let health_seg = if health >= 70 {
         "green"
     } else if health >= 40 {
@@ -156,7 +159,7 @@ const GROUPS: [&str; 4] = ["rfm", "health", "value", "engagement"];
 type Timeline = BTreeMap<(String, &'static str), Vec<(i64, Option<String>)>>;
 
 /// Label changes per (customer, group), from the events alone.
-fn reference(events: &[Event], until: i64) -> Timeline {
+fn reference(events: &[Event], until: i64, fm: bool) -> Timeline {
     let mut per_customer: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
     for e in events {
         per_customer.entry(&e.customer_id).or_default().push(e);
@@ -199,7 +202,7 @@ fn reference(events: &[Event], until: i64) -> Timeline {
             }
             let mut prev: Option<[&str; 4]> = None;
             for tau in instants.into_iter().filter(|t| *t <= end && *t >= first) {
-                let now = labels_at(life, tau);
+                let now = labels_at(life, tau, fm);
                 for g in 0..4 {
                     if prev.is_none_or(|p| p[g] != now[g]) {
                         out.entry((c.to_string(), GROUPS[g])).or_default().push((tau, Some(now[g].to_string())));
@@ -278,7 +281,7 @@ fn compare(seed: u64, customers: u64, days: u32, cfg: &Config, shuffle: bool) {
         .map(|l| decode_json_line(l.as_bytes()).expect("valid"))
         .collect();
     events.sort_by_key(|e| e.ts);
-    let want = reference(&events, end);
+    let want = reference(&events, end, cfg.segments.rfm.axis == segstream_scoring::RfmAxis::FM);
     assert_eq!(got.len(), want.len(), "customer×group timelines");
     let mut time_driven = 0;
     for (k, w) in &want {
@@ -306,6 +309,23 @@ fn engine_equals_naive_spec_reference_on_generated_samples() {
 #[test]
 fn engine_equals_naive_spec_reference_on_a_file_in_any_order() {
     compare(4, 60, 150, &Config::default(), true);
+}
+
+#[test]
+fn the_fm_axis_equals_the_reference_grid_of_r_against_the_mean_of_f_and_m() {
+    let mut cfg = Config::default();
+    cfg.segments.rfm.axis = segstream_scoring::RfmAxis::FM;
+    compare(5, 60, 150, &cfg, false);
+    // And it is another grid: some customer is placed elsewhere than by R × F.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, end) = sample(dir.path(), "e.jsonl", 60, 150, 5, Format::Json, None);
+    let mut events: Vec<Event> = std::fs::read_to_string(&input)
+        .expect("input")
+        .lines()
+        .map(|l| decode_json_line(l.as_bytes()).expect("valid"))
+        .collect();
+    events.sort_by_key(|e| e.ts);
+    assert_ne!(reference(&events, end, true), reference(&events, end, false));
 }
 
 #[test]

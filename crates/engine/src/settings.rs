@@ -193,4 +193,17 @@ mod tests {
         .expect("valid");
         assert_eq!(a.fingerprint(), c.fingerprint(), "time and tuning do not change what is computed");
     }
+
+    #[test]
+    fn the_rfm_axis_changes_the_fingerprint_only_when_it_is_not_spec_s() {
+        // State dirs made before `segments.rfm.axis` existed keep their
+        // fingerprint: the default is left out of the hashed text.
+        let text = serde_json::to_string(&SegmentsConfig::default()).expect("serializes");
+        assert!(!text.contains("axis"), "{text}");
+        let mut seg = SegmentsConfig::default();
+        seg.rfm.axis = segstream_scoring::RfmAxis::FM;
+        let fm = EngineSettings::new(ScoringConfig::default(), seg, Duration::ZERO, StateOptions::default(), NonZeroU64::MIN)
+            .expect("valid");
+        assert_ne!(fm.fingerprint(), EngineSettings::spec_default().fingerprint());
+    }
 }

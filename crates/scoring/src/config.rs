@@ -108,8 +108,40 @@ pub struct SegmentsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RfmConfig {
-    /// `grid[5 − R][F − 1]`: rows R = 5 down to 1, columns F = 1 to 5.
+    /// `grid[5 − R][X − 1]`: rows R = 5 down to 1, columns X = 1 to 5,
+    /// where X is F (`axis = "F"`, SPEC) or FM (`axis = "FM"`).
     pub grid: [[String; 5]; 5],
+    /// The grid's columns: F (SPEC's R × F grid) or FM, the mean of F and M
+    /// rounded half up (`(F + M + 1) / 2`), as classic RFM maps do, so that a
+    /// frequent customer who pays little is not `cant_lose`.
+    #[serde(skip_serializing_if = "RfmAxis::is_f")]
+    pub axis: RfmAxis,
+}
+
+/// The column score of the RFM grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum RfmAxis {
+    /// Frequency alone (SPEC §5).
+    #[default]
+    F,
+    /// `(F + M + 1) / 2`.
+    FM,
+}
+
+impl RfmAxis {
+    /// Left out of the fingerprint when F: state dirs made before the
+    /// option existed keep theirs.
+    pub fn is_f(&self) -> bool {
+        *self == RfmAxis::F
+    }
+
+    /// The grid column (1..=5) of scores F and M.
+    pub fn column(self, f: u8, m: u8) -> u8 {
+        match self {
+            RfmAxis::F => f,
+            RfmAxis::FM => (f + m).div_ceil(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,6 +250,7 @@ impl Default for RfmConfig {
                 row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
                 row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
             ],
+            axis: RfmAxis::F,
         }
     }
 }

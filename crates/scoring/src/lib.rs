@@ -16,7 +16,7 @@ mod transition;
 
 pub use config::{
     AdoptionConfig, CustomGroupConfig, EngagementConfig, FrequencyConfig, HealthConfig, HealthSegmentsConfig,
-    HealthWeights, MonetaryConfig, RecencyConfig, RfmConfig, RuleConfig, ScoringConfig, SegmentsConfig,
+    HealthWeights, MonetaryConfig, RecencyConfig, RfmAxis, RfmConfig, RuleConfig, ScoringConfig, SegmentsConfig,
     SentimentConfig, TicketPenalty, ValueConfig,
 };
 pub use rules::{Condition, Metric, RuleError, RuleInput, Val};

@@ -302,7 +302,8 @@ impl Scorer {
 
     pub(crate) fn label_set(&self, st: &CustomerState, s: &Scores) -> LabelSet {
         let mut out = LabelSet::new();
-        out.push(self.rfm_grid[usize::from(5 - s.r)][usize::from(s.f - 1)]);
+        let column = self.seg.rfm.axis.column(s.f, s.m);
+        out.push(self.rfm_grid[usize::from(5 - s.r)][usize::from(column - 1)]);
         let h = &self.seg.health;
         out.push(if u32::from(s.health) >= h.green_min {
             0
