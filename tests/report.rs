@@ -86,6 +86,8 @@ fn fixture() -> Vec<Value> {
         push("e", d, "login", json!({}));
     }
     push("f", 20, "profile", json!({"industry": "retail", "employees": 30, "country": "DE"}));
+    // An erasure of an account that never existed: the engine ignores it.
+    push("ghost", 30, "customer_deleted", json!({}));
     // Repeated events: the engine ignores them, so does the report. A login
     // sent twice in a row, and d's downgrade sent again at the end of the file.
     let login = ev[5].clone();
@@ -193,7 +195,7 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
     assert_eq!(r["period"]["from"], "2026-01-05T00:00:00.000Z");
     assert_eq!(r["period"]["to"], "2026-05-31T23:59:59.999Z");
     assert_eq!(r["period"]["duplicate_events"], 2);
-    assert_eq!(r["period"]["events"], events.len() as u64 - 2);
+    assert_eq!(r["period"]["events"], events.len() as u64 - 3, "duplicates and the ghost's erasure left out");
     // c was erased: five customers remain; MRR b 300 000 + d 20 000 (a canceled).
     assert_eq!(r["period"]["customers"], 5);
     assert_eq!(r["period"]["mrr_cents"], 320_000);
@@ -237,6 +239,9 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
             e["ts"].as_i64().expect("ts"),
             e["type"].as_str().expect("type"),
         );
+        if kind == "customer_deleted" && !first.contains_key(&c) {
+            continue; // erases nothing, makes no account
+        }
         first.entry(c.clone()).or_insert(ts);
         if activity.contains(&kind) {
             active.insert((c.clone(), month(ts)));
@@ -509,6 +514,67 @@ fn report_sizes_equal_the_engine_state_and_a_state_dir_reports_like_a_replay() {
             .clone();
         assert_eq!(daily, row["customers"], "{key:?}");
     }
+    // Every day's sizes, replayed here from the transitions file.
+    let transitions = read_json(&d.join("t.jsonl"));
+    let days = replay["sizes_over_time"].as_array().expect("sizes");
+    let first_day = parse_rfc3339_millis(replay["period"]["from"].as_str().expect("from")).expect("from") / DAY;
+    let end = parse_rfc3339_millis(replay["period"]["to"].as_str().expect("to")).expect("to");
+    let mut checked = 0;
+    for row in days.iter().step_by(7) {
+        let day = parse_rfc3339_millis(&format!("{}T00:00:00Z", row["day"].as_str().expect("day"))).expect("day") / DAY;
+        assert!(day >= first_day);
+        let cut = ((day + 1) * DAY).min(end + 1);
+        let (g, seg) = (row["group"].as_str().expect("g"), row["segment"].as_str().expect("s"));
+        let mut last: HashMap<&str, Option<&str>> = HashMap::new();
+        for t in transitions.iter().filter(|t| t.group == g && at(t) < cut) {
+            last.insert(&t.customer_id, t.to.as_deref());
+        }
+        let n = last.values().filter(|v| **v == Some(seg)).count() as u64;
+        assert_eq!(row["customers"], n, "{} {g}/{seg}", row["day"]);
+        checked += 1;
+    }
+    assert!(checked > 100);
+    // Weekly inflow and outflow of at_risk, counted here by ISO week.
+    for row in replay["weekly_flows"].as_array().expect("weekly").iter().filter(|w| w["segment"] == "at_risk") {
+        let monday = parse_rfc3339_millis(&format!("{}T00:00:00Z", row["week"].as_str().expect("week"))).expect("week");
+        let week =
+            |t: &TransitionRecord| at(t) >= monday.max(first_day * DAY) && at(t) < monday + 7 * DAY && at(t) <= end;
+        let into =
+            transitions.iter().filter(|t| t.group == "rfm" && t.to.as_deref() == Some("at_risk") && week(t)).count();
+        let out =
+            transitions.iter().filter(|t| t.group == "rfm" && t.from.as_deref() == Some("at_risk") && week(t)).count();
+        assert_eq!((row["inflow"].as_u64(), row["outflow"].as_u64()), (Some(into as u64), Some(out as u64)), "{row}");
+    }
+    // Cohen's d of health for champions, from the state dir's customers scored here.
+    let scorer = segstream_engine::EngineSettings::spec_default().scorer();
+    let clock: segstream_engine::Clock =
+        serde_json::from_slice(&engine.meta("clock").expect("meta").expect("clock")).expect("clock json");
+    let (mut inside, mut rest) = (Vec::new(), Vec::new());
+    engine
+        .store()
+        .for_each_customer(|_, st| {
+            let s = scorer.scores(st, clock.watermark.max(st.evaluated_at));
+            let champion = scorer.groups()[0].segments[usize::from(st.labels[0])].as_ref() == "champions";
+            if champion { &mut inside } else { &mut rest }.push(f64::from(s.health));
+        })
+        .expect("customers");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let var = |v: &[f64]| v.iter().map(|x| (x - mean(v)).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0);
+    let (n1, n2) = (inside.len() as f64, rest.len() as f64);
+    let pooled = (((n1 - 1.0) * var(&inside) + (n2 - 1.0) * var(&rest)) / (n1 + n2 - 2.0)).sqrt();
+    let d_row = replay["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .find(|f| f["group"] == "rfm" && f["segment"] == "champions" && f["feature"] == "health")
+        .expect("row")
+        .clone();
+    assert!(n1 > 5.0 && n2 > 5.0);
+    assert!(
+        (d_row["effect_size"].as_f64().expect("d") - (mean(&inside) - mean(&rest)) / pooled).abs() < 1e-9,
+        "{d_row}"
+    );
+    close(&d_row["mean_in"], mean(&inside), "mean health of champions");
     // Flows add up to the transitions file.
     let flows: u64 =
         replay["flows"].as_array().expect("flows").iter().map(|f| f["transitions"].as_u64().expect("n")).sum();
@@ -724,4 +790,144 @@ fn simulate_finds_no_difference_between_equal_rules_and_exactly_the_moves_of_two
     let html = std::fs::read_to_string(d.join("sim.html")).expect("html");
     assert!(html.contains("customers who end elsewhere") && html.contains("<svg"));
     assert!(!html.contains("http:") && !html.contains("https:"));
+}
+
+#[test]
+fn a_report_as_of_mid_month_marks_it_partial_and_an_empty_period_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_lines(&d.join("events.jsonl"), &fixture());
+    let to = START + 140 * DAY; // 2026-05-21T00:00:00Z
+    ok(segstream(&[
+        "report",
+        "--input",
+        p(&d.join("events.jsonl")),
+        "--to",
+        &to.to_string(),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("r.json")),
+    ]));
+    let r = read_report(&d.join("r.json"));
+    assert_eq!(r["period"]["to"], "2026-05-21T00:00:00.000Z");
+    for row in r["cohort_retention"].as_array().expect("cohorts") {
+        let c = row["cohort"].as_str().expect("cohort");
+        let month = c[5..7].parse::<i64>().expect("month") + row["months_since"].as_i64().expect("k");
+        assert_eq!(row["partial"], month == 5, "{row}");
+    }
+    // b's activity every other day until day 150: after --to it is left out,
+    // and the last size of a day is the state at --to.
+    let last = r["sizes_over_time"].as_array().expect("sizes").last().expect("a row").clone();
+    assert_eq!(last["day"], "2026-05-21");
+
+    // Nothing up to --to, or nothing at all: said, and no file written.
+    let out = segstream(&[
+        "report",
+        "--input",
+        p(&d.join("events.jsonl")),
+        "--to",
+        "2020-01-01T00:00:00Z",
+        "--output",
+        p(&d.join("x.html")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no events") && err.contains("after it"), "{err}");
+    std::fs::write(d.join("empty.jsonl"), "").expect("write");
+    let out = segstream(&["report", "--input", p(&d.join("empty.jsonl")), "--output", p(&d.join("x.html"))]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no events"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.join("x.html").exists());
+}
+
+#[test]
+fn with_lateness_the_report_ends_where_the_state_is_and_foreign_transitions_are_flagged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (input, _) = sample(d, "e.jsonl", 150, 90, 8, Format::Json, None);
+    std::fs::write(d.join("late.toml"), "[time]\nallowed_lateness_ms = 172800000\n").expect("config");
+    ok(segstream(&[
+        "report",
+        "--input",
+        p(&input),
+        "--config",
+        p(&d.join("late.toml")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("r.json")),
+    ]));
+    let r = read_report(&d.join("r.json"));
+    assert_eq!(r["period"]["end_size_differences"], 0);
+    let last_day = r["sizes_over_time"].as_array().expect("sizes").last().expect("row")["day"].clone();
+    for c in r["current_sizes"].as_array().expect("current") {
+        let daily = r["sizes_over_time"]
+            .as_array()
+            .expect("sizes")
+            .iter()
+            .find(|x| x["day"] == last_day && x["group"] == c["group"] && x["segment"] == c["segment"])
+            .expect("row");
+        assert_eq!(daily["customers"], c["customers"], "{c}");
+    }
+    // A state dir reported with the transitions of another run (other
+    // thresholds, the same names): flagged, not silently mixed.
+    ok(segstream(&["run", "--input", p(&input), "--output", p(&d.join("t.jsonl")), "--state-dir", p(&d.join("s"))]));
+    std::fs::write(d.join("other.toml"), "[scoring.recency]\nthresholds_days = [3, 14, 30, 60]\n").expect("config");
+    ok(segstream(&[
+        "run",
+        "--input",
+        p(&input),
+        "--output",
+        p(&d.join("other.jsonl")),
+        "--state-dir",
+        p(&d.join("so")),
+        "--config",
+        p(&d.join("other.toml")),
+    ]));
+    let out = ok(segstream(&[
+        "report",
+        "--input",
+        p(&input),
+        "--state-dir",
+        p(&d.join("s")),
+        "--transitions",
+        p(&d.join("other.jsonl")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("mixed.json")),
+    ]));
+    assert!(read_report(&d.join("mixed.json"))["period"]["end_size_differences"].as_u64().expect("n") > 0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disagree"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn simulate_with_a_new_group_moves_nobody_in_the_groups_both_have() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (input, _) = sample(d, "e.jsonl", 120, 90, 9, Format::Json, None);
+    std::fs::write(
+        d.join("new.toml"),
+        "[[segments.custom]]\nname = \"expansion\"\ndefault = \"none\"\nrules = [{ segment = \"upsell\", when = \"health >= 70 and M <= 3\" }]\n",
+    )
+    .expect("config");
+    ok(segstream(&[
+        "simulate",
+        "--input",
+        p(&input),
+        "--config",
+        p(&d.join("new.toml")),
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("s.json")),
+    ]));
+    let s = read_report(&d.join("s.json"));
+    assert_eq!(s["period"]["customers_moved"], 0, "{}", s["period"]);
+    let groups = s["groups"].as_array().expect("groups");
+    let expansion = groups.iter().find(|g| g["group"] == "expansion").expect("the new group");
+    assert_eq!((expansion["in_baseline"].as_bool(), expansion["in_candidate"].as_bool()), (Some(false), Some(true)));
+    assert!(expansion["added"].as_u64().expect("n") > 0 && expansion["removed"] == 0);
+    assert!(groups.iter().filter(|g| g["group"] != "expansion").all(|g| g["added"] == 0 && g["removed"] == 0));
 }

@@ -28,7 +28,8 @@ pub struct ComparisonPeriod {
     /// Customers with a segment at `to` under each configuration.
     pub customers_baseline: u64,
     pub customers_candidate: u64,
-    /// Customers whose segment at `to` differs in at least one group.
+    /// Customers whose segment at `to` differs in at least one group both
+    /// configurations have (a group only one has is in `groups`).
     pub customers_moved: u64,
 }
 
@@ -257,11 +258,15 @@ pub fn compare(baseline: &Dataset, candidate: &Dataset, from: i64, to: i64) -> C
     let examples = chosen
         .into_iter()
         .take(EXAMPLES)
-        .map(|(id, v)| Example {
+        .map(|(id, v)| {
+            let shared = |g: &str| baseline.names.group(g).is_some() && candidate.names.group(g).is_some();
+            (id, v.iter().find(|m| shared(&m.0)).unwrap_or(&v[0]))
+        })
+        .map(|(id, m)| Example {
             customer_id: id.clone(),
-            group: v[0].0.clone(),
-            baseline: v[0].1.clone(),
-            candidate: v[0].2.clone(),
+            group: m.0.clone(),
+            baseline: m.1.clone(),
+            candidate: m.2.clone(),
             baseline_transitions: Vec::new(),
             candidate_transitions: Vec::new(),
         })
@@ -273,7 +278,12 @@ pub fn compare(baseline: &Dataset, candidate: &Dataset, from: i64, to: i64) -> C
             to: format_rfc3339_millis(to),
             customers_baseline: lb.keys().map(|k| &k.0).collect::<std::collections::HashSet<_>>().len() as u64,
             customers_candidate: lc.keys().map(|k| &k.0).collect::<std::collections::HashSet<_>>().len() as u64,
-            customers_moved: moved_customers.len() as u64,
+            customers_moved: moved_customers
+                .values()
+                .filter(|v| {
+                    v.iter().any(|(g, _, _)| baseline.names.group(g).is_some() && candidate.names.group(g).is_some())
+                })
+                .count() as u64,
         },
         groups: group_rows,
         sizes,

@@ -260,6 +260,15 @@ pub fn render_report(r: &Report) -> String {
         esc(&p.to),
         esc(&p.source)
     );
+    if p.end_size_differences > 0 {
+        let _ = write!(
+            b,
+            "<p class=\"note\" style=\"color:#b2182b\"><b>The transitions and the state disagree at the end \
+             ({} customer-segment differences)</b>: the transitions file is incomplete or from another run. Sizes \
+             over time, flows and validation use the transitions; current sizes, breakdowns and clusters the state.</p>",
+            count(p.end_size_differences)
+        );
+    }
     if let Some(n) = p.unmatched_transitions.filter(|n| *n > 0) {
         let _ = write!(
             b,
@@ -269,26 +278,35 @@ pub fn render_report(r: &Report) -> String {
             count(n)
         );
     }
-    let at_risk_mrr: i64 = r
-        .current
-        .iter()
-        .filter(|c| c.group == "rfm" && (c.segment == "at_risk" || c.segment == "cant_lose"))
-        .map(|c| c.mrr_cents)
-        .sum();
-    let red_mrr: i64 =
-        r.current.iter().filter(|c| c.group == "health" && c.segment == "red").map(|c| c.mrr_cents).sum();
+    let has = |g: &str, seg: &str| r.current.iter().any(|c| c.group == g && c.segment == seg);
+    let mrr_of = |g: &str, segs: &[&str]| -> i64 {
+        r.current.iter().filter(|c| c.group == g && segs.contains(&c.segment.as_str())).map(|c| c.mrr_cents).sum()
+    };
+    let mut risk = String::new();
+    let at_risk: Vec<&str> = ["at_risk", "cant_lose"].into_iter().filter(|s| has("rfm", s)).collect();
+    if !at_risk.is_empty() {
+        let _ = write!(
+            risk,
+            "<div class=\"card risk\"><b>{}</b><span>MRR in rfm {}</span></div>",
+            money(mrr_of("rfm", &at_risk)),
+            esc(&at_risk.join(" + "))
+        );
+    }
+    if has("health", "red") {
+        let _ = write!(
+            risk,
+            "<div class=\"card risk\"><b>{}</b><span>MRR in health red</span></div>",
+            money(mrr_of("health", &["red"]))
+        );
+    }
     let _ = write!(
         b,
         "<div class=\"cards\"><div class=\"card\"><b>{}</b><span>customers at the end</span></div>\
-         <div class=\"card\"><b>{}</b><span>MRR at the end</span></div>\
-         <div class=\"card risk\"><b>{}</b><span>MRR in rfm at_risk + cant_lose</span></div>\
-         <div class=\"card risk\"><b>{}</b><span>MRR in health red</span></div>\
+         <div class=\"card\"><b>{}</b><span>MRR at the end</span></div>{risk}\
          <div class=\"card\"><b>{}</b><span>transitions in the period</span></div>\
          <div class=\"card\"><b>{}</b><span>input events ({} duplicates ignored)</span></div></div>",
         count(p.customers),
         money(p.mrr_cents),
-        money(at_risk_mrr),
-        money(red_mrr),
         count(p.transitions),
         count(p.events),
         count(p.duplicate_events)
@@ -397,7 +415,7 @@ pub fn render_report(r: &Report) -> String {
         let _ = write!(
             b,
             "<div class=\"chart\">{}</div>",
-            lines(&format!("{g} {s}: transitions per week"), &weeks, &series, 560, 260)
+            lines(&format!("{g} {s}: transitions per week (first and last may be partial)"), &weeks, &series, 560, 260)
         );
     }
     b.push_str("</div>");
@@ -445,16 +463,22 @@ pub fn render_report(r: &Report) -> String {
     b.push_str(
         "<h2>4. Are the segments meaningful?</h2><p class=\"note\">Substantial: size and share at the end. \
         Stable: median length of the stays that ended, and the share of entries still in the segment 30 days \
-        later. Predictive: share of entries followed within 90 days by a cancellation or erasure (churn), or by a \
-        lower MRR (downgrade), and its lift over the rate of all entries of the group. Distinct: effect size \
+        later. Predictive: share of entries followed within the horizon (90 days, or the longest of 60 and 30 days \
+        the period can observe) by a cancellation or erasure (churn), or by a lower MRR (downgrade), and its lift over the rate of all entries of the group. Distinct: effect size \
         (Cohen's d) of each feature against the rest of the customers; |d| ≥ 0.8 is large.</p>",
     );
     for g in &groups {
+        // The longest horizon the period can observe (entries at least that long before its end).
+        let horizon = crate::report::HORIZONS_DAYS
+            .into_iter()
+            .rev()
+            .find(|h| r.predictive.iter().any(|p| p.group == *g && p.horizon_days == *h && p.entries > 0))
+            .unwrap_or(crate::report::HORIZONS_DAYS[0]);
         let _ = write!(
             b,
             "<details{}><summary>{}</summary><table><tr><th>segment</th><th>customers</th><th>share</th><th>MRR</th>\
-             <th>entries</th><th>median dwell (days)</th><th>still there at 30 d</th><th>churn 90 d</th><th>lift</th>\
-             <th>downgrade 90 d</th><th>lift</th>",
+             <th>entries</th><th>median dwell (days)</th><th>still there at 30 d</th><th>churn {horizon} d</th><th>lift</th>\
+             <th>downgrade {horizon} d</th><th>lift</th>",
             if *g == groups[0] { " open" } else { "" },
             esc(g)
         );
@@ -725,14 +749,14 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
     b.push_str("</div>");
 
     b.push_str("<h2>Transitions per day</h2>");
+    // Every day of the period (from the size rows), differences or not.
     let mut days: Vec<String> = Vec::new();
-    for d in &c.daily {
-        if !days.contains(&d.day) {
-            days.push(d.day.clone());
+    for s in &c.sizes {
+        if days.last() != Some(&s.day) {
+            days.push(s.day.clone());
         }
     }
-    days.sort();
-    if days.is_empty() {
+    if c.daily.is_empty() {
         b.push_str("<p class=\"note\">No transition differs.</p>");
     } else {
         let added: Vec<f64> =
@@ -744,7 +768,7 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
         let series = vec![("added".to_string(), 4usize, added), ("removed".to_string(), 2usize, removed)];
         let _ = write!(
             b,
-            "<div class=\"chart\">{}</div><p class=\"note\">Days on which some transition differs.</p>",
+            "<div class=\"chart\">{}</div><p class=\"note\">Transitions only the candidate has (added) and only the baseline has (removed), per day.</p>",
             lines("transitions added (+) and removed (−) per day", &days, &series, 760, 280)
         );
     }

@@ -147,20 +147,21 @@ impl Facts {
 
     /// The instants of each outcome, in time order.
     pub fn outcomes(&self, kind: Outcome) -> Vec<i64> {
-        let (mut mrr, mut canceled) = (0i64, false);
+        // The MRR in force, and whether the previous subscription (if any) was canceled.
+        let (mut mrr, mut previous) = (0i64, None::<bool>);
         let mut out = Vec::new();
         for &(ts, _, m, _) in &self.money {
             match (kind, m) {
                 (Outcome::Churn, Money::Erased) => out.push(ts),
-                (Outcome::Churn, Money::Subscription { canceled: true, .. }) if !canceled => out.push(ts),
+                (Outcome::Churn, Money::Subscription { canceled: true, .. }) if previous == Some(false) => out.push(ts),
                 (Outcome::Downgrade, Money::Subscription { mrr_cents, canceled: false }) if mrr_cents < mrr => {
                     out.push(ts)
                 }
                 _ => {}
             }
-            (mrr, canceled) = match m {
-                Money::Subscription { mrr_cents, canceled } => (mrr_cents, canceled),
-                Money::Erased => (0, false),
+            (mrr, previous) = match m {
+                Money::Subscription { mrr_cents, canceled } => (mrr_cents, Some(canceled)),
+                Money::Erased => (0, None),
             };
         }
         out
@@ -350,6 +351,7 @@ impl Dataset {
     pub fn add_fact(&mut self, customer_id: &str, fact: EventFact) {
         let c = self.customer(customer_id) as usize;
         let facts = &mut self.facts[c];
+
         if facts.recent_ids[..usize::from(facts.recent_len)].contains(&fact.event_id_hash) {
             self.duplicate_events += 1;
             return;
@@ -363,7 +365,10 @@ impl Dataset {
         }
         let seq = self.events;
         self.events += 1;
-        facts.first_seen = facts.first_seen.min(fact.ts);
+        if fact.kind != FactKind::Erased {
+            // An erasure makes no account exist (see `finish`).
+            facts.first_seen = facts.first_seen.min(fact.ts);
+        }
         match fact.kind {
             FactKind::Activity => {
                 // Most activity falls on a day already seen: no calendar work then.
@@ -402,9 +407,17 @@ impl Dataset {
             f.money.dedup_by(|later, earlier| later.0 == earlier.0 && later.3 == earlier.3);
             self.duplicate_events += (before - f.money.len()) as u64;
             self.events -= (before - f.money.len()) as u64;
+            // An erasure before the account's first event erases nothing:
+            // the engine ignores it (and it makes no account of a cohort).
+            let (before, first) = (f.money.len(), f.first_seen);
+            f.money.retain(|(ts, _, m, _)| !(*m == Money::Erased && *ts < first));
+            self.events -= (before - f.money.len()) as u64;
             f.active_months.sort_unstable();
         }
-        self.snapshot.sort_by_key(|s| s.customer);
+        // By id: the same order (so the same sums and clusters) whatever
+        // was read first.
+        let customers = &self.customers;
+        self.snapshot.sort_by(|a, b| customers[a.customer as usize].cmp(&customers[b.customer as usize]));
     }
 }
 
@@ -438,6 +451,12 @@ mod tests {
             ..Facts::new()
         };
         assert_eq!(f.outcomes(Outcome::Churn), vec![3, 6]);
+        // A first subscription that is already canceled cancels nothing.
+        let g = Facts {
+            money: vec![(1, 0, sub(0, true), 0), (2, 1, sub(10, false), 1), (3, 2, sub(0, true), 2)],
+            ..Facts::new()
+        };
+        assert_eq!(g.outcomes(Outcome::Churn), vec![3]);
         assert_eq!(f.outcomes(Outcome::Downgrade), vec![2]);
         assert_eq!(f.mrr_at(2), 3000);
         assert_eq!(f.mrr_at(6), 0);

@@ -83,6 +83,10 @@ pub struct Period {
     /// With a transitions file checked against the engine's run of the
     /// input: transitions of the period in one and not the other.
     pub unmatched_transitions: Option<u64>,
+    /// Σ over segments of |customers by the transitions − customers in the
+    /// state| at the end: 0 when the transitions and the state agree (else
+    /// the transitions file is incomplete or from another run).
+    pub end_size_differences: u64,
 }
 
 /// Customers in a segment at the end of a day (the last day: at `to`).
@@ -334,6 +338,12 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
             }
         }
     }
+    let mut end_size_differences = 0;
+    for (g, group) in names.groups.iter().enumerate() {
+        for s in 0..group.segments.len() {
+            end_size_differences += (counts[g][s] - now[g][s].0 as i64).unsigned_abs();
+        }
+    }
     let mut current = Vec::new();
     for (g, group) in names.groups.iter().enumerate() {
         for (s, segment) in group.segments.iter().enumerate() {
@@ -489,6 +499,7 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
             duplicate_events: ds.duplicate_events,
             source: opts.source.clone(),
             unmatched_transitions: None,
+            end_size_differences,
         },
         sizes_over_time,
         current,
@@ -610,7 +621,8 @@ fn breakdowns(ds: &Dataset, top: usize) -> Vec<BreakdownRow> {
         let kept: Vec<&str> = if *dim == "employees" {
             ranked.iter().map(|(v, _)| *v).collect()
         } else {
-            ranked.iter().take(top).map(|(v, _)| *v).collect()
+            // `unknown` is never folded into `other`.
+            ranked.iter().filter(|(v, _)| *v != "unknown").take(top).map(|(v, _)| *v).chain(["unknown"]).collect()
         };
         let bucket = |v: &str| if kept.contains(&v) { v.to_string() } else { "other".to_string() };
         let mut cells: BTreeMap<(u16, u16, String), u64> = BTreeMap::new();

@@ -202,8 +202,14 @@ mod tests {
         assert!(!text.contains("axis"), "{text}");
         let mut seg = SegmentsConfig::default();
         seg.rfm.axis = segstream_scoring::RfmAxis::FM;
-        let fm = EngineSettings::new(ScoringConfig::default(), seg, Duration::ZERO, StateOptions::default(), NonZeroU64::MIN)
-            .expect("valid");
+        let fm = EngineSettings::new(
+            ScoringConfig::default(),
+            seg,
+            Duration::ZERO,
+            StateOptions::default(),
+            NonZeroU64::MIN,
+        )
+        .expect("valid");
         assert_ne!(fm.fingerprint(), EngineSettings::spec_default().fingerprint());
     }
 }

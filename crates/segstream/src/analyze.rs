@@ -219,7 +219,10 @@ fn read_transitions(
 }
 
 /// Adds every customer of a state dir, scored at its time, to `ds`;
-/// returns that time (the watermark).
+/// returns the report's end: the latest event time the state has applied
+/// (or its watermark, when a run's `--until` moved it further). With an
+/// allowed lateness the watermark trails the latest event; the state (and
+/// the transitions) already hold the events after it, so the end is there.
 fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow::Result<i64> {
     if !dir.join("CURRENT").exists() {
         bail!("{} is not a state dir (no RocksDB database there)", dir.display());
@@ -241,7 +244,7 @@ fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow
     let scorer = settings.scorer();
     let mut rows = Vec::new();
     store.for_each_customer(|id, st| {
-        let s = scorer.scores(st, clock.watermark.max(st.evaluated_at));
+        let s = scorer.scores(st, clock.max_ts.unwrap_or(clock.watermark).max(clock.watermark).max(st.evaluated_at));
         rows.push((
             id.to_string(),
             Snapshot {
@@ -262,7 +265,7 @@ fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow
     for (id, row) in rows {
         ds.add_snapshot(&id, row);
     }
-    Ok(clock.watermark)
+    Ok(clock.max_ts.map_or(clock.watermark, |t| t.max(clock.watermark)))
 }
 
 /// A file-mode run of `input` on a fresh state dir under `dir`, up to `until`.
@@ -298,10 +301,27 @@ fn run_input(
     Ok((copy, Format::Json))
 }
 
-fn period_start(from: Option<i64>, read: &InputRead, ds: &Dataset) -> i64 {
+/// `--from`, else midnight of the first event's day; `None` without events.
+fn period_start(from: Option<i64>, read: &InputRead, ds: &Dataset) -> Option<i64> {
     from.or(read.first_ts.map(|t| t.div_euclid(DAY_MS) * DAY_MS))
         .or(ds.moves().first().map(|m| m.at.div_euclid(DAY_MS) * DAY_MS))
-        .unwrap_or(0)
+}
+
+/// The events' instants up to `to` as a period, or why there is none.
+fn period(from: Option<i64>, to: i64, read: &InputRead, ds: &Dataset, input: &Path) -> anyhow::Result<(i64, i64)> {
+    let Some(start) =
+        period_start(from, read, ds).filter(|_| to != i64::MIN && (read.first_ts.is_some() || !ds.moves().is_empty()))
+    else {
+        bail!(
+            "no events in {}{}: nothing to report",
+            input.display(),
+            if read.after_to > 0 { format!(" up to --to ({} are after it)", read.after_to) } else { String::new() }
+        );
+    };
+    if start > to {
+        bail!("--from {} is after the end of the data ({})", format_rfc3339_millis(start), format_rfc3339_millis(to));
+    }
+    Ok((start, to))
 }
 
 /// `segstream report`: the files written.
@@ -314,13 +334,17 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     let mut check: Option<Dataset> = None;
     let (read, to, source) = match (&args.state_dir, &args.transitions) {
         (Some(state), Some(transitions)) => {
-            let read = read_events(&args.input, format, &settings, None, Some(&mut ds), None)?;
-            read_transitions(transitions, Some(&mut ds), &[])?;
+            // The cheap checks first: the state's rules, then the transitions' names.
             let to = read_state(state, &settings, &mut ds)?;
+            read_transitions(transitions, Some(&mut ds), &[])?;
+            let read = read_events(&args.input, format, &settings, None, Some(&mut ds), None)?;
             let source = format!("state dir {} and transitions {}", state.display(), transitions.display());
             (read, to, source)
         }
         (None, given) => {
+            if let Some(file) = given {
+                File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            }
             // The engine's run and the reading of the events, side by side.
             let input = run_input(&args.input, format, &settings, args.to, work.path())?;
             let (run, read) = std::thread::scope(|s| {
@@ -354,19 +378,20 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
         }
         (Some(_), None) => bail!("--state-dir needs the --transitions file its run wrote"),
     };
-    if to == i64::MIN {
-        bail!("no events in {}: nothing to report", args.input.display());
-    }
     ds.finish();
-    let from = period_start(args.from, &read, &ds);
-    if from > to {
-        bail!("--from {} is after the end of the data ({})", format_rfc3339_millis(from), format_rfc3339_millis(to));
-    }
+    let (from, to) = period(args.from, to, &read, &ds, &args.input)?;
     let mut opts = ReportOptions::new(from, to);
     opts.seed = args.seed;
     opts.source = source;
     let gathered = started.elapsed();
     let mut report = build_report(&ds, &opts);
+    if report.period.end_size_differences > 0 {
+        tracing::warn!(
+            differences = report.period.end_size_differences,
+            "the transitions and the state disagree on segment sizes at the end: the transitions file is \
+             incomplete or from another run"
+        );
+    }
     if let Some(mut replayed) = check {
         replayed.finish();
         let diff = compare(&replayed, &ds, from, to);
@@ -418,13 +443,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Vec<PathBuf>> {
     read_transitions(&tc, Some(&mut dc), &[])?;
     let to_b = read_state(&sb, &baseline, &mut db)?;
     let to_c = read_state(&sc, &candidate, &mut dc)?;
-    if to_b == i64::MIN {
-        bail!("no events in {}: nothing to simulate", args.input.display());
-    }
     db.finish();
     dc.finish();
-    let to = args.to.unwrap_or(to_b).max(to_b).max(to_c);
-    let from = period_start(args.from, &InputRead::default(), &db);
+    let (from, to) = period(args.from, to_b.max(to_c), &InputRead::default(), &db, &args.input)?;
     let mut cmp = compare(&db, &dc, from, to);
     // The examples' explanations: their transitions under each configuration.
     let ids: Vec<String> = cmp.examples.iter().map(|e| e.customer_id.clone()).collect();

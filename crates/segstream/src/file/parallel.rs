@@ -35,6 +35,26 @@ fn decode_chunk(chunk: &[u8], window: &TimeWindow, reference: Option<i64>) -> Ve
     out
 }
 
+/// Consumes the rest of a line, newline included, without keeping it.
+fn skip_line(r: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                r.consume(n);
+            }
+        }
+    }
+}
+
 /// Calls `f` with every record of the JSON lines file `path` in file order:
 /// `Some(event)`, or `None` for an invalid record (events outside `window`,
 /// judged against `reference`, are invalid). `workers` threads decode.
@@ -83,18 +103,19 @@ fn for_each_in_chunks<T: Send>(
     std::thread::scope(|s| -> anyhow::Result<()> {
         let mut inputs: Vec<SyncSender<Vec<u8>>> = Vec::new();
         let mut outputs: Vec<Receiver<T>> = Vec::new();
+        let mut decoders = Vec::new();
         for _ in 0..workers {
             let (to_worker, chunks) = sync_channel::<Vec<u8>>(2);
             let (done, from_worker) = sync_channel::<T>(2);
             inputs.push(to_worker);
             outputs.push(from_worker);
-            s.spawn(move || {
+            decoders.push(s.spawn(move || {
                 for chunk in chunks {
                     if done.send(per_chunk(decode_chunk(&chunk, &window, reference))).is_err() {
                         break;
                     }
                 }
-            });
+            }));
         }
         // The reader: chunks of whole lines, round-robin to the workers.
         let reader = s.spawn(move || -> std::io::Result<usize> {
@@ -107,7 +128,12 @@ fn for_each_in_chunks<T: Send>(
                     return Ok(n);
                 }
                 if chunk.last() != Some(&b'\n') {
-                    r.read_until(b'\n', &mut chunk)?;
+                    // The rest of the last line, up to the longest record
+                    // (one longer is invalid; what is beyond is skipped).
+                    (&mut r).take(MAX_RECORD_BYTES as u64 + 2).read_until(b'\n', &mut chunk)?;
+                    if chunk.last() != Some(&b'\n') {
+                        skip_line(&mut r)?;
+                    }
                 }
                 if inputs[n % inputs.len()].send(chunk).is_err() {
                     return Ok(n); // the caller stopped
@@ -127,6 +153,9 @@ fn for_each_in_chunks<T: Send>(
         }
         drop(outputs);
         let sent = reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
+        for d in decoders {
+            d.join().map_err(|_| anyhow::anyhow!("a decoding thread panicked reading {}", path.display()))?;
+        }
         if let Some(e) = failed {
             return Err(e);
         }
@@ -157,6 +186,9 @@ mod tests {
                 )),
             }
         }
+        // A line longer than any record: invalid, and the next line is read.
+        text.push_str(&"x".repeat(MAX_RECORD_BYTES + 100));
+        text.push('\n');
         text.push_str("{\"event_id\":\"last\",\"customer_id\":\"c\",\"type\":\"login\",\"ts\":5}"); // no newline
         std::fs::write(&path, &text).expect("write");
         let len = text.len() as u64;
