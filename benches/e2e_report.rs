@@ -90,6 +90,7 @@ fn main() {
         output: out.clone(),
         format: OutputFormat::Html,
         seed: 7,
+        breakdown: Vec::new(),
     };
     let t = Instant::now();
     report(&args).expect("report");

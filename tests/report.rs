@@ -931,3 +931,90 @@ fn simulate_with_a_new_group_moves_nobody_in_the_groups_both_have() {
     assert!(expansion["added"].as_u64().expect("n") > 0 && expansion["removed"] == 0);
     assert!(groups.iter().filter(|g| g["group"] != "expansion").all(|g| g["added"] == 0 && g["removed"] == 0));
 }
+
+#[test]
+fn breakdowns_by_a_list_attribute_and_a_survey_answer_count_what_the_events_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (input, _) = sample(d, "e.jsonl", 150, 60, 12, Format::Json, None);
+    ok(segstream(&["run", "--input", p(&input), "--output", p(&d.join("t.jsonl")), "--state-dir", p(&d.join("s"))]));
+    ok(segstream(&[
+        "report",
+        "--input",
+        p(&input),
+        "--state-dir",
+        p(&d.join("s")),
+        "--transitions",
+        p(&d.join("t.jsonl")),
+        "--breakdown",
+        "attr.integrations",
+        "--breakdown",
+        "survey.role",
+        "--format",
+        "json",
+        "--output",
+        p(&d.join("r.json")),
+    ]));
+    let r = read_report(&d.join("r.json"));
+    // Independently: the latest attributes and answers per customer, from the
+    // raw events in time order (an erasure forgets them), and each customer's
+    // final `value` segment from the transitions.
+    let mut events: Vec<Value> = std::fs::read_to_string(&input)
+        .expect("input")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    events.sort_by_key(|e| e["ts"].as_i64());
+    let mut integrations: HashMap<String, Vec<String>> = HashMap::new();
+    let mut role: HashMap<String, String> = HashMap::new();
+    for e in &events {
+        let c = e["customer_id"].as_str().expect("c").to_string();
+        match e["type"].as_str().expect("type") {
+            "profile" => {
+                if let Some(list) = e["attributes"]["integrations"].as_array() {
+                    integrations.insert(c, list.iter().map(|v| v.as_str().expect("str").to_string()).collect());
+                }
+            }
+            "survey" if e["question"] == "role" => {
+                role.insert(c, e["answer"].as_str().expect("role").to_string());
+            }
+            "customer_deleted" => {
+                integrations.remove(&c);
+                role.remove(&c);
+            }
+            _ => {}
+        }
+    }
+    let labels = final_labels(&read_json(&d.join("t.jsonl")));
+    let mut want: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+    for ((c, g), seg) in labels.iter().filter(|((_, g), _)| g == "value") {
+        let _ = g;
+        let mut values = integrations.get(c).cloned().unwrap_or_default();
+        values.sort();
+        values.dedup();
+        if values.is_empty() {
+            values.push("unknown".into());
+        }
+        for v in values {
+            *want.entry(("attr.integrations".into(), v, seg.clone())).or_default() += 1;
+        }
+        let answer = role.get(c).cloned().unwrap_or_else(|| "unknown".into());
+        *want.entry(("survey.role".into(), answer, seg.clone())).or_default() += 1;
+    }
+    let got: BTreeMap<(String, String, String), u64> = r["breakdowns"]
+        .as_array()
+        .expect("breakdowns")
+        .iter()
+        .filter(|x| x["group"] == "value" && x["dimension"].as_str().is_some_and(|d| d.contains('.')))
+        .map(|x| {
+            let s = |k: &str| x[k].as_str().expect("str").to_string();
+            ((s("dimension"), s("value"), s("segment")), x["customers"].as_u64().expect("n"))
+        })
+        .collect();
+    assert!(want.keys().any(|k| k.1 == "slack") && want.keys().any(|k| k.0 == "survey.role" && k.1 != "unknown"));
+    assert_eq!(got, want);
+    // A name that is neither: refused before anything runs.
+    let out = segstream(&["report", "--input", p(&input), "--breakdown", "crm", "--output", p(&d.join("x.html"))]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("attr.NAME"), "{}", String::from_utf8_lossy(&out.stderr));
+}

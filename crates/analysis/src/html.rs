@@ -530,7 +530,8 @@ pub fn render_report(r: &Report) -> String {
     // Breakdowns.
     b.push_str(
         "<h2>5. Who is in each segment</h2><p class=\"note\">Share of each segment's customers by firmographic \
-        value (profile events); the CSV and JSON have every group.</p>",
+        value (profile events) and by each attribute or survey answer asked for with --breakdown (a list attribute \
+        counts a customer under each of its values); the CSV and JSON have every group.</p>",
     );
     let mut dims: Vec<&str> = Vec::new();
     for x in &r.breakdowns {

@@ -74,6 +74,10 @@ pub struct Snapshot {
     pub industry: Option<String>,
     pub employees: Option<i64>,
     pub country: Option<String>,
+    /// Profile attributes as `attr.NAME` and survey answers as
+    /// `survey.QUESTION`, each as its values (a list attribute has several),
+    /// for breakdowns asked by name.
+    pub named: Vec<(String, Vec<String>)>,
 }
 
 /// What changes an account's money, in time order.

@@ -27,6 +27,9 @@ pub struct ReportOptions {
     pub discovery: bool,
     /// Where the data comes from, in words (shown with the period).
     pub source: String,
+    /// Further breakdowns by name: `attr.NAME` (a profile attribute) or
+    /// `survey.QUESTION` (the latest answer).
+    pub breakdown_by: Vec<String>,
 }
 
 impl ReportOptions {
@@ -39,6 +42,7 @@ impl ReportOptions {
             seed: 7,
             discovery: true,
             source: String::new(),
+            breakdown_by: Vec::new(),
         }
     }
 }
@@ -485,7 +489,7 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
     }
 
     let features = features(ds);
-    let breakdowns = breakdowns(ds, opts.breakdown_values);
+    let breakdowns = breakdowns(ds, opts.breakdown_values, &opts.breakdown_by);
     let discovery = if opts.discovery { discover(ds, opts.seed) } else { None };
 
     Report {
@@ -601,24 +605,35 @@ fn features(ds: &Dataset) -> Vec<FeatureRow> {
     rows
 }
 
-fn breakdowns(ds: &Dataset, top: usize) -> Vec<BreakdownRow> {
+fn breakdowns(ds: &Dataset, top: usize, by: &[String]) -> Vec<BreakdownRow> {
     let names = &ds.names;
-    type ValueOf = Box<dyn Fn(&crate::model::Snapshot) -> String>;
-    let dims: [(&str, ValueOf); 3] = [
-        ("industry", Box::new(|s| s.industry.clone().unwrap_or_else(|| "unknown".into()))),
-        ("employees", Box::new(|s| employee_band(s.employees).to_string())),
-        ("country", Box::new(|s| s.country.clone().unwrap_or_else(|| "unknown".into()))),
+    type ValuesOf = Box<dyn Fn(&crate::model::Snapshot) -> Vec<String>>;
+    let one = |v: Option<String>| vec![v.unwrap_or_else(|| "unknown".into())];
+    let mut dims: Vec<(String, ValuesOf)> = vec![
+        ("industry".into(), Box::new(move |s| one(s.industry.clone()))),
+        ("employees".into(), Box::new(|s| vec![employee_band(s.employees).to_string()])),
+        ("country".into(), Box::new(move |s| one(s.country.clone()))),
     ];
+    for name in by {
+        let key = name.clone();
+        dims.push((
+            name.clone(),
+            Box::new(move |s| match s.named.iter().find(|(n, _)| *n == key) {
+                Some((_, v)) if !v.is_empty() => v.clone(),
+                _ => vec!["unknown".into()],
+            }),
+        ));
+    }
     let mut rows = Vec::new();
-    for (dim, value_of) in &dims {
-        let values: Vec<String> = ds.snapshot.iter().map(value_of).collect();
+    for (dim, values_of) in &dims {
+        let values: Vec<Vec<String>> = ds.snapshot.iter().map(values_of).collect();
         let mut totals: HashMap<&str, u64> = HashMap::new();
-        for v in &values {
+        for v in values.iter().flatten() {
             *totals.entry(v).or_default() += 1;
         }
         let mut ranked: Vec<(&str, u64)> = totals.into_iter().collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        let kept: Vec<&str> = if *dim == "employees" {
+        let kept: Vec<&str> = if dim == "employees" {
             ranked.iter().map(|(v, _)| *v).collect()
         } else {
             // `unknown` is never folded into `other`.
@@ -627,9 +642,15 @@ fn breakdowns(ds: &Dataset, top: usize) -> Vec<BreakdownRow> {
         let bucket = |v: &str| if kept.contains(&v) { v.to_string() } else { "other".to_string() };
         let mut cells: BTreeMap<(u16, u16, String), u64> = BTreeMap::new();
         let mut seg_totals: HashMap<(u16, u16), u64> = HashMap::new();
-        for (s, v) in ds.snapshot.iter().zip(&values) {
+        for (s, vs) in ds.snapshot.iter().zip(&values) {
+            // A customer counts once per bucket (a list may hold several values).
+            let mut buckets: Vec<String> = vs.iter().map(|v| bucket(v)).collect();
+            buckets.sort_unstable();
+            buckets.dedup();
             for (g, &l) in s.labels.iter().enumerate().take(names.groups.len()) {
-                *cells.entry((g as u16, l, bucket(v))).or_default() += 1;
+                for b in &buckets {
+                    *cells.entry((g as u16, l, b.clone())).or_default() += 1;
+                }
                 *seg_totals.entry((g as u16, l)).or_default() += 1;
             }
         }

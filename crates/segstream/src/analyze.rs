@@ -39,6 +39,8 @@ pub struct ReportArgs {
     pub output: PathBuf,
     pub format: OutputFormat,
     pub seed: u64,
+    /// Further breakdowns: `attr.NAME` or `survey.QUESTION`.
+    pub breakdown: Vec<String>,
 }
 
 /// `segstream simulate`'s arguments.
@@ -218,6 +220,32 @@ fn read_transitions(
     Ok(kept)
 }
 
+/// A customer's profile attributes (`attr.NAME`) and survey answers
+/// (`survey.QUESTION`) as lists of strings.
+fn named_values(st: &segstream_scoring::CustomerState) -> Vec<(String, Vec<String>)> {
+    use segstream_decode::{Answer, AttrValue};
+    let Some(extra) = st.extra.as_deref() else { return Vec::new() };
+    let num = |x: f64| if x.fract() == 0.0 && x.abs() < 1e15 { format!("{}", x as i64) } else { x.to_string() };
+    let mut out = Vec::with_capacity(extra.attributes.len() + extra.answers.len());
+    for (name, v) in &extra.attributes {
+        let values = match v {
+            AttrValue::Str(s) => vec![s.clone()],
+            AttrValue::Num(x) => vec![num(*x)],
+            AttrValue::Bool(b) => vec![b.to_string()],
+            AttrValue::List(l) => l.clone(),
+        };
+        out.push((format!("attr.{name}"), values));
+    }
+    for (question, answer, _) in &extra.answers {
+        let value = match answer {
+            Answer::Str(s) => s.clone(),
+            Answer::Num(x) => num(*x),
+        };
+        out.push((format!("survey.{question}"), vec![value]));
+    }
+    out
+}
+
 /// Adds every customer of a state dir, scored at its time, to `ds`;
 /// returns the report's end: the latest event time the state has applied
 /// (or its watermark, when a run's `--until` moved it further). With an
@@ -259,6 +287,7 @@ fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow
                 industry: st.profile.industry.clone(),
                 employees: st.profile.employees,
                 country: st.profile.country.clone(),
+                named: named_values(st),
             },
         ));
     })?;
@@ -327,6 +356,13 @@ fn period(from: Option<i64>, to: i64, read: &InputRead, ds: &Dataset, input: &Pa
 /// `segstream report`: the files written.
 pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     let started = Instant::now();
+    for b in &args.breakdown {
+        let ok = b.strip_prefix("attr.").or_else(|| b.strip_prefix("survey.")).is_some_and(|n| !n.is_empty());
+        anyhow::ensure!(
+            ok,
+            "--breakdown {b:?}: name a profile attribute (attr.NAME) or a survey question (survey.QUESTION)"
+        );
+    }
     let settings = load_settings(args.config.as_deref())?;
     let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
     let mut ds = Dataset::new(names(&settings));
@@ -383,6 +419,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     let mut opts = ReportOptions::new(from, to);
     opts.seed = args.seed;
     opts.source = source;
+    opts.breakdown_by = args.breakdown.clone();
     let gathered = started.elapsed();
     let mut report = build_report(&ds, &opts);
     if report.period.end_size_differences > 0 {

@@ -168,6 +168,11 @@ enum Command {
         /// Seed of the k-means (the same seed, the same clusters).
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Also break segments down by a profile attribute (`attr.crm`; a list attribute such as
+        /// `attr.integrations` counts a customer under each of its values) or a survey answer
+        /// (`survey.role`). Repeatable.
+        #[arg(long)]
+        breakdown: Vec<String>,
     },
     /// What would a rule change do? Replays the input through the engine
     /// under the current and the new configuration (temporary state) and
@@ -436,10 +441,33 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             eprint!("{}", report.summary.render());
             println!("\n{}", report.text);
         }
-        Command::Report { input, config, state_dir, transitions, from, to, output, format, input_format, seed } => {
+        Command::Report {
+            input,
+            config,
+            state_dir,
+            transitions,
+            from,
+            to,
+            output,
+            format,
+            input_format,
+            seed,
+            breakdown,
+        } => {
             let format = format.parse().map_err(anyhow::Error::msg)?;
-            let args =
-                ReportArgs { input, input_format, config, state_dir, transitions, from, to, output, format, seed };
+            let args = ReportArgs {
+                input,
+                input_format,
+                config,
+                state_dir,
+                transitions,
+                from,
+                to,
+                output,
+                format,
+                seed,
+                breakdown,
+            };
             for f in segstream::analyze::report(&args)? {
                 println!("{}", f.display());
             }
