@@ -362,7 +362,17 @@ fn every_number_of_the_report_on_a_hand_built_fixture_matches_an_independent_com
         let followed = |x: &(String, String, String, i64, Option<i64>)| {
             outcomes.get(&x.0).is_some_and(|v| v.iter().any(|t| *t > x.3 && *t <= x.3 + h * DAY))
         };
-        let entries: Vec<_> = all.iter().filter(|x| x.1 == g && x.3 >= from && x.3 + h * DAY <= TO).collect();
+        // An account canceled when it enters cannot churn: not a churn entry.
+        let canceled_at = |c: &str, t: i64| {
+            money
+                .get(c)
+                .and_then(|v| v.iter().take_while(|(ts, _)| *ts <= t).last())
+                .is_some_and(|(_, m)| matches!(m, Some((_, true))))
+        };
+        let entries: Vec<_> = all
+            .iter()
+            .filter(|x| x.1 == g && x.3 >= from && x.3 + h * DAY <= TO && (o != "churn" || !canceled_at(&x.0, x.3)))
+            .collect();
         let mine: Vec<_> = entries.iter().filter(|x| x.2 == s).copied().collect();
         let hits = mine.iter().filter(|x| followed(x)).count();
         let base_hits = entries.iter().filter(|x| followed(x)).count();
@@ -989,12 +999,13 @@ fn breakdowns_by_a_list_attribute_and_a_survey_answer_count_what_the_events_left
     let mut want: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     for ((c, g), seg) in labels.iter().filter(|((_, g), _)| g == "value") {
         let _ = g;
-        let mut values = integrations.get(c).cloned().unwrap_or_default();
+        let mut values = match integrations.get(c) {
+            None => vec!["unknown".to_string()],
+            Some(v) if v.is_empty() => vec!["(none)".to_string()],
+            Some(v) => v.clone(),
+        };
         values.sort();
         values.dedup();
-        if values.is_empty() {
-            values.push("unknown".into());
-        }
         for v in values {
             *want.entry(("attr.integrations".into(), v, seg.clone())).or_default() += 1;
         }

@@ -85,6 +85,15 @@ pub fn count(n: u64) -> String {
     money(n as i64 * 100)
 }
 
+/// `+12`, `−3`, or `0`.
+fn signed(n: u64, sign: char) -> String {
+    if n == 0 {
+        "0".into()
+    } else {
+        format!("{sign}{}", count(n))
+    }
+}
+
 pub fn pct(x: Option<f64>) -> String {
     x.map_or_else(|| "–".into(), |x| format!("{:.1}%", x * 100.0))
 }
@@ -212,13 +221,16 @@ pub fn lines(title: &str, x_labels: &[String], series: &[(String, usize, Vec<f64
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], c.stroke_width(2)));
             }
         }
-        let _ = chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 11))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw();
+        // Many series: the caller puts the legend under the chart instead.
+        if series.len() <= 6 {
+            let _ = chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK.mix(0.3))
+                .label_font(("sans-serif", 11))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw();
+        }
         let _ = root.present();
     }
     inline(svg)
@@ -237,6 +249,22 @@ pub fn legend(names: &[String]) -> String {
         let _ = write!(out, "<span><i style=\"background:rgb({r},{g},{b})\"></i>{}</span>", esc(n));
     }
     out.push_str("</div>");
+    out
+}
+
+/// A legend of palette colours by index (the colours `lines` draws with):
+/// solid for the candidate, faded for the baseline.
+fn palette_legend(items: &[(String, usize)]) -> String {
+    let mut out = String::from("<div class=\"legend\">");
+    for (name, i) in items {
+        let (r, g, b) = PALETTE[i % PALETTE.len()];
+        let _ = write!(
+            out,
+            "<span><i style=\"background:rgb({r},{g},{b})\"></i><i style=\"background:rgba({r},{g},{b},0.35)\"></i>{}</span>",
+            esc(name)
+        );
+    }
+    out.push_str("<span>(solid: candidate, faded: baseline)</span></div>");
     out
 }
 
@@ -304,12 +332,13 @@ pub fn render_report(r: &Report) -> String {
         "<div class=\"cards\"><div class=\"card\"><b>{}</b><span>customers at the end</span></div>\
          <div class=\"card\"><b>{}</b><span>MRR at the end</span></div>{risk}\
          <div class=\"card\"><b>{}</b><span>transitions in the period</span></div>\
-         <div class=\"card\"><b>{}</b><span>input events ({} duplicates ignored)</span></div></div>",
+         <div class=\"card\"><b>{}</b><span>input events ({} duplicates ignored, {} invalid records skipped)</span></div></div>",
         count(p.customers),
         money(p.mrr_cents),
         count(p.transitions),
         count(p.events),
-        count(p.duplicate_events)
+        count(p.duplicate_events),
+        count(p.invalid_records)
     );
 
     // Sizes.
@@ -374,12 +403,7 @@ pub fn render_report(r: &Report) -> String {
             r.flows.iter().find(|x| x.group == *g && &x.from == f && &x.to == t).map_or(0, |x| x.transitions)
         };
         let max = r.flows.iter().filter(|x| x.group == *g).map(|x| x.transitions).max().unwrap_or(1).max(1);
-        let _ = write!(
-            b,
-            "<details{}><summary>{}</summary><table><tr><th>from \\ to</th>",
-            if *g == groups[0] { " open" } else { "" },
-            esc(g)
-        );
+        let _ = write!(b, "<details open><summary>{}</summary><table><tr><th>from \\ to</th>", esc(g));
         for t in &keys {
             let _ = write!(b, "<th>{}</th>", esc(t.as_deref().unwrap_or("—")));
         }
@@ -476,10 +500,9 @@ pub fn render_report(r: &Report) -> String {
             .unwrap_or(crate::report::HORIZONS_DAYS[0]);
         let _ = write!(
             b,
-            "<details{}><summary>{}</summary><table><tr><th>segment</th><th>customers</th><th>share</th><th>MRR</th>\
+            "<details open><summary>{}</summary><table><tr><th>segment</th><th>customers</th><th>share</th><th>MRR</th>\
              <th>entries</th><th>median dwell (days)</th><th>still there at 30 d</th><th>churn {horizon} d</th><th>lift</th>\
              <th>downgrade {horizon} d</th><th>lift</th>",
-            if *g == groups[0] { " open" } else { "" },
             esc(g)
         );
         for f in FEATURES {
@@ -490,9 +513,13 @@ pub fn render_report(r: &Report) -> String {
             let pred = |o: &str| {
                 r.predictive
                     .iter()
-                    .find(|p| p.group == *g && p.segment == v.segment && p.outcome == o && p.horizon_days == 90)
+                    .find(|p| p.group == *g && p.segment == v.segment && p.outcome == o && p.horizon_days == horizon)
             };
             let (c, d) = (pred("churn"), pred("downgrade"));
+            let rate_cell = |p: Option<&crate::report::PredictiveRow>| match p {
+                Some(p) if p.entries > 0 => format!("{} <small>of {}</small>", pct(p.rate), count(p.entries)),
+                _ => "–".to_string(),
+            };
             let lift_cell = |p: Option<&crate::report::PredictiveRow>| {
                 let l = p.and_then(|p| p.lift);
                 heat_cell(&num(l, 2), l.map(|l| ((l - 1.0) / 2.0).clamp(0.0, 1.0)), RED)
@@ -506,11 +533,17 @@ pub fn render_report(r: &Report) -> String {
                 pct(Some(v.share)),
                 money(v.mrr_cents),
                 count(v.entries),
-                num(v.median_dwell_days, 1),
-                pct(v.still_there_30d),
-                pct(c.and_then(|p| p.rate)),
+                match v.median_dwell_days {
+                    Some(_) => format!("{} <small>of {}</small>", num(v.median_dwell_days, 1), count(v.completed_stays)),
+                    None => "–".into(),
+                },
+                match v.still_there_30d {
+                    Some(_) => format!("{} <small>of {}</small>", pct(v.still_there_30d), count(v.entries_observed_30d)),
+                    None => "–".into(),
+                },
+                rate_cell(c),
                 lift_cell(c),
-                pct(d.and_then(|p| p.rate)),
+                rate_cell(d),
                 lift_cell(d)
             );
             for f in FEATURES {
@@ -540,7 +573,7 @@ pub fn render_report(r: &Report) -> String {
         }
     }
     for g in &groups {
-        let _ = write!(b, "<details{}><summary>{}</summary>", if *g == groups[0] { " open" } else { "" }, esc(g));
+        let _ = write!(b, "<details open><summary>{}</summary>", esc(g));
         for dim in &dims {
             let rows: Vec<_> = r.breakdowns.iter().filter(|x| x.group == *g && x.dimension == *dim).collect();
             let mut values: Vec<&str> = Vec::new();
@@ -687,13 +720,13 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
         };
         let _ = write!(
             b,
-            "<tr><td>{}{note}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">+{}</td><td class=\"n\">−{}</td></tr>",
+            "<tr><td>{}{note}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
             esc(&g.group),
             count(g.customers_moved),
             count(g.transitions_baseline),
             count(g.transitions_candidate),
-            count(g.added),
-            count(g.removed)
+            signed(g.added, '+'),
+            signed(g.removed, '−')
         );
     }
     b.push_str("</table>");
@@ -734,17 +767,26 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
             }
         }
         let mut series = Vec::new();
+        let mut shown = Vec::new();
+        let one_sided = c.groups.iter().any(|x| x.group == *g && !(x.in_baseline && x.in_candidate));
         for (i, s) in segs.iter().enumerate() {
             let mine: Vec<_> = rows.iter().filter(|r| r.segment == *s).collect();
             if mine.iter().all(|r| r.difference == 0) {
                 continue;
             }
+            shown.push((s.to_string(), i));
             series.push((format!("{s} (candidate)"), i, mine.iter().map(|r| r.candidate as f64).collect::<Vec<_>>()));
-            series.push((format!("{s} (baseline)"), i + 100, mine.iter().map(|r| r.baseline as f64).collect()));
+            if !one_sided {
+                series.push((format!("{s} (baseline)"), i + 100, mine.iter().map(|r| r.baseline as f64).collect()));
+            }
         }
         if !series.is_empty() {
-            let _ =
-                write!(b, "<div class=\"chart\">{}</div>", lines(&format!("{g}: customers"), &days, &series, 560, 300));
+            let _ = write!(
+                b,
+                "<div class=\"chart\">{}{}</div>",
+                lines(&format!("{g}: customers"), &days, &series, 560, 300),
+                if series.len() > 6 { palette_legend(&shown) } else { String::new() }
+            );
         }
     }
     b.push_str("</div>");

@@ -149,6 +149,19 @@ impl Facts {
         mrr
     }
 
+    /// Whether the subscription in force at `t` is canceled (an erasure
+    /// since ends it: the account is gone, a later one starts afresh).
+    pub fn canceled_at(&self, t: i64) -> bool {
+        let mut canceled = false;
+        for (ts, _, m, _) in &self.money {
+            if *ts > t {
+                break;
+            }
+            canceled = matches!(m, Money::Subscription { canceled: true, .. });
+        }
+        canceled
+    }
+
     /// The instants of each outcome, in time order.
     pub fn outcomes(&self, kind: Outcome) -> Vec<i64> {
         // The MRR in force, and whether the previous subscription (if any) was canceled.

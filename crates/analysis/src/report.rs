@@ -30,6 +30,8 @@ pub struct ReportOptions {
     /// Further breakdowns by name: `attr.NAME` (a profile attribute) or
     /// `survey.QUESTION` (the latest answer).
     pub breakdown_by: Vec<String>,
+    /// Invalid input records skipped (said with the period).
+    pub invalid_records: u64,
 }
 
 impl ReportOptions {
@@ -43,6 +45,7 @@ impl ReportOptions {
             discovery: true,
             source: String::new(),
             breakdown_by: Vec::new(),
+            invalid_records: 0,
         }
     }
 }
@@ -82,6 +85,9 @@ pub struct Period {
     /// Input events read (duplicates not included).
     pub events: u64,
     pub duplicate_events: u64,
+    /// Input records that are not valid events (skipped, as the engine
+    /// dead-letters them).
+    pub invalid_records: u64,
     /// Where the transitions and the end state come from.
     pub source: String,
     /// With a transitions file checked against the engine's run of the
@@ -416,6 +422,10 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
     let all_stays = stays(ds, to);
     let churn: Vec<Vec<i64>> = ds.facts.iter().map(|f| f.outcomes(Outcome::Churn)).collect();
     let downgrade: Vec<Vec<i64>> = ds.facts.iter().map(|f| f.outcomes(Outcome::Downgrade)).collect();
+    // An account already canceled when it enters cannot churn again: such
+    // entries are left out of the churn rates (and their base).
+    let can_have =
+        |outcome: &str, st: &Stay| outcome != "churn" || !ds.facts[st.customer as usize].canceled_at(st.entered);
     let followed = |times: &[i64], t: i64, horizon: i64| {
         let i = times.partition_point(|&x| x <= t);
         times.get(i).is_some_and(|&x| x <= t + horizon)
@@ -430,7 +440,8 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
         for (outcome, times) in [("churn", &churn), ("downgrade", &downgrade)] {
             for h in HORIZONS_DAYS {
                 let horizon = h * DAY_MS;
-                let observed: Vec<&&Stay> = entered.iter().filter(|st| st.entered + horizon <= to).collect();
+                let observed: Vec<&&Stay> =
+                    entered.iter().filter(|st| st.entered + horizon <= to && can_have(outcome, st)).collect();
                 let hits =
                     observed.iter().filter(|st| followed(&times[st.customer as usize], st.entered, horizon)).count();
                 base.push((outcome, h, ratio(hits as u64, observed.len() as u64)));
@@ -462,7 +473,8 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
             for (outcome, times) in [("churn", &churn), ("downgrade", &downgrade)] {
                 for h in HORIZONS_DAYS {
                     let horizon = h * DAY_MS;
-                    let observed: Vec<&&&Stay> = mine.iter().filter(|st| st.entered + horizon <= to).collect();
+                    let observed: Vec<&&&Stay> =
+                        mine.iter().filter(|st| st.entered + horizon <= to && can_have(outcome, st)).collect();
                     let hits = observed
                         .iter()
                         .filter(|st| followed(&times[st.customer as usize], st.entered, horizon))
@@ -501,6 +513,7 @@ pub fn build_report(ds: &Dataset, opts: &ReportOptions) -> Report {
             transitions,
             events: ds.events,
             duplicate_events: ds.duplicate_events,
+            invalid_records: opts.invalid_records,
             source: opts.source.clone(),
             unmatched_transitions: None,
             end_size_differences,

@@ -81,6 +81,7 @@ fn names(settings: &EngineSettings) -> Names {
 struct InputRead {
     invalid: u64,
     first_ts: Option<i64>,
+    last_ts: Option<i64>,
     /// Events after `--to`, left out.
     after_to: u64,
 }
@@ -92,6 +93,7 @@ struct ChunkRead {
     invalid: u64,
     after_to: u64,
     first_ts: Option<i64>,
+    last_ts: Option<i64>,
 }
 
 /// Reads the input's events into `ds` (those up to `to`); with `copy`, also
@@ -116,6 +118,7 @@ fn read_events(
             Some(e) if to.is_some_and(|to| e.ts > to) => read.after_to += 1,
             Some(e) => {
                 read.first_ts = Some(read.first_ts.map_or(e.ts, |t| t.min(e.ts)));
+                read.last_ts = Some(read.last_ts.map_or(e.ts, |t| t.max(e.ts)));
                 if let Some(w) = copy.as_deref_mut() {
                     w.write_all(event_to_json(&e).as_bytes())?;
                     w.write_all(b"\n")?;
@@ -139,6 +142,7 @@ fn read_events(
                         Some(e) if to.is_some_and(|to| e.ts > to) => chunk.after_to += 1,
                         Some(e) => {
                             chunk.first_ts = Some(chunk.first_ts.map_or(e.ts, |t| t.min(e.ts)));
+                            chunk.last_ts = Some(chunk.last_ts.map_or(e.ts, |t| t.max(e.ts)));
                             chunk.facts.push(&e);
                         }
                     }
@@ -150,6 +154,10 @@ fn read_events(
                 read.after_to += chunk.after_to;
                 read.first_ts = match (read.first_ts, chunk.first_ts) {
                     (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                read.last_ts = match (read.last_ts, chunk.last_ts) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),
                 };
                 if let Some(ds) = ds.as_deref_mut() {
@@ -232,6 +240,8 @@ fn named_values(st: &segstream_scoring::CustomerState) -> Vec<(String, Vec<Strin
             AttrValue::Str(s) => vec![s.clone()],
             AttrValue::Num(x) => vec![num(*x)],
             AttrValue::Bool(b) => vec![b.to_string()],
+            // An empty list is an answer (none), not missing data.
+            AttrValue::List(l) if l.is_empty() => vec!["(none)".to_string()],
             AttrValue::List(l) => l.clone(),
         };
         out.push((format!("attr.{name}"), values));
@@ -330,6 +340,13 @@ fn run_input(
     Ok((copy, Format::Json))
 }
 
+/// Fails early (before any run) when the output's folder does not exist.
+fn writable(output: &Path) -> anyhow::Result<()> {
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    anyhow::ensure!(parent.is_dir(), "cannot write {}: {} is not a directory", output.display(), parent.display());
+    Ok(())
+}
+
 /// `--from`, else midnight of the first event's day; `None` without events.
 fn period_start(from: Option<i64>, read: &InputRead, ds: &Dataset) -> Option<i64> {
     from.or(read.first_ts.map(|t| t.div_euclid(DAY_MS) * DAY_MS))
@@ -364,6 +381,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
         );
     }
     let settings = load_settings(args.config.as_deref())?;
+    writable(&args.output)?;
     let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
     let mut ds = Dataset::new(names(&settings));
     let work = tempfile::Builder::new().prefix("segstream-report-").tempdir()?;
@@ -420,6 +438,13 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     opts.seed = args.seed;
     opts.source = source;
     opts.breakdown_by = args.breakdown.clone();
+    opts.invalid_records = read.invalid;
+    if let Some(last) = read.last_ts.filter(|last| to > last + DAY_MS) {
+        tracing::warn!(
+            days_past_the_last_event = (to - last) / DAY_MS,
+            "--to is past the last event: time alone moves customers until then (they go quiet)"
+        );
+    }
     let gathered = started.elapsed();
     let mut report = build_report(&ds, &opts);
     if report.period.end_size_differences > 0 {
@@ -449,7 +474,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
         events = ds.events,
         invalid_events = read.invalid,
         events_after_to = read.after_to,
-        transitions = ds.moves().len(),
+        transitions_read = ds.moves().len(),
         gathered_s = gathered.as_secs_f64(),
         total_s = started.elapsed().as_secs_f64(),
         "report written"
@@ -460,8 +485,12 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
 /// `segstream simulate`: the files written.
 pub fn simulate(args: &SimulateArgs) -> anyhow::Result<Vec<PathBuf>> {
     let started = Instant::now();
-    let baseline = load_settings(args.baseline.as_deref())?;
-    let candidate = load_settings(Some(&args.config))?;
+    let baseline = load_settings(args.baseline.as_deref()).with_context(|| {
+        format!("the baseline {}", args.baseline.as_ref().map_or("(SPEC defaults)".into(), |p| p.display().to_string()))
+    })?;
+    let candidate =
+        load_settings(Some(&args.config)).with_context(|| format!("the candidate {}", args.config.display()))?;
+    writable(&args.output)?;
     let format = args.input_format.unwrap_or_else(|| Format::from_path(&args.input));
     let work = tempfile::Builder::new().prefix("segstream-simulate-").tempdir()?;
     let (input, format) = run_input(&args.input, format, &baseline, args.to, work.path())?;
