@@ -696,7 +696,7 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
         b,
         "<h1>What the new rules would do</h1><p class=\"lead\">The same input events replayed through the engine \
          under the baseline and the candidate configuration, {} to {}</p>\
-         <div class=\"cards\"><div class=\"card risk\"><b>{}</b><span>customers who end elsewhere</span></div>\
+         <div class=\"cards\"><div class=\"card risk\"><b>{}</b><span>customers in another segment at the end of the period</span></div>\
          <div class=\"card\"><b>+{}</b><span>transitions added</span></div>\
          <div class=\"card\"><b>−{}</b><span>transitions removed</span></div>\
          <div class=\"card\"><b>{}</b><span>customers (baseline / candidate: {})</span></div></div>",

@@ -46,8 +46,10 @@ pub struct Group {
 pub enum ConfigError {
     #[error("invalid scoring config: {0}")]
     Invalid(String),
-    #[error("custom group `{group}`: {source}")]
-    Rule { group: String, source: RuleError },
+    /// `error` and not `source`: the message already says it, and a source
+    /// would print it a second time in an error chain.
+    #[error("custom group `{group}`: {error}")]
+    Rule { group: String, error: RuleError },
 }
 
 impl segstream_decode::Classify for ConfigError {
@@ -163,8 +165,8 @@ impl Scorer {
             let mut segments = Vec::new();
             let mut rules = Vec::new();
             for rule in &g.rules {
-                let cond = Condition::parse(&rule.when)
-                    .map_err(|source| ConfigError::Rule { group: g.name.clone(), source })?;
+                let cond =
+                    Condition::parse(&rule.when).map_err(|error| ConfigError::Rule { group: g.name.clone(), error })?;
                 rules.push((cond, intern(&mut segments, &rule.segment)));
             }
             let default = intern(&mut segments, &g.default);

@@ -447,6 +447,12 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<Vec<PathBuf>> {
     }
     let gathered = started.elapsed();
     let mut report = build_report(&ds, &opts);
+    for name in &args.breakdown {
+        let held = report.breakdowns.iter().any(|b| &b.dimension == name && b.value != "unknown");
+        if !held {
+            tracing::warn!(breakdown = %name, "no customer has this attribute or answer (a typo?): every one is `unknown`");
+        }
+    }
     if report.period.end_size_differences > 0 {
         tracing::warn!(
             differences = report.period.end_size_differences,

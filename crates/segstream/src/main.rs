@@ -151,11 +151,11 @@ enum Command {
         #[arg(long)]
         transitions: Option<PathBuf>,
         /// The period's start (RFC 3339 or epoch ms); the day of the first event otherwise.
-        #[arg(long, value_parser = parse_instant)]
+        #[arg(long, value_parser = parse_period_bound)]
         from: Option<i64>,
         /// The period's end: the report is as of this instant (events after it are left out,
         /// boundaries up to it fire); the end of the data otherwise.
-        #[arg(long, value_parser = parse_instant)]
+        #[arg(long, value_parser = parse_period_bound)]
         to: Option<i64>,
         /// Where to write: a file (html, json) or a directory (csv).
         #[arg(long)]
@@ -188,9 +188,9 @@ enum Command {
         /// The input events (JSON lines or Avro).
         #[arg(long)]
         input: PathBuf,
-        #[arg(long, value_parser = parse_instant)]
+        #[arg(long, value_parser = parse_period_bound)]
         from: Option<i64>,
-        #[arg(long, value_parser = parse_instant)]
+        #[arg(long, value_parser = parse_period_bound)]
         to: Option<i64>,
         /// Where to write: a file (html, json) or a directory (csv).
         #[arg(long)]
@@ -227,6 +227,15 @@ fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
     use clap::builder::TypedValueParser as _;
     clap::builder::PossibleValuesParser::new(["json", "avro"])
         .map(|s| s.parse::<Format>().expect("one of the possible values"))
+}
+
+/// A report's period bound: an instant, or a date alone (midnight UTC), as
+/// analysts write periods. (`run --until` keeps asking for a time.)
+fn parse_period_bound(s: &str) -> Result<i64, String> {
+    if s.len() == 10 && s.as_bytes().get(4) == Some(&b'-') && s.as_bytes().get(7) == Some(&b'-') {
+        return parse_instant(&format!("{s}T00:00:00Z"));
+    }
+    parse_instant(s)
 }
 
 fn parse_instant(s: &str) -> Result<i64, String> {
