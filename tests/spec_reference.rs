@@ -251,6 +251,18 @@ fn engine_timeline(records: &[segstream_output::TransitionRecord]) -> Timeline {
     out
 }
 
+/// A sample's events sorted by `ts` (ties in file order): what SPEC §2 says
+/// a file in any order means.
+fn events_by_time(input: &std::path::Path) -> Vec<Event> {
+    let mut events: Vec<Event> = std::fs::read_to_string(input)
+        .expect("input")
+        .lines()
+        .map(|l| decode_json_line(l.as_bytes()).expect("valid"))
+        .collect();
+    events.sort_by_key(|e| e.ts);
+    events
+}
+
 /// Compares the engine with the reference on a generated sample; with
 /// `shuffle`, the engine reads the sample's lines in a pseudo-random order
 /// and the reference takes the events sorted by `ts` (ties in that order),
@@ -275,12 +287,7 @@ fn compare(seed: u64, customers: u64, days: u32, cfg: &Config, shuffle: bool) {
     args.until = Some(end);
     run_file(&engine(cfg), &args).expect("run");
     let got = engine_timeline(&read_json(&args.output));
-    let mut events: Vec<Event> = std::fs::read_to_string(&input)
-        .expect("input")
-        .lines()
-        .map(|l| decode_json_line(l.as_bytes()).expect("valid"))
-        .collect();
-    events.sort_by_key(|e| e.ts);
+    let events = events_by_time(&input);
     let want = reference(&events, end, cfg.segments.rfm.axis == segstream_scoring::RfmAxis::FM);
     assert_eq!(got.len(), want.len(), "customer×group timelines");
     let mut time_driven = 0;
@@ -319,12 +326,7 @@ fn the_fm_axis_equals_the_reference_grid_of_r_against_the_mean_of_f_and_m() {
     // And it is another grid: some customer is placed elsewhere than by R × F.
     let dir = tempfile::tempdir().expect("tempdir");
     let (input, end) = sample(dir.path(), "e.jsonl", 60, 150, 5, Format::Json, None);
-    let mut events: Vec<Event> = std::fs::read_to_string(&input)
-        .expect("input")
-        .lines()
-        .map(|l| decode_json_line(l.as_bytes()).expect("valid"))
-        .collect();
-    events.sort_by_key(|e| e.ts);
+    let events = events_by_time(&input);
     assert_ne!(reference(&events, end, true), reference(&events, end, false));
 }
 
