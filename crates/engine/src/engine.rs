@@ -19,6 +19,7 @@ use segstream_state::{HistoryEntry, SegmentCount, StateStore};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::rules::{decide, Decision, MigrationProgress, Renaming, RulesMeta, META_MIGRATION, META_RULES};
 use crate::settings::EngineSettings;
 
 const META_CONFIG: &str = "config_fingerprint";
@@ -44,13 +45,17 @@ fn history_entry(groups: &[Group], t: &Transition) -> Option<HistoryEntry> {
         at: t.at,
         event_id: match &t.cause {
             Cause::Event(id) => Some(id.clone()),
-            Cause::Time(_) => None,
+            _ => None,
         },
         boundary: match &t.cause {
             Cause::Time(k) => k.bits(),
-            Cause::Event(_) => 0,
+            _ => 0,
         },
         scores: t.scores,
+        rules: match &t.cause {
+            Cause::Rules { from, to } => Some((*from, *to)),
+            _ => None,
+        },
     })
 }
 
@@ -104,6 +109,27 @@ pub struct Engine {
     /// Day-end segment counts to write at the next commit, and the last ones.
     pending_series: Vec<(i64, SegmentCounts)>,
     last_series: Option<SegmentCounts>,
+    /// A rule migration under way, with the old rules' scorer.
+    migration: Option<(MigrationProgress, Scorer)>,
+    /// Metadata for the next commit (the rules, a migration's progress).
+    pending_meta: Vec<(String, Vec<u8>)>,
+}
+
+/// Who checks the rules a state was built under when it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesCheck {
+    /// The state dir's own record (file mode).
+    Local,
+    /// The caller, from its own record (Kafka mode: the commit marker; the
+    /// local state is a cache of the changelog).
+    Caller,
+}
+
+/// Where a rule migration stands after a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStep {
+    pub progress: MigrationProgress,
+    pub done: bool,
 }
 
 fn read_meta<T: for<'de> Deserialize<'de>>(store: &StateStore, key: &'static str) -> Result<Option<T>, EngineError> {
@@ -114,26 +140,172 @@ fn read_meta<T: for<'de> Deserialize<'de>>(store: &StateStore, key: &'static str
 }
 
 impl Engine {
-    /// Opens (or creates) the state in `dir`.
+    /// Opens (or creates) the state in `dir`, checking its rules (file mode).
     pub fn open(dir: &std::path::Path, settings: &EngineSettings) -> Result<Self, EngineError> {
-        let scorer = settings.scorer();
+        Self::open_with(dir, settings, RulesCheck::Local)
+    }
+
+    /// Opens (or creates) the state in `dir`. With [`RulesCheck::Local`], a
+    /// state built under other rules is refused, or a migration to the new
+    /// ones begins (see [`Engine::migrate_step`]) when the settings allow it.
+    pub fn open_with(dir: &std::path::Path, settings: &EngineSettings, check: RulesCheck) -> Result<Self, EngineError> {
+        let mut scorer = settings.scorer();
         let mut store = StateStore::open(dir, settings.state_options().clone())?;
-        let current = settings.fingerprint();
-        match read_meta::<u64>(&store, META_CONFIG)? {
-            Some(stored) if stored != current => {
-                return Err(EngineError::ConfigChanged { dir: dir.display().to_string(), stored, current })
-            }
-            Some(_) => {}
-            None => store.commit(&[(META_CONFIG.into(), current.to_string().into_bytes())])?,
-        }
         let clock: Clock = read_meta(&store, META_CLOCK)?.unwrap_or_default();
         let counters = read_meta(&store, META_COUNTERS)?.unwrap_or_default();
         let lateness = settings.lateness_ms();
         let next_due = store.next_due(clock.watermark)?;
-        let mut engine =
-            Self { scorer, store, lateness, clock, counters, next_due, pending_series: Vec::new(), last_series: None };
+        let mut engine = Self {
+            scorer: settings.scorer(),
+            store,
+            lateness,
+            clock,
+            counters,
+            next_due,
+            pending_series: Vec::new(),
+            last_series: None,
+            migration: None,
+            pending_meta: Vec::new(),
+        };
         engine.last_series = engine.series()?.pop().map(|(_, c)| c);
+        if check == RulesCheck::Caller {
+            return Ok(engine);
+        }
+        let current = RulesMeta { version: 0, fingerprint: settings.fingerprint(), rules: settings.rules_json() };
+        let migration = read_meta::<Option<MigrationProgress>>(&engine.store, META_MIGRATION)?.flatten();
+        let stored = read_meta::<RulesMeta>(&engine.store, META_RULES)?;
+        let legacy = read_meta::<u64>(&engine.store, META_CONFIG)?;
+        let dir_name = dir.display().to_string();
+        match decide(&dir_name, stored, legacy, migration, current, settings.rules_policy())? {
+            Decision::Same(m) => scorer.set_rules_version(m.version),
+            Decision::Record(m) => {
+                scorer.set_rules_version(m.version);
+                engine.store.commit(&[
+                    (META_RULES.into(), serde_json::to_vec(&m).expect("rules serialize")),
+                    (META_CONFIG.into(), m.fingerprint.to_string().into_bytes()),
+                ])?;
+            }
+            Decision::Migrate(m) => {
+                engine.scorer = scorer;
+                engine.begin_migration(m)?;
+                engine.commit(Vec::new())?;
+                return Ok(engine);
+            }
+            Decision::Resume(m) => {
+                engine.scorer = scorer;
+                engine.resume_migration(m)?;
+                return Ok(engine);
+            }
+        }
+        engine.scorer = scorer;
         Ok(engine)
+    }
+
+    /// Starts moving the state to the rules of `m.to` (this engine's): the
+    /// daily counts are renamed now; customers by [`Engine::migrate_step`].
+    pub fn begin_migration(&mut self, m: MigrationProgress) -> Result<(), EngineError> {
+        let old = m.from.scorer()?;
+        self.scorer.set_rules_version(m.to.version);
+        let renaming = Renaming::new(old.groups(), self.scorer.groups());
+        for (day, counts) in self.series()? {
+            self.pending_series.push((day, renaming.counts(&counts)));
+        }
+        self.last_series = self.last_series.as_ref().map(|c| renaming.counts(c));
+        tracing::info!(
+            from_version = m.from.version,
+            to_version = m.to.version,
+            customers = self.counters.customers,
+            "rule migration: re-evaluating every customer under the new rules"
+        );
+        self.pending_meta.push((META_MIGRATION.into(), serde_json::to_vec(&Some(&m)).expect("progress serializes")));
+        self.migration = Some((m, old));
+        Ok(())
+    }
+
+    /// Continues a migration begun by an earlier run (its daily counts are
+    /// already renamed).
+    pub fn resume_migration(&mut self, m: MigrationProgress) -> Result<(), EngineError> {
+        let old = m.from.scorer()?;
+        self.scorer.set_rules_version(m.to.version);
+        tracing::info!(
+            from_version = m.from.version,
+            to_version = m.to.version,
+            done = m.customers,
+            of = self.counters.customers,
+            "rule migration: resuming"
+        );
+        self.migration = Some((m, old));
+        Ok(())
+    }
+
+    /// The migration under way, if any.
+    pub fn migration(&self) -> Option<&MigrationProgress> {
+        self.migration.as_ref().map(|(m, _)| m)
+    }
+
+    /// Re-evaluates up to `max` more customers (in id order) under the new
+    /// rules, at the current watermark (SPEC's labels at that instant under
+    /// the new rules; see [`Scorer::migrate`]). The caller writes `out` and
+    /// commits, which records the progress; after the step that returns
+    /// `done`, that commit makes the new rules the state's.
+    pub fn migrate_step(&mut self, max: usize, out: &mut Vec<Transition>) -> Result<MigrationStep, EngineError> {
+        let Some((m, old)) = self.migration.as_mut() else {
+            return Err(EngineError::Rules("no rule migration is under way".into()));
+        };
+        let renaming = Renaming::new(old.groups(), self.scorer.groups());
+        let ids = self.store.customer_ids_after(m.cursor.as_deref(), max)?;
+        let watermark = self.clock.watermark;
+        let before = out.len();
+        for id in &ids {
+            let sid = self.store.customer(id)?;
+            for (seq, entry) in self.store.history_with_seqs(id)? {
+                match renaming.history(&entry) {
+                    Some(e) if e == entry => {}
+                    Some(e) => self.store.restore_history(sid, seq, Some(e)),
+                    None => {
+                        self.store.restore_history(sid, seq, None);
+                        m.history_dropped += 1;
+                    }
+                }
+            }
+            let first = out.len();
+            let (cid, state) = self.store.slot_mut(sid).parts();
+            if let Some(st) = state {
+                self.scorer.migrate(old, cid, st, watermark, m.from.version, out);
+            }
+            for t in &out[first..] {
+                if let Some(entry) = history_entry(self.scorer.groups(), t) {
+                    self.store.record_history(sid, entry)?;
+                }
+            }
+            self.store.touch(sid);
+            m.customers += 1;
+        }
+        m.cursor = ids.last().cloned().or(m.cursor.take());
+        let made = (out.len() - before) as u64;
+        m.transitions += made;
+        self.counters.transitions += made;
+        self.next_due = self.store.next_due(watermark)?;
+        let done = ids.len() < max;
+        let progress = m.clone();
+        if done {
+            tracing::info!(
+                from_version = m.from.version,
+                to_version = m.to.version,
+                customers = m.customers,
+                transitions = m.transitions,
+                history_dropped = m.history_dropped,
+                "rule migration complete: the state is under the new rules"
+            );
+            let rules = m.to.clone();
+            self.pending_meta.push((META_RULES.into(), serde_json::to_vec(&rules).expect("rules serialize")));
+            self.pending_meta.push((META_CONFIG.into(), rules.fingerprint.to_string().into_bytes()));
+            self.pending_meta.push((META_MIGRATION.into(), b"null".to_vec()));
+            self.migration = None;
+        } else {
+            self.pending_meta.push((META_MIGRATION.into(), serde_json::to_vec(&Some(&progress)).expect("serializes")));
+        }
+        Ok(MigrationStep { progress, done })
     }
 
     /// Segment counts at the end of each day the watermark passed, oldest
@@ -228,6 +400,9 @@ impl Engine {
     /// Applies one event (SPEC §2): moves the watermark, fires the boundaries
     /// it passed, then runs the event through its customer's state machine.
     pub fn on_event(&mut self, e: &Event, out: &mut Vec<Transition>) -> Result<Outcome, EngineError> {
+        if self.migration.is_some() {
+            return Err(EngineError::Migrating);
+        }
         self.counters.events += 1;
         self.observe(e.ts, out)?;
 
@@ -334,6 +509,9 @@ impl Engine {
     /// for the daily series (`Engine::series`): the watermark stops there,
     /// then goes on, which fires the same boundaries in the same order.
     pub fn advance_watermark(&mut self, to: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
+        if self.migration.is_some() {
+            return Err(EngineError::Migrating);
+        }
         let mut from = self.clock.watermark;
         if from != i64::MIN && from >= 0 {
             loop {
@@ -386,6 +564,7 @@ impl Engine {
     /// output lengths), in one synced RocksDB write.
     pub fn commit(&mut self, extra: Vec<(String, Vec<u8>)>) -> Result<(), EngineError> {
         let mut meta = extra;
+        meta.append(&mut self.pending_meta);
         meta.push((META_CLOCK.into(), serde_json::to_vec(&self.clock).expect("clock serializes")));
         meta.push((META_COUNTERS.into(), serde_json::to_vec(&self.counters).expect("counters serialize")));
         for (day, counts) in &self.pending_series {

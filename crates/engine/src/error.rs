@@ -16,6 +16,12 @@ pub enum EngineError {
          Use a new --state-dir, or the configuration it was built with"
     )]
     ConfigChanged { dir: String, stored: u64, current: u64 },
+    /// Rules that do not fit the state (changed without a migration, …).
+    #[error("{0}")]
+    Rules(String),
+    /// Events reached an engine whose rule migration is not finished.
+    #[error("a rule migration is under way: it must finish before events are applied")]
+    Migrating,
     #[error("corrupt engine metadata `{key}`: {reason}")]
     Meta { key: &'static str, reason: String },
 }

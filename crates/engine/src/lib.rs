@@ -12,8 +12,10 @@
 
 mod engine;
 mod error;
+mod rules;
 mod settings;
 
 pub use engine::{read_series, Clock, Counters, Engine, SegmentCounts};
 pub use error::EngineError;
-pub use settings::{EngineSettings, TimeWindow};
+pub use rules::{MigrationProgress, RulesMeta};
+pub use settings::{EngineSettings, RulesPolicy, TimeWindow};

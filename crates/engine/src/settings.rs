@@ -62,6 +62,16 @@ pub struct EngineSettings {
     window: TimeWindow,
     state: StateOptions,
     commit_every_records: NonZeroU64,
+    rules: RulesPolicy,
+}
+
+/// What a state dir built under other rules may do (ADR 008).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RulesPolicy {
+    /// The configuration's `rules_version`: `None` follows the state's.
+    pub version: Option<u32>,
+    /// `--migrate-rules`: re-evaluate every customer under changed rules.
+    pub migrate: bool,
 }
 
 impl EngineSettings {
@@ -76,7 +86,15 @@ impl EngineSettings {
         Scorer::new(scoring.clone(), segments.clone())?;
         let lateness_ms = i64::try_from(allowed_lateness.as_millis())
             .map_err(|_| EngineError::Config(format!("time.allowed_lateness_ms is too large: {allowed_lateness:?}")))?;
-        Ok(Self { scoring, segments, lateness_ms, window: TimeWindow::default(), state, commit_every_records })
+        Ok(Self {
+            scoring,
+            segments,
+            lateness_ms,
+            window: TimeWindow::default(),
+            state,
+            commit_every_records,
+            rules: RulesPolicy::default(),
+        })
     }
 
     /// With a window of believable event times.
@@ -87,6 +105,22 @@ impl EngineSettings {
 
     pub fn window(&self) -> &TimeWindow {
         &self.window
+    }
+
+    /// With a rules version and whether a rule change may be migrated.
+    pub fn with_rules_policy(mut self, rules: RulesPolicy) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    pub fn rules_policy(&self) -> RulesPolicy {
+        self.rules
+    }
+
+    /// The rules (scoring and segments) as stored in a state dir: the text
+    /// the fingerprint hashes.
+    pub fn rules_json(&self) -> String {
+        serde_json::to_string(&(&self.scoring, &self.segments)).expect("the rules serialize")
     }
 
     /// SPEC's defaults.
@@ -132,8 +166,7 @@ impl EngineSettings {
     /// A stable hash of the settings that decide segments: a state built with
     /// one set of rules must not silently continue under another.
     pub fn fingerprint(&self) -> u64 {
-        let text = serde_json::to_string(&(&self.scoring, &self.segments)).expect("the rules serialize");
-        xxh3_64(text.as_bytes())
+        xxh3_64(self.rules_json().as_bytes())
     }
 }
 

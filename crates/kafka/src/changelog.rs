@@ -172,7 +172,7 @@ pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, Changelog
         let seq = u32::from_be_bytes(rest[len..].try_into().map_err(|_| bad("history key seq"))?);
         let entry = match value {
             None => None,
-            Some(v) => Some(postcard::from_bytes(v).map_err(|e| bad(&format!("history entry: {e}")))?),
+            Some(v) => Some(segstream_state::HistoryEntry::decode(v).map_err(|e| bad(&format!("history entry: {e}")))?),
         };
         return Ok(Entry::History { id, seq, entry });
     }
@@ -251,6 +251,7 @@ mod tests {
             event_id: Some("e".into()),
             boundary: 0,
             scores: segstream_scoring::Scores::default(),
+            rules: None,
         };
         let v = postcard::to_stdvec(&entry).expect("entry");
         match decode_entry(&history_key("c/1", 7), Some(&v)).expect("history") {

@@ -319,6 +319,7 @@ mod tests {
             event_id: None,
             boundary: 1,
             scores: segstream_scoring::Scores::default(),
+            rules: None,
         };
         let h = |id: &str, seq: u32| Entry::History { id: id.into(), seq, entry: Some(entry.clone()) };
         let mut tail = ChangelogTail::after(None);

@@ -311,6 +311,7 @@ mod tests {
             at: 0,
             cause: Cause::Event("e".into()),
             scores: Scores::default(),
+            rules_version: 1,
         }
     }
 

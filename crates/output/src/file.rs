@@ -242,6 +242,7 @@ mod tests {
             at: 1_000 * i,
             cause: Cause::Event(format!("e{i}")),
             scores: Scores::default(),
+            rules_version: 1,
         }
     }
 

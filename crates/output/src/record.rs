@@ -28,6 +28,14 @@ pub struct TransitionRecord {
     pub cause: CauseRecord,
     pub scores: Scores,
     pub transition_id: String,
+    /// The rules version that produced it (records written before versions
+    /// existed read as 1).
+    #[serde(default = "first_version")]
+    pub rules_version: u32,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +43,8 @@ pub struct TransitionRecord {
 pub enum CauseRecord {
     Event { event_id: String },
     Time { boundary: String },
+    /// A rule migration re-evaluated the customer.
+    Rules { from_version: u32, to_version: u32 },
 }
 
 impl From<&Transition> for TransitionRecord {
@@ -48,9 +58,11 @@ impl From<&Transition> for TransitionRecord {
             cause: match &t.cause {
                 Cause::Event(id) => CauseRecord::Event { event_id: id.clone() },
                 Cause::Time(kind) => CauseRecord::Time { boundary: kind.name() },
+                Cause::Rules { from, to } => CauseRecord::Rules { from_version: *from, to_version: *to },
             },
             scores: t.scores,
             transition_id: t.transition_id().to_string(),
+            rules_version: t.rules_version,
         }
     }
 }
@@ -69,9 +81,14 @@ fn opt_str(v: Option<&str>) -> Value {
 
 /// The Avro value of a transition, matching [`transition_schema`].
 pub fn transition_to_avro_value(t: &Transition) -> Value {
-    let (kind, event_id, boundary) = match &t.cause {
-        Cause::Event(id) => ("event", Some(id.as_str()), None),
-        Cause::Time(k) => ("time", None, Some(k.name())),
+    let (kind, event_id, boundary, versions) = match &t.cause {
+        Cause::Event(id) => ("event", Some(id.as_str()), None, None),
+        Cause::Time(k) => ("time", None, Some(k.name()), None),
+        Cause::Rules { from, to } => ("rules", None, None, Some((*from, *to))),
+    };
+    let opt_int = |v: Option<u32>| match v {
+        Some(n) => Value::Union(1, Box::new(Value::Int(i32::try_from(n).unwrap_or(i32::MAX)))),
+        None => Value::Union(0, Box::new(Value::Null)),
     };
     let s = &t.scores;
     let int = |v: u8| Value::Int(i32::from(v));
@@ -87,6 +104,8 @@ pub fn transition_to_avro_value(t: &Transition) -> Value {
                 ("kind".into(), Value::String(kind.into())),
                 ("event_id".into(), opt_str(event_id)),
                 ("boundary".into(), opt_str(boundary.as_deref())),
+                ("from_version".into(), opt_int(versions.map(|v| v.0))),
+                ("to_version".into(), opt_int(versions.map(|v| v.1))),
             ]),
         ),
         (
@@ -107,6 +126,7 @@ pub fn transition_to_avro_value(t: &Transition) -> Value {
             ]),
         ),
         ("transition_id".into(), Value::Uuid(t.transition_id())),
+        ("rules_version".into(), Value::Int(i32::try_from(t.rules_version).unwrap_or(i32::MAX))),
     ])
 }
 
@@ -170,6 +190,7 @@ mod tests {
                 active_days: 50,
                 features: 2,
             },
+            rules_version: 1,
         }
     }
 
@@ -186,12 +207,18 @@ mod tests {
         assert_eq!(v["scores"]["R"], 4);
         assert_eq!(v["scores"]["health"], 71);
         assert_eq!(v["transition_id"], t.transition_id().to_string());
+        assert_eq!(v["rules_version"], 1);
+        let mut migrated = sample(Cause::Rules { from: 1, to: 2 });
+        migrated.rules_version = 2;
+        let v: serde_json::Value = serde_json::from_str(&transition_to_json(&migrated)).expect("json");
+        assert_eq!(v["cause"], serde_json::json!({"kind": "rules", "from_version": 1, "to_version": 2}));
+        assert_eq!(v["rules_version"], 2);
     }
 
     #[test]
     fn avro_round_trips_to_the_json_record() {
         let kind = BoundaryKind::from_bits(BoundaryKind::RECENCY | BoundaryKind::FREQUENCY);
-        for cause in [Cause::Event("e-9".into()), Cause::Time(kind)] {
+        for cause in [Cause::Event("e-9".into()), Cause::Time(kind), Cause::Rules { from: 2, to: 3 }] {
             let mut t = sample(cause);
             t.from = None;
             let v = transition_to_avro_value(&t);

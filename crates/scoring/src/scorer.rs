@@ -74,6 +74,8 @@ pub struct Scorer {
     /// Whether a custom rule reads the raw active-day count (then every
     /// change of it may move a label, not only changes of F).
     custom_uses_active_days: bool,
+    /// Stamped on every transition (see [`Transition::rules_version`]).
+    rules_version: u32,
 }
 
 /// Labels of one customer, without a heap allocation for the usual few groups.
@@ -174,7 +176,7 @@ impl Scorer {
             custom.push(CustomGroup { rules, default });
         }
         let custom_uses_active_days = custom.iter().any(|g| g.rules.iter().any(|(c, _)| c.uses(Metric::ActiveDays)));
-        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days })
+        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1 })
     }
 
     /// Scorer with SPEC's defaults and no custom groups.
@@ -184,6 +186,15 @@ impl Scorer {
 
     pub fn groups(&self) -> &[Group] {
         &self.groups
+    }
+
+    /// The version stamped on the transitions (1 unless set).
+    pub fn rules_version(&self) -> u32 {
+        self.rules_version
+    }
+
+    pub fn set_rules_version(&mut self, version: u32) {
+        self.rules_version = version;
     }
 
     /// Why time alone moved a label, in words, with this configuration's windows.
@@ -365,9 +376,63 @@ impl Scorer {
                     at,
                     cause: cause.clone(),
                     scores: *scores,
+                    rules_version: self.rules_version,
                 });
             }
         }
+    }
+
+    /// Re-evaluates a customer under these rules after a rule change (a
+    /// migration from `old`'s rules, version `from_version`): its labels at
+    /// `max(evaluated_at, watermark)` — the instant a run under these rules
+    /// would have them at — with one transition per group whose segment
+    /// changed, by name: a group only these rules have gets its first label
+    /// (`from` null), a group only the old rules had ends (`to` null). The
+    /// customer is then evaluated at that instant and its next boundary is
+    /// found under these rules.
+    pub fn migrate(
+        &self,
+        old: &Scorer,
+        customer_id: &str,
+        st: &mut CustomerState,
+        watermark: i64,
+        from_version: u32,
+        out: &mut Vec<Transition>,
+    ) {
+        let tau = st.evaluated_at.max(watermark);
+        let scores = self.scores(st, tau);
+        let labels = self.label_set(st, &scores);
+        let cause = Cause::Rules { from: from_version, to: self.rules_version };
+        let old_name = |g: &str| -> Option<Arc<str>> {
+            let gi = old.groups.iter().position(|x| &*x.name == g)?;
+            let l = st.labels.get(gi)?;
+            old.groups[gi].segments.get(usize::from(*l)).cloned()
+        };
+        let mut push = |group: &Arc<str>, from: Option<Arc<str>>, to: Option<Arc<str>>| {
+            if from != to {
+                out.push(Transition {
+                    customer_id: customer_id.to_string(),
+                    group: group.clone(),
+                    from,
+                    to,
+                    at: tau,
+                    cause: cause.clone(),
+                    scores,
+                    rules_version: self.rules_version,
+                });
+            }
+        };
+        for (gi, g) in self.groups.iter().enumerate() {
+            push(&g.name, old_name(&g.name), Some(g.segments[usize::from(labels[gi])].clone()));
+        }
+        for g in &old.groups {
+            if !self.groups.iter().any(|x| x.name == g.name) {
+                push(&g.name, old_name(&g.name), None);
+            }
+        }
+        st.labels = labels.to_vec();
+        st.evaluated_at = tau;
+        self.reschedule(st);
     }
 
     /// Emits every time-driven change of the customer at instants `≤ until`.

@@ -18,6 +18,8 @@ pub struct Transition {
     pub cause: Cause,
     /// Scores at `at` (for a deletion: just before the customer was erased).
     pub scores: Scores,
+    /// The version of the rules (scoring and segments) that produced it.
+    pub rules_version: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,9 @@ pub enum Cause {
     Event(String),
     /// Caused by time passing across a boundary.
     Time(BoundaryKind),
+    /// Caused by a change of the rules: the customer re-evaluated under
+    /// version `to` (a rule migration, `segstream run --migrate-rules`).
+    Rules { from: u32, to: u32 },
 }
 
 /// Which time-varying inputs crossed a threshold at a boundary (a bit set).

@@ -30,6 +30,7 @@ fn rows(ts: &[Transition]) -> Vec<Row> {
             let cause = match &t.cause {
                 Cause::Event(id) => format!("event:{id}"),
                 Cause::Time(k) => format!("time:{}", k.name()),
+                Cause::Rules { from, to } => format!("rules:{from}:{to}"),
             };
             (t.group.to_string(), t.from.as_deref().map(String::from), t.to.as_deref().map(String::from), t.at, cause)
         })

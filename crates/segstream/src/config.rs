@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The version of the scoring and segment rules, stamped on every
+    /// transition. Raising it with changed rules migrates a state dir to
+    /// them (as `--migrate-rules` does); unset, a state keeps its version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules_version: Option<u32>,
     pub time: TimeConfig,
     pub state: StateConfig,
     pub history: HistoryConfig,
@@ -138,7 +143,8 @@ impl Config {
             state,
             self.state.commit_every_records,
         )?
-        .with_window(window))
+        .with_window(window)
+        .with_rules_policy(segstream_engine::RulesPolicy { version: self.rules_version, migrate: false }))
     }
 }
 

@@ -172,6 +172,9 @@ fn describe(scorer: &Scorer, r: &TransitionRecord) -> String {
             Some(kind) => format!("time passed: {}", scorer.explain(kind)),
             None => format!("time passed: {boundary}"),
         },
+        CauseRecord::Rules { from_version, to_version } => {
+            format!("the rules changed from version {from_version} to {to_version}")
+        }
     };
     let s = &r.scores;
     format!(

@@ -64,6 +64,13 @@ enum Command {
         /// not write (refused otherwise, so that nothing is lost by mistake).
         #[arg(long)]
         overwrite: bool,
+        /// The configuration's scoring or segment rules differ from those the
+        /// state was built under: re-evaluate every customer under the new
+        /// rules before any input (a transition with cause `rules` for each
+        /// segment that changes), then continue. Without it such a state is
+        /// refused. Raising `rules_version` in the configuration does the same.
+        #[arg(long)]
+        migrate_rules: bool,
         /// Kafka mode: overrides kafka.brokers.
         #[arg(long, env = "SEGSTREAM_BROKERS")]
         brokers: Option<String>,
@@ -308,6 +315,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             output_format,
             dead_letter,
             overwrite,
+            migrate_rules,
             brokers,
             group_id,
             input_topic,
@@ -325,6 +333,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 output_format,
                 dead_letter,
                 overwrite,
+                migrate_rules,
                 kafka: KafkaOverrides {
                     brokers,
                     group_id,

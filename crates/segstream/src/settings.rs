@@ -23,6 +23,8 @@ pub struct RunFlags {
     pub output_format: Option<Format>,
     pub dead_letter: Option<PathBuf>,
     pub overwrite: bool,
+    /// `--migrate-rules`: move a state built under other rules to these.
+    pub migrate_rules: bool,
     pub kafka: KafkaOverrides,
 }
 
@@ -91,7 +93,9 @@ pub struct Settings {
 impl Settings {
     /// File mode with `--input`, else Kafka mode from the `[kafka]` section.
     pub fn resolve(config: &Config, flags: RunFlags, env: &KafkaEnvironment) -> anyhow::Result<Self> {
-        let engine = config.engine_settings()?;
+        let mut engine = config.engine_settings()?;
+        let policy = engine.rules_policy();
+        engine = engine.with_rules_policy(segstream_engine::RulesPolicy { migrate: flags.migrate_rules, ..policy });
         let Some(input) = flags.input else {
             let kafka = config.kafka.as_ref().ok_or_else(|| {
                 anyhow::anyhow!(

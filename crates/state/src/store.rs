@@ -58,6 +58,27 @@ pub struct HistoryEntry {
     /// The boundary's kind bits (time boundaries).
     pub boundary: u8,
     pub scores: Scores,
+    /// A rule migration: (from version, to version). Last, so that entries
+    /// written before it read with `None` (see [`HistoryEntry::decode`]).
+    pub rules: Option<(u32, u32)>,
+}
+
+impl HistoryEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("a history entry serializes")
+    }
+
+    /// Reads an entry, also one written before `rules` existed.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        match postcard::from_bytes(bytes) {
+            Err(postcard::Error::DeserializeUnexpectedEnd) => {
+                let mut longer = bytes.to_vec();
+                longer.push(0);
+                postcard::from_bytes(&longer)
+            }
+            other => other,
+        }
+    }
 }
 
 /// Tuning of the store; defaults suit a laptop and a 2-core CI machine.
@@ -429,9 +450,43 @@ impl StateStore {
             if !k.starts_with(&prefix) || k.len() != prefix.len() + 4 {
                 break;
             }
-            out.push(
-                postcard::from_bytes(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
-            );
+            out.push(HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?);
+        }
+        Ok(out)
+    }
+
+    /// A customer's kept transitions with their sequence numbers, oldest
+    /// first (committed ones).
+    pub fn history_with_seqs(&self, id: &str) -> Result<Vec<(u32, HistoryEntry)>, StateError> {
+        let prefix = history_prefix(id);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_HISTORY), IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 4 {
+                break;
+            }
+            let seq = u32::from_be_bytes(k[prefix.len()..].try_into().expect("4 bytes"));
+            let e = HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?;
+            out.push((seq, e));
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` committed customer ids after `after` (from the first
+    /// when `None`), in id order: a bounded walk through every customer.
+    pub fn customer_ids_after(&self, after: Option<&str>, max: usize) -> Result<Vec<String>, StateError> {
+        let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+        let mode = IteratorMode::From(&start, Direction::Forward);
+        let mut out = Vec::with_capacity(max.min(1 << 16));
+        for item in self.db.iterator_cf(self.cf(CF_CUSTOMERS), mode) {
+            let (k, _) = item?;
+            if after.is_some_and(|a| a.as_bytes() == &*k) {
+                continue;
+            }
+            if out.len() >= max {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&k).into_owned());
         }
         Ok(out)
     }
@@ -440,7 +495,7 @@ impl StateStore {
     pub fn history_entry(&self, id: &str, seq: u32) -> Result<Option<HistoryEntry>, StateError> {
         match self.db.get_pinned_cf(self.cf(CF_HISTORY), history_key(id, seq))? {
             Some(v) => Ok(Some(
-                postcard::from_bytes(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
+                HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
             )),
             None => Ok(None),
         }
@@ -770,11 +825,7 @@ impl StateStore {
             }
             for (seq, entry) in &slot.history {
                 match entry {
-                    Some(e) => batch.put_cf(
-                        history,
-                        history_key(&slot.id, *seq),
-                        postcard::to_stdvec(e).expect("entry serializes"),
-                    ),
+                    Some(e) => batch.put_cf(history, history_key(&slot.id, *seq), e.encode()),
                     None => batch.delete_cf(history, history_key(&slot.id, *seq)),
                 }
             }
@@ -1050,7 +1101,18 @@ mod tests {
             event_id: Some(format!("e{at}")),
             boundary: 0,
             scores: Scores::default(),
+            rules: None,
         }
+    }
+
+    #[test]
+    fn history_entries_written_before_rule_versions_still_read() {
+        let e = entry(2, 1, 77);
+        let mut older = e.encode();
+        assert_eq!(older.pop(), Some(0), "the new field is one byte at the end");
+        assert_eq!(HistoryEntry::decode(&older).expect("older entry"), e);
+        let migrated = HistoryEntry { rules: Some((1, 2)), event_id: None, ..e };
+        assert_eq!(HistoryEntry::decode(&migrated.encode()).expect("new entry"), migrated);
     }
 
     /// Brute force over the committed customers: members and counts.

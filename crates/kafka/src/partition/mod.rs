@@ -626,7 +626,7 @@ impl Task {
         // restoring from the changelog has them too.
         self.engine.for_each_history_change(|id, writes| {
             for (seq, entry) in writes {
-                let value = entry.as_ref().map(|e| postcard::to_stdvec(e).expect("entry serializes"));
+                let value = entry.as_ref().map(|e| e.encode());
                 states.push((history_key(id, *seq), value));
             }
         });
@@ -714,7 +714,7 @@ impl Task {
                 Ok(crate::changelog::Entry::Customer { id, .. }) => self.engine.touch_customer(&id)?,
                 Ok(crate::changelog::Entry::History { id, seq, .. }) => {
                     let value = self.engine.history_entry(&id, seq)?;
-                    states.push((key, value.map(|e| postcard::to_stdvec(&e).expect("entry serializes"))));
+                    states.push((key, value.map(|e| e.encode())));
                 }
                 Ok(crate::changelog::Entry::Series { day, .. }) => {
                     if let Some(counts) = self.engine.series()?.into_iter().find(|(d, _)| *d == day).map(|(_, c)| c) {

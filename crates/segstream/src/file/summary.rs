@@ -53,6 +53,8 @@ pub struct RunSummary {
     /// `--until` was before the time the state had reached: (until, watermark).
     pub until_passed: Option<(i64, i64)>,
     pub dead_letter: Option<PathBuf>,
+    /// A rule migration this run completed.
+    pub migration: Option<segstream_engine::MigrationProgress>,
 }
 
 impl RunSummary {
@@ -81,6 +83,21 @@ impl RunSummary {
                 );
             }
             None => {}
+        }
+        if let Some(m) = &self.migration {
+            let _ = writeln!(
+                s,
+                "rules migrated from version {} to {}: {} customers re-evaluated, {} transitions (cause `rules`){}",
+                m.from.version,
+                m.to.version,
+                m.customers,
+                m.transitions,
+                if m.history_dropped > 0 {
+                    format!(", {} kept history entries of removed groups or segments deleted", m.history_dropped)
+                } else {
+                    String::new()
+                }
+            );
         }
         if self.stopped_early {
             let _ = writeln!(s, "stopped early (uncommitted work will be redone by the next run)");

@@ -88,9 +88,10 @@ impl StateReader {
     }
 
     fn history_json(&self, e: &HistoryEntry) -> Value {
-        let cause = match &e.event_id {
-            Some(id) => json!({ "kind": "event", "event_id": id }),
-            None => json!({ "kind": "time", "boundary": BoundaryKind::from_bits(e.boundary).name() }),
+        let cause = match (&e.event_id, e.rules) {
+            (Some(id), _) => json!({ "kind": "event", "event_id": id }),
+            (None, Some((from, to))) => json!({ "kind": "rules", "from_version": from, "to_version": to }),
+            (None, None) => json!({ "kind": "time", "boundary": BoundaryKind::from_bits(e.boundary).name() }),
         };
         json!({
             "group": self.names.groups().get(usize::from(e.group)).map_or("", |g| &*g.name),
