@@ -131,6 +131,13 @@ impl Pipeline {
         let state = self.dir.path().join(format!("state-{instance}"));
         // `state.x = v` lines go to the [state] table, `time.x = v` to
         // [time], the rest to [kafka].
+        // `top.x = v` lines go before every table, `raw:…` lines after the
+        // [kafka] tables as they are (other tables, e.g. [segments.health]).
+        let (top_lines, rest): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("top."));
+        let top: String = top_lines.iter().map(|l| format!("{}\n", &l["top.".len()..])).collect();
+        let (raw_lines, rest): (Vec<&str>, Vec<&str>) = rest.into_iter().partition(|l| l.starts_with("raw:"));
+        let raw: String = raw_lines.iter().map(|l| format!("{}\n", &l["raw:".len()..])).collect();
+        let extra = rest.join("\n");
         let (time_lines, rest): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("time."));
         let time_extra: String = time_lines.iter().map(|l| format!("{}\n", &l["time.".len()..])).collect();
         let (history_lines, rest): (Vec<&str>, Vec<&str>) = rest.into_iter().partition(|l| l.starts_with("history."));
@@ -154,7 +161,7 @@ impl Pipeline {
             }
         }
         let text = format!(
-            r#"
+            r#"{top}
 [time]
 {time_extra}
 [history]
@@ -174,7 +181,7 @@ state_dir = "{state}"
 "fetch.wait.max.ms" = "10"
 "session.timeout.ms" = "{session_ms}"
 "heartbeat.interval.ms" = "500"
-"#,
+{raw}"#,
             addr = self.broker.addr,
             state = state.display(),
             session_ms = session_ms,
@@ -721,6 +728,96 @@ fn a_crash_at_each_step_of_the_commit_protocol_recovers_exactly() {
         p.wait_log("a", mark, "partition restored", 2);
         p.assert_exactly_expected(&["a"]);
         assert!(log_max(&p.log("a"), trace) > 0, "{point}: recovery found {trace}0\n{}", p.log("a"));
+        sigterm(&mut child);
+    }
+}
+
+/// Labels per (customer, group) after these transition records (JSON
+/// payloads), checking that each starts where the customer was.
+fn fold_labels(payloads: &[String]) -> BTreeMap<(String, String), String> {
+    let mut labels = BTreeMap::new();
+    for p in payloads {
+        let r: segstream_output::TransitionRecord = serde_json::from_str(p).expect("record");
+        let key = (r.customer_id.clone(), r.group.clone());
+        assert_eq!(labels.get(&key), r.from.as_ref(), "{p} starts where the customer was");
+        match r.to {
+            Some(to) => labels.insert(key, to),
+            None => labels.remove(&key),
+        };
+    }
+    labels
+}
+
+/// A rule change in Kafka mode (ADR 008): two partitions run under the
+/// SPEC rules, stop cleanly, and restart with `rules_version = 2`, a
+/// lower green threshold and a new custom group; the migration crashes in its second batch (after
+/// its transitions, or after its customers' changelog states) and is
+/// finished by a restart. Every migration transition is written once, the
+/// labels then equal file mode's under the new rules, and nothing else is
+/// written again.
+#[test]
+fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
+    for point in ["after_output", "after_changelog_states"] {
+        let p = Pipeline::new(sqlite, 2, 60, 40, None);
+        p.produce_all();
+        let mut child = p.start("a", "");
+        p.wait_output(p.expected.len(), "before the migration", &["a"]);
+        sigterm(&mut child);
+
+        // A lower green threshold, and a new custom group: a customer the
+        // crashed batch already moved must not be moved again on restart.
+        let new_rules = "top.rules_version = 2\nstate.commit_every_records = 8\nraw:[segments.health]\nraw:green_min = 60\n\
+                         raw:[[segments.custom]]\nraw:name = \"tier\"\nraw:default = \"free\"\n\
+                         raw:rules = [{ segment = \"paying\", when = \"M >= 2\" }]";
+        let mark = p.log("a").len();
+        let mut crashed =
+            p.start_env("a", new_rules, &[("SEGSTREAM_CRASH_AT", &format!("{point}:migrated:10"))]);
+        let status = crashed.wait().expect("wait");
+        assert!(!status.success(), "{point}: the fault was injected:\n{}", &p.log("a")[mark..]);
+        assert!(p.log("a")[mark..].contains("SEGSTREAM_CRASH_AT: aborting"), "{point}: {}", &p.log("a")[mark..]);
+        let mut child = p.start("a", new_rules);
+        p.wait_log("a", mark, "rule migration to version 2: complete", 2);
+
+        // File mode under the new rules, version 2, on the same events.
+        let mut cfg = segstream::Config::default();
+        cfg.rules_version = Some(2);
+        cfg.segments.health.green_min = 60;
+        cfg.segments.custom = vec![segstream_scoring::CustomGroupConfig {
+            name: "tier".into(),
+            rules: vec![segstream_scoring::RuleConfig { segment: "paying".into(), when: "M >= 2".into() }],
+            default: "free".into(),
+        }];
+        let all = p.dir.path().join("all.jsonl");
+        let args = FileSettings::new(&all, p.dir.path().join("new-rules.jsonl"), p.dir.path().join("new-state"));
+        run_file(&cfg.engine_settings().expect("valid"), &args).expect("file mode");
+        let fresh: Vec<String> =
+            std::fs::read_to_string(&args.output).expect("fresh").lines().map(str::to_string).collect();
+
+        std::thread::sleep(Duration::from_millis(1500));
+        let records = read_all(&p.broker.addr, OUTPUT);
+        let mut by_partition: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+        for r in &records {
+            by_partition.entry(r.partition).or_default().push(String::from_utf8(r.payload.clone().expect("payload")).expect("utf-8"));
+        }
+        let (mut rules, mut others) = (Vec::new(), Vec::new());
+        for r in records.iter() {
+            let text = String::from_utf8(r.payload.clone().expect("payload")).expect("utf-8");
+            if text.contains(r#""kind":"rules""#) { rules.push(text) } else { others.push(text) }
+        }
+        others.sort();
+        assert_eq!(others, p.expected, "{point}: nothing but the migration was written after the first run");
+        let ids: BTreeSet<&str> = rules.iter().map(|t| &t[t.find("transition_id").expect("id")..]).collect();
+        assert_eq!(ids.len(), rules.len(), "{point}: every migration transition once");
+        assert!(rules.len() > 10, "{point}: the new threshold moves customers: {}", rules.len());
+        // Per customer (one output partition each), the labels after the
+        // first run and the migration equal file mode's under the new rules.
+        let mut after = BTreeMap::new();
+        for payloads in by_partition.values() {
+            after.extend(fold_labels(payloads));
+        }
+        assert_eq!(after, fold_labels(&fresh), "{point}: labels after the migration");
+        let restarted = &p.log("a")[mark..];
+        assert!(log_max(restarted, "already_written=") > 0, "{point}: the restart found the crashed batch's output:\n{restarted}");
         sigterm(&mut child);
     }
 }

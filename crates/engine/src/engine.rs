@@ -238,6 +238,12 @@ impl Engine {
         Ok(())
     }
 
+    /// The rules version stamped on transitions from now on (Kafka mode:
+    /// from the commit marker).
+    pub fn set_rules_version(&mut self, version: u32) {
+        self.scorer.set_rules_version(version);
+    }
+
     /// The migration under way, if any.
     pub fn migration(&self) -> Option<&MigrationProgress> {
         self.migration.as_ref().map(|(m, _)| m)
@@ -258,6 +264,13 @@ impl Engine {
         let before = out.len();
         for id in &ids {
             let sid = self.store.customer(id)?;
+            m.customers += 1;
+            // Already under the new rules: a changelog restore in Kafka mode
+            // brought back its state from a migration batch that crashed
+            // before its commit marker (its history came with it).
+            if self.store.slot(sid).state.as_ref().is_some_and(|s| s.rules_version == m.to.version) {
+                continue;
+            }
             for (seq, entry) in self.store.history_with_seqs(id)? {
                 match renaming.history(&entry) {
                     Some(e) if e == entry => {}
@@ -279,7 +292,6 @@ impl Engine {
                 }
             }
             self.store.touch(sid);
-            m.customers += 1;
         }
         m.cursor = ids.last().cloned().or(m.cursor.take());
         let made = (out.len() - before) as u64;
@@ -728,5 +740,62 @@ mod tests {
         assert_eq!(e.counters().events, 2);
         assert_eq!(e.counters().duplicate, 1);
         assert_eq!(e.counters().customers, 1);
+    }
+    fn with_custom(name: &str, policy: crate::RulesPolicy) -> EngineSettings {
+        let mut seg = segstream_scoring::SegmentsConfig::default();
+        seg.custom = vec![segstream_scoring::CustomGroupConfig {
+            name: name.into(),
+            rules: vec![segstream_scoring::RuleConfig { segment: "used".into(), when: "adoption > 0".into() }],
+            default: "unused".into(),
+        }];
+        EngineSettings::new(
+            segstream_scoring::ScoringConfig::default(),
+            seg,
+            std::time::Duration::ZERO,
+            segstream_state::StateOptions::default(),
+            std::num::NonZeroU64::MIN,
+        )
+        .expect("valid")
+        .with_rules_policy(policy)
+    }
+
+    /// Kafka mode restores a customer moved by a migration batch whose
+    /// commit marker was never written: resuming the migration must pass it
+    /// over (its labels are already the new rules'), not read its labels as
+    /// the old rules' a second time.
+    #[test]
+    fn a_resumed_migration_passes_over_customers_already_under_the_new_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let migrate = crate::RulesPolicy { version: None, migrate: true };
+        {
+            let mut e = Engine::open(dir.path(), &with_custom("plan", crate::RulesPolicy::default())).expect("open");
+            let mut out = Vec::new();
+            for (i, c) in ["a", "b", "c"].iter().enumerate() {
+                e.on_event(&ev(&format!("{i}"), c, T0 + i as i64, "feature_used"), &mut out).expect("event");
+            }
+            e.commit(Vec::new()).expect("commit");
+        }
+        let new = with_custom("tier", migrate);
+        let moved_a = {
+            let mut e = Engine::open(dir.path(), &new).expect("begins the migration");
+            let mut out = Vec::new();
+            let step = e.migrate_step(1, &mut out).expect("a");
+            assert!(!step.done);
+            let groups: Vec<&str> = out.iter().map(|t| &*t.group).collect();
+            assert_eq!(groups, vec!["tier", "plan"], "{out:?}");
+            let sid = e.store.customer("a").expect("a");
+            e.store().slot(sid).state.clone().expect("a exists")
+            // dropped without a commit: a crash
+        };
+        let mut e = Engine::open(dir.path(), &new).expect("resumes");
+        assert_eq!(e.migration().map(|m| m.customers), Some(0));
+        e.restore_customer("a", Some(moved_a)).expect("restored from the changelog");
+        let mut out = Vec::new();
+        let step = e.migrate_step(10, &mut out).expect("the rest");
+        assert!(step.done);
+        assert_eq!(step.progress.customers, 3);
+        let who: Vec<&str> = out.iter().map(|t| t.customer_id.as_str()).collect();
+        assert_eq!(who, vec!["b", "b", "c", "c"], "a was moved once already: {out:?}");
+        assert!(out.iter().all(|t| t.cause == Cause::Rules { from: 1, to: 2 } && t.rules_version == 2));
     }
 }

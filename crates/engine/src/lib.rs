@@ -15,7 +15,7 @@ mod error;
 mod rules;
 mod settings;
 
-pub use engine::{read_series, Clock, Counters, Engine, SegmentCounts};
+pub use engine::{read_series, Clock, Counters, Engine, MigrationStep, RulesCheck, SegmentCounts};
 pub use error::EngineError;
-pub use rules::{MigrationProgress, RulesMeta};
+pub use rules::{decide as decide_rules, Decision as RulesDecision, MigrationProgress, RulesMeta};
 pub use settings::{EngineSettings, RulesPolicy, TimeWindow};

@@ -56,7 +56,7 @@ pub struct MigrationProgress {
 
 /// What opening a state under the configured rules does.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Decision {
+pub enum Decision {
     /// The rules in force: nothing to do.
     Same(RulesMeta),
     /// Record these rules (a new state, or one made before rules were recorded).
@@ -67,9 +67,10 @@ pub(crate) enum Decision {
     Resume(MigrationProgress),
 }
 
-/// Decides from what a state holds and what the configuration says.
-pub(crate) fn decide(
-    dir: &str,
+/// Decides from what a state holds and what the configuration says (`what`
+/// names the state in messages).
+pub fn decide(
+    what: &str,
     stored: Option<RulesMeta>,
     legacy_fingerprint: Option<u64>,
     migration: Option<MigrationProgress>,
@@ -79,7 +80,7 @@ pub(crate) fn decide(
     if let Some(m) = migration {
         if current.fingerprint != m.to.fingerprint || policy.version.is_some_and(|v| v != m.to.version) {
             return Err(EngineError::Rules(format!(
-                "a migration of the rules from version {} to {} is under way in {dir} ({} customers done): \
+                "a migration of the rules from version {} to {} is under way in {what} ({} customers done): \
                  restart with the configuration of version {} to finish it, then change the rules again",
                 m.from.version, m.to.version, m.customers, m.to.version
             )));
@@ -89,7 +90,7 @@ pub(crate) fn decide(
     let Some(stored) = stored else {
         return match legacy_fingerprint {
             Some(fp) if fp != current.fingerprint => Err(EngineError::Rules(format!(
-                "the state in {dir} was built under other scoring or segment rules by an earlier segstream, which \
+                "the state in {what} was built under other scoring or segment rules by an earlier segstream, which \
                  did not record them, so its labels cannot be renamed under the new ones. Run it once with the \
                  configuration it was built with (that records the rules), then with the new one and --migrate-rules"
             ))),
@@ -98,7 +99,7 @@ pub(crate) fn decide(
     };
     if let Some(v) = policy.version.filter(|v| *v < stored.version) {
         return Err(EngineError::Rules(format!(
-            "rules_version = {v} is older than the version {} the state in {dir} is under; rules cannot go back \
+            "rules_version = {v} is older than the version {} the state in {what} is under; rules cannot go back \
              (raise rules_version above {} to migrate to these rules)",
             stored.version, stored.version
         )));
@@ -114,7 +115,7 @@ pub(crate) fn decide(
         (Some(v), _) => v,
         (None, Some(v)) => {
             return Err(EngineError::Rules(format!(
-                "the scoring or segment rules differ from those of the state in {dir} ({}), but rules_version is \
+                "the scoring or segment rules differ from those of the state in {what} ({}), but rules_version is \
                  still {v}: raise rules_version to migrate the state to the new rules, or restore the old ones",
                 differences(&stored.rules, &current.rules)
             )))
@@ -122,7 +123,7 @@ pub(crate) fn decide(
         (None, None) if policy.migrate => stored.version + 1,
         (None, None) => {
             return Err(EngineError::Rules(format!(
-                "the state in {dir} was built under other scoring or segment rules (version {}; {}). Its \
+                "the state in {what} was built under other scoring or segment rules (version {}; {}). Its \
                  segments would not match the new rules. To move it to them, run with --migrate-rules (or raise \
                  rules_version): every customer is re-evaluated and each changed segment is a transition with \
                  cause `rules`. Or use a new --state-dir, or the configuration it was built with",

@@ -187,6 +187,7 @@ mod tests {
                 skip: BTreeMap::new(),
                 erased: vec!["b".into()],
                 last_delay_ms: None,
+                migration: None,
             },
             hold_outputs,
             states: vec![(b"c/a".to_vec(), Some(b"S".to_vec())), (b"c/b".to_vec(), Some(b"D".to_vec()))],

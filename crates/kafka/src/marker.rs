@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use segstream_engine::{Clock, Counters};
+use segstream_engine::{Clock, Counters, MigrationProgress, RulesMeta};
 use serde::{Deserialize, Serialize};
 
 use crate::changelog::LoggedRun;
@@ -59,6 +59,14 @@ pub struct Marker {
     /// record, see [`crate::fence`]); `None` in markers of earlier versions.
     #[serde(default)]
     pub owner: Option<i64>,
+    /// The rules the partition's state is under (version and text: what
+    /// names its labels); `None` in markers of earlier versions, which
+    /// carry the fingerprint only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<RulesMeta>,
+    /// A rule migration under way (ADR 008).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
 }
 
 /// The marker as the local RocksDB keeps it, with where it is in the changelog.
@@ -100,6 +108,8 @@ pub struct Progress<'a> {
     pub erased: Vec<String>,
     /// See [`Marker::last_delay_ms`].
     pub last_delay_ms: Option<i64>,
+    /// A rule migration under way after this commit.
+    pub migration: Option<MigrationProgress>,
 }
 
 impl Marker {
@@ -121,6 +131,8 @@ impl Marker {
             last_delay_ms: None,
             erased: Vec::new(),
             owner: None,
+            rules: None,
+            migration: None,
         }
     }
 
@@ -155,6 +167,8 @@ impl Marker {
             last_delay_ms: p.last_delay_ms,
             erased: p.erased,
             owner: self.owner,
+            rules: self.rules.clone(),
+            migration: p.migration,
         }
     }
 }
@@ -176,6 +190,7 @@ mod tests {
             skip: BTreeMap::from([("c".to_string(), 130)]),
             erased: vec!["gone".into()],
             last_delay_ms: Some(12),
+            migration: None,
         }
     }
 

@@ -54,6 +54,10 @@ pub struct ChangelogTail {
     /// finish. Their states are kept (they include events the marker's
     /// position does not), with the record number they are applied through.
     ahead: HashMap<String, i64>,
+    /// Customers written after the last marker by a rule-migration batch
+    /// (their state is under the migration's target version): their
+    /// history came with them, and the migration passes them over.
+    migrated: std::collections::HashSet<String>,
     /// Runs logged after the last marker, with their keys.
     runs: Vec<(Vec<u8>, LoggedRun)>,
     /// History entries written after the last marker: kept only for the
@@ -140,6 +144,7 @@ impl ChangelogTail {
             Entry::Marker(marker) => {
                 self.last = Some((*marker, offset));
                 self.ahead.clear();
+                self.migrated.clear();
                 self.runs.clear();
                 self.history.clear();
                 None
@@ -150,6 +155,10 @@ impl ChangelogTail {
             }
             Entry::Run(None) => None,
             Entry::Customer { id, applied_through, state } => {
+                let target = self.last.as_ref().and_then(|(m, _)| m.migration.as_ref()).map(|m| m.to.version);
+                if target.is_some() && state.as_ref().map(|s| s.rules_version) == target {
+                    self.migrated.insert(id.clone());
+                }
                 match applied_through {
                     Some(a) => self.ahead.insert(id.clone(), a),
                     None => self.ahead.remove(&id),
@@ -180,7 +189,12 @@ impl ChangelogTail {
         }
         let (run_keys, logged): (Vec<_>, Vec<_>) = self.runs.into_iter().unzip();
         runs.extend(logged);
-        let undo_history = self.history.into_iter().filter(|(id, _)| !skip.contains_key(id)).collect();
+        let migrated = self.migrated;
+        let undo_history = self
+            .history
+            .into_iter()
+            .filter(|(id, _)| !skip.contains_key(id) && !migrated.contains(id))
+            .collect();
         Restored { last: self.last, skip, runs, run_keys, undo_history }
     }
 }

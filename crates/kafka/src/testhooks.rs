@@ -40,6 +40,9 @@ pub const CRASH_AT_ENV: &str = "SEGSTREAM_CRASH_AT";
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultInjection {
     crash_at: Option<(CrashPoint, i64)>,
+    /// `<point>:migrated:<n>`: the count is of customers a rule migration
+    /// re-evaluated in this process, and only a migration's commits crash.
+    pub during_migration: bool,
     /// `SEGSTREAM_RESTORE_PAUSE_MS`: every restore waits this long before
     /// reading the changelog (stop-aware), so that a test sees a restore.
     pub restore_pause: Option<std::time::Duration>,
@@ -53,7 +56,10 @@ impl FromStr for FaultInjection {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
-            format!("{CRASH_AT_ENV}={s}: expected <after_output|after_changelog_states|after_marker|during_restore>:<record>")
+            format!(
+                "{CRASH_AT_ENV}={s}: expected <after_output|after_changelog_states|after_marker|during_restore>:<record> \
+                 or <point>:migrated:<customers>"
+            )
         };
         let (point, record) = s.split_once(':').ok_or_else(bad)?;
         let points = [
@@ -63,7 +69,11 @@ impl FromStr for FaultInjection {
             CrashPoint::DuringRestore,
         ];
         let point = points.into_iter().find(|p| p.name() == point).ok_or_else(bad)?;
-        Ok(Self { crash_at: Some((point, record.parse().map_err(|_| bad())?)), restore_pause: None })
+        let (during_migration, record) = match record.strip_prefix("migrated:") {
+            Some(n) => (true, n),
+            None => (false, record),
+        };
+        Ok(Self { crash_at: Some((point, record.parse().map_err(|_| bad())?)), during_migration, restore_pause: None })
     }
 }
 
@@ -111,6 +121,8 @@ mod tests {
         assert!(!f.should_crash(CrashPoint::AfterOutput, 400));
         assert!("after_lunch:4".parse::<FaultInjection>().is_err());
         assert!("after_marker".parse::<FaultInjection>().is_err());
+        let m: FaultInjection = "after_output:migrated:60".parse().expect("valid");
+        assert!(m.during_migration && m.should_crash(CrashPoint::AfterOutput, 60));
         assert!(!FaultInjection::none().should_crash(CrashPoint::AfterOutput, i64::MAX));
     }
 }

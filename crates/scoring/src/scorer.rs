@@ -432,6 +432,7 @@ impl Scorer {
         }
         st.labels = labels.to_vec();
         st.evaluated_at = tau;
+        st.rules_version = self.rules_version;
         self.reschedule(st);
     }
 
@@ -468,6 +469,7 @@ impl Scorer {
                 return Outcome::DeletedUnknown;
             }
             let mut st = CustomerState::new(e.ts);
+            st.rules_version = self.rules_version;
             let _ = st.apply(e); // a new customer holds one ticket or feature at most
             let scores = self.scores(&st, e.ts);
             let labels = self.labels(&st, &scores);

@@ -66,6 +66,10 @@ pub struct CustomerState {
     /// most customers (one byte). Last, so that records of the earlier
     /// format read as this one with `None` appended.
     pub extra: Option<Box<NamedValues>>,
+    /// The rules version its labels are under (0: a state written before
+    /// versions were recorded). A rule migration skips a customer already
+    /// at its target version, so that it is idempotent per customer.
+    pub rules_version: u32,
 }
 
 /// What `profile.attributes` and `survey` events left (SPEC §1).
@@ -156,6 +160,7 @@ impl CustomerState {
             labels: Vec::new(),
             timer: None,
             extra: None,
+            rules_version: 0,
         }
     }
 

@@ -103,6 +103,8 @@ pub struct Task {
     published_segments: BTreeMap<(String, String), (i64, i64)>,
     /// Progress reported to the group thread's stuck check.
     progress: Arc<crate::record::Progress>,
+    /// During a rule migration: customers re-evaluated by this process.
+    migrated_here: Option<i64>,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -128,6 +130,9 @@ struct TaskIo<'a> {
     partition: i32,
     faults: &'a FaultInjection,
     records: i64,
+    /// Customers a rule migration re-evaluated in this process, at its
+    /// commits (`None`: not a migration's commit).
+    migrated: Option<i64>,
 }
 
 impl CommitIo for TaskIo<'_> {
@@ -156,7 +161,10 @@ impl CommitIo for TaskIo<'_> {
     }
 
     fn crash_point(&self, point: CrashPoint) {
-        self.faults.crash_point(point, self.records, self.partition, || self.producer.flush_before_crash());
+        let count = if self.faults.during_migration { self.migrated } else { Some(self.records) };
+        if let Some(n) = count {
+            self.faults.crash_point(point, n, self.partition, || self.producer.flush_before_crash());
+        }
     }
 }
 
@@ -334,6 +342,55 @@ impl Task {
                 self.advance_with_wall_clock()?;
             }
         }
+    }
+
+    /// Runs the rule migration under way to its end before any record
+    /// (ADR 008): customers in id order, `state.commit_every_records` at a
+    /// time, each batch's transitions produced (source `<topic>/<p>/rules`)
+    /// and committed like a batch of records. A new migration is committed
+    /// first, so that a crash in its first batch resumes it under the same
+    /// rules. A crash replays from the last commit: customers already moved
+    /// are passed over by their state's rules version, transitions already
+    /// written are not sent again (the replay guard).
+    pub(crate) fn finish_migration(&mut self, starting: bool) -> Result<(), Error> {
+        if self.engine.migration().is_none() {
+            return Ok(());
+        }
+        self.migrated_here = Some(0);
+        if starting {
+            self.commit(None)?;
+        }
+        let batch = usize::try_from(self.shared.engine.commit_every_records()).unwrap_or(usize::MAX).max(1);
+        let source = format!("{}rules", self.source_prefixes[0]);
+        let started = Instant::now();
+        while let Some(before) = self.engine.migration().map(|m| m.customers) {
+            if self.stop.is_set() {
+                return Err(Error::Stopped);
+            }
+            self.still_owner()?;
+            let step = self.engine.migrate_step(batch, &mut self.out)?;
+            self.emitter.sink_mut().set_source(source.clone());
+            self.emitter.transitions(&mut self.out)?;
+            self.migrated_here = self.migrated_here.map(|n| n + (step.progress.customers - before) as i64);
+            if step.done {
+                self.marker.rules = Some(step.progress.to.clone());
+                self.marker.config_fingerprint = step.progress.to.fingerprint;
+            }
+            self.commit(None)?;
+            self.publish_tally();
+            tracing::info!(
+                partition = self.partition,
+                customers = step.progress.customers,
+                of = self.engine.counters().customers,
+                transitions = step.progress.transitions,
+                seconds = started.elapsed().as_secs_f64(),
+                "rule migration to version {}: {}",
+                step.progress.to.version,
+                if step.done { "complete" } else { "in progress" }
+            );
+        }
+        self.migrated_here = None;
+        Ok(())
     }
 
     fn hand_over(mut self) -> Result<(), Error> {
@@ -670,6 +727,7 @@ impl Task {
             skip,
             erased,
             last_delay_ms: self.last_delay_ms,
+            migration: self.engine.migration().cloned(),
         };
         let mut io = TaskIo {
             producer: sink.producer(),
@@ -679,6 +737,7 @@ impl Task {
             partition: self.partition,
             faults: &self.shared.kafka.faults,
             records: next,
+            migrated: self.migrated_here,
         };
         let c = Commit { prev: &self.marker, progress, hold_outputs, states, tombstones, now_ms: now_ms() };
         let done = commit(&mut io, c)?;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::BaseRecord;
-use segstream_engine::Engine;
+use segstream_engine::{decide_rules, Engine, RulesCheck, RulesDecision, RulesMeta};
 use segstream_output::Emitter;
 
 use super::{now_ms, OwnerCheck, Shared, Task};
@@ -79,7 +79,7 @@ impl Task {
         let changelog = k.changelog_topic.as_str();
         let dir = k.partition_dir(partition);
         std::fs::create_dir_all(&k.state_dir).map_err(Error::io(format!("creating {}", k.state_dir.display())))?;
-        let mut engine = Engine::open(&dir, &shared.engine)?;
+        let mut engine = Engine::open_with(&dir, &shared.engine, RulesCheck::Caller)?;
         // Local state is a cache of the changelog: a marker it cannot read
         // means rebuilding it from the changelog, not stopping.
         let mut unreadable = false;
@@ -95,7 +95,7 @@ impl Task {
         if unreadable {
             drop(engine);
             std::fs::remove_dir_all(&dir).map_err(Error::io(format!("removing {}", dir.display())))?;
-            engine = Engine::open(&dir, &shared.engine)?;
+            engine = Engine::open_with(&dir, &shared.engine, RulesCheck::Caller)?;
         }
         let consumer = reader(k)?;
         let (low, high) = watermarks(&consumer, changelog, partition, &stop)?;
@@ -112,7 +112,7 @@ impl Task {
             );
             drop(engine);
             std::fs::remove_dir_all(&dir).map_err(Error::io(format!("removing {}", dir.display())))?;
-            engine = Engine::open(&dir, &shared.engine)?;
+            engine = Engine::open_with(&dir, &shared.engine, RulesCheck::Caller)?;
             local = None;
         }
         let from = local.as_ref().map_or(low, |l| l.changelog_offset + 1);
@@ -233,12 +233,28 @@ impl Task {
                 (Marker::first(outputs, fingerprint, shared.engine.time_fingerprint()), -1, true)
             }
         };
-        if marker.config_fingerprint != fingerprint {
-            return Err(Error::Setup(format!(
-                "partition {partition} was built with a different scoring or segments configuration \
-                 (fingerprint {:016x}, now {fingerprint:016x}); use a new group id and changelog, or the old configuration",
-                marker.config_fingerprint
-            )));
+        // The rules: those of the marker, or a migration to the configured
+        // ones (ADR 008). Not the local state's: it is a cache.
+        let mut marker = marker;
+        let current = RulesMeta { version: 0, fingerprint, rules: shared.engine.rules_json() };
+        let decision = decide_rules(
+            &format!("partition {partition}"),
+            marker.rules.clone(),
+            Some(marker.config_fingerprint),
+            marker.migration.clone(),
+            current,
+            shared.engine.rules_policy(),
+        )
+        .map_err(|e| Error::Setup(e.to_string()))?;
+        let starts_migration = matches!(decision, RulesDecision::Migrate(_));
+        match decision {
+            RulesDecision::Same(m) => engine.set_rules_version(m.version),
+            RulesDecision::Record(m) => {
+                engine.set_rules_version(m.version);
+                marker.rules = Some(m);
+            }
+            RulesDecision::Migrate(m) => engine.begin_migration(m)?,
+            RulesDecision::Resume(m) => engine.resume_migration(m)?,
         }
         let time_fingerprint = shared.engine.time_fingerprint();
         let unfinished = !skip.is_empty() || !runs.is_empty();
@@ -264,7 +280,6 @@ impl Task {
         }
         let skips = skip.len();
         let guard = ReplayGuard::new(k.inputs.len(), skip);
-        let mut marker = marker;
         marker.owner = Some(epoch);
         let mut sink = KafkaSink::new(producer, k, shared.output, guard, shared.metrics.clone());
         let owner_check =
@@ -303,6 +318,7 @@ impl Task {
             misplaced: segstream_output::Throttle::new(10, std::time::Duration::from_secs(60)),
             published_segments: std::collections::BTreeMap::new(),
             progress: Arc::new(crate::record::Progress::default()),
+            migrated_here: None,
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.
@@ -317,6 +333,14 @@ impl Task {
                      (time.allowed_lateness_ms, time.earliest_event, time.max_future_ms); replaying it under the \
                      new ones would write different transitions. Restart with the previous time settings until \
                      the partition has committed, then change them"
+                )));
+            }
+            if starts_migration && (skips > 0 || task.runs.replay_len() > 0 || task.emitter.sink().guard().holds_outputs())
+            {
+                return Err(Error::Setup(format!(
+                    "partition {partition} has work after its last commit done under its current rules; a replay \
+                     under the new ones would write other transitions. Restart with the current rules until the \
+                     partition has committed (a clean stop commits), then migrate"
                 )));
             }
             // From now on commits carry this process's time settings.
@@ -354,6 +378,7 @@ impl Task {
             "partition restored"
         );
         task.publish_opened();
+        task.finish_migration(starts_migration)?;
         Ok(task)
     }
 
