@@ -142,7 +142,8 @@ fn a_different_scoring_config_is_refused_on_the_same_state() {
     let mut other = Config::default();
     other.segments.health.green_min = 80;
     let err = run_file(&engine(&other), &args).expect_err("must refuse").to_string();
-    assert!(err.contains("different scoring or segments configuration"), "{err}");
+    assert!(err.contains("other scoring or segment rules"), "{err}");
+    assert!(err.contains("changed: segments.health.green_min") && err.contains("--migrate-rules"), "{err}");
 }
 
 #[test]

@@ -766,12 +766,12 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
 
         // A lower green threshold, and a new custom group: a customer the
         // crashed batch already moved must not be moved again on restart.
-        let new_rules = "top.rules_version = 2\nstate.commit_every_records = 8\nraw:[segments.health]\nraw:green_min = 60\n\
+        let new_rules =
+            "top.rules_version = 2\nstate.commit_every_records = 8\nraw:[segments.health]\nraw:green_min = 60\n\
                          raw:[[segments.custom]]\nraw:name = \"tier\"\nraw:default = \"free\"\n\
                          raw:rules = [{ segment = \"paying\", when = \"M >= 2\" }]";
         let mark = p.log("a").len();
-        let mut crashed =
-            p.start_env("a", new_rules, &[("SEGSTREAM_CRASH_AT", &format!("{point}:migrated:10"))]);
+        let mut crashed = p.start_env("a", new_rules, &[("SEGSTREAM_CRASH_AT", &format!("{point}:migrated:10"))]);
         let status = crashed.wait().expect("wait");
         assert!(!status.success(), "{point}: the fault was injected:\n{}", &p.log("a")[mark..]);
         assert!(p.log("a")[mark..].contains("SEGSTREAM_CRASH_AT: aborting"), "{point}: {}", &p.log("a")[mark..]);
@@ -779,8 +779,7 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
         p.wait_log("a", mark, "rule migration to version 2: complete", 2);
 
         // File mode under the new rules, version 2, on the same events.
-        let mut cfg = segstream::Config::default();
-        cfg.rules_version = Some(2);
+        let mut cfg = segstream::Config { rules_version: Some(2), ..Default::default() };
         cfg.segments.health.green_min = 60;
         cfg.segments.custom = vec![segstream_scoring::CustomGroupConfig {
             name: "tier".into(),
@@ -797,12 +796,19 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
         let records = read_all(&p.broker.addr, OUTPUT);
         let mut by_partition: BTreeMap<i32, Vec<String>> = BTreeMap::new();
         for r in &records {
-            by_partition.entry(r.partition).or_default().push(String::from_utf8(r.payload.clone().expect("payload")).expect("utf-8"));
+            by_partition
+                .entry(r.partition)
+                .or_default()
+                .push(String::from_utf8(r.payload.clone().expect("payload")).expect("utf-8"));
         }
         let (mut rules, mut others) = (Vec::new(), Vec::new());
         for r in records.iter() {
             let text = String::from_utf8(r.payload.clone().expect("payload")).expect("utf-8");
-            if text.contains(r#""kind":"rules""#) { rules.push(text) } else { others.push(text) }
+            if text.contains(r#""kind":"rules""#) {
+                rules.push(text)
+            } else {
+                others.push(text)
+            }
         }
         others.sort();
         assert_eq!(others, p.expected, "{point}: nothing but the migration was written after the first run");
@@ -817,7 +823,10 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
         }
         assert_eq!(after, fold_labels(&fresh), "{point}: labels after the migration");
         let restarted = &p.log("a")[mark..];
-        assert!(log_max(restarted, "already_written=") > 0, "{point}: the restart found the crashed batch's output:\n{restarted}");
+        assert!(
+            log_max(restarted, "already_written=") > 0,
+            "{point}: the restart found the crashed batch's output:\n{restarted}"
+        );
         sigterm(&mut child);
     }
 }

@@ -25,7 +25,11 @@ fn split(dir: &Path, customers: u64, days: u32, at_day: i64) -> (PathBuf, PathBu
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for l in lines(&all) {
         let ts = segstream_decode::decode_json_line(l.as_bytes()).expect("valid sample").ts;
-        if ts < cut { a.push(l) } else { b.push(l) }
+        if ts < cut {
+            a.push(l)
+        } else {
+            b.push(l)
+        }
     }
     let (pa, pb) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
     std::fs::write(&pa, a.join("\n") + "\n").expect("write");
@@ -117,7 +121,10 @@ fn a_threshold_changed_mid_stream_gives_a_fresh_runs_labels_and_continues_as_it(
         .map(|(k, v)| (k.clone(), v.clone(), after_migration.get(k).cloned()))
         .take(5)
         .collect();
-    assert!(differ.is_empty() && after_migration.len() == fresh.len(), "(customer, group), fresh, migrated: {differ:?}");
+    assert!(
+        differ.is_empty() && after_migration.len() == fresh.len(),
+        "(customer, group), fresh, migrated: {differ:?}"
+    );
 
     // Then every transition of the second part equals the fresh run's, byte for byte.
     let fresh_a = lines(&p.join("fresh-a.jsonl")).len();

@@ -742,12 +742,14 @@ mod tests {
         assert_eq!(e.counters().customers, 1);
     }
     fn with_custom(name: &str, policy: crate::RulesPolicy) -> EngineSettings {
-        let mut seg = segstream_scoring::SegmentsConfig::default();
-        seg.custom = vec![segstream_scoring::CustomGroupConfig {
-            name: name.into(),
-            rules: vec![segstream_scoring::RuleConfig { segment: "used".into(), when: "adoption > 0".into() }],
-            default: "unused".into(),
-        }];
+        let seg = segstream_scoring::SegmentsConfig {
+            custom: vec![segstream_scoring::CustomGroupConfig {
+                name: name.into(),
+                rules: vec![segstream_scoring::RuleConfig { segment: "used".into(), when: "adoption > 0".into() }],
+                default: "unused".into(),
+            }],
+            ..Default::default()
+        };
         EngineSettings::new(
             segstream_scoring::ScoringConfig::default(),
             seg,

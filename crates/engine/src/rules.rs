@@ -170,6 +170,16 @@ pub(crate) fn differences(old: &str, new: &str) -> String {
     }
 }
 
+/// What differs between the rules a state recorded (meta `rules`, if it
+/// has it) and `current` (the text of [`crate::EngineSettings::rules_json`]),
+/// for messages of readers that refuse a state of other rules.
+pub fn rules_mismatch(stored: Option<&[u8]>, current: &str) -> String {
+    match stored.and_then(|v| serde_json::from_slice::<RulesMeta>(v).ok()) {
+        Some(m) => format!("rules version {}; {}", m.version, differences(&m.rules, current)),
+        None => "the state did not record its rules".into(),
+    }
+}
+
 /// Renames group and segment indexes of the old rules to those of the new.
 pub(crate) struct Renaming {
     /// Old group index → new group index and, per old segment index, the new one.

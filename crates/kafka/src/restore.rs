@@ -190,11 +190,8 @@ impl ChangelogTail {
         let (run_keys, logged): (Vec<_>, Vec<_>) = self.runs.into_iter().unzip();
         runs.extend(logged);
         let migrated = self.migrated;
-        let undo_history = self
-            .history
-            .into_iter()
-            .filter(|(id, _)| !skip.contains_key(id) && !migrated.contains(id))
-            .collect();
+        let undo_history =
+            self.history.into_iter().filter(|(id, _)| !skip.contains_key(id) && !migrated.contains(id)).collect();
         Restored { last: self.last, skip, runs, run_keys, undo_history }
     }
 }

@@ -41,10 +41,17 @@ fn first_version() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CauseRecord {
-    Event { event_id: String },
-    Time { boundary: String },
+    Event {
+        event_id: String,
+    },
+    Time {
+        boundary: String,
+    },
     /// A rule migration re-evaluated the customer.
-    Rules { from_version: u32, to_version: u32 },
+    Rules {
+        from_version: u32,
+        to_version: u32,
+    },
 }
 
 impl From<&Transition> for TransitionRecord {

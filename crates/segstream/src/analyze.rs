@@ -270,8 +270,9 @@ fn read_state(dir: &Path, settings: &EngineSettings, ds: &mut Dataset) -> anyhow
     match store.meta("config_fingerprint")? {
         Some(v) if String::from_utf8_lossy(&v) == settings.fingerprint().to_string() => {}
         Some(_) => bail!(
-            "{} was built with another scoring or segments configuration: pass the --config it was run with",
-            dir.display()
+            "{} was built with another scoring or segments configuration ({}): pass the --config it was run with",
+            dir.display(),
+            segstream_engine::rules_mismatch(store.meta("rules")?.as_deref(), &settings.rules_json())
         ),
         None => bail!("{} has no configuration fingerprint: not a segstream state dir", dir.display()),
     }

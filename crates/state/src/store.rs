@@ -458,7 +458,9 @@ impl StateStore {
             if !k.starts_with(&prefix) || k.len() != prefix.len() + 4 {
                 break;
             }
-            out.push(HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?);
+            out.push(
+                HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
+            );
         }
         Ok(out)
     }
@@ -474,7 +476,8 @@ impl StateStore {
                 break;
             }
             let seq = u32::from_be_bytes(k[prefix.len()..].try_into().expect("4 bytes"));
-            let e = HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?;
+            let e =
+                HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?;
             out.push((seq, e));
         }
         Ok(out)

@@ -335,7 +335,8 @@ impl Task {
                      the partition has committed, then change them"
                 )));
             }
-            if starts_migration && (skips > 0 || task.runs.replay_len() > 0 || task.emitter.sink().guard().holds_outputs())
+            if starts_migration
+                && (skips > 0 || task.runs.replay_len() > 0 || task.emitter.sink().guard().holds_outputs())
             {
                 return Err(Error::Setup(format!(
                     "partition {partition} has work after its last commit done under its current rules; a replay \

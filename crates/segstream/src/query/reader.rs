@@ -36,11 +36,10 @@ impl StateReader {
         let fingerprint = settings.fingerprint();
         match store.meta("config_fingerprint")? {
             Some(v) if String::from_utf8_lossy(&v) == fingerprint.to_string() => {}
-            Some(v) => anyhow::bail!(
-                "{} was built with another scoring or segments configuration (fingerprint {}, this one {fingerprint}): \
-                 pass the --config it was run with",
+            Some(_) => anyhow::bail!(
+                "{} was built with another scoring or segments configuration ({}): pass the --config it was run with",
                 dir.display(),
-                String::from_utf8_lossy(&v)
+                segstream_engine::rules_mismatch(store.meta("rules")?.as_deref(), &settings.rules_json())
             ),
             None => anyhow::bail!("{} has no configuration fingerprint: not a segstream state dir", dir.display()),
         }
