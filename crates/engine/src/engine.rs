@@ -211,6 +211,16 @@ impl Engine {
             self.pending_series.push((day, renaming.counts(&counts)));
         }
         self.last_series = self.last_series.as_ref().map(|c| renaming.counts(c));
+        let (was, now) = (old.windows_days(), self.scorer.windows_days());
+        for (name, was, now) in [("frequency", was.0, now.0), ("adoption", was.1, now.1)] {
+            if now > was {
+                tracing::warn!(
+                    "scoring.{name}.window_days grows from {was} to {now}: the state holds {was} days of it, so for \
+                     the next {} days the window counts less than a run over the whole history would",
+                    now - was
+                );
+            }
+        }
         tracing::info!(
             from_version = m.from.version,
             to_version = m.to.version,

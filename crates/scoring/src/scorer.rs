@@ -202,6 +202,11 @@ impl Scorer {
         kind.explain(self.cfg.frequency.window_days, self.cfg.adoption.window_days)
     }
 
+    /// The frequency and adoption windows, in days.
+    pub fn windows_days(&self) -> (i64, i64) {
+        (self.frequency_window(), self.adoption_window())
+    }
+
     pub(crate) fn frequency_window(&self) -> i64 {
         i64::from(self.cfg.frequency.window_days)
     }
