@@ -785,6 +785,7 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
             name: "tier".into(),
             rules: vec![segstream_scoring::RuleConfig { segment: "paying".into(), when: "M >= 2".into() }],
             default: "free".into(),
+            min_dwell_ms: 0,
         }];
         let all = p.dir.path().join("all.jsonl");
         let args = FileSettings::new(&all, p.dir.path().join("new-rules.jsonl"), p.dir.path().join("new-state"));

@@ -175,6 +175,7 @@ fn plan_group(name: &str) -> CustomGroupConfig {
         name: name.into(),
         rules: vec![RuleConfig { segment: "paying".into(), when: "M >= 2".into() }],
         default: "free".into(),
+        min_dwell_ms: 0,
     }
 }
 

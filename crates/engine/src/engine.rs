@@ -757,6 +757,7 @@ mod tests {
                 name: name.into(),
                 rules: vec![segstream_scoring::RuleConfig { segment: "used".into(), when: "adoption > 0".into() }],
                 default: "unused".into(),
+                min_dwell_ms: 0,
             }],
             ..Default::default()
         };

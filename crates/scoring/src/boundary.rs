@@ -6,7 +6,7 @@ use smallvec::SmallVec;
 
 use crate::scorer::Scorer;
 use crate::state::CustomerState;
-use crate::transition::Boundary;
+use crate::transition::{Boundary, BoundaryKind};
 
 impl Scorer {
     /// The first instant `> after` at which time alone changes any of the
@@ -43,11 +43,20 @@ impl Scorer {
         feature_exits.sort_unstable();
         let mut fi = 0;
 
+        // A group with a minimum dwell adds the deadlines of the moves
+        // waiting for it, and stops at every instant its wait changes (the
+        // state must remember when a wait began): a boundary then may change
+        // no label ("silent").
+        let dwell = self.has_dwell();
+        let deadline = if dwell { self.next_deadline(&st.pending).map(|d| d.max(after + 1)) } else { None };
+
         let mut prev = self.time_varying(st, after);
         let mut prev_key = self.label_key(prev);
         loop {
-            let at =
-                [thresholds.get(ti).copied(), day_exit, feature_exits.get(fi).copied()].into_iter().flatten().min()?;
+            let at = [thresholds.get(ti).copied(), day_exit, feature_exits.get(fi).copied(), deadline]
+                .into_iter()
+                .flatten()
+                .min()?;
             while thresholds.get(ti) == Some(&at) {
                 ti += 1;
             }
@@ -57,18 +66,24 @@ impl Scorer {
             while feature_exits.get(fi) == Some(&at) {
                 fi += 1;
             }
+            let due = deadline == Some(at);
             let tv = self.time_varying(st, at);
-            if tv == prev {
+            if tv == prev && !due {
                 continue;
             }
             let key = self.label_key(tv);
-            if key != prev_key {
+            if key != prev_key || due {
                 let scores = self.scores_from(st, tv.0, tv.1, tv.2);
-                let labels = self.label_set(st, &scores);
-                if labels[..] != st.labels[..] {
+                let q = self.label_set(st, &scores);
+                let mut pending = st.pending.clone();
+                let labels = self.settle(&st.labels, &mut pending, &q, at);
+                if labels[..] != st.labels[..] || pending != st.pending {
                     // What moved at this very instant (not since `after`).
-                    let kind = Boundary::kinds(prev, tv);
-                    return Some(Boundary { at, kind, scores, labels: labels.to_vec() });
+                    let mut kind = Boundary::kinds(prev, tv);
+                    if due && labels[..] != st.labels[..] {
+                        kind = BoundaryKind::from_bits(kind.bits() | BoundaryKind::DWELL);
+                    }
+                    return Some(Boundary { at, kind, scores, labels: labels.to_vec(), pending });
                 }
             }
             prev = tv;

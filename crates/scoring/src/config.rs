@@ -116,6 +116,10 @@ pub struct RfmConfig {
     /// frequent customer who pays little is not `cant_lose`.
     #[serde(skip_serializing_if = "RfmAxis::is_f")]
     pub axis: RfmAxis,
+    /// A customer moves to another segment of this group only after
+    /// qualifying for it continuously this long (ms); 0: at once.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_dwell_ms: u64,
 }
 
 /// The column score of the RFM grid.
@@ -151,6 +155,10 @@ pub struct HealthSegmentsConfig {
     pub green_min: u32,
     /// `yellow` if health >= yellow_min, else `red`.
     pub yellow_min: u32,
+    /// A customer moves to another segment of this group only after
+    /// qualifying for it continuously this long (ms); 0: at once.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_dwell_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +168,10 @@ pub struct ValueConfig {
     pub high_touch_min_m: u8,
     /// `low_touch` if M >= this (and below high_touch_min_m), else `tech_touch`.
     pub low_touch_min_m: u8,
+    /// A customer moves to another segment of this group only after
+    /// qualifying for it continuously this long (ms); 0: at once.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_dwell_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +183,10 @@ pub struct EngagementConfig {
     pub power_min_adoption: u32,
     /// `non_active` if R <= this (checked after power_user); else `on_the_fence`.
     pub non_active_max_r: u8,
+    /// A customer moves to another segment of this group only after
+    /// qualifying for it continuously this long (ms); 0: at once.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_dwell_ms: u64,
 }
 
 /// A custom group: ordered rules, first match wins, `default` when none matches.
@@ -181,6 +197,15 @@ pub struct CustomGroupConfig {
     pub rules: Vec<RuleConfig>,
     /// Segment when no rule matches, so every customer is in exactly one segment.
     pub default: String,
+    /// See [`RfmConfig::min_dwell_ms`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_dwell_ms: u64,
+}
+
+/// Left out of the fingerprint when 0: state dirs made before the option
+/// existed keep theirs.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,24 +276,25 @@ impl Default for RfmConfig {
                 row(["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"]),
             ],
             axis: RfmAxis::F,
+            min_dwell_ms: 0,
         }
     }
 }
 
 impl Default for HealthSegmentsConfig {
     fn default() -> Self {
-        Self { green_min: 70, yellow_min: 40 }
+        Self { green_min: 70, yellow_min: 40, min_dwell_ms: 0 }
     }
 }
 
 impl Default for ValueConfig {
     fn default() -> Self {
-        Self { high_touch_min_m: 5, low_touch_min_m: 3 }
+        Self { high_touch_min_m: 5, low_touch_min_m: 3, min_dwell_ms: 0 }
     }
 }
 
 impl Default for EngagementConfig {
     fn default() -> Self {
-        Self { power_min_r: 4, power_min_f: 4, power_min_adoption: 60, non_active_max_r: 2 }
+        Self { power_min_r: 4, power_min_f: 4, power_min_adoption: 60, non_active_max_r: 2, min_dwell_ms: 0 }
     }
 }

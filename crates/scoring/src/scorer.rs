@@ -76,6 +76,8 @@ pub struct Scorer {
     custom_uses_active_days: bool,
     /// Stamped on every transition (see [`Transition::rules_version`]).
     rules_version: u32,
+    /// Per group: the minimum dwell (ms; 0: none).
+    dwell: Vec<i64>,
 }
 
 /// Labels of one customer, without a heap allocation for the usual few groups.
@@ -176,7 +178,16 @@ impl Scorer {
             custom.push(CustomGroup { rules, default });
         }
         let custom_uses_active_days = custom.iter().any(|g| g.rules.iter().any(|(c, _)| c.uses(Metric::ActiveDays)));
-        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1 })
+        let dwells = [seg.rfm.min_dwell_ms, seg.health.min_dwell_ms, seg.value.min_dwell_ms, seg.engagement.min_dwell_ms]
+            .into_iter()
+            .chain(seg.custom.iter().map(|g| g.min_dwell_ms));
+        let mut dwell = Vec::with_capacity(groups.len());
+        for (ms, g) in dwells.zip(&groups) {
+            dwell.push(i64::try_from(ms).map_err(|_| {
+                ConfigError::Invalid(format!("min_dwell_ms of group `{}` is too large: {ms}", g.name))
+            })?);
+        }
+        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1, dwell })
     }
 
     /// Scorer with SPEC's defaults and no custom groups.
@@ -356,6 +367,61 @@ impl Scorer {
         out
     }
 
+    /// Whether any group has a minimum dwell.
+    pub(crate) fn has_dwell(&self) -> bool {
+        self.dwell.iter().any(|d| *d > 0)
+    }
+
+    /// The labels to hold at `tau` given the labels `q` the rules give there
+    /// (the customer qualifies for), the labels held before and the moves
+    /// waiting for their dwell (updated). A group without a dwell takes `q`
+    /// at once. With a dwell: a move waiting since `since` completes at
+    /// `since + dwell` (the customer qualified for it over the half-open
+    /// `[since, since + dwell)`), then `q` is compared with what is held: the
+    /// same segment clears the wait, another starts (or keeps) one. Callers
+    /// stop at every instant `q` may change and at every deadline, so `q`
+    /// was constant since the last call.
+    pub(crate) fn settle(&self, held: &[u16], pending: &mut Vec<(u16, u16, i64)>, q: &[u16], tau: i64) -> LabelSet {
+        if !self.has_dwell() {
+            return LabelSet::from_slice(q);
+        }
+        let mut out = LabelSet::new();
+        for (gi, &d) in self.dwell.iter().enumerate() {
+            let g = gi as u16;
+            if d == 0 {
+                out.push(q[gi]);
+                continue;
+            }
+            let mut now = held[gi];
+            if let Some(i) = pending.iter().position(|p| p.0 == g) {
+                let (_, s, since) = pending[i];
+                if since.saturating_add(d) <= tau {
+                    now = s;
+                    pending.remove(i);
+                }
+            }
+            let waiting = pending.iter().position(|p| p.0 == g);
+            match waiting {
+                _ if q[gi] == now => {
+                    if let Some(i) = waiting {
+                        pending.remove(i);
+                    }
+                }
+                Some(i) if pending[i].1 == q[gi] => {}
+                Some(i) => pending[i] = (g, q[gi], tau),
+                None => pending.push((g, q[gi], tau)),
+            }
+            out.push(now);
+        }
+        pending.sort_unstable();
+        out
+    }
+
+    /// The earliest instant a waiting move completes (`None`: none waits).
+    pub(crate) fn next_deadline(&self, pending: &[(u16, u16, i64)]) -> Option<i64> {
+        pending.iter().map(|(g, _, since)| since.saturating_add(self.dwell[usize::from(*g)])).min()
+    }
+
     // Private: each argument is one field of the transitions it builds.
     #[allow(clippy::too_many_arguments)]
     fn emit(
@@ -436,6 +502,8 @@ impl Scorer {
             }
         }
         st.labels = labels.to_vec();
+        // A migration holds the new rules' labels at once: no dwell.
+        st.pending.clear();
         st.evaluated_at = tau;
         st.rules_version = self.rules_version;
         self.reschedule(st);
@@ -448,6 +516,7 @@ impl Scorer {
                 Some(b) if b.at <= until => {
                     self.emit(customer_id, &st.labels, Some(&b.labels), b.at, &Cause::Time(b.kind), &b.scores, out);
                     st.labels = b.labels;
+                    st.pending = b.pending;
                     st.evaluated_at = b.at;
                 }
                 // The boundary that stopped the loop is the next one.
@@ -502,7 +571,8 @@ impl Scorer {
         }
         let kept = st.apply(e);
         let scores = self.scores(st, tau);
-        let labels = self.label_set(st, &scores);
+        let q = self.label_set(st, &scores);
+        let labels = self.settle(&st.labels, &mut st.pending, &q, tau);
         if labels[..] != st.labels[..] {
             self.emit(&e.customer_id, &st.labels, Some(&labels), tau, &cause(), &scores, out);
             st.labels = labels.to_vec();

@@ -70,6 +70,10 @@ pub struct CustomerState {
     /// versions were recorded). A rule migration skips a customer already
     /// at its target version, so that it is idempotent per customer.
     pub rules_version: u32,
+    /// Moves waiting for their group's minimum dwell: (group, segment the
+    /// customer qualifies for, since when). At most one per group; empty
+    /// unless a group has `min_dwell_ms`.
+    pub pending: Vec<(u16, u16, i64)>,
 }
 
 /// What `profile.attributes` and `survey` events left (SPEC §1).
@@ -161,6 +165,7 @@ impl CustomerState {
             timer: None,
             extra: None,
             rules_version: 0,
+            pending: Vec::new(),
         }
     }
 

@@ -41,9 +41,12 @@ impl BoundaryKind {
     pub const RECENCY: u8 = 1;
     pub const FREQUENCY: u8 = 2;
     pub const ADOPTION: u8 = 4;
+    /// A group's `min_dwell_ms` passed: the customer qualified for the new
+    /// segment long enough to move.
+    pub const DWELL: u8 = 8;
 
     pub const fn from_bits(bits: u8) -> Self {
-        Self(bits & (Self::RECENCY | Self::FREQUENCY | Self::ADOPTION))
+        Self(bits & (Self::RECENCY | Self::FREQUENCY | Self::ADOPTION | Self::DWELL))
     }
 
     pub fn bits(self) -> u8 {
@@ -52,7 +55,12 @@ impl BoundaryKind {
 
     /// `recency`, `frequency`, `adoption`, joined with `+` when several moved at once.
     pub fn name(self) -> String {
-        let names = [(Self::RECENCY, "recency"), (Self::FREQUENCY, "frequency"), (Self::ADOPTION, "adoption")];
+        let names = [
+            (Self::RECENCY, "recency"),
+            (Self::FREQUENCY, "frequency"),
+            (Self::ADOPTION, "adoption"),
+            (Self::DWELL, "dwell"),
+        ];
         let parts: Vec<&str> = names.iter().filter(|(b, _)| self.0 & b != 0).map(|(_, n)| *n).collect();
         parts.join("+")
     }
@@ -65,6 +73,7 @@ impl BoundaryKind {
                 "recency" => Self::RECENCY,
                 "frequency" => Self::FREQUENCY,
                 "adoption" => Self::ADOPTION,
+                "dwell" => Self::DWELL,
                 _ => return None,
             };
         }
@@ -83,6 +92,9 @@ impl BoundaryKind {
         if self.0 & Self::ADOPTION != 0 {
             parts.push(format!("a feature left the {adoption_window_days}-day adoption window"));
         }
+        if self.0 & Self::DWELL != 0 {
+            parts.push("it qualified for the new segment for the group's minimum dwell".to_string());
+        }
         parts.join("; ")
     }
 }
@@ -94,6 +106,9 @@ pub struct Boundary {
     pub kind: BoundaryKind,
     pub scores: Scores,
     pub labels: Vec<u16>,
+    /// Moves waiting for their group's minimum dwell from this instant on
+    /// (see [`crate::CustomerState::pending`]).
+    pub pending: Vec<(u16, u16, i64)>,
 }
 
 impl Boundary {

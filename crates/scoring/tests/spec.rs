@@ -394,6 +394,7 @@ fn custom_groups_first_match_wins() {
             RuleConfig { segment: "at_risk_revenue".into(), when: "M >= 3 and (R <= 2 or open_tickets > 0)".into() },
         ],
         default: "none".into(),
+        min_dwell_ms: 0,
     });
     let mut c = Customer { scorer: Scorer::new(ScoringConfig::default(), seg).expect("valid"), state: None };
     let first = rows(&c.event(ev("s", T0, r#""type":"subscription","plan":"p","mrr_cents":20000,"status":"active""#)));
@@ -423,6 +424,7 @@ fn a_custom_rule_on_the_raw_active_day_count_has_its_own_boundaries() {
         name: "habit".into(),
         rules: vec![RuleConfig { segment: "two_days".into(), when: "active_days >= 2".into() }],
         default: "fewer".into(),
+        min_dwell_ms: 0,
     });
     let mut c = Customer { scorer: Scorer::new(ScoringConfig::default(), seg).expect("valid"), state: None };
     c.event(login("a", T0));

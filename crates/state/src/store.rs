@@ -23,7 +23,7 @@ const META_SEGMENT_INDEX: &str = "segments:index";
 const CF_HISTORY: &str = "history";
 const ALL_CFS: [&str; 5] = [CF_CUSTOMERS, CF_TIMERS, CF_META, CF_MEMBERS, CF_HISTORY];
 /// Format 2 added `CustomerState::extra` (attributes and survey answers),
-/// format 3 `CustomerState::rules_version`.
+/// format 3 `CustomerState::rules_version` and `pending`.
 const STATE_FORMAT: u8 = 3;
 const STATE_FORMAT_2: u8 = 2;
 const STATE_FORMAT_1: u8 = 1;
@@ -257,15 +257,16 @@ pub fn decode_state(key: &[u8], v: &[u8]) -> Result<CustomerState, StateError> {
     match v.split_first() {
         Some((&STATE_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
         Some((&STATE_FORMAT_2, rest)) => {
-            // Format 2 lacks the last field (`rules_version`): append its 0.
+            // Format 2 lacks the last fields (`rules_version`, `pending`):
+            // append a 0 and an empty list.
             let mut bytes = rest.to_vec();
-            bytes.push(0);
+            bytes.extend([0, 0]);
             postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
         }
         Some((&STATE_FORMAT_1, rest)) => {
             // Format 1 lacks `extra` too: append its `None`.
             let mut bytes = rest.to_vec();
-            bytes.extend([0, 0]);
+            bytes.extend([0, 0, 0]);
             postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
         }
         Some((v, _)) => Err(corrupt(format!("unknown state format {v}"))),
@@ -982,13 +983,14 @@ mod tests {
         let st = CustomerState::new(1_767_225_600_000);
         let current = encode_state(&st);
         assert_eq!(current[0], STATE_FORMAT);
-        // Format 2 is format 3 without the last field, `rules_version` (a 0
-        // byte for 0); format 1 is format 2 without `extra` (a 0 byte for None).
-        assert!(current.ends_with(&[0, 0]));
-        let mut v2 = current[..current.len() - 1].to_vec();
+        // Format 2 is format 3 without the last fields, `rules_version` and
+        // `pending` (0 and an empty list: a 0 byte each); format 1 is format 2
+        // without `extra` (a 0 byte for None).
+        assert!(current.ends_with(&[0, 0, 0]));
+        let mut v2 = current[..current.len() - 2].to_vec();
         v2[0] = STATE_FORMAT_2;
         assert_eq!(decode_state(b"c", &v2).expect("format 2"), st);
-        let mut v1 = current[..current.len() - 2].to_vec();
+        let mut v1 = current[..current.len() - 3].to_vec();
         v1[0] = STATE_FORMAT_1;
         assert_eq!(decode_state(b"c", &v1).expect("format 1"), st);
         assert!(decode_state(b"c", &[9, 1, 2]).is_err());
