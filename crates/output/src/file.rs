@@ -114,7 +114,17 @@ fn avro_header() -> Vec<u8> {
 
 enum Encoder {
     Json,
-    Avro(Box<Writer<'static, Vec<u8>>>),
+    /// With the schema of an existing file written by an earlier version,
+    /// when it differs from this version's: records are projected onto it.
+    Avro(Box<Writer<'static, Vec<u8>>>, Option<&'static apache_avro::Schema>),
+}
+
+/// The schema an existing Avro file was written with (from its header).
+fn existing_schema(path: &Path) -> Result<apache_avro::Schema, OutputError> {
+    let f = File::open(path).map_err(|source| OutputError::Io { path: path.to_path_buf(), source })?;
+    let reader = apache_avro::Reader::new(std::io::BufReader::new(f))
+        .map_err(|e| OutputError::Avro(format!("{}: reading its header: {e}", path.display())))?;
+    Ok(reader.writer_schema().clone())
 }
 
 /// The transition output file, JSON lines or Avro.
@@ -129,18 +139,31 @@ impl TransitionFile {
         if format == Format::Avro && committed == 0 {
             file.append(&avro_header())?;
         }
+        // A file an earlier version began keeps its schema: appending records
+        // of another schema after its header would make it unreadable.
+        let mut earlier = None;
+        if format == Format::Avro && committed > 0 {
+            let schema = existing_schema(path)?;
+            if schema.canonical_form() != transition_schema().canonical_form() {
+                tracing::info!(path = %path.display(), "continuing an Avro file with the schema it began with (an earlier version's): fields it lacks are left out");
+                earlier = Some(&*Box::leak(Box::new(schema)));
+            }
+        }
         let enc = match format {
             Format::Json => Encoder::Json,
-            Format::Avro => Encoder::Avro(Box::new(
+            Format::Avro => Encoder::Avro(
+                Box::new(
                 Writer::builder()
-                    .schema(transition_schema())
+                    .schema(earlier.unwrap_or(transition_schema()))
                     .writer(Vec::new())
                     .marker(AVRO_SYNC_MARKER)
                     .block_size(AVRO_BLOCK_BYTES)
                     // Written by `avro_header`, deterministically.
                     .has_header(true)
                     .build(),
-            )),
+                ),
+                earlier,
+            ),
         };
         Ok(Self { file, enc })
     }
@@ -152,8 +175,12 @@ impl TransitionFile {
                 line.push('\n');
                 self.file.append(line.as_bytes())
             }
-            Encoder::Avro(w) => {
-                w.append(transition_to_avro_value(t)).map_err(|e| OutputError::Avro(e.to_string()))?;
+            Encoder::Avro(w, earlier) => {
+                let mut value = transition_to_avro_value(t);
+                if let Some(schema) = earlier {
+                    value = crate::record::project(value, schema);
+                }
+                w.append(value).map_err(|e| OutputError::Avro(e.to_string()))?;
                 if !w.get_ref().is_empty() {
                     let bytes = std::mem::take(w.get_mut());
                     self.file.append(&bytes)?;
@@ -165,7 +192,7 @@ impl TransitionFile {
 
     /// Ends the current Avro block (if any) so the committed prefix is a valid file.
     fn end_block(&mut self) -> Result<(), OutputError> {
-        if let Encoder::Avro(w) = &mut self.enc {
+        if let Encoder::Avro(w, _) = &mut self.enc {
             w.flush().map_err(|e| OutputError::Avro(e.to_string()))?;
             let bytes = std::mem::take(w.get_mut());
             self.file.append(&bytes)?;
@@ -338,5 +365,34 @@ mod tests {
         assert_eq!(lines[0]["raw"], r#"{"type":"lgoin"}"#);
         assert_eq!(lines[1]["raw_hex"], "ff00");
         assert_eq!(lines[1]["location"], "in.jsonl:4");
+    }
+
+    /// An Avro file begun by a version whose schema had no `rules_version`
+    /// (nor the rules cause's versions) is continued with that schema, so
+    /// that the whole file stays readable.
+    #[test]
+    fn an_avro_file_of_an_earlier_schema_is_continued_in_that_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.avro");
+        let mut old: serde_json::Value = serde_json::from_str(crate::record::TRANSITION_SCHEMA_JSON).expect("json");
+        let fields = old["fields"].as_array_mut().expect("fields");
+        fields.retain(|f| f["name"] != "rules_version");
+        let cause = fields.iter_mut().find(|f| f["name"] == "cause").expect("cause");
+        cause["type"]["fields"].as_array_mut().expect("cause fields").retain(|f| f["name"] != "from_version" && f["name"] != "to_version");
+        let old = apache_avro::Schema::parse_str(&old.to_string()).expect("earlier schema");
+        // As segstream wrote it: its fixed sync marker.
+        let mut w = apache_avro::Writer::builder().schema(&old).writer(Vec::new()).marker(AVRO_SYNC_MARKER).build();
+        let first = crate::record::project(transition_to_avro_value(&t(1)), &old);
+        w.append(first).expect("earlier record");
+        let bytes = w.into_inner().expect("earlier file");
+        std::fs::write(&path, &bytes).expect("write");
+
+        let mut f = TransitionFile::open(&path, Format::Avro, bytes.len() as u64).expect("continue");
+        f.write(&t(2)).expect("write");
+        f.sync().expect("sync");
+        let read = read_avro(&path);
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[1].customer_id, "c2");
+        assert_eq!(read[1].rules_version, 1, "absent in the earlier schema: read as 1");
     }
 }

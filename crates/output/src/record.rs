@@ -137,6 +137,23 @@ pub fn transition_to_avro_value(t: &Transition) -> Value {
     ])
 }
 
+/// `value` with only the fields `schema` has (records, recursively): a
+/// record of this version written with an earlier version's schema.
+pub fn project(value: Value, schema: &Schema) -> Value {
+    match (value, schema) {
+        (Value::Record(fields), Schema::Record(rs)) => Value::Record(
+            fields
+                .into_iter()
+                .filter_map(|(name, v)| {
+                    let field = &rs.fields[*rs.lookup.get(&name)?];
+                    Some((name, project(v, &field.schema)))
+                })
+                .collect(),
+        ),
+        (v, _) => v,
+    }
+}
+
 /// Reads a transition back from an Avro value (for tests and tools).
 pub fn transition_from_avro_value(v: &Value) -> Result<TransitionRecord, String> {
     let json = avro_to_json(v)?;
