@@ -75,7 +75,10 @@ fn a_dwell_holds_back_exactly_the_moves_that_do_not_last_and_touches_no_other_gr
         dwelling.segments.engagement.min_dwell_ms = engagement as u64;
         let tier = |dwell: u64| segstream_scoring::CustomGroupConfig {
             name: "attention".into(),
-            rules: vec![segstream_scoring::RuleConfig { segment: "watch".into(), when: "R <= 3 or health < 50".into() }],
+            rules: vec![segstream_scoring::RuleConfig {
+                segment: "watch".into(),
+                when: "R <= 3 or health < 50".into(),
+            }],
             default: "fine".into(),
             min_dwell_ms: dwell,
         };

@@ -179,19 +179,30 @@ fn plan_group(name: &str) -> CustomGroupConfig {
     }
 }
 
-/// Groups added and removed, the rules version from the configuration,
-/// history renamed, and refusals that say what differs.
+fn keep_group() -> CustomGroupConfig {
+    CustomGroupConfig {
+        name: "keep".into(),
+        rules: vec![RuleConfig { segment: "ok".into(), when: "health >= 60".into() }],
+        default: "low".into(),
+        min_dwell_ms: 0,
+    }
+}
+
+/// Groups added and removed (one moving to another place in the list), the
+/// rules version from the configuration, history, counts and membership
+/// renamed, and refusals that say what differs.
 #[test]
 fn added_groups_get_first_labels_removed_ones_end_and_history_follows() {
     let d = tempfile::tempdir().expect("tempdir");
     let p = d.path();
     let (a, b, _) = split(p, 60, 40, 30);
     let mut old = config_committing_every(1000);
-    old.segments.custom = vec![plan_group("plan")];
+    old.segments.custom = vec![plan_group("plan"), keep_group()];
     run(&old, None, &a, &p.join("a.out.jsonl"), &p.join("s"));
 
+    // `keep` moves from the sixth group to the fifth.
     let mut new = config_committing_every(1000);
-    new.segments.custom = vec![plan_group("tier")];
+    new.segments.custom = vec![keep_group(), plan_group("tier")];
     let err = run_file(&engine(&new), &FileSettings::new(&b, p.join("b.out.jsonl"), p.join("s")))
         .expect_err("changed rules without a migration");
     let text = format!("{err:#}");
@@ -219,14 +230,57 @@ fn added_groups_get_first_labels_removed_ones_end_and_history_follows() {
     // label is there with its cause.
     let opened = segstream_engine::Engine::open(&p.join("s"), &engine(&new)).expect("open under the new rules");
     let groups = opened.scorer().groups();
-    assert_eq!(groups.len(), 5);
-    let id = &started[0].customer_id;
-    let history = opened.store().history(id).expect("history");
-    assert!(history.iter().all(|e| usize::from(e.group) < groups.len()));
-    let first = history.iter().find(|e| &*groups[usize::from(e.group)].name == "tier").expect("tier entry");
-    assert_eq!(first.rules, Some((1, 7)));
-    assert!(first.from.is_none());
-    assert_eq!(history.iter().filter(|e| e.rules.is_some()).count(), 1);
+    assert_eq!(groups.len(), 6);
+    let name = |g: u16, l: Option<u16>| -> (String, Option<String>) {
+        let g = &groups[usize::from(g)];
+        (g.name.to_string(), l.map(|l| g.segments[usize::from(l)].to_string()))
+    };
+    let mut all = read_json(&p.join("a.out.jsonl"));
+    all.extend(out.iter().cloned());
+    for r in rules.iter().take(10) {
+        let id = &r.customer_id;
+        let history = opened.store().history(id).expect("history");
+        let real: std::collections::BTreeSet<(String, Option<String>, String)> = all
+            .iter()
+            .filter(|t| &t.customer_id == id)
+            .map(|t| (t.group.clone(), t.to.clone(), t.at.clone()))
+            .collect();
+        for e in &history {
+            let (g, to) = name(e.group, e.to);
+            let at = segstream_decode::format_rfc3339_millis(e.at);
+            assert!(
+                real.contains(&(g.clone(), to.clone(), at.clone())),
+                "{id}: kept {g} → {to:?} at {at} is no transition"
+            );
+        }
+        assert!(history.iter().all(|e| name(e.group, None).0 != "plan"), "the removed group's entries are gone");
+        assert!(history.iter().any(|e| name(e.group, None).0 == "keep"), "the moved group's entries are kept");
+        let first: Vec<_> = history.iter().filter(|e| e.rules.is_some()).collect();
+        assert_eq!(first.len(), 1, "{id}: one move by the migration (tier's first label)");
+        assert_eq!(
+            (first[0].rules, first[0].from, name(first[0].group, None).0.as_str()),
+            (Some((1, 7)), None, "tier")
+        );
+    }
+    // Counters and membership follow, by the new names.
+    let sizes = opened.segment_sizes().expect("scan");
+    let counts: BTreeMap<(String, String), u64> = opened
+        .segment_counts()
+        .into_iter()
+        .filter(|(_, c)| c.customers != 0)
+        .map(|((g, l), c)| {
+            let (g, l) = name(g, Some(l));
+            ((g, l.expect("segment")), c.customers as u64)
+        })
+        .collect();
+    assert_eq!(counts, sizes);
+    for (gi, g) in groups.iter().enumerate() {
+        for (li, l) in g.segments.iter().enumerate() {
+            let members = opened.store().members(gi as u16, li as u16, None, 100_000).expect("members");
+            let want = sizes.get(&(g.name.to_string(), l.to_string())).copied().unwrap_or(0);
+            assert_eq!(members.len() as u64, want, "members of {}/{l}", g.name);
+        }
+    }
     drop(opened);
 
     // Going back to an earlier version is refused.

@@ -56,6 +56,7 @@ fn history_entry(groups: &[Group], t: &Transition) -> Option<HistoryEntry> {
             Cause::Rules { from, to } => Some((*from, *to)),
             _ => None,
         },
+        version: t.rules_version,
     })
 }
 
@@ -113,6 +114,8 @@ pub struct Engine {
     migration: Option<(MigrationProgress, Scorer)>,
     /// Metadata for the next commit (the rules, a migration's progress).
     pending_meta: Vec<(String, Vec<u8>)>,
+    /// A migration decided at open and not begun yet.
+    planned: Option<MigrationProgress>,
 }
 
 /// Who checks the rules a state was built under when it opens.
@@ -166,6 +169,7 @@ impl Engine {
             last_series: None,
             migration: None,
             pending_meta: Vec::new(),
+            planned: None,
         };
         engine.last_series = engine.series()?.pop().map(|(_, c)| c);
         if check == RulesCheck::Caller {
@@ -186,9 +190,12 @@ impl Engine {
                 ])?;
             }
             Decision::Migrate(m) => {
+                // Begun by the caller (`start_migration`) once its own
+                // checks passed: a run refused for another reason leaves
+                // the state as it was.
+                scorer.set_rules_version(m.to.version);
                 engine.scorer = scorer;
-                engine.begin_migration(m)?;
-                engine.commit(Vec::new())?;
+                engine.planned = Some(m);
                 return Ok(engine);
             }
             Decision::Resume(m) => {
@@ -259,6 +266,23 @@ impl Engine {
         self.migration.as_ref().map(|(m, _)| m)
     }
 
+    /// Begins the migration decided at open, if any (see [`Engine::open_with`]).
+    pub fn start_migration(&mut self) -> Result<(), EngineError> {
+        match self.planned.take() {
+            Some(m) => self.begin_migration(m),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the rules the state is under in its own metadata, at the
+    /// next commit (Kafka mode: from the commit marker, so that readers of
+    /// the local state know them).
+    pub fn note_rules(&mut self, rules: &RulesMeta) {
+        self.pending_meta.push((META_RULES.into(), serde_json::to_vec(rules).expect("rules serialize")));
+        self.pending_meta.push((META_CONFIG.into(), rules.fingerprint.to_string().into_bytes()));
+        self.pending_meta.push((META_MIGRATION.into(), b"null".to_vec()));
+    }
+
     /// Re-evaluates up to `max` more customers (in id order) under the new
     /// rules, at the current watermark (SPEC's labels at that instant under
     /// the new rules; see [`Scorer::migrate`]). The caller writes `out` and
@@ -281,10 +305,12 @@ impl Engine {
             if self.store.slot(sid).state.as_ref().is_some_and(|s| s.rules_version == m.to.version) {
                 continue;
             }
-            for (seq, entry) in self.store.history_with_seqs(id)? {
+            // Entries already under the new rules (renamed by a batch whose
+            // commit did not finish, Kafka) stay; identical tables rename nothing.
+            let entries = if renaming.is_identity() { Vec::new() } else { self.store.history_with_seqs(id)? };
+            for (seq, entry) in entries.into_iter().filter(|(_, e)| e.version != m.to.version) {
                 match renaming.history(&entry) {
-                    Some(e) if e == entry => {}
-                    Some(e) => self.store.restore_history(sid, seq, Some(e)),
+                    Some(e) => self.store.restore_history(sid, seq, Some(HistoryEntry { version: m.to.version, ..e })),
                     None => {
                         self.store.restore_history(sid, seq, None);
                         m.history_dropped += 1;
@@ -422,7 +448,7 @@ impl Engine {
     /// Applies one event (SPEC §2): moves the watermark, fires the boundaries
     /// it passed, then runs the event through its customer's state machine.
     pub fn on_event(&mut self, e: &Event, out: &mut Vec<Transition>) -> Result<Outcome, EngineError> {
-        if self.migration.is_some() {
+        if self.migration.is_some() || self.planned.is_some() {
             return Err(EngineError::Migrating);
         }
         self.counters.events += 1;
@@ -531,7 +557,7 @@ impl Engine {
     /// for the daily series (`Engine::series`): the watermark stops there,
     /// then goes on, which fires the same boundaries in the same order.
     pub fn advance_watermark(&mut self, to: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
-        if self.migration.is_some() {
+        if self.migration.is_some() || self.planned.is_some() {
             return Err(EngineError::Migrating);
         }
         let mut from = self.clock.watermark;
@@ -790,7 +816,9 @@ mod tests {
         }
         let new = with_custom("tier", migrate);
         let moved_a = {
-            let mut e = Engine::open(dir.path(), &new).expect("begins the migration");
+            let mut e = Engine::open(dir.path(), &new).expect("plans the migration");
+            e.start_migration().expect("begins it");
+            e.commit(Vec::new()).expect("records its start");
             let mut out = Vec::new();
             let step = e.migrate_step(1, &mut out).expect("a");
             assert!(!step.done);

@@ -17,5 +17,7 @@ mod settings;
 
 pub use engine::{read_series, Clock, Counters, Engine, MigrationStep, RulesCheck, SegmentCounts};
 pub use error::EngineError;
-pub use rules::{decide as decide_rules, rules_mismatch, Decision as RulesDecision, MigrationProgress, RulesMeta};
+pub use rules::{
+    decide as decide_rules, rules_mismatch, Decision as RulesDecision, MigrationProgress, RulesMeta, MIGRATION_BATCH,
+};
 pub use settings::{EngineSettings, RulesPolicy, TimeWindow};

@@ -13,6 +13,10 @@ use crate::engine::SegmentCounts;
 use crate::error::EngineError;
 use crate::settings::RulesPolicy;
 
+/// Customers a migration re-evaluates between two commits at most (each
+/// may rename up to `history.per_customer` kept entries).
+pub const MIGRATION_BATCH: u64 = 10_000;
+
 /// Meta key of the rules in force ([`RulesMeta`]).
 pub(crate) const META_RULES: &str = "rules";
 /// Meta key of a migration under way ([`MigrationProgress`]; `null` when none).
@@ -126,7 +130,8 @@ pub fn decide(
                 "the state in {what} was built under other scoring or segment rules (version {}; {}). Its \
                  segments would not match the new rules. To move it to them, run with --migrate-rules (or raise \
                  rules_version): every customer is re-evaluated and each changed segment is a transition with \
-                 cause `rules`. Or use a new --state-dir, or the configuration it was built with",
+                 cause `rules`. Or start a new state (file mode: a new --state-dir; Kafka mode: a new group id \
+                 and changelog), or use the configuration it was built with",
                 stored.version,
                 differences(&stored.rules, &current.rules)
             )))
@@ -184,6 +189,9 @@ pub fn rules_mismatch(stored: Option<&[u8]>, current: &str) -> String {
 pub(crate) struct Renaming {
     /// Old group index → new group index and, per old segment index, the new one.
     groups: Vec<Option<(u16, Vec<Option<u16>>)>>,
+    /// Every index stays what it was (the same groups and segments in the
+    /// same order, e.g. a threshold changed).
+    identity: bool,
 }
 
 impl Renaming {
@@ -200,7 +208,12 @@ impl Renaming {
                 Some((u16::try_from(ng).ok()?, segs))
             })
             .collect();
-        Self { groups }
+        let identity = old == new;
+        Self { groups, identity }
+    }
+
+    pub(crate) fn is_identity(&self) -> bool {
+        self.identity
     }
 
     /// The new (group, segment) of an old one, if the new rules name it.

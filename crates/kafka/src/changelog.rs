@@ -252,6 +252,7 @@ mod tests {
             boundary: 0,
             scores: segstream_scoring::Scores::default(),
             rules: None,
+            version: 0,
         };
         let v = postcard::to_stdvec(&entry).expect("entry");
         match decode_entry(&history_key("c/1", 7), Some(&v)).expect("history") {

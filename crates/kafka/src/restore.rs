@@ -58,11 +58,19 @@ pub struct ChangelogTail {
     /// (their state is under the migration's target version): their
     /// history came with them, and the migration passes them over.
     migrated: std::collections::HashSet<String>,
+    /// Day counts read after the last marker: applied only once a marker
+    /// follows them (an unfinished commit's are noted again by its replay;
+    /// a rule migration's renamed ones must not be renamed twice).
+    series: Vec<(i64, segstream_engine::SegmentCounts)>,
+    /// Day counts a marker confirmed, for the caller to take.
+    confirmed_series: Vec<(i64, segstream_engine::SegmentCounts)>,
     /// Runs logged after the last marker, with their keys.
     runs: Vec<(Vec<u8>, LoggedRun)>,
     /// History entries written after the last marker: kept only for the
     /// customers whose state that unfinished commit wrote too.
-    history: Vec<(String, u32)>,
+    /// With whether the entry is a transition of the rule migration under
+    /// way (a migration's renamed entries are kept: see `finish`).
+    history: Vec<(String, u32, bool)>,
     /// The newest owner epoch seen: the offset of the last owner record, or
     /// the highest epoch a record carried (an owner record compaction removed).
     owner: Option<i64>,
@@ -82,8 +90,6 @@ pub enum Restore {
     Customer(String, Option<CustomerState>),
     /// A customer's history entry (`None`: deleted).
     History { id: String, seq: u32, entry: Option<segstream_state::HistoryEntry> },
-    /// A day's segment counts.
-    Series(i64, segstream_engine::SegmentCounts),
 }
 
 /// The partition's committed position after the changelog's tail.
@@ -145,6 +151,7 @@ impl ChangelogTail {
                 self.last = Some((*marker, offset));
                 self.ahead.clear();
                 self.migrated.clear();
+                self.confirmed_series.append(&mut self.series);
                 self.runs.clear();
                 self.history.clear();
                 None
@@ -166,13 +173,23 @@ impl ChangelogTail {
                 Some(Restore::Customer(id, state))
             }
             Entry::History { id, seq, entry } => {
-                if entry.is_some() {
-                    self.history.push((id.clone(), seq));
+                if let Some(e) = &entry {
+                    let target = self.last.as_ref().and_then(|(m, _)| m.migration.as_ref()).map(|m| m.to.version);
+                    let migrations = target.is_some() && e.rules.map(|r| r.1) == target;
+                    self.history.push((id.clone(), seq, migrations));
                 }
                 Some(Restore::History { id, seq, entry })
             }
-            Entry::Series { day, counts } => Some(Restore::Series(day, counts)),
+            Entry::Series { day, counts } => {
+                self.series.push((day, counts));
+                None
+            }
         }
+    }
+
+    /// Day counts confirmed by a marker since the last call.
+    pub fn take_series(&mut self) -> Vec<(i64, segstream_engine::SegmentCounts)> {
+        std::mem::take(&mut self.confirmed_series)
     }
 
     /// The position restored.
@@ -189,9 +206,19 @@ impl ChangelogTail {
         }
         let (run_keys, logged): (Vec<_>, Vec<_>) = self.runs.into_iter().unzip();
         runs.extend(logged);
+        // An unfinished commit's history entries are undone for customers
+        // whose state it did not write (their replay writes them again).
+        // During a rule migration only its new transitions are: the entries
+        // it renamed carry the target version, so renaming skips them when
+        // the customer is migrated again, and their old values are gone.
         let migrated = self.migrated;
-        let undo_history =
-            self.history.into_iter().filter(|(id, _)| !skip.contains_key(id) && !migrated.contains(id)).collect();
+        let migrating = self.last.as_ref().is_some_and(|(m, _)| m.migration.is_some());
+        let undo_history = self
+            .history
+            .into_iter()
+            .filter(|(id, _, new)| !skip.contains_key(id) && !migrated.contains(id) && (!migrating || *new))
+            .map(|(id, seq, _)| (id, seq))
+            .collect();
         Restored { last: self.last, skip, runs, run_keys, undo_history }
     }
 }
@@ -331,6 +358,7 @@ mod tests {
             boundary: 1,
             scores: segstream_scoring::Scores::default(),
             rules: None,
+            version: 0,
         };
         let h = |id: &str, seq: u32| Entry::History { id: id.into(), seq, entry: Some(entry.clone()) };
         let mut tail = ChangelogTail::after(None);
@@ -342,5 +370,47 @@ mod tests {
         tail.apply(&customer_key("both"), 4, customer("both", Some(12)), None);
         let r = tail.finish();
         assert_eq!(r.undo_history, vec![("history_only".to_string(), 5)], "replayed, so recorded again");
+    }
+
+    fn migrating_marker(records: i64) -> Entry {
+        let Entry::Marker(mut m) = marker(records, &[]) else { unreachable!() };
+        let rules = |version| segstream_engine::RulesMeta { version, fingerprint: version.into(), rules: "[]".into() };
+        m.migration = Some(segstream_engine::MigrationProgress {
+            from: rules(1),
+            to: rules(2),
+            cursor: Some("b".into()),
+            customers: 2,
+            transitions: 0,
+            history_dropped: 0,
+        });
+        Entry::Marker(m)
+    }
+
+    #[test]
+    fn during_a_migration_only_its_new_entries_are_undone_and_day_counts_wait_for_a_marker() {
+        let entry = |rules: Option<(u32, u32)>| segstream_state::HistoryEntry {
+            group: 0,
+            from: None,
+            to: Some(1),
+            at: 1,
+            event_id: None,
+            boundary: 0,
+            scores: segstream_scoring::Scores::default(),
+            rules,
+            version: 2,
+        };
+        let counts = || Entry::Series { day: 7, counts: BTreeMap::new() };
+        let mut tail = ChangelogTail::after(None);
+        tail.apply(b"s/7", 0, counts(), None);
+        assert!(tail.take_series().is_empty(), "not before a marker confirms it");
+        tail.apply(b"m", 1, migrating_marker(10), None);
+        assert_eq!(tail.take_series().len(), 1, "confirmed by the marker after it");
+        // A migration batch that did not finish: c's entries renamed (an
+        // event's, version 2) and its new one, no state for c.
+        tail.apply(b"h", 2, Entry::History { id: "c".into(), seq: 0, entry: Some(entry(None)) }, None);
+        tail.apply(b"h", 3, Entry::History { id: "c".into(), seq: 1, entry: Some(entry(Some((1, 2)))) }, None);
+        tail.apply(b"s/7", 4, counts(), None);
+        let r = tail.finish();
+        assert_eq!(r.undo_history, vec![("c".to_string(), 1)], "the renamed entry stays, the new one goes");
     }
 }

@@ -153,14 +153,14 @@ impl TransitionFile {
             Format::Json => Encoder::Json,
             Format::Avro => Encoder::Avro(
                 Box::new(
-                Writer::builder()
-                    .schema(earlier.unwrap_or(transition_schema()))
-                    .writer(Vec::new())
-                    .marker(AVRO_SYNC_MARKER)
-                    .block_size(AVRO_BLOCK_BYTES)
-                    // Written by `avro_header`, deterministically.
-                    .has_header(true)
-                    .build(),
+                    Writer::builder()
+                        .schema(earlier.unwrap_or(transition_schema()))
+                        .writer(Vec::new())
+                        .marker(AVRO_SYNC_MARKER)
+                        .block_size(AVRO_BLOCK_BYTES)
+                        // Written by `avro_header`, deterministically.
+                        .has_header(true)
+                        .build(),
                 ),
                 earlier,
             ),
@@ -378,7 +378,10 @@ mod tests {
         let fields = old["fields"].as_array_mut().expect("fields");
         fields.retain(|f| f["name"] != "rules_version");
         let cause = fields.iter_mut().find(|f| f["name"] == "cause").expect("cause");
-        cause["type"]["fields"].as_array_mut().expect("cause fields").retain(|f| f["name"] != "from_version" && f["name"] != "to_version");
+        cause["type"]["fields"]
+            .as_array_mut()
+            .expect("cause fields")
+            .retain(|f| f["name"] != "from_version" && f["name"] != "to_version");
         let old = apache_avro::Schema::parse_str(&old.to_string()).expect("earlier schema");
         // As segstream wrote it: its fixed sync marker.
         let mut w = apache_avro::Writer::builder().schema(&old).writer(Vec::new()).marker(AVRO_SYNC_MARKER).build();

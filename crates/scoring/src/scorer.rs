@@ -178,14 +178,17 @@ impl Scorer {
             custom.push(CustomGroup { rules, default });
         }
         let custom_uses_active_days = custom.iter().any(|g| g.rules.iter().any(|(c, _)| c.uses(Metric::ActiveDays)));
-        let dwells = [seg.rfm.min_dwell_ms, seg.health.min_dwell_ms, seg.value.min_dwell_ms, seg.engagement.min_dwell_ms]
-            .into_iter()
-            .chain(seg.custom.iter().map(|g| g.min_dwell_ms));
+        let dwells =
+            [seg.rfm.min_dwell_ms, seg.health.min_dwell_ms, seg.value.min_dwell_ms, seg.engagement.min_dwell_ms]
+                .into_iter()
+                .chain(seg.custom.iter().map(|g| g.min_dwell_ms));
         let mut dwell = Vec::with_capacity(groups.len());
         for (ms, g) in dwells.zip(&groups) {
-            dwell.push(i64::try_from(ms).map_err(|_| {
-                ConfigError::Invalid(format!("min_dwell_ms of group `{}` is too large: {ms}", g.name))
-            })?);
+            dwell.push(
+                i64::try_from(ms).map_err(|_| {
+                    ConfigError::Invalid(format!("min_dwell_ms of group `{}` is too large: {ms}", g.name))
+                })?,
+            );
         }
         Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1, dwell })
     }

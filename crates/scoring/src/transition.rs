@@ -134,8 +134,9 @@ fn namespace() -> &'static Uuid {
 }
 
 impl Transition {
-    /// Deterministic id from (customer, group, at, to): a UUID v5, so a replay
-    /// of the same input yields the same ids and consumers can de-duplicate.
+    /// Deterministic id from (customer, group, at, to) — and, for a rule
+    /// migration's, the rules version it moves to: a UUID v5, so a replay of
+    /// the same input yields the same ids and consumers can de-duplicate.
     pub fn transition_id(&self) -> Uuid {
         let mut name = Vec::with_capacity(self.customer_id.len() + 48);
         for part in [self.customer_id.as_bytes(), self.group.as_bytes(), self.at.to_string().as_bytes()] {
@@ -148,6 +149,13 @@ impl Transition {
                 name.extend_from_slice(to.as_bytes());
             }
             None => name.push(b'n'),
+        }
+        // A rule migration's transition names its target version too: the
+        // same move made again by a later change of rules (a revert, at the
+        // same instant) is another transition, not a duplicate of this one.
+        if let Cause::Rules { to, .. } = &self.cause {
+            name.push(0x1f);
+            name.extend_from_slice(format!("rules:{to}").as_bytes());
         }
         Uuid::new_v5(namespace(), &name)
     }
@@ -165,5 +173,28 @@ mod tests {
         assert_eq!(BoundaryKind::from_name("recency+later"), None);
         let text = BoundaryKind::from_bits(BoundaryKind::FREQUENCY | BoundaryKind::ADOPTION).explain(60, 14);
         assert_eq!(text, "an active day left the 60-day frequency window; a feature left the 14-day adoption window");
+    }
+
+    #[test]
+    fn a_rule_migrations_id_names_its_target_version() {
+        let t = |cause: Cause| Transition {
+            customer_id: "c".into(),
+            group: Arc::from("health"),
+            from: Some(Arc::from("yellow")),
+            to: Some(Arc::from("green")),
+            at: 5,
+            cause,
+            scores: Scores::default(),
+            rules_version: 1,
+        };
+        let event = t(Cause::Event("e".into())).transition_id();
+        assert_eq!(
+            event,
+            t(Cause::Time(BoundaryKind::from_bits(1))).transition_id(),
+            "SPEC: (customer, group, at, to)"
+        );
+        let to2 = t(Cause::Rules { from: 1, to: 2 }).transition_id();
+        let to4 = t(Cause::Rules { from: 3, to: 4 }).transition_id();
+        assert!(to2 != event && to2 != to4, "a revert to the same segment at the same instant is another move");
     }
 }

@@ -132,6 +132,9 @@ impl Config {
                     .map_err(|e| EngineError::Config(format!("time.earliest_event {t:?}: {e}")))?,
             ),
         };
+        if let Some(v) = self.rules_version.filter(|v| *v == 0 || i32::try_from(*v).is_err()) {
+            return Err(EngineError::Config(format!("rules_version must be 1 to {}, got {v}", i32::MAX)));
+        }
         let max_future = i64::try_from(self.time.max_future_ms).map_err(|_| {
             EngineError::Config(format!("time.max_future_ms is too large: {}", self.time.max_future_ms))
         })?;
@@ -183,5 +186,15 @@ mod tests {
     fn unknown_fields_are_rejected_with_their_name() {
         let err = Config::from_toml("[time]\nallowed_lateness = 5\n").expect_err("unknown field");
         assert!(err.to_string().contains("allowed_lateness"), "{err}");
+    }
+
+    #[test]
+    fn a_rules_version_must_be_a_positive_avro_int() {
+        for bad in ["rules_version = 0\n", "rules_version = 3000000000\n"] {
+            let cfg = Config::from_toml(bad).expect("parses");
+            let err = cfg.engine_settings().expect_err("refused").to_string();
+            assert!(err.contains("rules_version must be 1 to"), "{err}");
+        }
+        assert!(Config::from_toml("rules_version = 7\n").expect("parses").engine_settings().is_ok());
     }
 }

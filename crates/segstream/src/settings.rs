@@ -102,6 +102,13 @@ impl Settings {
                     "nothing to run: give --input/--output/--state-dir (file mode) or a --config with a [kafka] section"
                 )
             })?;
+            if flags.migrate_rules && config.rules_version.is_none() {
+                anyhow::bail!(
+                    "--migrate-rules in Kafka mode needs rules_version in the configuration: every instance and \
+                     every partition must agree on the version the new rules are (a flag alone would raise it \
+                     again on each instance that restarts with it); set rules_version to the next version instead"
+                );
+            }
             let mut over = flags.kafka;
             over.state_dir = flags.state_dir;
             let kafka =

@@ -63,6 +63,10 @@ pub struct HistoryEntry {
     /// A rule migration: (from version, to version). Last, so that entries
     /// written before it read with `None` (see [`HistoryEntry::decode`]).
     pub rules: Option<(u32, u32)>,
+    /// The rules version whose indexes `group`, `from` and `to` are (0: an
+    /// entry written before versions were recorded), so that a migration
+    /// renames each entry once.
+    pub version: u32,
 }
 
 impl HistoryEntry {
@@ -70,15 +74,15 @@ impl HistoryEntry {
         postcard::to_stdvec(self).expect("a history entry serializes")
     }
 
-    /// Reads an entry, also one written before `rules` existed.
+    /// Reads an entry, also one written before `rules` or `version` existed
+    /// (their zero bytes are appended).
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        match postcard::from_bytes(bytes) {
-            Err(postcard::Error::DeserializeUnexpectedEnd) => {
-                let mut longer = bytes.to_vec();
-                longer.push(0);
-                postcard::from_bytes(&longer)
+        let mut longer = bytes.to_vec();
+        loop {
+            match postcard::from_bytes(&longer) {
+                Err(postcard::Error::DeserializeUnexpectedEnd) if longer.len() < bytes.len() + 2 => longer.push(0),
+                other => return other,
             }
-            other => other,
         }
     }
 }
@@ -1119,6 +1123,7 @@ mod tests {
             boundary: 0,
             scores: Scores::default(),
             rules: None,
+            version: 0,
         }
     }
 
@@ -1126,8 +1131,10 @@ mod tests {
     fn history_entries_written_before_rule_versions_still_read() {
         let e = entry(2, 1, 77);
         let mut older = e.encode();
-        assert_eq!(older.pop(), Some(0), "the new field is one byte at the end");
-        assert_eq!(HistoryEntry::decode(&older).expect("older entry"), e);
+        assert_eq!(older.pop(), Some(0), "the version is one byte at the end");
+        assert_eq!(HistoryEntry::decode(&older).expect("entry without a version"), e);
+        assert_eq!(older.pop(), Some(0), "the rules cause one before it");
+        assert_eq!(HistoryEntry::decode(&older).expect("entry without either"), e);
         let migrated = HistoryEntry { rules: Some((1, 2)), event_id: None, ..e };
         assert_eq!(HistoryEntry::decode(&migrated.encode()).expect("new entry"), migrated);
     }

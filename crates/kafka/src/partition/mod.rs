@@ -352,15 +352,21 @@ impl Task {
     /// rules. A crash replays from the last commit: customers already moved
     /// are passed over by their state's rules version, transitions already
     /// written are not sent again (the replay guard).
-    pub(crate) fn finish_migration(&mut self, starting: bool) -> Result<(), Error> {
-        if self.engine.migration().is_none() {
-            return Ok(());
-        }
+    pub(crate) fn finish_migration(
+        &mut self,
+        planned: Option<segstream_engine::MigrationProgress>,
+    ) -> Result<(), Error> {
         self.migrated_here = Some(0);
-        if starting {
+        if let Some(m) = planned {
+            self.engine.begin_migration(m)?;
             self.commit(None)?;
         }
-        let batch = usize::try_from(self.shared.engine.commit_every_records()).unwrap_or(usize::MAX).max(1);
+        if self.engine.migration().is_none() {
+            self.migrated_here = None;
+            return Ok(());
+        }
+        let every = self.shared.engine.commit_every_records().min(segstream_engine::MIGRATION_BATCH);
+        let batch = usize::try_from(every).unwrap_or(usize::MAX).max(1);
         let source = format!("{}rules", self.source_prefixes[0]);
         let started = Instant::now();
         while let Some(before) = self.engine.migration().map(|m| m.customers) {

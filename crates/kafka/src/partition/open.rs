@@ -140,8 +140,10 @@ impl Task {
                 match tail.apply(key, m.offset(), entry, epoch) {
                     Some(Restore::Customer(id, state)) => engine.restore_customer(&id, state)?,
                     Some(Restore::History { id, seq, entry }) => engine.restore_history(&id, seq, entry)?,
-                    Some(Restore::Series(day, counts)) => engine.restore_series(day, counts),
                     None => {}
+                }
+                for (day, counts) in tail.take_series() {
+                    engine.restore_series(day, counts);
                 }
                 // At a commit marker the local state equals the partition's
                 // state at that commit: a restore stopped later (a rebalance,
@@ -246,14 +248,20 @@ impl Task {
             shared.engine.rules_policy(),
         )
         .map_err(|e| Error::Setup(e.to_string()))?;
-        let starts_migration = matches!(decision, RulesDecision::Migrate(_));
+        let mut planned = None;
         match decision {
-            RulesDecision::Same(m) => engine.set_rules_version(m.version),
+            RulesDecision::Same(m) => {
+                engine.set_rules_version(m.version);
+                engine.note_rules(&m);
+            }
             RulesDecision::Record(m) => {
                 engine.set_rules_version(m.version);
+                engine.note_rules(&m);
                 marker.rules = Some(m);
             }
-            RulesDecision::Migrate(m) => engine.begin_migration(m)?,
+            // Begun after the checks below and the local commit, right
+            // before its first batch (`finish_migration`).
+            RulesDecision::Migrate(m) => planned = Some(m),
             RulesDecision::Resume(m) => engine.resume_migration(m)?,
         }
         let time_fingerprint = shared.engine.time_fingerprint();
@@ -335,8 +343,11 @@ impl Task {
                      the partition has committed, then change them"
                 )));
             }
-            if starts_migration
-                && (skips > 0 || task.runs.replay_len() > 0 || task.emitter.sink().guard().holds_outputs())
+            if planned.is_some()
+                && (skips > 0
+                    || task.runs.replay_len() > 0
+                    || task.emitter.sink().guard().holds_outputs()
+                    || task.marker.pending_watermark.is_some())
             {
                 return Err(Error::Setup(format!(
                     "partition {partition} has work after its last commit done under its current rules; a replay \
@@ -379,7 +390,7 @@ impl Task {
             "partition restored"
         );
         task.publish_opened();
-        task.finish_migration(starts_migration)?;
+        task.finish_migration(planned)?;
         Ok(task)
     }
 

@@ -171,7 +171,8 @@ fn migrate_rules(
     every: u64,
     summary: &mut RunSummary,
 ) -> anyhow::Result<bool> {
-    let batch = usize::try_from(every).unwrap_or(usize::MAX).max(1);
+    engine.start_migration()?;
+    let batch = usize::try_from(every.min(segstream_engine::MIGRATION_BATCH)).unwrap_or(usize::MAX).max(1);
     let mut buf: Vec<Transition> = Vec::new();
     let mut done_here = 0u64;
     while let Some(before) = engine.migration().map(|m| m.customers) {
