@@ -33,7 +33,7 @@ fn with_dwell(moves: &[Move], dwell: i64, end: i64) -> Vec<Move> {
     let mut out = Vec::new();
     let mut held: Option<String> = None;
     let mut qualifies: Option<(String, i64)> = None;
-    let mut settle = |held: &mut Option<String>, qualifies: &Option<(String, i64)>, t: i64, out: &mut Vec<Move>| {
+    let settle = |held: &mut Option<String>, qualifies: &Option<(String, i64)>, t: i64, out: &mut Vec<Move>| {
         if let Some((q, since)) = qualifies {
             if held.as_ref() != Some(q) && since + dwell <= t {
                 out.push((held.clone(), Some(q.clone()), since + dwell));
