@@ -290,3 +290,24 @@ fn added_groups_get_first_labels_removed_ones_end_and_history_follows() {
         .expect_err("older version");
     assert!(format!("{err:#}").contains("cannot go back"), "{err:#}");
 }
+
+/// A `segstream serve` started before a migration names labels with the
+/// old rules: once the state has moved, it answers 503 instead of
+/// misnaming them.
+#[test]
+fn a_reader_opened_before_a_migration_stops_answering_after_it() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path();
+    let (a, b, _) = split(p, 40, 30, 20);
+    let old = config_committing_every(1000);
+    run(&old, None, &a, &p.join("a.out.jsonl"), &p.join("s"));
+    let reader = segstream::query::StateReader::open(&p.join("s"), &engine(&old)).expect("reader");
+    let id = read_json(&p.join("a.out.jsonl"))[0].customer_id.clone();
+    assert!(reader.customer_json(&id, None).is_ok());
+    run(&sooner_at_risk(old.clone()), MIGRATE, &b, &p.join("b.out.jsonl"), &p.join("s"));
+    std::thread::sleep(std::time::Duration::from_millis(600)); // the reader catches up at most every 500 ms
+    let err = reader.customer_json(&id, None).expect_err("other rules now");
+    assert_eq!((err.status, err.code), (503, "rules_changed"));
+    let new = segstream::query::StateReader::open(&p.join("s"), &engine(&sooner_at_risk(old))).expect("new rules");
+    assert!(new.customer_json(&id, None).is_ok());
+}

@@ -37,8 +37,12 @@ pub struct WebhookConfig {
     pub url: String,
     /// Groups whose transitions are delivered; empty: every group.
     pub groups: Vec<String>,
-    /// Target segments delivered (`"null"`: erasures); empty: every one.
+    /// Target segments delivered (`"null"`: erasures, and the end of a group
+    /// a rule migration removed); empty: every one.
     pub to: Vec<String>,
+    /// Causes delivered: `event`, `time`, `rules` (a rule migration); empty:
+    /// every one. `["event", "time"]` leaves rule changes out.
+    pub causes: Vec<String>,
     /// One request's time limit (ms).
     pub timeout_ms: u64,
     /// The first retry's wait (ms); it doubles up to `max_backoff_ms`.
@@ -58,6 +62,7 @@ impl Default for WebhookConfig {
             url: String::new(),
             groups: Vec::new(),
             to: Vec::new(),
+            causes: Vec::new(),
             timeout_ms: 10_000,
             backoff_ms: 500,
             max_backoff_ms: 60_000,
@@ -87,14 +92,26 @@ impl WebhookConfig {
                 bail!("webhook.to: no segment {t:?} in the chosen groups (\"null\" = erasures)");
             }
         }
+        for c in &self.causes {
+            if !["event", "time", "rules"].contains(&c.as_str()) {
+                bail!("webhook.causes: no cause {c:?} (causes: event, time, rules)");
+            }
+        }
+        if self.to.iter().any(|t| t == "null") && self.causes.is_empty() {
+            tracing::warn!(
+                "webhook.to has \"null\" and webhook.causes is empty: a rule migration that removes a group also \
+                 ends every customer's label in it with to = null; set causes = [\"event\"] for erasures only"
+            );
+        }
         Ok(())
     }
 
-    /// Whether a transition (`group`, `to`) is delivered.
-    pub fn wants(&self, group: &str, to: Option<&str>) -> bool {
+    /// Whether a transition (`group`, `to`, cause kind) is delivered.
+    pub fn wants(&self, group: &str, to: Option<&str>, cause: &str) -> bool {
         let to = to.unwrap_or("null");
         (self.groups.is_empty() || self.groups.iter().any(|g| g == group))
             && (self.to.is_empty() || self.to.iter().any(|t| t == to))
+            && (self.causes.is_empty() || self.causes.iter().any(|c| c == cause))
     }
 }
 
@@ -379,7 +396,7 @@ pub fn deliver_all(
             }
         };
         let group = v["group"].as_str().unwrap_or_default();
-        if !cfg.wants(group, v["to"].as_str()) {
+        if !cfg.wants(group, v["to"].as_str(), v["cause"]["kind"].as_str().unwrap_or_default()) {
             summary.skipped += 1;
         } else {
             let key = v["transition_id"].as_str().unwrap_or_default().to_string();
@@ -416,12 +433,16 @@ mod tests {
     #[test]
     fn the_filter_takes_groups_and_targets() {
         let cfg = WebhookConfig { groups: vec!["rfm".into()], to: vec!["at_risk".into()], ..WebhookConfig::default() };
-        assert!(cfg.wants("rfm", Some("at_risk")));
-        assert!(!cfg.wants("rfm", Some("champions")));
-        assert!(!cfg.wants("health", Some("at_risk")));
-        assert!(WebhookConfig::default().wants("health", None));
-        let erasures = WebhookConfig { to: vec!["null".into()], ..WebhookConfig::default() };
-        assert!(erasures.wants("rfm", None));
+        assert!(cfg.wants("rfm", Some("at_risk"), "time"));
+        assert!(!cfg.wants("rfm", Some("champions"), "time"));
+        assert!(!cfg.wants("health", Some("at_risk"), "event"));
+        assert!(WebhookConfig::default().wants("health", None, "rules"));
+        let erasures = WebhookConfig { to: vec!["null".into()], causes: vec!["event".into()], ..WebhookConfig::default() };
+        assert!(erasures.wants("rfm", None, "event"));
+        assert!(!erasures.wants("plan", None, "rules"), "a removed group's end is no erasure");
+        let typo = WebhookConfig { url: "http://x".into(), causes: vec!["rule".into()], ..WebhookConfig::default() };
+        assert!(typo.check(&[]).expect_err("unknown cause").to_string().contains("webhook.causes"));
+        assert!(WebhookConfig { causes: vec!["rules".into()], ..typo }.check(&[]).is_ok());
     }
 
     #[test]

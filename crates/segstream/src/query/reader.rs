@@ -19,6 +19,8 @@ const CATCH_UP_EVERY: Duration = Duration::from_millis(500);
 /// process writing the state and catches up with its commits.
 pub struct StateReader {
     store: Mutex<(StateStore, Instant)>,
+    /// The fingerprint of the rules this reader names labels with.
+    fingerprint: String,
     scorer: Scorer,
     names: Names,
     /// Kept while the reader lives: the secondary instance's own files.
@@ -45,7 +47,13 @@ impl StateReader {
         }
         let scorer = settings.scorer();
         let names = Names::new(scorer.groups());
-        Ok(Self { store: Mutex::new((store, Instant::now())), scorer, names, _secondary: secondary })
+        Ok(Self {
+            store: Mutex::new((store, Instant::now())),
+            fingerprint: fingerprint.to_string(),
+            scorer,
+            names,
+            _secondary: secondary,
+        })
     }
 
     /// Runs `f` on the store, after catching up with the writer if it is time.
@@ -55,6 +63,29 @@ impl StateReader {
         if last.elapsed() >= CATCH_UP_EVERY {
             store.catch_up().map_err(QueryError::internal)?;
             *last = Instant::now();
+        }
+        // The writer may have moved the state to other rules since this
+        // reader opened (a rule migration): its labels are then not ours to
+        // name. Asked of the store, which caches nothing: a meta read.
+        let migrating = store.meta("rules:migration").map_err(QueryError::internal)?;
+        if migrating.as_deref().is_some_and(|v| v != b"null") {
+            return Err(QueryError::unavailable(
+                "rule_migration",
+                "the state is being migrated to new rules (segstream run --migrate-rules): segments mix both \
+                 rules until it finishes"
+                    .into(),
+                5,
+            ));
+        }
+        let fingerprint = store.meta("config_fingerprint").map_err(QueryError::internal)?;
+        if fingerprint.as_deref() != Some(self.fingerprint.as_bytes()) {
+            return Err(QueryError::unavailable(
+                "rules_changed",
+                "the state was migrated to other rules since this server started: restart it with the \
+                 configuration the state now runs with"
+                    .into(),
+                60,
+            ));
         }
         f(store)
     }
