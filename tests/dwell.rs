@@ -105,5 +105,30 @@ fn a_dwell_holds_back_exactly_the_moves_that_do_not_last_and_touches_no_other_gr
         }
         assert_eq!(a.len(), b.len());
         assert!(held_back > 50, "seed {seed}: the dwell held back moves that did not last ({held_back})");
+
+        // The query API shows a move still waiting, and when it would happen.
+        let settings = engine(&dwelling);
+        let reader = segstream::query::StateReader::open(&d.path().join("dwelling"), &settings).expect("reader");
+        let store = segstream_state::StateStore::open_reader(&d.path().join("dwelling"), &d.path().join("r2")).expect("store");
+        let mut waiting = None;
+        store
+            .for_each_customer(|id, st| {
+                if waiting.is_none() {
+                    waiting = st.pending.first().map(|p| (id.to_string(), *p));
+                }
+            })
+            .expect("scan");
+        let (id, (g, _, since)) = waiting.expect("some customer waits at the end");
+        let v = reader.customer_json(&id, None).expect("customer");
+        let group = settings.scorer().groups()[usize::from(g)].name.to_string();
+        let dwell = [("health", health), ("engagement", engagement), ("attention", custom)]
+            .iter()
+            .find(|(n, _)| *n == group)
+            .map(|(_, d)| *d)
+            .expect("a dwelling group");
+        let q = &v["segments"][&group]["qualifies_for"];
+        assert_eq!(q["since"], segstream_decode::format_rfc3339_millis(since), "{v}");
+        assert_eq!(q["moves_at"], segstream_decode::format_rfc3339_millis(since + dwell), "{v}");
+        assert!(since + dwell > end, "still waiting at the end of the run");
     }
 }

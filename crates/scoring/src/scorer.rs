@@ -370,6 +370,11 @@ impl Scorer {
         out
     }
 
+    /// The minimum dwell of group `g` (ms; 0: none).
+    pub fn min_dwell(&self, g: usize) -> i64 {
+        self.dwell.get(g).copied().unwrap_or(0)
+    }
+
     /// Whether any group has a minimum dwell.
     pub(crate) fn has_dwell(&self) -> bool {
         self.dwell.iter().any(|d| *d > 0)
