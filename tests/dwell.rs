@@ -109,7 +109,8 @@ fn a_dwell_holds_back_exactly_the_moves_that_do_not_last_and_touches_no_other_gr
         // The query API shows a move still waiting, and when it would happen.
         let settings = engine(&dwelling);
         let reader = segstream::query::StateReader::open(&d.path().join("dwelling"), &settings).expect("reader");
-        let store = segstream_state::StateStore::open_reader(&d.path().join("dwelling"), &d.path().join("r2")).expect("store");
+        let store =
+            segstream_state::StateStore::open_reader(&d.path().join("dwelling"), &d.path().join("r2")).expect("store");
         let mut waiting = None;
         store
             .for_each_customer(|id, st| {

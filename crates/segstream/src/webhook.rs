@@ -437,7 +437,8 @@ mod tests {
         assert!(!cfg.wants("rfm", Some("champions"), "time"));
         assert!(!cfg.wants("health", Some("at_risk"), "event"));
         assert!(WebhookConfig::default().wants("health", None, "rules"));
-        let erasures = WebhookConfig { to: vec!["null".into()], causes: vec!["event".into()], ..WebhookConfig::default() };
+        let erasures =
+            WebhookConfig { to: vec!["null".into()], causes: vec!["event".into()], ..WebhookConfig::default() };
         assert!(erasures.wants("rfm", None, "event"));
         assert!(!erasures.wants("plan", None, "rules"), "a removed group's end is no erasure");
         let typo = WebhookConfig { url: "http://x".into(), causes: vec!["rule".into()], ..WebhookConfig::default() };

@@ -155,7 +155,8 @@ impl StateReader {
         for (g, (group, &label)) in self.names.groups().iter().zip(&st.labels).enumerate() {
             // Entered at the last kept transition into it (absent: before the kept history).
             let since = history.iter().rev().find(|e| usize::from(e.group) == g && e.to == Some(label)).map(|e| e.at);
-            let mut entry = json!({ "segment": self.names.label(g as u16, Some(label)), "since": since.map_or(Value::Null, ts) });
+            let mut entry =
+                json!({ "segment": self.names.label(g as u16, Some(label)), "since": since.map_or(Value::Null, ts) });
             // A move waiting for the group's minimum dwell.
             if let Some((_, to, from)) = st.pending.iter().find(|p| usize::from(p.0) == g) {
                 entry["qualifies_for"] = json!({
