@@ -832,6 +832,40 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
     }
 }
 
+/// Minimum dwell in Kafka mode (ADR 009): the waits live in the state and
+/// the changelog like the rest, and two partitions give file mode's
+/// transitions under the same rules.
+#[test]
+fn a_minimum_dwell_gives_file_modes_transitions_in_kafka_mode() {
+    let p = Pipeline::new(sqlite, 2, 60, 45, None);
+    p.produce_all();
+    let (health, engagement) = (172_800_000u64, 129_600_001u64);
+    let mut cfg = segstream::Config::default();
+    cfg.segments.health.min_dwell_ms = health;
+    cfg.segments.engagement.min_dwell_ms = engagement;
+    let all = p.dir.path().join("all.jsonl");
+    let args = FileSettings::new(&all, p.dir.path().join("dwell.jsonl"), p.dir.path().join("dwell-state"));
+    run_file(&cfg.engine_settings().expect("valid"), &args).expect("file mode");
+    let mut expected: Vec<String> =
+        std::fs::read_to_string(&args.output).expect("expected").lines().map(str::to_string).collect();
+    expected.sort();
+    assert!(expected.len() < p.expected.len(), "the dwell holds moves back");
+    let extra = format!(
+        "raw:[segments.health]\nraw:min_dwell_ms = {health}\nraw:[segments.engagement]\nraw:min_dwell_ms = {engagement}"
+    );
+    let mut child = p.start("a", &extra);
+    p.wait_output(expected.len(), "dwell", &["a"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut got: Vec<String> = read_all(&p.broker.addr, OUTPUT)
+        .into_iter()
+        .map(|r| String::from_utf8(r.payload.expect("payload")).expect("utf-8"))
+        .collect();
+    got.sort();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "Kafka mode differs from file mode under a dwell");
+    sigterm(&mut child);
+}
+
 /// A minimal Schema Registry: `GET /schemas/ids/{id}` answers `schemas`,
 /// `POST /subjects/{s}/versions` answers `{"id": register_id}`; anything
 /// else is 404. With `user_info`, a request without that HTTP basic
