@@ -196,8 +196,16 @@ fn read_transitions(
         if let Some(ds) = ds.as_deref_mut() {
             let at = segstream_decode::parse_rfc3339_millis(&rec.at)
                 .map_err(|e| anyhow::anyhow!("{}:{line}: bad `at` {:?}: {e}", path.display(), rec.at))?;
-            ds.add_transition(&rec.customer_id, &rec.group, rec.from.as_deref(), rec.to.as_deref(), at)
-                .with_context(|| format!("{}:{line}", path.display()))?;
+            ds.add_transition(&rec.customer_id, &rec.group, rec.from.as_deref(), rec.to.as_deref(), at).with_context(
+                || {
+                    format!(
+                        "{}:{line} (a file that spans a rule migration, cause `rules`, that removed or renamed \
+                         groups or segments cannot be reported under one configuration: report on the transitions \
+                         written since the migration)",
+                        path.display()
+                    )
+                },
+            )?;
         }
         if keep.contains(&rec.customer_id) {
             kept.push(serde_json::to_value(&rec)?);
