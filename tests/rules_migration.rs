@@ -311,3 +311,37 @@ fn a_reader_opened_before_a_migration_stops_answering_after_it() {
     let new = segstream::query::StateReader::open(&p.join("s"), &engine(&sooner_at_risk(old))).expect("new rules");
     assert!(new.customer_json(&id, None).is_ok());
 }
+
+/// A migration keeps the waits of a group with a minimum dwell: a new
+/// version of the same rules moves nobody, and what follows is what would
+/// have followed without it (but for the version stamped).
+#[test]
+fn a_migration_keeps_customers_waiting_out_a_dwell_where_they_are() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path();
+    let (a, b, _) = split(p, 120, 50, 30);
+    let mut cfg = config_committing_every(1000);
+    cfg.segments.health.min_dwell_ms = 2 * 86_400_000;
+    for s in ["same", "bumped"] {
+        run(&cfg, None, &a, &p.join(format!("{s}-a.jsonl")), &p.join(s));
+    }
+    let waiting = {
+        let store = segstream_state::StateStore::open_reader(&p.join("bumped"), &p.join("r")).expect("store");
+        let mut n = 0;
+        store.for_each_customer(|_, st| n += usize::from(!st.pending.is_empty())).expect("scan");
+        n
+    };
+    assert!(waiting > 0, "some customers wait out the dwell at the migration");
+    run(&cfg, None, &b, &p.join("same-b.jsonl"), &p.join("same"));
+    let mut bumped = cfg.clone();
+    bumped.rules_version = Some(2);
+    let summary = run(&bumped, None, &b, &p.join("bumped-b.jsonl"), &p.join("bumped"));
+    assert_eq!(summary.migration.map(|m| m.transitions), Some(0), "the same rules move nobody");
+    let strip = |mut r: TransitionRecord| {
+        r.rules_version = 0;
+        r
+    };
+    let same: Vec<_> = read_json(&p.join("same-b.jsonl")).into_iter().map(strip).collect();
+    let after: Vec<_> = read_json(&p.join("bumped-b.jsonl")).into_iter().map(strip).collect();
+    assert_eq!(after, same);
+}

@@ -38,13 +38,17 @@ fn history_entry(groups: &[Group], t: &Transition) -> Option<HistoryEntry> {
     let index = |name: &Option<std::sync::Arc<str>>| {
         name.as_ref().and_then(|n| groups[g].segments.iter().position(|s| s == n)).and_then(|i| u16::try_from(i).ok())
     };
+    let from = index(&t.from);
     Some(HistoryEntry {
         group: u16::try_from(g).ok()?,
-        from: index(&t.from),
+        from,
         to: index(&t.to),
         at: t.at,
         event_id: match &t.cause {
             Cause::Event(id) => Some(id.clone()),
+            // A migration out of a segment the new rules no longer have: its
+            // name, which no index can give.
+            Cause::Rules { .. } if from.is_none() => t.from.as_deref().map(str::to_string),
             _ => None,
         },
         boundary: match &t.cause {
@@ -181,8 +185,22 @@ impl Engine {
         let legacy = read_meta::<u64>(&engine.store, META_CONFIG)?;
         let dir_name = dir.display().to_string();
         match decide(&dir_name, stored, legacy, migration, current, settings.rules_policy())? {
-            Decision::Same(m) => scorer.set_rules_version(m.version),
+            Decision::Same(m) => {
+                if settings.rules_policy().migrate {
+                    tracing::info!(
+                        version = m.version,
+                        "--migrate-rules: the rules are those of the state, nothing to migrate"
+                    );
+                }
+                scorer.set_rules_version(m.version)
+            }
             Decision::Record(m) => {
+                if settings.rules_policy().migrate {
+                    tracing::info!(
+                        version = m.version,
+                        "--migrate-rules: a new state takes these rules, nothing to migrate"
+                    );
+                }
                 scorer.set_rules_version(m.version);
                 engine.store.commit(&[
                     (META_RULES.into(), serde_json::to_vec(&m).expect("rules serialize")),

@@ -157,7 +157,16 @@ pub(crate) fn differences(old: &str, new: &str) -> String {
                     walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
                 }
             }
-            _ if a != b => out.push(path.to_string()),
+            _ if a != b => {
+                let short = |v: &serde_json::Value| {
+                    let t = if v.is_null() { "unset".to_string() } else { v.to_string() };
+                    (t.len() <= 40).then_some(t)
+                };
+                match (short(a), short(b)) {
+                    (Some(x), Some(y)) => out.push(format!("{path} {x} → {y}")),
+                    _ => out.push(path.to_string()),
+                }
+            }
             _ => {}
         }
     }

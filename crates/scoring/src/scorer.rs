@@ -87,6 +87,8 @@ const HEALTH_GROUP: [&str; 3] = ["green", "yellow", "red"];
 const VALUE_GROUP: [&str; 3] = ["high_touch", "low_touch", "tech_touch"];
 const ENGAGEMENT_GROUP: [&str; 3] = ["power_user", "on_the_fence", "non_active"];
 const MAX_WINDOW_DAYS: u32 = 120;
+/// Ten years: a longer minimum dwell is a typo (and would overflow instants).
+const MAX_DWELL_MS: u64 = 10 * 365 * 86_400_000;
 
 fn intern(segments: &mut Vec<Arc<str>>, name: &str) -> u16 {
     match segments.iter().position(|s| &**s == name) {
@@ -184,11 +186,10 @@ impl Scorer {
                 .chain(seg.custom.iter().map(|g| g.min_dwell_ms));
         let mut dwell = Vec::with_capacity(groups.len());
         for (ms, g) in dwells.zip(&groups) {
-            dwell.push(
-                i64::try_from(ms).map_err(|_| {
-                    ConfigError::Invalid(format!("min_dwell_ms of group `{}` is too large: {ms}", g.name))
-                })?,
-            );
+            if ms > MAX_DWELL_MS {
+                return bad(format!("min_dwell_ms of group `{}` is {ms}: at most {MAX_DWELL_MS} (ten years)", g.name));
+            }
+            dwell.push(ms as i64);
         }
         Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1, dwell })
     }
@@ -464,8 +465,9 @@ impl Scorer {
     /// Re-evaluates a customer under these rules after a rule change (a
     /// migration from `old`'s rules, version `from_version`): its labels at
     /// `max(evaluated_at, watermark)` — the instant a run under these rules
-    /// would have them at — with one transition per group whose segment
-    /// changed, by name: a group only these rules have gets its first label
+    /// would have them at (a group with a minimum dwell keeps its held
+    /// segment while the customer waits, as at any evaluation) — with one
+    /// transition per group whose segment changed, by name: a group only these rules have gets its first label
     /// (`from` null), a group only the old rules had ends (`to` null). The
     /// customer is then evaluated at that instant and its next boundary is
     /// found under these rules.
@@ -480,13 +482,45 @@ impl Scorer {
     ) {
         let tau = st.evaluated_at.max(watermark);
         let scores = self.scores(st, tau);
-        let labels = self.label_set(st, &scores);
+        let q = self.label_set(st, &scores);
         let cause = Cause::Rules { from: from_version, to: self.rules_version };
+        let old_group = |g: &str| old.groups.iter().position(|x| &*x.name == g);
         let old_name = |g: &str| -> Option<Arc<str>> {
-            let gi = old.groups.iter().position(|x| &*x.name == g)?;
+            let gi = old_group(g)?;
             let l = st.labels.get(gi)?;
             old.groups[gi].segments.get(usize::from(*l)).cloned()
         };
+        // What the customer holds under the new rules: what the rules give
+        // now, except in a group with a minimum dwell whose held segment the
+        // new rules still have: that one stays held, and the customer waits
+        // (since the wait it was in, if for the same segment, else from now)
+        // as it would at any other evaluation.
+        let mut labels = LabelSet::new();
+        let mut pending = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            let d = self.dwell[gi];
+            let held = old_name(&g.name).and_then(|n| g.segments.iter().position(|s| *s == n)).map(|i| i as u16);
+            let Some(held) = held.filter(|_| d > 0) else {
+                labels.push(q[gi]);
+                continue;
+            };
+            if q[gi] == held {
+                labels.push(held);
+                continue;
+            }
+            let since = old_group(&g.name)
+                .and_then(|og| st.pending.iter().find(|p| usize::from(p.0) == og))
+                .filter(|p| {
+                    old.groups[usize::from(p.0)].segments.get(usize::from(p.1)) == Some(&g.segments[usize::from(q[gi])])
+                })
+                .map_or(tau, |p| p.2);
+            if since.saturating_add(d) <= tau {
+                labels.push(q[gi]);
+            } else {
+                labels.push(held);
+                pending.push((gi as u16, q[gi], since));
+            }
+        }
         let mut push = |group: &Arc<str>, from: Option<Arc<str>>, to: Option<Arc<str>>| {
             if from != to {
                 out.push(Transition {
@@ -510,8 +544,7 @@ impl Scorer {
             }
         }
         st.labels = labels.to_vec();
-        // A migration holds the new rules' labels at once: no dwell.
-        st.pending.clear();
+        st.pending = pending;
         st.evaluated_at = tau;
         st.rules_version = self.rules_version;
         self.reschedule(st);

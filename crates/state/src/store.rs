@@ -55,7 +55,9 @@ pub struct HistoryEntry {
     pub from: Option<u16>,
     pub to: Option<u16>,
     pub at: i64,
-    /// The event's id, or `None` for a time boundary.
+    /// The event's id, or `None` for a time boundary; for a rule
+    /// migration's entry, the previous segment's name when the new rules do
+    /// not have it (`from` is then `None`).
     pub event_id: Option<String>,
     /// The boundary's kind bits (time boundaries).
     pub boundary: u8,

@@ -36,6 +36,21 @@ impl StateReader {
         let secondary = tempfile::Builder::new().prefix("segstream-reader-").tempdir()?;
         let store = StateStore::open_reader(dir, secondary.path())?;
         let fingerprint = settings.fingerprint();
+        if let Some(m) = store
+            .meta("rules:migration")?
+            .and_then(|v| serde_json::from_slice::<Option<segstream_engine::MigrationProgress>>(&v).ok())
+            .flatten()
+        {
+            anyhow::bail!(
+                "a rule migration of {} from version {} to {} is under way or was interrupted ({} customers done): \
+                 serve it once `segstream run` with the version-{} configuration has finished it",
+                dir.display(),
+                m.from.version,
+                m.to.version,
+                m.customers,
+                m.to.version
+            );
+        }
         match store.meta("config_fingerprint")? {
             Some(v) if String::from_utf8_lossy(&v) == fingerprint.to_string() => {}
             Some(_) => anyhow::bail!(
@@ -71,8 +86,8 @@ impl StateReader {
         if migrating.as_deref().is_some_and(|v| v != b"null") {
             return Err(QueryError::unavailable(
                 "rule_migration",
-                "the state is being migrated to new rules (segstream run --migrate-rules): segments mix both \
-                 rules until it finishes"
+                "a rule migration of the state is under way, or was interrupted (then `segstream run` with the \
+                 new rules' configuration finishes it): segments mix both rules until it is done"
                     .into(),
                 5,
             ));
@@ -119,13 +134,18 @@ impl StateReader {
 
     fn history_json(&self, e: &HistoryEntry) -> Value {
         let cause = match (&e.event_id, e.rules) {
-            (Some(id), _) => json!({ "kind": "event", "event_id": id }),
-            (None, Some((from, to))) => json!({ "kind": "rules", "from_version": from, "to_version": to }),
+            (_, Some((from, to))) => json!({ "kind": "rules", "from_version": from, "to_version": to }),
+            (Some(id), None) => json!({ "kind": "event", "event_id": id }),
             (None, None) => json!({ "kind": "time", "boundary": BoundaryKind::from_bits(e.boundary).name() }),
+        };
+        // A migration out of a segment the rules no longer have keeps its name.
+        let from = match (&e.event_id, e.rules, e.from) {
+            (Some(name), Some(_), None) => json!(name),
+            _ => self.names.label(e.group, e.from),
         };
         json!({
             "group": self.names.groups().get(usize::from(e.group)).map_or("", |g| &*g.name),
-            "from": self.names.label(e.group, e.from),
+            "from": from,
             "to": self.names.label(e.group, e.to),
             "at": ts(e.at),
             "cause": cause,
