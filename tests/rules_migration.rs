@@ -345,3 +345,41 @@ fn a_migration_keeps_customers_waiting_out_a_dwell_where_they_are() {
     let after: Vec<_> = read_json(&p.join("bumped-b.jsonl")).into_iter().map(strip).collect();
     assert_eq!(after, same);
 }
+
+/// A segment renamed in the RFM grid: the customers in it move to the new
+/// name (cause `rules`), and the kept history names where they came from.
+#[test]
+fn a_renamed_segment_moves_its_customers_and_their_history_keeps_the_old_name() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path();
+    let (a, b, _) = split(p, 150, 60, 45);
+    let old = config_committing_every(1000);
+    run(&old, None, &a, &p.join("a.out.jsonl"), &p.join("s"));
+    let mut renamed = old.clone();
+    for row in renamed.segments.rfm.grid.iter_mut() {
+        for cell in row.iter_mut() {
+            if cell == "potential_loyalists" {
+                *cell = "promising_regulars".into();
+            }
+        }
+    }
+    run(&renamed, MIGRATE, &b, &p.join("b.out.jsonl"), &p.join("s"));
+    let moved: Vec<TransitionRecord> = read_json(&p.join("b.out.jsonl")).into_iter().filter(is_rules).collect();
+    assert!(!moved.is_empty());
+    assert!(moved.iter().all(|r| r.group == "rfm"
+        && r.from.as_deref() == Some("potential_loyalists")
+        && r.to.as_deref() == Some("promising_regulars")));
+    let reader = segstream::query::StateReader::open(&p.join("s"), &engine(&renamed)).expect("reader");
+    let v = reader.customer_json(&moved[0].customer_id, None).expect("customer");
+    let entry = v["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .find(|e| e["cause"]["kind"] == "rules")
+        .cloned()
+        .expect("the migration is in the history");
+    assert_eq!(
+        (entry["from"].as_str(), entry["to"].as_str()),
+        (Some("potential_loyalists"), Some("promising_regulars"))
+    );
+}
