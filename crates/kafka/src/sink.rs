@@ -51,7 +51,11 @@ impl OutputEncoding {
     fn value(self, t: &Transition, encoded: Option<Vec<u8>>) -> Result<Vec<u8>, Error> {
         match (self, encoded) {
             (_, Some(v)) => Ok(v),
-            (OutputEncoding::Json, None) => Ok(serde_json::to_vec(&TransitionRecord::from(t))?),
+            (OutputEncoding::Json, None) => {
+                let mut v = Vec::with_capacity(384);
+                segstream_output::write_transition_json(t, &mut v);
+                Ok(v)
+            }
             (OutputEncoding::Avro(schema_id), None) => {
                 let datum = apache_avro::to_avro_datum(transition_schema(), transition_to_avro_value(t))
                     .map_err(|e| Error::Setup(format!("encoding a transition as Avro: {e}")))?;

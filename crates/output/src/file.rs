@@ -16,7 +16,7 @@ use segstream_scoring::Transition;
 
 use crate::emit::DeadLetter;
 use crate::error::OutputError;
-use crate::record::{transition_schema, transition_to_avro_value, transition_to_json};
+use crate::record::{transition_schema, transition_to_avro_value, write_transition_json};
 
 /// Written to the file when this much is buffered, even between commits.
 const WRITE_THRESHOLD: usize = 1 << 20;
@@ -131,6 +131,8 @@ fn existing_schema(path: &Path) -> Result<apache_avro::Schema, OutputError> {
 pub struct TransitionFile {
     file: CommittedFile,
     enc: Encoder,
+    /// A JSON line being written (reused).
+    line: Vec<u8>,
 }
 
 impl TransitionFile {
@@ -165,15 +167,16 @@ impl TransitionFile {
                 earlier,
             ),
         };
-        Ok(Self { file, enc })
+        Ok(Self { file, enc, line: Vec::with_capacity(512) })
     }
 
     pub fn write(&mut self, t: &Transition) -> Result<(), OutputError> {
         match &mut self.enc {
             Encoder::Json => {
-                let mut line = transition_to_json(t);
-                line.push('\n');
-                self.file.append(line.as_bytes())
+                self.line.clear();
+                write_transition_json(t, &mut self.line);
+                self.line.push(b'\n');
+                self.file.append(&self.line)
             }
             Encoder::Avro(w, earlier) => {
                 let mut value = transition_to_avro_value(t);

@@ -18,6 +18,6 @@ pub use emit::{DeadLetter, Emitter, FileSink, Flow, Say, SyncedLengths, Tally, T
 pub use error::OutputError;
 pub use file::{CommittedFile, DeadLetterFile, TransitionFile};
 pub use record::{
-    transition_from_avro_value, transition_schema, transition_to_avro_value, transition_to_json, CauseRecord,
-    TransitionRecord, TRANSITION_SCHEMA_JSON,
+    transition_from_avro_value, transition_schema, transition_to_avro_value, transition_to_json, write_transition_json,
+    CauseRecord, TransitionRecord, TRANSITION_SCHEMA_JSON,
 };

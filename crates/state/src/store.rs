@@ -610,6 +610,9 @@ impl StateStore {
         };
         let committed_timer = state.as_ref().and_then(|s| s.timer);
         let committed = Membership::of(state.as_ref());
+        // No committed state, no kept history (an erasure deletes both in
+        // one commit): its numbering starts at 0 without a lookup.
+        let history_next = if state.is_none() { Some(0) } else { None };
         let sid = match self.free.pop() {
             Some(sid) => {
                 let slot = &mut self.slots[sid as usize];
@@ -621,7 +624,7 @@ impl StateStore {
                 slot.committed = committed;
                 slot.history.clear();
                 slot.history_reset = false;
-                slot.history_next = None;
+                slot.history_next = history_next;
                 sid
             }
             None => {
@@ -636,7 +639,7 @@ impl StateStore {
                     committed,
                     history: Vec::new(),
                     history_reset: false,
-                    history_next: None,
+                    history_next,
                 });
                 sid
             }
