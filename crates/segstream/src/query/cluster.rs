@@ -136,6 +136,7 @@ impl KafkaQuery {
         let status = resp.status().as_u16();
         let body: Value = resp.body_mut().read_json().map_err(|e| unreachable(e.to_string()))?;
         if status == 200 {
+            same_rules(p, &body, &self.engine.fingerprint().to_string())?;
             Ok(body)
         } else {
             self.owners.lock().map_err(|_| QueryError::internal("owners poisoned"))?.forget(p);
@@ -145,6 +146,23 @@ impl KafkaQuery {
 
     fn all<T>(&self, ask: PartitionAsk, read: impl Fn(&Value) -> Result<T, QueryError>) -> Result<Vec<T>, QueryError> {
         (0..self.partitions()?).map(|p| self.ask(p, ask.clone()).and_then(|v| read(&v))).collect()
+    }
+}
+
+/// Another instance's partition answer is by the indexes of its rules: it
+/// merges with ours only under the same rules (during a rolling change of
+/// rules, two instances may run two versions).
+fn same_rules(p: i32, answer: &Value, ours: &str) -> Result<(), QueryError> {
+    match answer["rules"].as_str() {
+        Some(theirs) if theirs != ours => Err(QueryError::unavailable(
+            "rules_changed",
+            format!(
+                "partition {p} is owned by an instance running other scoring or segment rules (a change of rules \
+                 rolling out?): group answers wait until every instance runs the same"
+            ),
+            10,
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -237,5 +255,14 @@ mod tests {
             assert_eq!((e.status, e.code, e.retry_after), (503, "restoring", Some(2)), "{e:?}");
         }
         assert_eq!(q.members("rfm", "nowhere", None, 5).expect_err("unknown").code, "unknown_segment");
+    }
+
+    #[test]
+    fn answers_of_an_instance_under_other_rules_are_not_merged() {
+        let answer = serde_json::json!({ "counts": [], "rules": "17" });
+        assert!(same_rules(3, &answer, "17").is_ok());
+        let err = same_rules(3, &answer, "18").expect_err("other rules");
+        assert_eq!((err.status, err.code), (503, "rules_changed"));
+        assert!(same_rules(3, &serde_json::json!({ "counts": [] }), "18").is_ok(), "an earlier version says nothing");
     }
 }

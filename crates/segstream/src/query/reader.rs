@@ -265,17 +265,21 @@ impl StateReader {
 
     /// A partition's own answers, as another instance asks for them.
     pub fn partition_answer(&self, ask: PartitionAsk) -> Result<Value, QueryError> {
-        match ask {
+        let mut answer = match ask {
             PartitionAsk::Counts => {
                 let (counts, watermark) = self.counts()?;
-                Ok(json!({ "watermark": watermark, "counts": counts_json(&counts) }))
+                json!({ "watermark": watermark, "counts": counts_json(&counts) })
             }
             PartitionAsk::Members { group, segment, after, limit } => {
                 let (g, l) = self.names.segment(&group, &segment)?;
-                Ok(json!({ "customers": self.member_ids(g, l, after.as_deref(), limit)? }))
+                json!({ "customers": self.member_ids(g, l, after.as_deref(), limit)? })
             }
-            PartitionAsk::Series => Ok(series_json(&self.series()?)),
-        }
+            PartitionAsk::Series => series_json(&self.series()?),
+        };
+        // Counts go by group and segment index: the asker checks that they
+        // are indexes of its own rules.
+        answer["rules"] = json!(self.fingerprint);
+        Ok(answer)
     }
 }
 
