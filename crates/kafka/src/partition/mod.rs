@@ -345,8 +345,8 @@ impl Task {
     }
 
     /// Runs the rule migration under way to its end before any record
-    /// (ADR 008): customers in id order, `state.commit_every_records` at a
-    /// time, each batch's transitions produced (source `<topic>/<p>/rules`)
+    /// (ADR 008): customers in id order, `state.commit_every_records` (at
+    /// most 10 000) at a time, each batch's transitions produced (source `<topic>/<p>/rules`)
     /// and committed like a batch of records. A new migration is committed
     /// first, so that a crash in its first batch resumes it under the same
     /// rules. A crash replays from the last commit: customers already moved

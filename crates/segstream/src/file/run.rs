@@ -159,7 +159,7 @@ fn diff(now: &Counters, start: &Counters) -> Counters {
 }
 
 /// Runs a rule migration under way to its end before any input (ADR 008):
-/// customers in id order, `commit_every_records` at a time, each batch's
+/// customers in id order, `commit_every_records` (at most 10 000) at a time, each batch's
 /// transitions written and committed with its progress like input records.
 /// Returns whether an injected crash stopped it.
 fn migrate_rules(
