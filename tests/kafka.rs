@@ -270,16 +270,35 @@ state_dir = "{state}"
         }
     }
 
-    /// Waits for the whole expected output, lets the engine run a little
-    /// longer (a duplicate would show), then compares as multisets.
-    fn assert_exactly_expected(&self, instances: &[&str]) {
-        let waited = self.try_wait_output(self.expected.len(), instances);
-        std::thread::sleep(Duration::from_millis(1500));
+    /// The output topic's records (JSON payloads), sorted.
+    fn output_sorted(&self) -> Vec<String> {
         let mut got: Vec<String> = read_all(&self.broker.addr, OUTPUT)
             .into_iter()
             .map(|r| String::from_utf8(r.payload.expect("payload")).expect("utf-8"))
             .collect();
         got.sort();
+        got
+    }
+
+    /// File mode's transitions (JSON lines, in file order) of the pipeline's
+    /// events under `cfg`, in files named after `name`.
+    fn file_mode_under(&self, cfg: &segstream::Config, name: &str) -> Vec<String> {
+        let all = self.dir.path().join("all.jsonl");
+        let args = FileSettings::new(
+            &all,
+            self.dir.path().join(format!("{name}.jsonl")),
+            self.dir.path().join(format!("{name}-state")),
+        );
+        run_file(&cfg.engine_settings().expect("valid"), &args).expect("file mode");
+        std::fs::read_to_string(&args.output).expect("file mode's output").lines().map(str::to_string).collect()
+    }
+
+    /// Waits for the whole expected output, lets the engine run a little
+    /// longer (a duplicate would show), then compares as multisets.
+    fn assert_exactly_expected(&self, instances: &[&str]) {
+        let waited = self.try_wait_output(self.expected.len(), instances);
+        std::thread::sleep(Duration::from_millis(1500));
+        let got = self.output_sorted();
         if got != self.expected {
             fn tally(v: &[String]) -> BTreeMap<&str, i64> {
                 let mut m: BTreeMap<&str, i64> = BTreeMap::new();
@@ -732,19 +751,12 @@ fn a_crash_at_each_step_of_the_commit_protocol_recovers_exactly() {
     }
 }
 
-/// Labels per (customer, group) after these transition records (JSON
-/// payloads), checking that each starts where the customer was.
-fn fold_labels(payloads: &[String]) -> BTreeMap<(String, String), String> {
+/// Labels per (customer, group) after these transition records (JSON payloads).
+fn fold_payloads(payloads: &[String]) -> BTreeMap<(String, String), String> {
+    let records: Vec<segstream_output::TransitionRecord> =
+        payloads.iter().map(|p| serde_json::from_str(p).expect("record")).collect();
     let mut labels = BTreeMap::new();
-    for p in payloads {
-        let r: segstream_output::TransitionRecord = serde_json::from_str(p).expect("record");
-        let key = (r.customer_id.clone(), r.group.clone());
-        assert_eq!(labels.get(&key), r.from.as_ref(), "{p} starts where the customer was");
-        match r.to {
-            Some(to) => labels.insert(key, to),
-            None => labels.remove(&key),
-        };
-    }
+    fold_labels(&mut labels, &records);
     labels
 }
 
@@ -787,11 +799,7 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
             default: "free".into(),
             min_dwell_ms: 0,
         }];
-        let all = p.dir.path().join("all.jsonl");
-        let args = FileSettings::new(&all, p.dir.path().join("new-rules.jsonl"), p.dir.path().join("new-state"));
-        run_file(&cfg.engine_settings().expect("valid"), &args).expect("file mode");
-        let fresh: Vec<String> =
-            std::fs::read_to_string(&args.output).expect("fresh").lines().map(str::to_string).collect();
+        let fresh = p.file_mode_under(&cfg, "new-rules");
 
         std::thread::sleep(Duration::from_millis(1500));
         let records = read_all(&p.broker.addr, OUTPUT);
@@ -820,9 +828,9 @@ fn a_rule_migration_that_crashes_halfway_is_finished_exactly_once() {
         // first run and the migration equal file mode's under the new rules.
         let mut after = BTreeMap::new();
         for payloads in by_partition.values() {
-            after.extend(fold_labels(payloads));
+            after.extend(fold_payloads(payloads));
         }
-        assert_eq!(after, fold_labels(&fresh), "{point}: labels after the migration");
+        assert_eq!(after, fold_payloads(&fresh), "{point}: labels after the migration");
         let restarted = &p.log("a")[mark..];
         assert!(
             log_max(restarted, "already_written=") > 0,
@@ -843,11 +851,7 @@ fn a_minimum_dwell_gives_file_modes_transitions_in_kafka_mode() {
     let mut cfg = segstream::Config::default();
     cfg.segments.health.min_dwell_ms = health;
     cfg.segments.engagement.min_dwell_ms = engagement;
-    let all = p.dir.path().join("all.jsonl");
-    let args = FileSettings::new(&all, p.dir.path().join("dwell.jsonl"), p.dir.path().join("dwell-state"));
-    run_file(&cfg.engine_settings().expect("valid"), &args).expect("file mode");
-    let mut expected: Vec<String> =
-        std::fs::read_to_string(&args.output).expect("expected").lines().map(str::to_string).collect();
+    let mut expected = p.file_mode_under(&cfg, "dwell");
     expected.sort();
     assert!(expected.len() < p.expected.len(), "the dwell holds moves back");
     let extra = format!(
@@ -856,11 +860,7 @@ fn a_minimum_dwell_gives_file_modes_transitions_in_kafka_mode() {
     let mut child = p.start("a", &extra);
     p.wait_output(expected.len(), "dwell", &["a"]);
     std::thread::sleep(Duration::from_millis(1500));
-    let mut got: Vec<String> = read_all(&p.broker.addr, OUTPUT)
-        .into_iter()
-        .map(|r| String::from_utf8(r.payload.expect("payload")).expect("utf-8"))
-        .collect();
-    got.sort();
+    let got = p.output_sorted();
     assert_eq!(got.len(), expected.len());
     assert!(got == expected, "Kafka mode differs from file mode under a dwell");
     sigterm(&mut child);

@@ -55,19 +55,6 @@ fn run(cfg: &Config, policy: Option<RulesPolicy>, input: &Path, output: &Path, s
 
 const MIGRATE: Option<RulesPolicy> = Some(RulesPolicy { version: None, migrate: true });
 
-/// The labels per (customer, group) after these transitions, checking that
-/// each one starts from the label the customer had.
-fn fold(labels: &mut BTreeMap<(String, String), String>, records: &[TransitionRecord]) {
-    for r in records {
-        let key = (r.customer_id.clone(), r.group.clone());
-        assert_eq!(labels.get(&key), r.from.as_ref(), "{r:?} starts where the customer was");
-        match &r.to {
-            Some(to) => labels.insert(key, to.clone()),
-            None => labels.remove(&key),
-        };
-    }
-}
-
 fn is_rules(r: &TransitionRecord) -> bool {
     matches!(r.cause, CauseRecord::Rules { .. })
 }
@@ -92,7 +79,7 @@ fn a_threshold_changed_mid_stream_gives_a_fresh_runs_labels_and_continues_as_it(
 
     let m = migrated.migration.expect("the run migrated the rules");
     let mut before = BTreeMap::new();
-    fold(&mut before, &read_json(&p.join("old-a.jsonl")));
+    fold_labels(&mut before, &read_json(&p.join("old-a.jsonl")));
     let alive = before.keys().map(|(c, _)| c).collect::<std::collections::BTreeSet<_>>().len() as u64;
     assert!(alive > 150, "{alive}");
     assert_eq!((m.from.version, m.to.version, m.customers), (1, 2, alive), "every customer, once");
@@ -111,10 +98,10 @@ fn a_threshold_changed_mid_stream_gives_a_fresh_runs_labels_and_continues_as_it(
 
     // Labels right after the migration = labels of a fresh run under the new rules.
     let mut after_migration = BTreeMap::new();
-    fold(&mut after_migration, &read_json(&p.join("old-a.jsonl")));
-    fold(&mut after_migration, &rules);
+    fold_labels(&mut after_migration, &read_json(&p.join("old-a.jsonl")));
+    fold_labels(&mut after_migration, &rules);
     let mut fresh = BTreeMap::new();
-    fold(&mut fresh, &read_json(&p.join("fresh-a.jsonl")));
+    fold_labels(&mut fresh, &read_json(&p.join("fresh-a.jsonl")));
     let differ: Vec<_> = fresh
         .iter()
         .filter(|(k, v)| after_migration.get(*k) != Some(*v))
@@ -215,7 +202,7 @@ fn added_groups_get_first_labels_removed_ones_end_and_history_follows() {
     let rules: Vec<&TransitionRecord> = out.iter().filter(|r| is_rules(r)).collect();
     let customers = summary.migration.as_ref().expect("migration").customers as usize;
     let mut before = BTreeMap::new();
-    fold(&mut before, &read_json(&p.join("a.out.jsonl")));
+    fold_labels(&mut before, &read_json(&p.join("a.out.jsonl")));
     assert_eq!(customers, before.keys().filter(|(_, g)| g == "plan").count());
     let ended: Vec<_> = rules.iter().filter(|r| r.group == "plan").collect();
     let started: Vec<_> = rules.iter().filter(|r| r.group == "tier").collect();

@@ -36,6 +36,19 @@ pub fn config_committing_every(n: u64) -> Config {
     cfg
 }
 
+/// Folds transitions into the labels per (customer, group) they leave,
+/// checking that each one starts where the customer was.
+pub fn fold_labels(labels: &mut std::collections::BTreeMap<(String, String), String>, records: &[TransitionRecord]) {
+    for r in records {
+        let key = (r.customer_id.clone(), r.group.clone());
+        assert_eq!(labels.get(&key), r.from.as_ref(), "{r:?} starts where the customer was");
+        match &r.to {
+            Some(to) => labels.insert(key, to.clone()),
+            None => labels.remove(&key),
+        };
+    }
+}
+
 pub fn read_json(path: &Path) -> Vec<TransitionRecord> {
     std::fs::read_to_string(path)
         .expect("read output")

@@ -458,18 +458,7 @@ impl StateStore {
 
     /// A customer's kept transitions, oldest first (committed ones).
     pub fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, StateError> {
-        let prefix = history_prefix(id);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_HISTORY), IteratorMode::From(&prefix, Direction::Forward)) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) || k.len() != prefix.len() + 4 {
-                break;
-            }
-            out.push(
-                HistoryEntry::decode(&v).map_err(|e| StateError::Corrupt { key: id.into(), reason: e.to_string() })?,
-            );
-        }
-        Ok(out)
+        Ok(self.history_with_seqs(id)?.into_iter().map(|(_, e)| e).collect())
     }
 
     /// A customer's kept transitions with their sequence numbers, oldest
