@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use segstream_decode::{Event, DAY_MS};
-use segstream_scoring::{Cause, CustomerState, Group, Outcome, Scorer, Transition};
+use segstream_scoring::{BoundaryKind, Cause, CustomerState, Edges, Group, Outcome, Population, Scorer, Transition};
 use segstream_state::{HistoryEntry, SegmentCount, StateStore};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,29 @@ const META_COUNTERS: &str = "counters";
 /// `series:<day, 10 digits>` → segment counts when the watermark passed the
 /// end of that (UTC) day, written only when they changed.
 const META_SERIES: &str = "series:";
+/// Quantile mode: the edges in force ([`QuantileMeta`]; `null` or absent: the
+/// configured thresholds), and `quantile:<day, 10 digits>` → each day's
+/// recomputation at its 00:00.
+pub const META_QUANTILE: &str = "quantile";
+
+/// Quantile mode: a recomputation of the edges and the edges it left in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantileMeta {
+    /// The edges in force after the recomputation.
+    pub edges: Edges,
+    /// The recomputation that last changed them (`None`: the configured
+    /// thresholds are still in force). A customer last evaluated before it
+    /// is taken as evaluated then: the recomputation evaluated every
+    /// customer there, and wrote only those it changed.
+    pub since: Option<i64>,
+    /// The instant of this recomputation (00:00 UTC).
+    pub computed_at: i64,
+    /// Customers counted.
+    pub customers: u64,
+    /// Whether the edges are this population's (false: fewer customers than
+    /// `scoring.quantile.min_customers`, the edges in force were kept).
+    pub from_population: bool,
+}
 
 /// Customers and MRR per (group index, segment index).
 pub type SegmentCounts = BTreeMap<(u16, u16), SegmentCount>;
@@ -53,6 +76,7 @@ fn history_entry(groups: &[Group], t: &Transition) -> Option<HistoryEntry> {
         },
         boundary: match &t.cause {
             Cause::Time(k) => k.bits(),
+            Cause::Requantile => BoundaryKind::REQUANTILE,
             _ => 0,
         },
         scores: t.scores,
@@ -120,6 +144,8 @@ pub struct Engine {
     pending_meta: Vec<(String, Vec<u8>)>,
     /// A migration decided at open and not begun yet.
     planned: Option<MigrationProgress>,
+    /// Quantile mode: the last recomputation of the edges.
+    quantile: Option<QuantileMeta>,
 }
 
 /// Who checks the rules a state was built under when it opens.
@@ -174,8 +200,21 @@ impl Engine {
             migration: None,
             pending_meta: Vec::new(),
             planned: None,
+            quantile: None,
         };
         engine.last_series = engine.series()?.pop().map(|(_, c)| c);
+        let quantile = read_meta::<Option<QuantileMeta>>(&engine.store, META_QUANTILE)?.flatten();
+        if scorer.quantile_min_customers().is_some() {
+            if let Some(q) = &quantile {
+                scorer.set_edges(&q.edges);
+                engine.scorer.set_edges(&q.edges);
+            }
+            engine.quantile = quantile;
+        } else if quantile.is_some() {
+            // Rules without quantiles now: a later return to them starts
+            // from the configured thresholds again.
+            engine.pending_meta.push((META_QUANTILE.into(), b"null".to_vec()));
+        }
         if check == RulesCheck::Caller {
             return Ok(engine);
         }
@@ -229,7 +268,7 @@ impl Engine {
     /// Starts moving the state to the rules of `m.to` (this engine's): the
     /// daily counts are renamed now; customers by [`Engine::migrate_step`].
     pub fn begin_migration(&mut self, m: MigrationProgress) -> Result<(), EngineError> {
-        let old = m.from.scorer()?;
+        let old = self.old_scorer(&m)?;
         self.scorer.set_rules_version(m.to.version);
         let renaming = Renaming::new(old.groups(), self.scorer.groups());
         for (day, counts) in self.series()? {
@@ -260,7 +299,7 @@ impl Engine {
     /// Continues a migration begun by an earlier run (its daily counts are
     /// already renamed).
     pub fn resume_migration(&mut self, m: MigrationProgress) -> Result<(), EngineError> {
-        let old = m.from.scorer()?;
+        let old = self.old_scorer(&m)?;
         self.scorer.set_rules_version(m.to.version);
         tracing::info!(
             from_version = m.from.version,
@@ -271,6 +310,18 @@ impl Engine {
         );
         self.migration = Some((m, old));
         Ok(())
+    }
+
+    /// The scorer of the rules a migration leaves, with the quantile edges
+    /// the state had under them.
+    fn old_scorer(&self, m: &MigrationProgress) -> Result<Scorer, EngineError> {
+        let mut old = m.from.scorer()?;
+        if old.quantile_min_customers().is_some() {
+            if let Some(q) = read_meta::<Option<QuantileMeta>>(&self.store, META_QUANTILE)?.flatten() {
+                old.set_edges(&q.edges);
+            }
+        }
+        Ok(old)
     }
 
     /// The rules version stamped on transitions from now on (Kafka mode:
@@ -476,6 +527,7 @@ impl Engine {
         let watermark = self.clock.watermark;
         let sid = self.store.customer(&e.customer_id)?;
         let slot = self.store.slot_mut(sid);
+        lift(&mut slot.state, self.quantile.as_ref());
         let outcome = self.scorer.on_event(&mut slot.state, e, out);
         if let Some(st) = &mut slot.state {
             // A late event can leave a boundary behind the watermark: catch up now.
@@ -581,17 +633,99 @@ impl Engine {
         let mut from = self.clock.watermark;
         if from != i64::MIN && from >= 0 {
             loop {
-                let end = (from.div_euclid(DAY_MS) + 1) * DAY_MS - 1;
-                let end = if end == from { end + DAY_MS } else { end };
+                let start = (from.div_euclid(DAY_MS) + 1) * DAY_MS;
+                let end = start - 1;
                 if end > to {
                     break;
                 }
-                self.advance_to(end, out)?;
-                self.note_day(end.div_euclid(DAY_MS));
-                from = end;
+                if end > from {
+                    self.advance_to(end, out)?;
+                    self.note_day(end.div_euclid(DAY_MS));
+                }
+                if start > to {
+                    break;
+                }
+                if self.scorer.quantile_min_customers().is_some() {
+                    self.requantile(start, out)?;
+                }
+                from = start;
             }
         }
         self.advance_to(to, out)
+    }
+
+    /// Quantile mode, at 00:00 UTC (`at`; the watermark is 1 ms before):
+    /// counts the population's R, F and M values at `at`, and when the
+    /// quintile edges they give differ from those in force, puts them in
+    /// force and re-evaluates every customer at `at` (see
+    /// [`Scorer::requantile`]), in id order; the watermark is then `at`.
+    fn requantile(&mut self, at: i64, out: &mut Vec<Transition>) -> Result<(), EngineError> {
+        let Some(min) = self.scorer.quantile_min_customers() else {
+            return Ok(());
+        };
+        let mut population = Population::default();
+        let scorer = &self.scorer;
+        self.store.for_each_current(|_, st| population.add(scorer, st, at))?;
+        let computed = if population.customers >= min.max(1) { population.edges() } else { None };
+        let in_force = self.scorer.edges();
+        let mut record = QuantileMeta {
+            edges: in_force,
+            since: self.quantile.as_ref().and_then(|q| q.since),
+            computed_at: at,
+            customers: population.customers,
+            from_population: computed.is_some(),
+        };
+        match computed {
+            Some(edges) if edges != in_force => {
+                let old = self.scorer.clone();
+                self.scorer.set_edges(&edges);
+                let before = out.len();
+                let scorer = &self.scorer;
+                let mut spans = Vec::new();
+                let changed = self.store.update_each(|id, st| {
+                    let first = out.len();
+                    let changed = scorer.requantile(&old, id, st, at, out);
+                    if changed {
+                        spans.push(first..out.len());
+                    }
+                    changed
+                })?;
+                for (sid, span) in changed.into_iter().zip(spans) {
+                    self.keep_history(sid, &out[span])?;
+                }
+                let made = out.len() - before;
+                self.counters.transitions += made as u64;
+                self.clock.watermark = at;
+                self.next_due = self.store.next_due(at)?;
+                record.edges = edges;
+                record.since = Some(at);
+                tracing::info!(
+                    at = %segstream_decode::format_rfc3339_millis(at),
+                    customers = population.customers,
+                    recency_days = ?edges.recency_days,
+                    min_active_days = ?edges.min_active_days,
+                    min_mrr_cents = ?edges.min_mrr_cents,
+                    transitions = made,
+                    "quantile edges recomputed and changed"
+                );
+            }
+            _ => tracing::debug!(
+                at = %segstream_decode::format_rfc3339_millis(at),
+                customers = population.customers,
+                from_population = record.from_population,
+                "quantile edges unchanged"
+            ),
+        }
+        let json = serde_json::to_vec(&record).expect("quantile record serializes");
+        self.pending_meta.push((format!("{META_QUANTILE}:{:010}", at.div_euclid(DAY_MS)), json.clone()));
+        self.pending_meta.push((META_QUANTILE.into(), json));
+        self.quantile = Some(record);
+        Ok(())
+    }
+
+    /// Quantile mode: the last recomputation of the edges.
+    pub fn quantile(&self) -> Option<&QuantileMeta> {
+        self.quantile.as_ref()
     }
 
     fn note_day(&mut self, day: i64) {
@@ -614,6 +748,7 @@ impl Engine {
         let before = out.len();
         for sid in self.store.due(from, to)? {
             let (id, state) = self.store.slot_mut(sid).parts();
+            lift(state, self.quantile.as_ref());
             let first = out.len();
             if let Some(st) = state {
                 self.scorer.advance(id, st, to, out);
@@ -652,6 +787,15 @@ impl Engine {
             }
         })?;
         Ok(sizes)
+    }
+}
+
+/// A customer last evaluated before the quantile edges in force were put in
+/// force is evaluated at that instant (the recomputation found its labels
+/// unchanged there and did not write it).
+fn lift(state: &mut Option<CustomerState>, quantile: Option<&QuantileMeta>) {
+    if let (Some(st), Some(since)) = (state, quantile.and_then(|q| q.since)) {
+        st.evaluated_at = st.evaluated_at.max(since);
     }
 }
 

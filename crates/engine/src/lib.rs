@@ -15,7 +15,9 @@ mod error;
 mod rules;
 mod settings;
 
-pub use engine::{read_series, Clock, Counters, Engine, MigrationStep, RulesCheck, SegmentCounts};
+pub use engine::{
+    read_series, Clock, Counters, Engine, MigrationStep, QuantileMeta, RulesCheck, SegmentCounts, META_QUANTILE,
+};
 pub use error::EngineError;
 pub use rules::{
     decide as decide_rules, rules_mismatch, Decision as RulesDecision, MigrationProgress, RulesMeta, MIGRATION_BATCH,

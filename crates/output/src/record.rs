@@ -52,6 +52,8 @@ pub enum CauseRecord {
         from_version: u32,
         to_version: u32,
     },
+    /// A recomputation of the quantile edges re-evaluated the customer.
+    Requantile,
 }
 
 impl From<&Transition> for TransitionRecord {
@@ -66,6 +68,7 @@ impl From<&Transition> for TransitionRecord {
                 Cause::Event(id) => CauseRecord::Event { event_id: id.clone() },
                 Cause::Time(kind) => CauseRecord::Time { boundary: kind.name() },
                 Cause::Rules { from, to } => CauseRecord::Rules { from_version: *from, to_version: *to },
+                Cause::Requantile => CauseRecord::Requantile,
             },
             scores: t.scores,
             transition_id: t.transition_id().to_string(),
@@ -123,6 +126,7 @@ pub fn write_transition_json(t: &Transition, out: &mut Vec<u8>) {
             out.extend_from_slice(b",\"to_version\":");
             num(out, *to);
         }
+        Cause::Requantile => out.extend_from_slice(b"\"requantile\""),
     }
     let s = &t.scores;
     for (i, (name, v)) in [
@@ -168,6 +172,7 @@ pub fn transition_to_avro_value(t: &Transition) -> Value {
         Cause::Event(id) => ("event", Some(id.as_str()), None, None),
         Cause::Time(k) => ("time", None, Some(k.name()), None),
         Cause::Rules { from, to } => ("rules", None, None, Some((*from, *to))),
+        Cause::Requantile => ("requantile", None, None, None),
     };
     let opt_int = |v: Option<u32>| match v {
         Some(n) => Value::Union(1, Box::new(Value::Int(i32::try_from(n).unwrap_or(i32::MAX)))),
@@ -299,7 +304,12 @@ mod tests {
     #[test]
     fn the_json_writer_equals_the_serialized_record() {
         let kinds = BoundaryKind::from_bits(BoundaryKind::RECENCY | BoundaryKind::DWELL);
-        for cause in [Cause::Event("e-\"1\"\\\n".into()), Cause::Time(kinds), Cause::Rules { from: 3, to: 40 }] {
+        for cause in [
+            Cause::Event("e-\"1\"\\\n".into()),
+            Cause::Time(kinds),
+            Cause::Rules { from: 3, to: 40 },
+            Cause::Requantile,
+        ] {
             for (from, to) in [(Some("a\u{1}é"), None), (None, Some("champions"))] {
                 let mut t = sample(cause.clone());
                 t.customer_id = "c\"u\\s\t😀".into();
@@ -338,7 +348,8 @@ mod tests {
     #[test]
     fn avro_round_trips_to_the_json_record() {
         let kind = BoundaryKind::from_bits(BoundaryKind::RECENCY | BoundaryKind::FREQUENCY);
-        for cause in [Cause::Event("e-9".into()), Cause::Time(kind), Cause::Rules { from: 2, to: 3 }] {
+        for cause in [Cause::Event("e-9".into()), Cause::Time(kind), Cause::Rules { from: 2, to: 3 }, Cause::Requantile]
+        {
             let mut t = sample(cause);
             t.from = None;
             let v = transition_to_avro_value(&t);

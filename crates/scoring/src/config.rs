@@ -6,11 +6,58 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringConfig {
+    /// How the R, F and M thresholds are set: fixed (the numbers below,
+    /// SPEC) or from the population's quintiles, recomputed every day at
+    /// 00:00 UTC (the numbers below then hold until the first recomputation).
+    #[serde(skip_serializing_if = "ScoringMode::is_fixed")]
+    pub mode: ScoringMode,
+    /// Quantile mode's settings.
+    #[serde(skip_serializing_if = "QuantileConfig::is_default")]
+    pub quantile: QuantileConfig,
     pub recency: RecencyConfig,
     pub frequency: FrequencyConfig,
     pub monetary: MonetaryConfig,
     pub adoption: AdoptionConfig,
     pub health: HealthConfig,
+}
+
+/// Where the R, F and M thresholds come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoringMode {
+    /// `recency.thresholds_days`, `frequency.min_active_days`, `monetary.min_mrr_cents`.
+    #[default]
+    Fixed,
+    /// Population quintiles, recomputed every day at 00:00 UTC.
+    Quantile,
+}
+
+impl ScoringMode {
+    /// Left out of the fingerprint when fixed: state dirs made before the
+    /// option existed keep theirs.
+    pub fn is_fixed(&self) -> bool {
+        *self == ScoringMode::Fixed
+    }
+}
+
+/// Quantile mode: see `docs/semantics.md` §4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantileConfig {
+    /// A recomputation over fewer customers keeps the edges in force.
+    pub min_customers: u64,
+}
+
+impl Default for QuantileConfig {
+    fn default() -> Self {
+        Self { min_customers: 100 }
+    }
+}
+
+impl QuantileConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// R: 5 if `r < thresholds_days[0]`, 4 if `< [1]`, 3 if `< [2]`, 2 if `< [3]`, else 1.

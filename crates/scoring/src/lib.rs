@@ -9,6 +9,7 @@
 
 mod boundary;
 mod config;
+mod quantile;
 mod rules;
 mod scorer;
 mod state;
@@ -16,9 +17,10 @@ mod transition;
 
 pub use config::{
     AdoptionConfig, CustomGroupConfig, EngagementConfig, FrequencyConfig, HealthConfig, HealthSegmentsConfig,
-    HealthWeights, MonetaryConfig, RecencyConfig, RfmAxis, RfmConfig, RuleConfig, ScoringConfig, SegmentsConfig,
-    SentimentConfig, TicketPenalty, ValueConfig,
+    HealthWeights, MonetaryConfig, QuantileConfig, RecencyConfig, RfmAxis, RfmConfig, RuleConfig, ScoringConfig,
+    ScoringMode, SegmentsConfig, SentimentConfig, TicketPenalty, ValueConfig,
 };
+pub use quantile::{Edges, Population};
 pub use rules::{Condition, Metric, RuleError, RuleInput, Val};
 pub use scorer::{ConfigError, Group, Outcome, Scorer, Scores};
 pub use state::{

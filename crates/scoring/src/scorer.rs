@@ -59,12 +59,14 @@ impl segstream_decode::Classify for ConfigError {
     }
 }
 
+#[derive(Clone)]
 struct CustomGroup {
     rules: Vec<(Condition, u16)>,
     default: u16,
 }
 
 /// The validated scoring settings: computes scores, labels and boundaries.
+#[derive(Clone)]
 pub struct Scorer {
     pub(crate) cfg: ScoringConfig,
     seg: SegmentsConfig,
@@ -433,7 +435,7 @@ impl Scorer {
 
     // Private: each argument is one field of the transitions it builds.
     #[allow(clippy::too_many_arguments)]
-    fn emit(
+    pub(crate) fn emit(
         &self,
         customer_id: &str,
         from: &[u16],
@@ -570,7 +572,7 @@ impl Scorer {
         st.prune(self.frequency_window(), self.adoption_window());
     }
 
-    fn reschedule(&self, st: &mut CustomerState) {
+    pub(crate) fn reschedule(&self, st: &mut CustomerState) {
         st.prune(self.frequency_window(), self.adoption_window());
         st.timer = self.next_boundary(st, st.evaluated_at).map(|b| b.at);
     }

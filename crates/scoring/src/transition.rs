@@ -31,6 +31,9 @@ pub enum Cause {
     /// Caused by a change of the rules: the customer re-evaluated under
     /// version `to` (a rule migration, `segstream run --migrate-rules`).
     Rules { from: u32, to: u32 },
+    /// Caused by a recomputation of the quantile edges (`scoring.mode =
+    /// "quantile"`), at 00:00 UTC.
+    Requantile,
 }
 
 /// Which time-varying inputs crossed a threshold at a boundary (a bit set).
@@ -44,6 +47,9 @@ impl BoundaryKind {
     /// A group's `min_dwell_ms` passed: the customer qualified for the new
     /// segment long enough to move.
     pub const DWELL: u8 = 8;
+    /// Not a boundary kind: marks a kept history entry of a quantile
+    /// recomputation (cause `requantile`) in the entry's kind bits.
+    pub const REQUANTILE: u8 = 16;
 
     pub const fn from_bits(bits: u8) -> Self {
         Self(bits & (Self::RECENCY | Self::FREQUENCY | Self::ADOPTION | Self::DWELL))

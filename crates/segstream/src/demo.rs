@@ -175,6 +175,7 @@ fn describe(scorer: &Scorer, r: &TransitionRecord) -> String {
         CauseRecord::Rules { from_version, to_version } => {
             format!("the rules changed from version {from_version} to {to_version}")
         }
+        CauseRecord::Requantile => "the population's quintile edges were recomputed (00:00 UTC)".to_string(),
     };
     let s = &r.scores;
     format!(

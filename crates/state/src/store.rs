@@ -602,6 +602,18 @@ impl StateStore {
         // No committed state, no kept history (an erasure deletes both in
         // one commit): its numbering starts at 0 without a lookup.
         let history_next = if state.is_none() { Some(0) } else { None };
+        Ok(self.insert_slot(id, state, committed_timer, committed, history_next))
+    }
+
+    /// Caches a customer not in the cache, with what its committed version holds.
+    fn insert_slot(
+        &mut self,
+        id: &str,
+        state: Option<CustomerState>,
+        committed_timer: Option<i64>,
+        committed: Option<Membership>,
+        history_next: Option<u32>,
+    ) -> SlotId {
         let sid = match self.free.pop() {
             Some(sid) => {
                 let slot = &mut self.slots[sid as usize];
@@ -634,7 +646,80 @@ impl StateStore {
             }
         };
         self.index.insert(id.into(), sid);
-        Ok(sid)
+        sid
+    }
+
+    /// Calls `f` for every customer that exists now (the cached version
+    /// where the cache holds one, else the committed one), in no order.
+    pub fn for_each_current(&self, mut f: impl FnMut(&str, &CustomerState)) -> Result<(), StateError> {
+        for (id, &sid) in &self.index {
+            if let Some(st) = &self.slots[sid as usize].state {
+                f(id, st);
+            }
+        }
+        for item in self.db.iterator_cf(self.cf(CF_CUSTOMERS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let id = String::from_utf8_lossy(&k);
+            if !self.index.contains_key(&*id) {
+                f(&id, &decode_state(&k, &v)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` on every customer that exists now, in id order, and
+    /// returns the customers it changed (those for which it returned true:
+    /// cached and marked as by [`StateStore::touch`]), in that order. A
+    /// customer it leaves unchanged is not cached by the walk, so memory
+    /// grows with the changes only.
+    pub fn update_each(
+        &mut self,
+        mut f: impl FnMut(&str, &mut CustomerState) -> bool,
+    ) -> Result<Vec<SlotId>, StateError> {
+        let mut cached: Vec<(Box<str>, SlotId)> = self.index.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        cached.sort_unstable();
+        let mut next = 0;
+        // (position among the changed, slot) for cached ones; the others are cached after the walk.
+        let mut changed: Vec<Result<SlotId, (Box<str>, CustomerState, Option<i64>, Option<Membership>)>> = Vec::new();
+        let cf = self.db.cf_handle(CF_CUSTOMERS).expect("column families are created at open");
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let id = String::from_utf8_lossy(&k);
+            while next < cached.len() && *cached[next].0 <= *id {
+                let (cid, sid) = &cached[next];
+                next += 1;
+                if let Some(st) = &mut self.slots[*sid as usize].state {
+                    if f(cid, st) {
+                        changed.push(Ok(*sid));
+                    }
+                }
+            }
+            if next > 0 && *cached[next - 1].0 == *id {
+                continue;
+            }
+            let mut st = decode_state(&k, &v)?;
+            let (timer, committed) = (st.timer, Membership::of(Some(&st)));
+            if f(&id, &mut st) {
+                changed.push(Err((id.into(), st, timer, committed)));
+            }
+        }
+        for (cid, sid) in &cached[next..] {
+            if let Some(st) = &mut self.slots[*sid as usize].state {
+                if f(cid, st) {
+                    changed.push(Ok(*sid));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(changed.len());
+        for c in changed {
+            let sid = match c {
+                Ok(sid) => sid,
+                Err((id, st, timer, committed)) => self.insert_slot(&id, Some(st), timer, committed, None),
+            };
+            self.touch(sid);
+            out.push(sid);
+        }
+        Ok(out)
     }
 
     pub fn slot(&self, sid: SlotId) -> &Slot {
