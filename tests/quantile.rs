@@ -10,6 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
+use segstream::query::{Answers, StateReader};
 use segstream::{run_file, Config, FileSettings};
 use segstream_decode::{decode_json_line, parse_rfc3339_millis, Event, EventKind, Format, SubscriptionStatus};
 use segstream_engine::QuantileMeta;
@@ -173,6 +174,24 @@ fn edges_and_labels_equal_a_brute_force_recomputation_over_the_population() {
         }
     }
     assert!(checked > 20_000, "{checked}");
+
+    // The query API shows the edges in force, and scores under them.
+    let reader = StateReader::open(&args.state_dir, &engine(&cfg)).expect("reader");
+    let last_rec = recs.last().expect("recomputations");
+    let seg = reader.segments().expect("segments");
+    assert_eq!(seg["quantile"]["edges"], serde_json::to_value(last_rec.edges).expect("json"), "{seg}");
+    assert_eq!(seg["quantile"]["customers"], last_rec.customers);
+    for (c, evs) in &by_customer {
+        let Some(v) = values(evs, last, |t| t <= last) else { continue };
+        let e = &last_rec.edges;
+        let want = [
+            score(|i| v.0 < i64::from(e.recency_days[i]) * DAY),
+            score(|i| v.1 as u32 >= e.min_active_days[i]),
+            score(|i| v.2 >= e.min_mrr_cents[i]),
+        ];
+        let got = reader.customer_json(c, None).expect("customer")["scores"].clone();
+        assert_eq!([&got["R"], &got["F"], &got["M"]], want.map(serde_json::Value::from).each_ref(), "{c}");
+    }
 }
 
 #[test]

@@ -34,6 +34,7 @@ fn rows(ts: &[Transition], group: &str) -> Vec<(String, String, i64, String)> {
                 segstream_scoring::Cause::Event(id) => format!("event:{id}"),
                 segstream_scoring::Cause::Time(k) => format!("time:{}", k.name()),
                 segstream_scoring::Cause::Rules { .. } => "rules".into(),
+                segstream_scoring::Cause::Requantile => "requantile".into(),
             };
             (t.from.as_deref().unwrap_or("-").into(), t.to.as_deref().unwrap_or("-").into(), t.at, cause)
         })

@@ -31,6 +31,7 @@ fn rows(ts: &[Transition]) -> Vec<Row> {
                 Cause::Event(id) => format!("event:{id}"),
                 Cause::Time(k) => format!("time:{}", k.name()),
                 Cause::Rules { from, to } => format!("rules:{from}:{to}"),
+                Cause::Requantile => "requantile".into(),
             };
             (t.group.to_string(), t.from.as_deref().map(String::from), t.to.as_deref().map(String::from), t.at, cause)
         })

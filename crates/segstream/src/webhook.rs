@@ -93,8 +93,8 @@ impl WebhookConfig {
             }
         }
         for c in &self.causes {
-            if !["event", "time", "rules"].contains(&c.as_str()) {
-                bail!("webhook.causes: no cause {c:?} (causes: event, time, rules)");
+            if !["event", "time", "rules", "requantile"].contains(&c.as_str()) {
+                bail!("webhook.causes: no cause {c:?} (causes: event, time, rules, requantile)");
             }
         }
         if self.to.iter().any(|t| t == "null") && self.causes.is_empty() {

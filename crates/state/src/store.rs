@@ -168,6 +168,13 @@ impl Membership {
     }
 }
 
+/// A customer [`StateStore::update_each`] changed: in the cache already, or
+/// read from RocksDB (cached after the walk, with what its committed version holds).
+enum Changed {
+    Cached(SlotId),
+    Loaded { id: Box<str>, state: Box<CustomerState>, timer: Option<i64>, committed: Option<Membership> },
+}
+
 /// See [`StateStore::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -679,8 +686,7 @@ impl StateStore {
         let mut cached: Vec<(Box<str>, SlotId)> = self.index.iter().map(|(k, v)| (k.clone(), *v)).collect();
         cached.sort_unstable();
         let mut next = 0;
-        // (position among the changed, slot) for cached ones; the others are cached after the walk.
-        let mut changed: Vec<Result<SlotId, (Box<str>, CustomerState, Option<i64>, Option<Membership>)>> = Vec::new();
+        let mut changed: Vec<Changed> = Vec::new();
         let cf = self.db.cf_handle(CF_CUSTOMERS).expect("column families are created at open");
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
@@ -690,7 +696,7 @@ impl StateStore {
                 next += 1;
                 if let Some(st) = &mut self.slots[*sid as usize].state {
                     if f(cid, st) {
-                        changed.push(Ok(*sid));
+                        changed.push(Changed::Cached(*sid));
                     }
                 }
             }
@@ -700,21 +706,23 @@ impl StateStore {
             let mut st = decode_state(&k, &v)?;
             let (timer, committed) = (st.timer, Membership::of(Some(&st)));
             if f(&id, &mut st) {
-                changed.push(Err((id.into(), st, timer, committed)));
+                changed.push(Changed::Loaded { id: id.into(), state: Box::new(st), timer, committed });
             }
         }
         for (cid, sid) in &cached[next..] {
             if let Some(st) = &mut self.slots[*sid as usize].state {
                 if f(cid, st) {
-                    changed.push(Ok(*sid));
+                    changed.push(Changed::Cached(*sid));
                 }
             }
         }
         let mut out = Vec::with_capacity(changed.len());
         for c in changed {
             let sid = match c {
-                Ok(sid) => sid,
-                Err((id, st, timer, committed)) => self.insert_slot(&id, Some(st), timer, committed, None),
+                Changed::Cached(sid) => sid,
+                Changed::Loaded { id, state, timer, committed } => {
+                    self.insert_slot(&id, Some(*state), timer, committed, None)
+                }
             };
             self.touch(sid);
             out.push(sid);

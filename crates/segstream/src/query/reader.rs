@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use segstream_decode::{format_rfc3339_millis, Answer, AttrValue, DAY_MS};
-use segstream_engine::{read_series, Clock, EngineSettings, SegmentCounts};
+use segstream_engine::{read_series, Clock, EngineSettings, QuantileMeta, SegmentCounts, META_QUANTILE};
 use segstream_scoring::{BoundaryKind, CustomerState, Scorer};
 use segstream_state::{HistoryEntry, StateStore};
 use serde_json::{json, Map, Value};
@@ -132,9 +132,21 @@ impl StateReader {
         })
     }
 
+    /// Quantile mode: the last recomputation of the edges, as the writer committed it.
+    fn quantile(&self, store: &StateStore) -> Result<Option<QuantileMeta>, QueryError> {
+        if self.scorer.quantile_min_customers().is_none() {
+            return Ok(None);
+        }
+        match store.meta(META_QUANTILE).map_err(QueryError::internal)? {
+            Some(v) => serde_json::from_slice::<Option<QuantileMeta>>(&v).map_err(QueryError::internal),
+            None => Ok(None),
+        }
+    }
+
     fn history_json(&self, e: &HistoryEntry) -> Value {
         let cause = match (&e.event_id, e.rules) {
             (_, Some((from, to))) => json!({ "kind": "rules", "from_version": from, "to_version": to }),
+            (None, None) if e.boundary == BoundaryKind::REQUANTILE => json!({ "kind": "requantile" }),
             (Some(id), None) => json!({ "kind": "event", "event_id": id }),
             (None, None) => json!({ "kind": "time", "boundary": BoundaryKind::from_bits(e.boundary).name() }),
         };
@@ -162,15 +174,30 @@ impl StateReader {
             let history = store.history(id).map_err(QueryError::internal)?;
             let clock = Self::clock(store)?;
             match at {
-                None => Ok(self.customer_now(id, &st, &history, clock)),
+                None => match self.quantile(store)? {
+                    // Scores under the edges in force, not the configured ones.
+                    Some(q) => {
+                        let mut scorer = self.scorer.clone();
+                        scorer.set_edges(&q.edges);
+                        Ok(self.customer_now(&scorer, id, &st, &history, clock))
+                    }
+                    None => Ok(self.customer_now(&self.scorer, id, &st, &history, clock)),
+                },
                 Some(t) => self.customer_at(id, &history, t),
             }
         })
     }
 
-    fn customer_now(&self, id: &str, st: &CustomerState, history: &[HistoryEntry], clock: Clock) -> Value {
+    fn customer_now(
+        &self,
+        scorer: &Scorer,
+        id: &str,
+        st: &CustomerState,
+        history: &[HistoryEntry],
+        clock: Clock,
+    ) -> Value {
         let tau = clock.watermark.max(st.evaluated_at);
-        let scores = self.scorer.scores(st, tau);
+        let scores = scorer.scores(st, tau);
         let mut segments = Map::new();
         for (g, (group, &label)) in self.names.groups().iter().zip(&st.labels).enumerate() {
             // Entered at the last kept transition into it (absent: before the kept history).
@@ -291,7 +318,21 @@ impl Answers for StateReader {
 
     fn segments(&self) -> Result<Value, QueryError> {
         let (counts, watermark) = self.counts()?;
-        Ok(self.names.segments(&counts, watermark))
+        let mut answer = self.names.segments(&counts, watermark);
+        if self.scorer.quantile_min_customers().is_some() {
+            // The edges in force: the configured thresholds until a
+            // recomputation changed them.
+            let q = self.with_store(|store| self.quantile(store))?;
+            let edges = q.as_ref().map_or_else(|| self.scorer.edges(), |q| q.edges);
+            answer["quantile"] = json!({
+                "edges": edges,
+                "since": q.as_ref().and_then(|q| q.since).map_or(Value::Null, ts),
+                "computed_at": q.as_ref().map_or(Value::Null, |q| ts(q.computed_at)),
+                "customers": q.as_ref().map(|q| q.customers),
+                "from_population": q.as_ref().is_some_and(|q| q.from_population),
+            });
+        }
+        Ok(answer)
     }
 
     fn members(&self, group: &str, segment: &str, after: Option<&str>, limit: usize) -> Result<Value, QueryError> {
