@@ -209,16 +209,16 @@ mod tests {
         // Recency days 0..=9: 20th percentile 1, so R = 5 below 2 days.
         assert_eq!(e.recency_days, [2, 4, 6, 8]);
         assert_eq!(e.min_active_days, [8, 6, 4, 2]);
-        // Paying less than the 80th percentile (300) but something: M = 4.
-        assert_eq!(e.min_mrr_cents, [301, 1, 1, 1]);
+        // Paying something, at most the 80th percentile (rank 8: 200): M = 4.
+        assert_eq!(e.min_mrr_cents, [201, 1, 1, 1]);
         let mut s = Scorer::spec_default();
         s.set_edges(&e);
         let mut st = CustomerState::new(0);
         st.mrr_cents = 0;
         assert_eq!(s.scores(&st, 0).m, 1);
-        st.mrr_cents = 300;
+        st.mrr_cents = 200;
         assert_eq!(s.scores(&st, 0).m, 4);
-        st.mrr_cents = 301;
+        st.mrr_cents = 201;
         assert_eq!(s.scores(&st, 0).m, 5);
         // Exactly 2 days since first seen is past the first edge.
         assert_eq!(s.scores(&st, 2 * DAY_MS - 1).r, 5);
