@@ -27,10 +27,22 @@ fn day(t: i64) -> i64 {
     t.div_euclid(DAY)
 }
 
+/// Exit margins per group (rfm, health, value, engagement): segment → steps.
+type Margins = [&'static [(&'static str, i64)]; 4];
+const NO_MARGINS: Margins = [&[], &[], &[], &[]];
+
 /// SPEC §4–5 at τ from the customer's events with ts ≤ τ (in input order);
 /// with `fm`, the RFM grid's columns are the mean of F and M rounded half up
-/// (`segments.rfm.axis = "FM"`).
-fn labels_at(events: &[&Event], tau: i64, fm: bool) -> [&'static str; 4] {
+/// (`segments.rfm.axis = "FM"`). With `margins`, a customer holding a
+/// segment with a margin k (`held`: its labels just before) keeps it while
+/// some scores within k steps of its own give it: tried one by one here.
+fn labels_at(
+    events: &[&Event],
+    tau: i64,
+    fm: bool,
+    held: Option<[&'static str; 4]>,
+    margins: &Margins,
+) -> [&'static str; 4] {
     let seen: Vec<&&Event> = events.iter().filter(|e| e.ts <= tau).collect();
     let first_seen = seen.iter().map(|e| e.ts).min().expect("customer exists");
     let activity: Vec<i64> = seen.iter().filter(|e| e.kind.is_activity()).map(|e| e.ts).collect();
@@ -129,29 +141,66 @@ fn labels_at(events: &[&Event], tau: i64, fm: bool) -> [&'static str; 4] {
         ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
     ];
     let column = if fm { ((f + m) as f64 / 2.0).round() as i64 } else { f };
-    let rfm = GRID[(5 - r) as usize][(column - 1) as usize];
-    let health_seg = if health >= 70 {
-        "green"
-    } else if health >= 40 {
-        "yellow"
-    } else {
-        "red"
+    let rfm = |r: i64, x: i64| GRID[(5 - r) as usize][(x - 1) as usize];
+    let health_seg = |h: i64| {
+        if h >= 70 {
+            "green"
+        } else if h >= 40 {
+            "yellow"
+        } else {
+            "red"
+        }
     };
-    let value = if m == 5 {
-        "high_touch"
-    } else if m >= 3 {
-        "low_touch"
-    } else {
-        "tech_touch"
+    let value = |m: i64| {
+        if m == 5 {
+            "high_touch"
+        } else if m >= 3 {
+            "low_touch"
+        } else {
+            "tech_touch"
+        }
     };
-    let engagement = if r >= 4 && f >= 4 && adoption >= 60 {
-        "power_user"
-    } else if r <= 2 {
-        "non_active"
-    } else {
-        "on_the_fence"
+    let engagement = |r: i64, f: i64| {
+        if r >= 4 && f >= 4 && adoption >= 60 {
+            "power_user"
+        } else if r <= 2 {
+            "non_active"
+        } else {
+            "on_the_fence"
+        }
     };
-    [rfm, health_seg, value, engagement]
+    let raw = [rfm(r, column), health_seg(health), value(m), engagement(r, f)];
+    let Some(held) = held else { return raw };
+    let mut out = raw;
+    for g in 0..4 {
+        let Some((_, k)) = margins[g].iter().find(|(seg, _)| *seg == held[g]) else { continue };
+        let k = *k;
+        // Every combination of scores within k steps, on their scales.
+        let steps = |v: i64, lo: i64, hi: i64| ((v - k).max(lo))..=((v + k).min(hi));
+        let mut reachable = Vec::new();
+        match g {
+            0 => {
+                for r2 in steps(r, 1, 5) {
+                    for x2 in steps(column, 1, 5) {
+                        reachable.push(rfm(r2, x2));
+                    }
+                }
+            }
+            1 => reachable.extend(steps(health, 0, 100).map(health_seg)),
+            2 => reachable.extend(steps(m, 1, 5).map(value)),
+            _ => {
+                for r2 in steps(r, 1, 5) {
+                    for f2 in steps(f, 1, 5) {
+                        reachable.push(engagement(r2, f2));
+                    }
+                }
+            }
+        }
+        if reachable.contains(&held[g]) {
+            out[g] = held[g];
+        }
+    }
+    out
 }
 
 const GROUPS: [&str; 4] = ["rfm", "health", "value", "engagement"];
@@ -159,7 +208,7 @@ const GROUPS: [&str; 4] = ["rfm", "health", "value", "engagement"];
 type Timeline = BTreeMap<(String, &'static str), Vec<(i64, Option<String>)>>;
 
 /// Label changes per (customer, group), from the events alone.
-fn reference(events: &[Event], until: i64, fm: bool) -> Timeline {
+fn reference(events: &[Event], until: i64, fm: bool, margins: &Margins) -> Timeline {
     let mut per_customer: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
     for e in events {
         per_customer.entry(&e.customer_id).or_default().push(e);
@@ -202,7 +251,7 @@ fn reference(events: &[Event], until: i64, fm: bool) -> Timeline {
             }
             let mut prev: Option<[&str; 4]> = None;
             for tau in instants.into_iter().filter(|t| *t <= end && *t >= first) {
-                let now = labels_at(life, tau, fm);
+                let now = labels_at(life, tau, fm, prev, margins);
                 for g in 0..4 {
                     if prev.is_none_or(|p| p[g] != now[g]) {
                         out.entry((c.to_string(), GROUPS[g])).or_default().push((tau, Some(now[g].to_string())));
@@ -268,6 +317,11 @@ fn events_by_time(input: &std::path::Path) -> Vec<Event> {
 /// and the reference takes the events sorted by `ts` (ties in that order),
 /// which is what SPEC §2 says a file in any order means.
 fn compare(seed: u64, customers: u64, days: u32, cfg: &Config, shuffle: bool) {
+    compare_with(seed, customers, days, cfg, shuffle, &NO_MARGINS);
+}
+
+/// [`compare`], with `margins` the exit margins `cfg` sets.
+fn compare_with(seed: u64, customers: u64, days: u32, cfg: &Config, shuffle: bool, margins: &Margins) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut input, end) = sample(dir.path(), "e.jsonl", customers, days, seed, Format::Json, None);
     if shuffle {
@@ -288,7 +342,7 @@ fn compare(seed: u64, customers: u64, days: u32, cfg: &Config, shuffle: bool) {
     run_file(&engine(cfg), &args).expect("run");
     let got = engine_timeline(&read_json(&args.output));
     let events = events_by_time(&input);
-    let want = reference(&events, end, cfg.segments.rfm.axis == segstream_scoring::RfmAxis::FM);
+    let want = reference(&events, end, cfg.segments.rfm.axis == segstream_scoring::RfmAxis::FM, margins);
     assert_eq!(got.len(), want.len(), "customer×group timelines");
     let mut time_driven = 0;
     for (k, w) in &want {
@@ -327,7 +381,40 @@ fn the_fm_axis_equals_the_reference_grid_of_r_against_the_mean_of_f_and_m() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (input, end) = sample(dir.path(), "e.jsonl", 60, 150, 5, Format::Json, None);
     let events = events_by_time(&input);
-    assert_ne!(reference(&events, end, true), reference(&events, end, false));
+    assert_ne!(reference(&events, end, true, &NO_MARGINS), reference(&events, end, false, &NO_MARGINS));
+}
+
+#[test]
+fn exit_margins_equal_the_reference_trying_every_score_within_the_margin() {
+    const MARGINS: Margins = [
+        &[("at_risk", 1), ("champions", 1), ("loyal_customers", 1)],
+        &[("green", 6), ("red", 3)],
+        &[("high_touch", 1)],
+        &[("power_user", 1), ("non_active", 1)],
+    ];
+    let mut cfg = Config::default();
+    let segments = &mut cfg.segments;
+    for (g, map) in [
+        &mut segments.rfm.exit_margin,
+        &mut segments.health.exit_margin,
+        &mut segments.value.exit_margin,
+        &mut segments.engagement.exit_margin,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        *map = MARGINS[g].iter().map(|(s, k)| (s.to_string(), *k as u32)).collect();
+    }
+    for seed in [6, 7] {
+        compare_with(seed, 60, 150, &cfg, false, &MARGINS);
+    }
+    // And the margins hold customers back: fewer label changes than without.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, end) = sample(dir.path(), "e.jsonl", 60, 150, 6, Format::Json, None);
+    let events = events_by_time(&input);
+    let changes = |t: &Timeline| t.values().map(Vec::len).sum::<usize>();
+    let (plain, damped) = (reference(&events, end, false, &NO_MARGINS), reference(&events, end, false, &MARGINS));
+    assert!(changes(&damped) + 50 < changes(&plain), "{} vs {}", changes(&damped), changes(&plain));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Scoring configuration: every number of SPEC §4–5, with SPEC's defaults.
 //! `config/default.toml` spells the same values out; a test keeps them equal.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -167,6 +169,11 @@ pub struct RfmConfig {
     /// qualifying for it continuously this long (ms); 0: at once.
     #[serde(skip_serializing_if = "is_zero")]
     pub min_dwell_ms: u64,
+    /// Hysteresis, per segment: a customer leaves that segment only when no
+    /// scores within this many steps of its own (per score: R and the grid's column) would keep it
+    /// there. Segments not named: at once, as their scores give another.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_margin: BTreeMap<String, u32>,
 }
 
 /// The column score of the RFM grid.
@@ -206,6 +213,11 @@ pub struct HealthSegmentsConfig {
     /// qualifying for it continuously this long (ms); 0: at once.
     #[serde(skip_serializing_if = "is_zero")]
     pub min_dwell_ms: u64,
+    /// Hysteresis, per segment: a customer leaves that segment only when no
+    /// scores within this many steps of its own (per score: health points) would keep it
+    /// there. Segments not named: at once, as their scores give another.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_margin: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +231,11 @@ pub struct ValueConfig {
     /// qualifying for it continuously this long (ms); 0: at once.
     #[serde(skip_serializing_if = "is_zero")]
     pub min_dwell_ms: u64,
+    /// Hysteresis, per segment: a customer leaves that segment only when no
+    /// scores within this many steps of its own (per score: M) would keep it
+    /// there. Segments not named: at once, as their scores give another.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_margin: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,6 +251,11 @@ pub struct EngagementConfig {
     /// qualifying for it continuously this long (ms); 0: at once.
     #[serde(skip_serializing_if = "is_zero")]
     pub min_dwell_ms: u64,
+    /// Hysteresis, per segment: a customer leaves that segment only when no
+    /// scores within this many steps of its own (per score: R and F; adoption is compared as it is) would keep it
+    /// there. Segments not named: at once, as their scores give another.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_margin: BTreeMap<String, u32>,
 }
 
 /// A custom group: ordered rules, first match wins, `default` when none matches.
@@ -324,24 +346,32 @@ impl Default for RfmConfig {
             ],
             axis: RfmAxis::F,
             min_dwell_ms: 0,
+            exit_margin: BTreeMap::new(),
         }
     }
 }
 
 impl Default for HealthSegmentsConfig {
     fn default() -> Self {
-        Self { green_min: 70, yellow_min: 40, min_dwell_ms: 0 }
+        Self { green_min: 70, yellow_min: 40, min_dwell_ms: 0, exit_margin: BTreeMap::new() }
     }
 }
 
 impl Default for ValueConfig {
     fn default() -> Self {
-        Self { high_touch_min_m: 5, low_touch_min_m: 3, min_dwell_ms: 0 }
+        Self { high_touch_min_m: 5, low_touch_min_m: 3, min_dwell_ms: 0, exit_margin: BTreeMap::new() }
     }
 }
 
 impl Default for EngagementConfig {
     fn default() -> Self {
-        Self { power_min_r: 4, power_min_f: 4, power_min_adoption: 60, non_active_max_r: 2, min_dwell_ms: 0 }
+        Self {
+            power_min_r: 4,
+            power_min_f: 4,
+            power_min_adoption: 60,
+            non_active_max_r: 2,
+            min_dwell_ms: 0,
+            exit_margin: BTreeMap::new(),
+        }
     }
 }

@@ -80,6 +80,8 @@ pub struct Scorer {
     rules_version: u32,
     /// Per group: the minimum dwell (ms; 0: none).
     dwell: Vec<i64>,
+    /// Per built-in group, per segment: its exit margin (0: none).
+    margins: Vec<Vec<u32>>,
 }
 
 /// Labels of one customer, without a heap allocation for the usual few groups.
@@ -193,7 +195,38 @@ impl Scorer {
             }
             dwell.push(ms as i64);
         }
-        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1, dwell })
+        let mut margins = Vec::with_capacity(4);
+        for (g, (map, max)) in [
+            (&seg.rfm.exit_margin, 4),
+            (&seg.health.exit_margin, 100),
+            (&seg.value.exit_margin, 4),
+            (&seg.engagement.exit_margin, 4),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let group = &groups[g];
+            let mut per_segment = vec![0u32; group.segments.len()];
+            for (name, &k) in map {
+                let Some(i) = group.segments.iter().position(|s| **s == **name) else {
+                    return bad(format!(
+                        "segments.{}.exit_margin: no segment {name:?} in the group (segments: {})",
+                        group.name,
+                        group.segments.iter().map(|s| &**s).collect::<Vec<_>>().join(", ")
+                    ));
+                };
+                if k > max {
+                    return bad(format!(
+                        "segments.{}.exit_margin.{name} is {k}: at most {max} ({})",
+                        group.name,
+                        if max == 100 { "health points" } else { "score steps" }
+                    ));
+                }
+                per_segment[i] = k;
+            }
+            margins.push(per_segment);
+        }
+        Ok(Self { cfg, seg, groups, rfm_grid, custom, custom_uses_active_days, rules_version: 1, dwell, margins })
     }
 
     /// Scorer with SPEC's defaults and no custom groups.
@@ -335,34 +368,87 @@ impl Scorer {
         self.label_set(st, s).to_vec()
     }
 
+    /// What the customer qualifies for, given the labels it holds (its
+    /// `labels`; see [`Scorer::label_set_from`]).
     pub(crate) fn label_set(&self, st: &CustomerState, s: &Scores) -> LabelSet {
+        self.label_set_from(st, s, &st.labels)
+    }
+
+    /// What the customer qualifies for at scores `s` when it holds `held`
+    /// (a group missing from it, or held as `u16::MAX`, holds nothing): the
+    /// segment its scores give, except when it holds a segment of a built-in
+    /// group with an `exit_margin` k: it keeps it while some scores within
+    /// k steps of its own (each on its own scale, clamped to it) give it.
+    pub(crate) fn label_set_from(&self, st: &CustomerState, s: &Scores, held: &[u16]) -> LabelSet {
         let mut out = LabelSet::new();
-        let column = self.seg.rfm.axis.column(s.f, s.m);
-        out.push(self.rfm_grid[usize::from(5 - s.r)][usize::from(column - 1)]);
-        let h = &self.seg.health;
-        out.push(if u32::from(s.health) >= h.green_min {
-            0
-        } else if u32::from(s.health) >= h.yellow_min {
-            1
-        } else {
-            2
+        let seg = &self.seg;
+        // The scores within `k` steps of `v` on the scale lo..=hi.
+        let near = |v: u32, k: u32, lo: u32, hi: u32| v.saturating_sub(k).max(lo)..=(v + k).min(hi);
+        // The held segment of built-in group `g` and its margin, when it has one.
+        let margin = |g: usize| -> Option<(u16, u32)> {
+            let h = *held.get(g)?;
+            let k = *self.margins[g].get(usize::from(h))?;
+            (k > 0).then_some((h, k))
+        };
+
+        let rfm = |r: u32, x: u32| self.rfm_grid[(5 - r) as usize][(x - 1) as usize];
+        let (r, x) = (u32::from(s.r), u32::from(seg.rfm.axis.column(s.f, s.m)));
+        out.push(match margin(0) {
+            Some((h, k)) if near(r, k, 1, 5).any(|r| near(x, k, 1, 5).any(|x| rfm(r, x) == h)) => h,
+            _ => rfm(r, x),
         });
-        let v = &self.seg.value;
-        out.push(if s.m >= v.high_touch_min_m {
-            0
-        } else if s.m >= v.low_touch_min_m {
-            1
-        } else {
-            2
+
+        let hs = &seg.health;
+        let health = |v: u32| -> u16 {
+            if v >= hs.green_min {
+                0
+            } else if v >= hs.yellow_min {
+                1
+            } else {
+                2
+            }
+        };
+        let v = u32::from(s.health);
+        out.push(match margin(1) {
+            Some((h, k)) if near(v, k, 0, 100).any(|v| health(v) == h) => h,
+            _ => health(v),
         });
-        let e = &self.seg.engagement;
-        out.push(if s.r >= e.power_min_r && s.f >= e.power_min_f && u32::from(s.adoption) >= e.power_min_adoption {
-            0
-        } else if s.r <= e.non_active_max_r {
-            2
-        } else {
-            1
+
+        let vs = &seg.value;
+        let value = |m: u32| -> u16 {
+            if m >= u32::from(vs.high_touch_min_m) {
+                0
+            } else if m >= u32::from(vs.low_touch_min_m) {
+                1
+            } else {
+                2
+            }
+        };
+        let m = u32::from(s.m);
+        out.push(match margin(2) {
+            Some((h, k)) if near(m, k, 1, 5).any(|m| value(m) == h) => h,
+            _ => value(m),
         });
+
+        let e = &seg.engagement;
+        let engagement = |r: u32, f: u32| -> u16 {
+            if r >= u32::from(e.power_min_r)
+                && f >= u32::from(e.power_min_f)
+                && u32::from(s.adoption) >= e.power_min_adoption
+            {
+                0
+            } else if r <= u32::from(e.non_active_max_r) {
+                2
+            } else {
+                1
+            }
+        };
+        let f = u32::from(s.f);
+        out.push(match margin(3) {
+            Some((h, k)) if near(r, k, 1, 5).any(|r| near(f, k, 1, 5).any(|f| engagement(r, f) == h)) => h,
+            _ => engagement(r, f),
+        });
+
         if !self.custom.is_empty() {
             let input = RuleView { st, s };
             for g in &self.custom {
@@ -484,7 +570,6 @@ impl Scorer {
     ) {
         let tau = st.evaluated_at.max(watermark);
         let scores = self.scores(st, tau);
-        let q = self.label_set(st, &scores);
         let cause = Cause::Rules { from: from_version, to: self.rules_version };
         let old_group = |g: &str| old.groups.iter().position(|x| &*x.name == g);
         let old_name = |g: &str| -> Option<Arc<str>> {
@@ -492,6 +577,15 @@ impl Scorer {
             let l = st.labels.get(gi)?;
             old.groups[gi].segments.get(usize::from(*l)).cloned()
         };
+        // Held segments by name in the new rules' indexes, for exit margins.
+        let held_now: Vec<u16> = self
+            .groups
+            .iter()
+            .map(|g| {
+                old_name(&g.name).and_then(|n| g.segments.iter().position(|x| *x == n)).map_or(u16::MAX, |i| i as u16)
+            })
+            .collect();
+        let q = self.label_set_from(st, &scores, &held_now);
         // What the customer holds under the new rules: what the rules give
         // now, except in a group with a minimum dwell whose held segment the
         // new rules still have: that one stays held, and the customer waits
