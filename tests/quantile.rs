@@ -260,3 +260,27 @@ fn an_event_older_than_a_recomputation_counts_from_it() {
     }
     assert_eq!(summary.counts.late, (customers.len() - reborn.len()) as u64, "{:?}", summary.counts);
 }
+
+#[test]
+fn weekly_recomputations_fall_on_mondays_and_keep_the_edges_between() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (input, end) = sample(d.path(), "e.jsonl", 200, 30, 13, Format::Json, None);
+    let mut cfg = quantile_config();
+    cfg.scoring.quantile.every_days = 7;
+    let mut args = FileSettings::new(&input, d.path().join("out.jsonl"), d.path().join("state"));
+    args.until = Some(end);
+    run_file(&engine(&cfg), &args).expect("run");
+    let recs = recomputations(&args.state_dir, &d.path().join("r"));
+    assert!(recs.len() >= 4, "{recs:?}");
+    for r in &recs {
+        // 1970-01-05 was a Monday: day 4.
+        assert_eq!((r.computed_at.div_euclid(DAY) - 4).rem_euclid(7), 0, "{r:?}");
+        assert_eq!(r.computed_at.rem_euclid(DAY), 0);
+    }
+    let requantiles: BTreeSet<i64> = read_json(&args.output)
+        .iter()
+        .filter(|r| r.cause == segstream_output::CauseRecord::Requantile)
+        .map(|r| parse_rfc3339_millis(&r.at).expect("at"))
+        .collect();
+    assert!(!requantiles.is_empty() && requantiles.iter().all(|t| recs.iter().any(|r| r.computed_at == *t)));
+}

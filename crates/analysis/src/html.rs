@@ -48,6 +48,22 @@ fn segment_color(name: &str, i: usize) -> RGBColor {
     RGBColor(r, g, b)
 }
 
+/// A transition record's cause as a table cell: `event e-1`, `time
+/// recency`, `rules v1 → v2`, `requantile`.
+fn cause_text(c: &serde_json::Value) -> String {
+    let kind = c.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let detail = match (c.get("event_id").or(c.get("boundary")).and_then(|v| v.as_str()), c.get("from_version")) {
+        (Some(x), _) => x.to_string(),
+        (None, Some(from)) => format!("v{from} → v{}", c.get("to_version").map_or(String::new(), |v| v.to_string())),
+        (None, None) => String::new(),
+    };
+    if detail.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind} {detail}")
+    }
+}
+
 /// HTML-escapes text.
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -833,11 +849,7 @@ pub fn render_comparison(c: &crate::compare::Comparison) -> String {
             let _ = write!(b, "<table><tr><th colspan=\"5\">{title}</th></tr><tr><th>at</th><th>from → to</th><th>cause</th><th>R F M</th><th>health</th></tr>");
             for t in ts {
                 let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("—").to_string();
-                let cause = t.get("cause").map_or(String::new(), |c| {
-                    c.get("event_id").or(c.get("boundary")).and_then(|v| v.as_str()).map_or(String::new(), |x| {
-                        format!("{} {}", c.get("kind").and_then(|k| k.as_str()).unwrap_or(""), x)
-                    })
-                });
+                let cause = t.get("cause").map_or(String::new(), cause_text);
                 let sc = |k: &str| {
                     t.get("scores")
                         .and_then(|s| s.get(k))
@@ -874,6 +886,15 @@ mod tests {
         assert_eq!(money(-99_900), "-999");
         assert_eq!(money(0), "0");
         assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+
+    #[test]
+    fn every_cause_has_a_cell() {
+        let cell = |v: serde_json::Value| cause_text(&v);
+        assert_eq!(cell(serde_json::json!({"kind": "event", "event_id": "e-1"})), "event e-1");
+        assert_eq!(cell(serde_json::json!({"kind": "time", "boundary": "recency"})), "time recency");
+        assert_eq!(cell(serde_json::json!({"kind": "rules", "from_version": 1, "to_version": 2})), "rules v1 → v2");
+        assert_eq!(cell(serde_json::json!({"kind": "requantile"})), "requantile");
     }
 
     #[test]

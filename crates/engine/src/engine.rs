@@ -291,6 +291,12 @@ impl Engine {
             customers = self.counters.customers,
             "rule migration: re-evaluating every customer under the new rules"
         );
+        if self.scorer.quantile_min_customers().is_some() && self.quantile.is_none() {
+            tracing::info!(
+                "scoring.mode = \"quantile\": the configured thresholds hold until the first recomputation of the \
+                 edges, at the next 00:00 UTC the watermark reaches"
+            );
+        }
         self.pending_meta.push((META_MIGRATION.into(), serde_json::to_vec(&Some(&m)).expect("progress serializes")));
         self.migration = Some((m, old));
         Ok(())
@@ -645,7 +651,7 @@ impl Engine {
                 if start > to {
                     break;
                 }
-                if self.scorer.quantile_min_customers().is_some() {
+                if self.scorer.requantiles_at(start) {
                     self.requantile(start, out)?;
                 }
                 from = start;
@@ -699,21 +705,28 @@ impl Engine {
                 self.next_due = self.store.next_due(at)?;
                 record.edges = edges;
                 record.since = Some(at);
+                let requantile = out[before..].iter().filter(|t| t.cause == Cause::Requantile).count();
                 tracing::info!(
                     at = %segstream_decode::format_rfc3339_millis(at),
                     customers = population.customers,
                     recency_days = ?edges.recency_days,
                     min_active_days = ?edges.min_active_days,
                     min_mrr_cents = ?edges.min_mrr_cents,
-                    transitions = made,
-                    "quantile edges recomputed and changed"
+                    requantile_transitions = requantile,
+                    time_transitions = made - requantile,
+                    "quantile edges recomputed: changed"
                 );
             }
-            _ => tracing::debug!(
+            Some(_) => tracing::info!(
                 at = %segstream_decode::format_rfc3339_millis(at),
                 customers = population.customers,
-                from_population = record.from_population,
-                "quantile edges unchanged"
+                "quantile edges recomputed: unchanged"
+            ),
+            None => tracing::info!(
+                at = %segstream_decode::format_rfc3339_millis(at),
+                customers = population.customers,
+                min_customers = min,
+                "quantile edges kept: fewer customers than scoring.quantile.min_customers"
             ),
         }
         let json = serde_json::to_vec(&record).expect("quantile record serializes");

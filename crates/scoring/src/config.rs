@@ -48,11 +48,14 @@ impl ScoringMode {
 pub struct QuantileConfig {
     /// A recomputation over fewer customers keeps the edges in force.
     pub min_customers: u64,
+    /// Days between recomputations, counted from Monday 1970-01-05 (7: every
+    /// Monday at 00:00 UTC).
+    pub every_days: u32,
 }
 
 impl Default for QuantileConfig {
     fn default() -> Self {
-        Self { min_customers: 100 }
+        Self { min_customers: 100, every_days: 1 }
     }
 }
 

@@ -108,6 +108,14 @@ impl Scorer {
         (self.cfg.mode == ScoringMode::Quantile).then_some(self.cfg.quantile.min_customers)
     }
 
+    /// Whether the quantile edges are recomputed at `at` (00:00 UTC of a
+    /// day every `every_days` from Monday 1970-01-05).
+    pub fn requantiles_at(&self, at: i64) -> bool {
+        self.cfg.mode == ScoringMode::Quantile
+            && at.rem_euclid(DAY_MS) == 0
+            && (at.div_euclid(DAY_MS) - 4).rem_euclid(i64::from(self.cfg.quantile.every_days.max(1))) == 0
+    }
+
     /// The R, F and M thresholds in force.
     pub fn edges(&self) -> Edges {
         Edges {

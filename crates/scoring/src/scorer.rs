@@ -128,6 +128,13 @@ impl Scorer {
                 return bad(format!("{name}.window_days must be 1..={MAX_WINDOW_DAYS}, got {w}"));
             }
         }
+        let q = &cfg.quantile;
+        if q.min_customers == 0 || q.every_days == 0 || q.every_days > 366 {
+            return bad(format!(
+                "quantile.min_customers must be at least 1 and quantile.every_days 1..=366, got {} and {}",
+                q.min_customers, q.every_days
+            ));
+        }
         if cfg.adoption.max > 100 {
             return bad(format!("adoption.max must be <= 100, got {}", cfg.adoption.max));
         }
