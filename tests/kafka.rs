@@ -866,6 +866,70 @@ fn a_minimum_dwell_gives_file_modes_transitions_in_kafka_mode() {
     sigterm(&mut child);
 }
 
+/// Quantile RFM in Kafka mode (ADR 010): the partitions (3, then 2) publish
+/// their populations to the quantile topic at every 00:00 and each merges
+/// them all, so the output equals file mode's, which counts the whole
+/// population at once. Also after a crash between a commit's changelog
+/// states and its marker (states restored from ahead of the replay: the
+/// replay takes the population the first run published, not its own count
+/// again — mutation-checked — and passes over states already through a
+/// recomputation) and after one between the output and the commit.
+#[test]
+fn quantile_rfm_gives_file_modes_transitions_across_partitions_and_crashes() {
+    let quantile = "raw:[scoring]\nraw:mode = \"quantile\"\nraw:[scoring.quantile]\nraw:min_customers = 10";
+    for (point, extra, partitions) in [
+        (None, "", 3),
+        (Some("after_changelog_states"), "state.commit_every_records = 150", 2),
+        (Some("after_output"), "", 2),
+    ] {
+        let p = Pipeline::new(sqlite, partitions, 60, 30, None);
+        create_topics(&p.broker.addr, &[("g.quantiles", 1, true)]);
+        p.produce_all();
+        let mut cfg = segstream::Config::default();
+        cfg.scoring.mode = segstream_scoring::ScoringMode::Quantile;
+        cfg.scoring.quantile.min_customers = 10;
+        let mut expected = p.file_mode_under(&cfg, "quantile");
+        expected.sort();
+        let requantiles = expected.iter().filter(|l| l.contains(r#""kind":"requantile""#)).count();
+        assert!(requantiles > 20, "the edges moved customers ({requantiles})");
+        let extra = format!("{extra}\n{quantile}");
+        if let Some(point) = point {
+            let mut child = p.start_env("a", &extra, &[("SEGSTREAM_CRASH_AT", &format!("{point}:700"))]);
+            let status = child.wait().expect("wait");
+            assert!(!status.success(), "{point}: the fault was injected");
+            assert!(p.log("a").contains("SEGSTREAM_CRASH_AT: aborting"), "{point}:\n{}", p.log("a"));
+        }
+        let mut child = p.start("a", &extra);
+        p.wait_output(expected.len(), "quantile", &["a"]);
+        std::thread::sleep(Duration::from_millis(1500));
+        let got = p.output_sorted();
+        if got != expected {
+            // What differs, as multisets, and what the log says of the recomputations.
+            let (mut missing, mut extra) = (expected.clone(), Vec::new());
+            for g in &got {
+                match missing.iter().position(|x| x == g) {
+                    Some(i) => drop(missing.remove(i)),
+                    None => extra.push(g.clone()),
+                }
+            }
+            let log = p.log("a");
+            let notes: Vec<&str> = log
+                .lines()
+                .filter(|l| ["quantile edges", "aborting", "restored"].iter().any(|k| l.contains(k)))
+                .collect();
+            panic!(
+                "{point:?}: Kafka mode differs from file mode under quantile RFM\nextra {}: {:?}\nmissing {}: {:?}\n{}",
+                extra.len(),
+                &extra[..extra.len().min(5)],
+                missing.len(),
+                &missing[..missing.len().min(5)],
+                notes.join("\n")
+            );
+        }
+        sigterm(&mut child);
+    }
+}
+
 /// A minimal Schema Registry: `GET /schemas/ids/{id}` answers `schemas`,
 /// `POST /subjects/{s}/versions` answers `{"id": register_id}`; anything
 /// else is 404. With `user_info`, a request without that HTTP basic

@@ -146,6 +146,14 @@ pub struct Engine {
     planned: Option<MigrationProgress>,
     /// Quantile mode: the last recomputation of the edges.
     quantile: Option<QuantileMeta>,
+    /// Quantile mode: the configured thresholds (in force until a
+    /// recomputation changes them).
+    configured_edges: Edges,
+    /// Quantile mode, Kafka: populations supplied by the caller (the whole
+    /// group's, merged) for the recomputations ahead; with `external`, a
+    /// recomputation without one is an error.
+    supplied: BTreeMap<i64, Population>,
+    external_population: bool,
 }
 
 /// Who checks the rules a state was built under when it opens.
@@ -201,6 +209,9 @@ impl Engine {
             pending_meta: Vec::new(),
             planned: None,
             quantile: None,
+            configured_edges: settings.scorer().edges(),
+            supplied: BTreeMap::new(),
+            external_population: false,
         };
         engine.last_series = engine.series()?.pop().map(|(_, c)| c);
         let quantile = read_meta::<Option<QuantileMeta>>(&engine.store, META_QUANTILE)?.flatten();
@@ -535,6 +546,8 @@ impl Engine {
         let slot = self.store.slot_mut(sid);
         lift(&mut slot.state, self.quantile.as_ref());
         let outcome = self.scorer.on_event(&mut slot.state, e, out);
+        // A customer it created was evaluated under the edges in force.
+        lift(&mut slot.state, self.quantile.as_ref());
         if let Some(st) = &mut slot.state {
             // A late event can leave a boundary behind the watermark: catch up now.
             if st.timer.is_some_and(|t| t <= watermark) {
@@ -669,9 +682,16 @@ impl Engine {
         let Some(min) = self.scorer.quantile_min_customers() else {
             return Ok(());
         };
-        let mut population = Population::default();
-        let scorer = &self.scorer;
-        self.store.for_each_current(|_, st| population.add(scorer, st, at))?;
+        let population = match self.supplied.remove(&at) {
+            Some(p) => p,
+            None if self.external_population => {
+                return Err(EngineError::Rules(format!(
+                    "no population supplied for the recomputation of the quantile edges at {}",
+                    segstream_decode::format_rfc3339_millis(at)
+                )))
+            }
+            None => self.population_at(at)?,
+        };
         let computed = if population.customers >= min.max(1) { population.edges() } else { None };
         let in_force = self.scorer.edges();
         let mut record = QuantileMeta {
@@ -741,6 +761,66 @@ impl Engine {
         self.quantile.as_ref()
     }
 
+    /// Quantile mode: the first recomputation instant in `(watermark, to]`
+    /// (the watermark passes it on its way to `to`) without a supplied
+    /// population.
+    pub fn quantile_due(&self, to: i64) -> Option<i64> {
+        let from = self.clock.watermark;
+        if from == i64::MIN || from < 0 || self.scorer.quantile_min_customers().is_none() {
+            return None;
+        }
+        let mut q = (from.div_euclid(DAY_MS) + 1) * DAY_MS;
+        while q <= to {
+            if self.scorer.requantiles_at(q) && !self.supplied.contains_key(&q) {
+                return Some(q);
+            }
+            q += DAY_MS;
+        }
+        None
+    }
+
+    /// This state's part of the population at `at` (every existing
+    /// customer, committed or not), as a recomputation counts it.
+    pub fn population_at(&self, at: i64) -> Result<Population, EngineError> {
+        let mut population = Population::default();
+        let scorer = &self.scorer;
+        self.store.for_each_current(|_, st| population.add(scorer, st, at))?;
+        Ok(population)
+    }
+
+    /// A clock that never moved starts at `watermark` (Kafka mode, quantile:
+    /// the group's first watermark, so that this partition goes through the
+    /// recomputations before its own first record, on its empty state).
+    pub fn start_watermark_at(&mut self, watermark: i64) {
+        if self.clock.watermark == i64::MIN {
+            self.clock.watermark = watermark;
+        }
+    }
+
+    /// Quantile mode with the population counted elsewhere (Kafka mode: the
+    /// group's partitions, merged): every recomputation needs
+    /// [`Engine::supply_population`] first.
+    pub fn take_population_from_caller(&mut self) {
+        self.external_population = true;
+    }
+
+    /// The population the recomputation at `at` uses.
+    pub fn supply_population(&mut self, at: i64, population: Population) {
+        self.supplied.insert(at, population);
+    }
+
+    /// Puts in force the edges a commit recorded (Kafka mode: the commit
+    /// marker's), or the configured thresholds (`None`).
+    pub fn restore_quantile(&mut self, q: Option<QuantileMeta>) {
+        if self.scorer.quantile_min_customers().is_none() {
+            return;
+        }
+        let edges = q.as_ref().map_or(self.configured_edges, |q| q.edges);
+        self.scorer.set_edges(&edges);
+        self.pending_meta.push((META_QUANTILE.into(), serde_json::to_vec(&q).expect("quantile record serializes")));
+        self.quantile = q;
+    }
+
     fn note_day(&mut self, day: i64) {
         let counts = self.store.live_counts();
         if self.last_series.as_ref() != Some(&counts) {
@@ -804,11 +884,14 @@ impl Engine {
 }
 
 /// A customer last evaluated before the quantile edges in force were put in
-/// force is evaluated at that instant (the recomputation found its labels
-/// unchanged there and did not write it).
+/// force is evaluated at that instant, and through the last recomputation
+/// (which found its labels unchanged and did not write it).
 fn lift(state: &mut Option<CustomerState>, quantile: Option<&QuantileMeta>) {
-    if let (Some(st), Some(since)) = (state, quantile.and_then(|q| q.since)) {
-        st.evaluated_at = st.evaluated_at.max(since);
+    if let (Some(st), Some(q)) = (state, quantile) {
+        if let Some(since) = q.since {
+            st.evaluated_at = st.evaluated_at.max(since);
+        }
+        st.quantile_at = st.quantile_at.max(q.computed_at);
     }
 }
 

@@ -188,6 +188,7 @@ mod tests {
                 erased: vec!["b".into()],
                 last_delay_ms: None,
                 migration: None,
+                quantile: None,
             },
             hold_outputs,
             states: vec![(b"c/a".to_vec(), Some(b"S".to_vec())), (b"c/b".to_vec(), Some(b"D".to_vec()))],

@@ -45,6 +45,11 @@ pub struct KafkaConfig {
     /// Compacted topic backing each partition's state; `<group_id>.changelog`
     /// when empty. Needs as many partitions as the input topic.
     pub changelog_topic: String,
+    /// Quantile RFM (`scoring.mode = "quantile"`): the topic where every
+    /// partition publishes its population at each recomputation, and reads
+    /// the others'; `<group_id>.quantiles` when empty. One partition,
+    /// compacted. Unused otherwise.
+    pub quantile_topic: String,
     /// Local RocksDB state, one directory per input partition.
     pub state_dir: PathBuf,
     /// A partition commits at least this often while it has new records (ms).
@@ -108,6 +113,7 @@ impl Default for KafkaConfig {
             output_schema_id: None,
             dead_letter_topic: "segstream.dead-letter".into(),
             changelog_topic: String::new(),
+            quantile_topic: String::new(),
             state_dir: PathBuf::from("segstream-state"),
             commit_interval_ms: 1_000,
             idle_advance_ms: 1_000,

@@ -269,6 +269,9 @@ impl ConsumerContext for GroupContext {
 /// which is an error: a restart recovers exactly).
 pub fn run(engine: EngineSettings, kafka: KafkaSettings, metrics: Arc<Metrics>, stop: StopFlag) -> Result<(), Error> {
     let checked = preflight::check(&kafka)?;
+    if engine.scorer().quantile_min_customers().is_some() {
+        preflight::check_quantile_topic(&kafka)?;
+    }
     metrics.set_input_partitions(checked.input_partitions);
     let group_id = kafka.group_id.clone();
     let consumer_config = kafka.client_config(

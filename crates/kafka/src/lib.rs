@@ -27,6 +27,7 @@ pub mod owners;
 mod partition;
 mod preflight;
 mod producer;
+mod quantile;
 mod record;
 mod registry;
 pub mod replay;

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use segstream_engine::{Clock, Counters, MigrationProgress, RulesMeta};
+use segstream_engine::{Clock, Counters, MigrationProgress, QuantileMeta, RulesMeta};
 use serde::{Deserialize, Serialize};
 
 use crate::changelog::LoggedRun;
@@ -67,6 +67,10 @@ pub struct Marker {
     /// A rule migration under way (ADR 008).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationProgress>,
+    /// Quantile mode: the last recomputation of the edges and the edges in
+    /// force (ADR 010).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantile: Option<QuantileMeta>,
 }
 
 /// The marker as the local RocksDB keeps it, with where it is in the changelog.
@@ -110,6 +114,8 @@ pub struct Progress<'a> {
     pub last_delay_ms: Option<i64>,
     /// A rule migration under way after this commit.
     pub migration: Option<MigrationProgress>,
+    /// See [`Marker::quantile`].
+    pub quantile: Option<QuantileMeta>,
 }
 
 impl Marker {
@@ -133,6 +139,7 @@ impl Marker {
             owner: None,
             rules: None,
             migration: None,
+            quantile: None,
         }
     }
 
@@ -169,6 +176,7 @@ impl Marker {
             owner: self.owner,
             rules: self.rules.clone(),
             migration: p.migration,
+            quantile: p.quantile,
         }
     }
 }
@@ -191,6 +199,7 @@ mod tests {
             erased: vec!["gone".into()],
             last_delay_ms: Some(12),
             migration: None,
+            quantile: None,
         }
     }
 

@@ -73,6 +73,20 @@ pub fn check(k: &KafkaSettings) -> Result<Preflight, Error> {
     Ok(Preflight { changelog_delete_retention: check_changelog_config(k)?, output, input_partitions: inputs })
 }
 
+/// Quantile RFM: the topic where the partitions exchange their populations
+/// (ADR 010) must exist.
+pub fn check_quantile_topic(k: &KafkaSettings) -> Result<(), Error> {
+    let probe = reader(k)?;
+    check_topic(&probe, &k.quantile_topic).map_err(|e| {
+        Error::Setup(format!(
+            "scoring.mode = \"quantile\" needs the topic {} (1 partition, cleanup.policy=compact), where the \
+             partitions exchange their populations at each recomputation: {e}",
+            k.quantile_topic
+        ))
+    })?;
+    Ok(())
+}
+
 /// The transition schema's id for Avro output: configured, or registered
 /// under `<output_topic>-value`.
 fn output_schema_id(k: &KafkaSettings) -> Result<Option<u32>, Error> {

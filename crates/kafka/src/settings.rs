@@ -83,6 +83,8 @@ pub struct KafkaSettings {
     pub output_schema_id: Option<u32>,
     pub dead_letter_topic: String,
     pub changelog_topic: String,
+    /// See [`crate::config::KafkaConfig::quantile_topic`].
+    pub quantile_topic: String,
     pub state_dir: PathBuf,
     pub commit_interval: Duration,
     /// `None`: event time only.
@@ -129,6 +131,8 @@ impl KafkaSettings {
         }
         let changelog_topic =
             if cfg.changelog_topic.is_empty() { format!("{group_id}.changelog") } else { cfg.changelog_topic.clone() };
+        let quantile_topic =
+            if cfg.quantile_topic.is_empty() { format!("{group_id}.quantiles") } else { cfg.quantile_topic.clone() };
         let user_info = env.registry_user_info.clone().or_else(|| cfg.schema_registry_user_info.clone());
         let registry = cfg.schema_registry_url.as_deref().map(|url| Registry::new(url, user_info.as_deref()));
         let mut schemas = StaticSchemas::new();
@@ -157,6 +161,7 @@ impl KafkaSettings {
             output_schema_id: cfg.output_schema_id,
             dead_letter_topic: pick(&over.dead_letter_topic, &cfg.dead_letter_topic),
             changelog_topic,
+            quantile_topic,
             state_dir: over.state_dir.clone().unwrap_or_else(|| cfg.state_dir.clone()),
             commit_interval: Duration::from_millis(cfg.commit_interval_ms.max(1)),
             idle_advance: (cfg.idle_advance_ms > 0).then(|| Duration::from_millis(cfg.idle_advance_ms)),

@@ -141,7 +141,8 @@ impl Scorer {
     /// boundary the old edges had at that very instant (an active day
     /// leaving the window at 00:00), with its kind. Returns whether the
     /// state must be written (labels, waits or the next boundary moved);
-    /// `evaluated_at` alone need not be (see the engine's lifting).
+    /// `evaluated_at` and `quantile_at` alone need not be (see the engine's
+    /// lifting). A state whose `quantile_at` is `at` or later is passed over.
     pub fn requantile(
         &self,
         old: &Scorer,
@@ -150,6 +151,12 @@ impl Scorer {
         at: i64,
         out: &mut Vec<Transition>,
     ) -> bool {
+        if st.quantile_at >= at {
+            // Through this recomputation already (a state restored from
+            // ahead of a replay, Kafka mode).
+            return false;
+        }
+        st.quantile_at = at;
         let tau = st.evaluated_at.max(at);
         let tv = self.time_varying(st, tau);
         let scores = self.scores_from(st, tv.0, tv.1, tv.2);

@@ -74,6 +74,11 @@ pub struct CustomerState {
     /// customer qualifies for, since when). At most one per group; empty
     /// unless a group has `min_dwell_ms`.
     pub pending: Vec<(u16, u16, i64)>,
+    /// Quantile RFM: the last recomputation of the edges whose edges this
+    /// state was evaluated under (0: none). A recomputation passes over a
+    /// state already through it or a later one: in Kafka mode, a state
+    /// restored from ahead of the replay (ADR 010).
+    pub quantile_at: i64,
 }
 
 /// What `profile.attributes` and `survey` events left (SPEC §1).
@@ -166,6 +171,7 @@ impl CustomerState {
             extra: None,
             rules_version: 0,
             pending: Vec::new(),
+            quantile_at: 0,
         }
     }
 

@@ -109,15 +109,6 @@ impl Settings {
                      again on each instance that restarts with it); set rules_version to the next version instead"
                 );
             }
-            if config.scoring.mode == segstream_scoring::ScoringMode::Quantile {
-                anyhow::bail!(
-                    "scoring.mode = \"quantile\" is not available in Kafka mode yet: its edges come from the whole \
-                     population at each 00:00 UTC, which needs every partition's counts for that instant before any \
-                     partition goes past it (a cross-partition barrier, designed in docs/adr/010 and not built). \
-                     Run quantile RFM in file mode, or use fixed thresholds (set scoring.recency/frequency/monetary \
-                     to the edges a file-mode run logs)"
-                );
-            }
             let mut over = flags.kafka;
             over.state_dir = flags.state_dir;
             let kafka =
@@ -186,22 +177,5 @@ mod tests {
         let s = Settings::resolve(&cfg, flags, &KafkaEnvironment::default()).expect("valid");
         let Mode::Kafka(k) = s.mode else { panic!("kafka mode") };
         assert_eq!(k.state_dir, PathBuf::from("elsewhere"));
-    }
-
-    #[test]
-    fn quantile_rfm_is_refused_in_kafka_mode_and_runs_in_file_mode() {
-        let cfg = Config::from_toml("[scoring]\nmode = \"quantile\"\n[kafka]\n").expect("valid");
-        let err = Settings::resolve(&cfg, RunFlags::default(), &KafkaEnvironment::default()).expect_err("kafka");
-        assert!(err.to_string().contains("not available in Kafka mode"), "{err}");
-        let file = RunFlags {
-            input: Some("in.jsonl".into()),
-            output: Some("out.jsonl".into()),
-            state_dir: Some("s".into()),
-            ..RunFlags::default()
-        };
-        assert!(matches!(
-            Settings::resolve(&cfg, file, &KafkaEnvironment::default()).expect("file").mode,
-            Mode::File(_)
-        ));
     }
 }

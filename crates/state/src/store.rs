@@ -24,7 +24,8 @@ const CF_HISTORY: &str = "history";
 const ALL_CFS: [&str; 5] = [CF_CUSTOMERS, CF_TIMERS, CF_META, CF_MEMBERS, CF_HISTORY];
 /// Format 2 added `CustomerState::extra` (attributes and survey answers),
 /// format 3 `CustomerState::rules_version` and `pending`.
-const STATE_FORMAT: u8 = 3;
+const STATE_FORMAT: u8 = 4;
+const STATE_FORMAT_3: u8 = 3;
 const STATE_FORMAT_2: u8 = 2;
 const STATE_FORMAT_1: u8 = 1;
 /// Committed timers read from RocksDB at a time.
@@ -269,17 +270,23 @@ pub fn decode_state(key: &[u8], v: &[u8]) -> Result<CustomerState, StateError> {
     let corrupt = |reason: String| StateError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason };
     match v.split_first() {
         Some((&STATE_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
-        Some((&STATE_FORMAT_2, rest)) => {
-            // Format 2 lacks the last fields (`rules_version`, `pending`):
-            // append a 0 and an empty list.
+        Some((&STATE_FORMAT_3, rest)) => {
+            // Format 3 lacks the last field, `quantile_at`: append a 0.
             let mut bytes = rest.to_vec();
-            bytes.extend([0, 0]);
+            bytes.push(0);
+            postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
+        }
+        Some((&STATE_FORMAT_2, rest)) => {
+            // Format 2 lacks `rules_version` and `pending` too: append a 0
+            // and an empty list.
+            let mut bytes = rest.to_vec();
+            bytes.extend([0, 0, 0]);
             postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
         }
         Some((&STATE_FORMAT_1, rest)) => {
             // Format 1 lacks `extra` too: append its `None`.
             let mut bytes = rest.to_vec();
-            bytes.extend([0, 0, 0]);
+            bytes.extend([0, 0, 0, 0]);
             postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
         }
         Some((v, _)) => Err(corrupt(format!("unknown state format {v}"))),
@@ -1074,14 +1081,18 @@ mod tests {
         let st = CustomerState::new(1_767_225_600_000);
         let current = encode_state(&st);
         assert_eq!(current[0], STATE_FORMAT);
-        // Format 2 is format 3 without the last fields, `rules_version` and
-        // `pending` (0 and an empty list: a 0 byte each); format 1 is format 2
-        // without `extra` (a 0 byte for None).
-        assert!(current.ends_with(&[0, 0, 0]));
-        let mut v2 = current[..current.len() - 2].to_vec();
+        // Format 3 is format 4 without `quantile_at` (0: a 0 byte); format 2
+        // is format 3 without `rules_version` and `pending` (0 and an empty
+        // list: a 0 byte each); format 1 is format 2 without `extra` (a 0
+        // byte for None).
+        assert!(current.ends_with(&[0, 0, 0, 0]));
+        let mut v3 = current[..current.len() - 1].to_vec();
+        v3[0] = STATE_FORMAT_3;
+        assert_eq!(decode_state(b"c", &v3).expect("format 3"), st);
+        let mut v2 = current[..current.len() - 3].to_vec();
         v2[0] = STATE_FORMAT_2;
         assert_eq!(decode_state(b"c", &v2).expect("format 2"), st);
-        let mut v1 = current[..current.len() - 3].to_vec();
+        let mut v1 = current[..current.len() - 4].to_vec();
         v1[0] = STATE_FORMAT_1;
         assert_eq!(decode_state(b"c", &v1).expect("format 1"), st);
         assert!(decode_state(b"c", &[9, 1, 2]).is_err());

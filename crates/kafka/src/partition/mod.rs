@@ -29,6 +29,7 @@ use crate::marker::{LocalMarker, Marker, Progress, LOCAL_MARKER_META};
 use crate::metrics::{Metrics, PartitionLabel, TopicPartitionLabel};
 use crate::owners::partition_for_key;
 use crate::producer::Producer;
+use crate::quantile::{Exchange, Published};
 use crate::record::{Msg, Rec};
 use crate::runlog::{RunLog, Step};
 use crate::schemas::WireDecoder;
@@ -105,6 +106,8 @@ pub struct Task {
     progress: Arc<crate::record::Progress>,
     /// During a rule migration: customers re-evaluated by this process.
     migrated_here: Option<i64>,
+    /// Quantile RFM: the populations the partitions published (ADR 010).
+    quantile: Option<crate::quantile::Exchange>,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -434,12 +437,115 @@ impl Task {
 
     /// Moves the watermark to `target` and emits what it fires.
     fn advance_to(&mut self, target: i64) -> Result<(), Error> {
-        self.engine.advance_watermark(target, &mut self.out)?;
         let source = format!("{}time", self.source_prefixes[0]);
+        self.before_watermark(target, &source)?;
+        self.engine.advance_watermark(target, &mut self.out)?;
         self.emitter.sink_mut().set_source(source);
         self.emitter.transitions(&mut self.out)?;
         self.publish_tally();
         Ok(())
+    }
+
+    /// Quantile RFM: before the watermark moves to `target`, for each
+    /// recomputation instant on the way, the partition's part of the
+    /// population there is published and the group's whole population
+    /// supplied to the engine (ADR 010). The watermark first goes to the
+    /// millisecond before the instant, as it would on its way (the
+    /// transitions that fires are the record's, `source`); then the task
+    /// waits until every input partition has published its part.
+    fn before_watermark(&mut self, target: i64, source: &str) -> Result<(), Error> {
+        if self.quantile.is_none() || target == i64::MIN {
+            return Ok(());
+        }
+        if self.engine.clock().watermark == i64::MIN {
+            // The partition's first record: its start, and the group's
+            // recomputations before it (on this empty state).
+            let first = self.exchange(|task, x| {
+                if x.start(task.partition).is_none() {
+                    task.still_owner()?;
+                    let start = Published::Start { partition: task.partition, watermark: target };
+                    x.publish(task.emitter.sink().producer(), &start)?;
+                }
+                let n = task.shared.input_partitions;
+                task.wait_for(x, "the other partitions' first records", |x| {
+                    x.first_start(n).ok_or_else(|| format!("no start from partitions {:?}", x.missing(i64::MIN, n)))
+                })
+            })?;
+            if first < target {
+                self.engine.start_watermark_at(first);
+            }
+        }
+        while let Some(at) = self.engine.quantile_due(target) {
+            self.engine.advance_watermark(at - 1, &mut self.out)?;
+            self.emitter.sink_mut().set_source(source.to_string());
+            self.emitter.transitions(&mut self.out)?;
+            let whole = self.exchange(|task, x| {
+                let mine = x.start(task.partition).is_some_and(|s| s < at);
+                if mine && x.part(at, task.partition).is_none() {
+                    let population = task.engine.population_at(at)?;
+                    task.still_owner()?;
+                    x.publish(
+                        task.emitter.sink().producer(),
+                        &Published::Part { at, partition: task.partition, population },
+                    )?;
+                }
+                let what = format!("the populations at {}", segstream_decode::format_rfc3339_millis(at));
+                let n = task.shared.input_partitions;
+                let whole = task.wait_for(x, &what, |x| {
+                    x.merged(at, n).ok_or_else(|| format!("nothing yet from partitions {:?}", x.missing(at, n)))
+                })?;
+                x.forget_before(at);
+                Ok(whole)
+            })?;
+            self.engine.supply_population(at, whole);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the quantile exchange, read up to the topic's end first.
+    fn exchange<T>(&mut self, f: impl FnOnce(&mut Self, &mut Exchange) -> Result<T, Error>) -> Result<T, Error> {
+        let mut x = self.quantile.take().expect("quantile mode");
+        let read = x.catch_up(&self.owner.borrow().reader, &self.stop);
+        let result = read.and_then(|()| f(self, &mut x));
+        self.quantile = Some(x);
+        result
+    }
+
+    /// Reads the quantile topic until `ready` gives an answer (stop-aware;
+    /// every 30 s a warning names who is missing).
+    fn wait_for<T>(
+        &mut self,
+        x: &mut Exchange,
+        what: &str,
+        ready: impl Fn(&Exchange) -> Result<T, String>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let mut said = Instant::now();
+        loop {
+            let missing = match ready(x) {
+                Ok(v) => return Ok(v),
+                Err(missing) => missing,
+            };
+            if self.stop.is_set() {
+                return Err(Error::Stopped);
+            }
+            // Waiting is progress: the stuck check must not flag it.
+            self.progress.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.emitter.sink().producer().poll();
+            if said.elapsed() >= Duration::from_secs(30) {
+                said = Instant::now();
+                tracing::warn!(
+                    partition = self.partition,
+                    waiting_s = started.elapsed().as_secs(),
+                    missing,
+                    "quantile recomputation: waiting for {what} on {} (every input partition publishes its part when \
+                     its watermark reaches the instant; a partition without records never does)",
+                    self.shared.kafka.quantile_topic
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            x.catch_up(&self.owner.borrow().reader, &self.stop)?;
+        }
     }
 
     /// Records from the main thread. One input topic: processed in offset
@@ -606,6 +712,10 @@ impl Task {
                 if let Some(t) = r.timestamp {
                     self.last_delay_ms = Some(t.saturating_sub(ev.ts));
                 }
+                let clock = self.engine.clock();
+                let target =
+                    clock.max_ts.map_or(ev.ts, |m| m.max(ev.ts)).saturating_sub(self.shared.engine.lateness_ms());
+                self.before_watermark(target, &source)?;
                 let m = &self.shared.metrics;
                 m.events.inc();
                 if self.emitter.sink().guard().skips(&ev.customer_id, record) {
@@ -734,6 +844,7 @@ impl Task {
             erased,
             last_delay_ms: self.last_delay_ms,
             migration: self.engine.migration().cloned(),
+            quantile: self.engine.quantile().cloned(),
         };
         let mut io = TaskIo {
             producer: sink.producer(),

@@ -275,6 +275,13 @@ impl Task {
             )));
         }
         engine.restore_clock(marker.clock, marker.counters.clone())?;
+        // Quantile RFM: the edges of the last commit; recomputations take
+        // the group's population from the quantile topic (ADR 010).
+        let quantile = shared.engine.scorer().quantile_min_customers().is_some();
+        if quantile {
+            engine.take_population_from_caller();
+            engine.restore_quantile(marker.quantile.clone());
+        }
         if !fresh {
             let local = LocalMarker { marker: marker.clone(), changelog_offset, committed_at_ms: now_ms() };
             engine.commit(vec![(LOCAL_MARKER_META.into(), serde_json::to_vec(&local)?)])?;
@@ -327,6 +334,7 @@ impl Task {
             published_segments: std::collections::BTreeMap::new(),
             progress: Arc::new(crate::record::Progress::default()),
             migrated_here: None,
+            quantile: quantile.then(|| crate::quantile::Exchange::new(&k.quantile_topic)),
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.

@@ -1,0 +1,204 @@
+//! Quantile RFM in Kafka mode (ADR 010): the edges of a recomputation come
+//! from the whole population, which every partition holds a part of. When its
+//! watermark reaches a recomputation instant, a partition publishes its part
+//! (exact counts, [`Population`]) to the quantile topic, keyed by (day,
+//! partition), then waits until every input partition's part for that day is
+//! there and merges them: every partition puts the same edges in force.
+//!
+//! Which instants are recomputations is global too, as in file mode: every
+//! recomputation day after the group's first event. Each partition publishes
+//! its *start*, the watermark its first record moved it to: it has no
+//! customer at any instant up to there, so its part there is empty. The
+//! recomputations are those after the earliest start; a partition that
+//! starts later first goes through those before its start (on an empty
+//! state), so that it puts the same edges in force as the others.
+//!
+//! The first record of a key wins: a partition that finds its own part
+//! already published (by itself before a crash, or by a stalled previous
+//! owner) uses that one and publishes nothing, so that a replay, whose
+//! restored states may be ahead of the instant, uses the counts the first
+//! run took.
+
+use std::collections::BTreeMap;
+
+use rdkafka::message::Message;
+use rdkafka::producer::BaseRecord;
+use segstream_scoring::Population;
+use serde::{Deserialize, Serialize};
+
+use crate::client::{read_range, watermarks, Reader};
+use crate::error::Error;
+use crate::producer::Producer;
+use crate::stop::StopFlag;
+
+/// A record of the quantile topic: `{"start": {…}}` or `{"part": {…}}`
+/// (externally tagged: the counts' integer keys need it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Published {
+    /// The partition's first watermark: no customer of it exists at any
+    /// instant up to `watermark`.
+    Start { partition: i32, watermark: i64 },
+    /// The partition's part of the population at a recomputation instant
+    /// (00:00 UTC, ms).
+    Part { at: i64, partition: i32, population: Population },
+}
+
+impl Published {
+    fn key(&self) -> String {
+        match self {
+            Self::Start { partition, .. } => format!("start/{partition}"),
+            Self::Part { at, partition, .. } => format!("{at:013}/{partition}"),
+        }
+    }
+}
+
+/// What a task has read of the quantile topic.
+pub struct Exchange {
+    topic: String,
+    /// The next offset to read.
+    read_to: i64,
+    /// (instant, partition) → the first part published for it.
+    parts: BTreeMap<(i64, i32), Population>,
+    /// Partition → the first start published for it.
+    starts: BTreeMap<i32, i64>,
+}
+
+impl Exchange {
+    pub fn new(topic: &str) -> Self {
+        Self { topic: topic.to_string(), read_to: 0, parts: BTreeMap::new(), starts: BTreeMap::new() }
+    }
+
+    /// Reads what was published since the last read.
+    pub fn catch_up(&mut self, reader: &Reader, stop: &StopFlag) -> Result<(), Error> {
+        let (low, high) = watermarks(reader, &self.topic, 0, stop)?;
+        let from = self.read_to.max(low);
+        let (parts, starts) = (&mut self.parts, &mut self.starts);
+        let topic = &self.topic;
+        // Up to the last record read, not `high`: a read may end early (an
+        // end-of-partition event before the fetch caught up), and the next
+        // one goes on from there.
+        let mut next = from;
+        read_range(reader, topic, 0, (from, high), stop, |m| {
+            next = m.offset() + 1;
+            match m.payload().map(serde_json::from_slice::<Published>) {
+                Some(Ok(Published::Part { at, partition, population })) => {
+                    parts.entry((at, partition)).or_insert(population);
+                }
+                Some(Ok(Published::Start { partition, watermark })) => {
+                    starts.entry(partition).or_insert(watermark);
+                }
+                Some(Err(e)) => tracing::warn!(topic, offset = m.offset(), "not a population record, ignored: {e}"),
+                None => {}
+            }
+            Ok(())
+        })?;
+        self.read_to = next.max(self.read_to);
+        Ok(())
+    }
+
+    /// The part of `partition` at `at`, if published.
+    pub fn part(&self, at: i64, partition: i32) -> Option<&Population> {
+        self.parts.get(&(at, partition))
+    }
+
+    /// The start of `partition`, if published.
+    pub fn start(&self, partition: i32) -> Option<i64> {
+        self.starts.get(&partition).copied()
+    }
+
+    /// The earliest start, once every partition of `0..partitions` published its own.
+    pub fn first_start(&self, partitions: i32) -> Option<i64> {
+        (0..partitions).map(|p| self.start(p)).collect::<Option<Vec<i64>>>()?.into_iter().min()
+    }
+
+    /// Publishes a record (acknowledged before it returns).
+    pub fn publish(&self, producer: &Producer, record: &Published) -> Result<(), Error> {
+        let key = record.key();
+        let value = serde_json::to_vec(record)?;
+        producer
+            .send(BaseRecord::<[u8], [u8], ()>::to(&self.topic).partition(0).key(key.as_bytes()).payload(&value))?;
+        producer.flush()
+    }
+
+    /// The partitions of `0..partitions` still to be heard from for the
+    /// population at `at`: without a start, or started before `at` without
+    /// a part there.
+    pub fn missing(&self, at: i64, partitions: i32) -> Vec<i32> {
+        (0..partitions)
+            .filter(|p| match self.start(*p) {
+                None => true,
+                Some(start) => start < at && !self.parts.contains_key(&(at, *p)),
+            })
+            .collect()
+    }
+
+    /// The population at `at`: the parts of the partitions started before
+    /// it, merged (`None` while one is missing).
+    pub fn merged(&self, at: i64, partitions: i32) -> Option<Population> {
+        let mut whole = Population::default();
+        for p in 0..partitions {
+            if self.start(p)? < at {
+                whole.merge(self.parts.get(&(at, p))?);
+            }
+        }
+        Some(whole)
+    }
+
+    /// Forgets the parts of instants before `at` (they are never needed again).
+    pub fn forget_before(&mut self, at: i64) {
+        self.parts.retain(|(t, _), _| *t >= at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(customers: u64) -> Population {
+        let mut p = Population::default();
+        p.customers = customers;
+        p.mrr_cents.insert(100, customers);
+        p
+    }
+
+    #[test]
+    fn merges_the_parts_of_the_partitions_started_before_the_instant() {
+        const DAY: i64 = 86_400_000;
+        let mut x = Exchange::new("q");
+        x.parts.insert((DAY, 0), part(3));
+        assert_eq!(x.missing(DAY, 2), vec![0, 1], "no start known");
+        x.starts.insert(0, 10);
+        assert_eq!(x.missing(DAY, 2), vec![1]);
+        assert_eq!(x.merged(DAY, 2), None);
+        // Partition 1 starts after the instant: empty there, nothing to wait for.
+        x.starts.insert(1, DAY + 5);
+        assert_eq!(x.missing(DAY, 2), Vec::<i32>::new());
+        assert_eq!(x.merged(DAY, 2).expect("all there").customers, 3);
+        assert_eq!(x.first_start(2), Some(10));
+        // Both started before: both parts.
+        x.parts.insert((2 * DAY, 0), part(3));
+        assert_eq!(x.missing(2 * DAY, 2), vec![1]);
+        x.parts.insert((2 * DAY, 1), part(4));
+        let whole = x.merged(2 * DAY, 2).expect("all there");
+        assert_eq!((whole.customers, whole.mrr_cents.get(&100)), (7, Some(&7)));
+        x.forget_before(2 * DAY);
+        assert_eq!(x.merged(DAY, 2), None);
+        let keys = [
+            Published::Start { partition: 3, watermark: 1 }.key(),
+            Published::Part { at: DAY, partition: 3, population: part(1) }.key(),
+        ];
+        assert_eq!(keys, ["start/3".to_string(), "0000086400000/3".to_string()]);
+    }
+
+    #[test]
+    fn records_read_back_as_written() {
+        for r in [
+            Published::Start { partition: 1, watermark: -5 },
+            Published::Part { at: 86_400_000, partition: 0, population: part(4) },
+        ] {
+            let text = serde_json::to_vec(&r).expect("serializes");
+            assert_eq!(serde_json::from_slice::<Published>(&text).expect("reads back"), r);
+        }
+    }
+}
