@@ -156,10 +156,7 @@ mod tests {
     use super::*;
 
     fn part(customers: u64) -> Population {
-        let mut p = Population::default();
-        p.customers = customers;
-        p.mrr_cents.insert(100, customers);
-        p
+        Population { customers, mrr_cents: BTreeMap::from([(100, customers)]), ..Population::default() }
     }
 
     #[test]
