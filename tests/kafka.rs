@@ -930,6 +930,69 @@ fn quantile_rfm_gives_file_modes_transitions_across_partitions_and_crashes() {
     }
 }
 
+/// A group that ran with fixed thresholds switches to quantile RFM (rules
+/// version 2) with its state: each partition joins at its watermark, the
+/// recomputations start after the last one's, and the output equals file
+/// mode doing the same on the same events (no partition waits for a start
+/// that a partition with state would never publish).
+#[test]
+fn a_group_with_state_switched_to_quantile_rfm_joins_and_recomputes_as_file_mode_does() {
+    let p = Pipeline::new(sqlite, 2, 60, 30, None);
+    create_topics(&p.broker.addr, &[("g.quantiles", 1, true)]);
+    // The events before day 12 first, the rest after the switch.
+    let cut = START + 12 * segstream_decode::DAY_MS;
+    let ts = |payload: &[u8]| -> i64 {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("event");
+        v["ts"].as_i64().expect("ts in epoch ms")
+    };
+    let (mut first, rest): (Vec<_>, Vec<_>) = p.produced.iter().cloned().partition(|(_, _, v)| ts(v) < cut);
+    assert!(!first.is_empty() && !rest.is_empty());
+    // Every partition's time reaches the same instant before the switch,
+    // as file mode's single clock does.
+    for part in 0..2 {
+        let c = format!("zz-end-{part}");
+        let e = format!(r#"{{"event_id":"cut-{part}","customer_id":"{c}","type":"login","ts":{}}}"#, cut - 1);
+        first.push((part, c.into_bytes(), e.into_bytes()));
+    }
+    let (a, b) = (p.dir.path().join("first.jsonl"), p.dir.path().join("rest.jsonl"));
+    let lines = |recs: &[(i32, Vec<u8>, Vec<u8>)]| -> String {
+        recs.iter().map(|(_, _, v)| String::from_utf8(v.clone()).expect("utf-8") + "\n").collect()
+    };
+    std::fs::write(&a, lines(&first)).expect("write");
+    std::fs::write(&b, lines(&rest)).expect("write");
+    let mut quantile = segstream::Config { rules_version: Some(2), ..Default::default() };
+    quantile.scoring.mode = segstream_scoring::ScoringMode::Quantile;
+    quantile.scoring.quantile.min_customers = 10;
+    let out = p.dir.path().join("switched.jsonl");
+    let state = p.dir.path().join("switched-state");
+    run_file(&EngineSettings::spec_default(), &FileSettings::new(&a, out.clone(), state.clone())).expect("fixed");
+    let before = std::fs::read_to_string(&out).expect("output").lines().count();
+    run_file(&quantile.engine_settings().expect("valid"), &FileSettings::new(&b, out.clone(), state))
+        .expect("quantile");
+    let mut expected: Vec<String> =
+        std::fs::read_to_string(&out).expect("output").lines().map(str::to_string).collect();
+    expected.sort();
+    assert!(expected.iter().any(|l| l.contains(r#""kind":"requantile""#)), "the switch recomputes");
+
+    produce(&p.broker.addr, EVENTS, &first);
+    let mut child = p.start("a", "");
+    p.wait_output(before, "before the switch", &["a"]);
+    sigterm(&mut child);
+    let switched =
+        "top.rules_version = 2\nraw:[scoring]\nraw:mode = \"quantile\"\nraw:[scoring.quantile]\nraw:min_customers = 10";
+    let mark = p.log("a").len();
+    let mut child = p.start("a", switched);
+    produce(&p.broker.addr, EVENTS, &rest);
+    p.wait_output(expected.len(), "after the switch", &["a"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = p.log("a")[mark..].to_string();
+    assert_eq!(log.matches("joins with its state").count(), 2, "{log}");
+    let got = p.output_sorted();
+    assert_eq!(got.len(), expected.len(), "{log}");
+    assert!(got == expected, "Kafka mode differs from file mode after the switch to quantile RFM");
+    sigterm(&mut child);
+}
+
 /// A minimal Schema Registry: `GET /schemas/ids/{id}` answers `schemas`,
 /// `POST /subjects/{s}/versions` answers `{"id": register_id}`; anything
 /// else is 404. With `user_info`, a request without that HTTP basic

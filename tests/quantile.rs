@@ -61,7 +61,7 @@ fn score(above: impl Fn(usize) -> bool) -> u8 {
 }
 
 /// SPEC's RFM grid and value tiers under `edges`, at τ.
-fn labels(v: (i64, usize, i64), e: &Edges) -> (&'static str, &'static str) {
+fn labels_of(v: (i64, usize, i64), e: &Edges) -> (&'static str, &'static str) {
     let (r_ms, days, mrr) = v;
     let r = score(|i| r_ms < i64::from(e.recency_days[i]) * DAY);
     let f = score(|i| days as u32 >= e.min_active_days[i]);
@@ -166,7 +166,7 @@ fn edges_and_labels_equal_a_brute_force_recomputation_over_the_population() {
             match values(evs, tau, |t| t <= tau) {
                 None => assert_eq!(got("rfm"), None, "{c} does not exist at {tau}"),
                 Some(v) => {
-                    let (rfm, value) = labels(v, &edges);
+                    let (rfm, value) = labels_of(v, &edges);
                     assert_eq!((got("rfm"), got("value")), (Some(rfm), Some(value)), "{c} at {tau}: {v:?} {edges:?}");
                     checked += 1;
                 }
@@ -247,6 +247,13 @@ fn an_event_older_than_a_recomputation_counts_from_it() {
             format!(r#"{{"event_id":"late-{c}","customer_id":"{c}","type":"login","ts":"{ts}"}}"#)
         })
         .collect();
+    // And a new customer whose first event is ten days before `since`.
+    let newbie_ts = since - 10 * DAY;
+    let mut lines = lines;
+    lines.push(format!(
+        r#"{{"event_id":"newbie-1","customer_id":"newbie","type":"login","ts":"{}"}}"#,
+        segstream_decode::format_rfc3339_millis(newbie_ts)
+    ));
     std::fs::write(&late, lines.join("\n") + "\n").expect("write");
     let before = read_json(&args.output).len();
     let summary =
@@ -255,10 +262,19 @@ fn an_event_older_than_a_recomputation_counts_from_it() {
     assert!(moved.len() > 20, "the late logins moved customers ({})", moved.len());
     // A customer erased earlier is created anew by its login, at its `ts`.
     let reborn: BTreeSet<&str> = moved.iter().filter(|r| r.from.is_none()).map(|r| r.customer_id.as_str()).collect();
+    // The new customer is created at its `ts`, then caught up to the
+    // watermark under the edges in force: its labels there are theirs.
+    let mut labels = BTreeMap::new();
+    fold_labels(&mut labels, &moved.iter().filter(|r| r.customer_id == "newbie").cloned().collect::<Vec<_>>());
+    let edges = recomputations(&args.state_dir, &d.path().join("r2")).last().expect("recomputations").edges;
+    let watermark = end + 2 * DAY;
+    let (rfm, value) = labels_of((watermark - newbie_ts, 1, 0), &edges);
+    assert_eq!(labels.get(&("newbie".to_string(), "rfm".to_string())).map(String::as_str), Some(rfm), "{edges:?}");
+    assert_eq!(labels.get(&("newbie".to_string(), "value".to_string())).map(String::as_str), Some(value));
     for r in moved.iter().filter(|r| !reborn.contains(r.customer_id.as_str())) {
         assert!(parse_rfc3339_millis(&r.at).expect("at") >= since, "{r:?} before the recomputation at {since}");
     }
-    assert_eq!(summary.counts.late, (customers.len() - reborn.len()) as u64, "{:?}", summary.counts);
+    assert_eq!(summary.counts.late, (customers.len() + 1 - reborn.len()) as u64, "{:?}", summary.counts);
 }
 
 #[test]

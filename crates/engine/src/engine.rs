@@ -152,7 +152,7 @@ pub struct Engine {
     /// Quantile mode, Kafka: populations supplied by the caller (the whole
     /// group's, merged) for the recomputations ahead; with `external`, a
     /// recomputation without one is an error.
-    supplied: BTreeMap<i64, Population>,
+    supplied: BTreeMap<i64, Option<Population>>,
     external_population: bool,
 }
 
@@ -546,8 +546,11 @@ impl Engine {
         let slot = self.store.slot_mut(sid);
         lift(&mut slot.state, self.quantile.as_ref());
         let outcome = self.scorer.on_event(&mut slot.state, e, out);
-        // A customer it created was evaluated under the edges in force.
-        lift(&mut slot.state, self.quantile.as_ref());
+        // A customer it created was evaluated under the edges in force (at
+        // its own `ts`: the catch-up below fires its boundaries from there).
+        if let (Some(st), Some(q)) = (&mut slot.state, &self.quantile) {
+            st.quantile_at = st.quantile_at.max(q.computed_at);
+        }
         if let Some(st) = &mut slot.state {
             // A late event can leave a boundary behind the watermark: catch up now.
             if st.timer.is_some_and(|t| t <= watermark) {
@@ -683,7 +686,15 @@ impl Engine {
             return Ok(());
         };
         let population = match self.supplied.remove(&at) {
-            Some(p) => p,
+            Some(Some(p)) => p,
+            Some(None) => {
+                tracing::info!(
+                    at = %segstream_decode::format_rfc3339_millis(at),
+                    "no quantile recomputation: a partition joined the group's quantile mode with its state after this \
+                     instant"
+                );
+                return Ok(());
+            }
             None if self.external_population => {
                 return Err(EngineError::Rules(format!(
                     "no population supplied for the recomputation of the quantile edges at {}",
@@ -804,8 +815,9 @@ impl Engine {
         self.external_population = true;
     }
 
-    /// The population the recomputation at `at` uses.
-    pub fn supply_population(&mut self, at: i64, population: Population) {
+    /// The population the recomputation at `at` uses (`None`: there is no
+    /// recomputation at `at`).
+    pub fn supply_population(&mut self, at: i64, population: Option<Population>) {
         self.supplied.insert(at, population);
     }
 

@@ -84,6 +84,11 @@ pub fn check_quantile_topic(k: &KafkaSettings) -> Result<(), Error> {
             k.quantile_topic
         ))
     })?;
+    check_compacted(
+        k,
+        ("quantile", &k.quantile_topic),
+        "or retention would drop the partitions' starts, and a restarted partition would wait for them forever",
+    )?;
     Ok(())
 }
 
@@ -114,7 +119,19 @@ fn output_schema_id(k: &KafkaSettings) -> Result<Option<u32>, Error> {
 /// restore from it would silently lose them. A broker that does not report
 /// the topic's configuration gets a warning, not a refusal.
 fn check_changelog_config(k: &KafkaSettings) -> Result<Duration, Error> {
-    let changelog = k.changelog_topic.as_str();
+    check_compacted(
+        k,
+        ("changelog", &k.changelog_topic),
+        "or retention would drop the state of customers that have not changed for a while (see README, \"Run with \
+         Kafka\")",
+    )
+}
+
+/// Checks that `topic` is compacted (refused when the broker reports
+/// another policy; `why` says what retention would lose) and returns its
+/// `delete.retention.ms`.
+fn check_compacted(k: &KafkaSettings, (what, topic): (&str, &str), why: &str) -> Result<Duration, Error> {
+    let changelog = topic;
     let admin: AdminClient<crate::client::LogContext> = k
         .client_config(&[], &Default::default(), &[])
         .create_with_context(crate::client::LogContext("admin"))
@@ -136,13 +153,16 @@ fn check_changelog_config(k: &KafkaSettings) -> Result<Duration, Error> {
     };
     match value("cleanup.policy") {
         Some(p) if p.split(',').any(|x| x.trim() == "compact") => Ok(retention),
-        Some(p) => Err(Error::Setup(format!(
-            "changelog topic {changelog} has cleanup.policy={p}: it must be compact, or retention would drop \
-             the state of customers that have not changed for a while (see README, \"Run with Kafka\")"
-        ))),
+        Some(p) => {
+            Err(Error::Setup(format!("{what} topic {changelog} has cleanup.policy={p}: it must be compact, {why}")))
+        }
         None => {
             let error = resource.err().unwrap_or_else(|| "not reported".into());
-            tracing::warn!(changelog, error, "cannot read the changelog topic's cleanup.policy; it must be compact");
+            tracing::warn!(
+                topic = changelog,
+                error,
+                "cannot read the {what} topic's cleanup.policy; it must be compact"
+            );
             Ok(retention)
         }
     }

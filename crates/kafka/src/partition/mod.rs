@@ -108,6 +108,8 @@ pub struct Task {
     migrated_here: Option<i64>,
     /// Quantile RFM: the populations the partitions published (ADR 010).
     quantile: Option<crate::quantile::Exchange>,
+    /// Quantile RFM: whether this task knows its partition's start is published.
+    quantile_joined: bool,
 }
 
 /// An event whose message key is not its `customer_id` would put the
@@ -426,7 +428,11 @@ impl Task {
         }
         let now = self.wall_clock.now(now_ms(), Instant::now());
         let target = now.saturating_sub(self.shared.engine.lateness_ms());
-        if target <= self.engine.clock().watermark || self.engine.next_due().is_none_or(|d| d > target) {
+        let watermark = self.engine.clock().watermark;
+        // Quantile RFM: the group waits for every partition at each 00:00,
+        // so time reaching one (or a first start) is worth an advance too.
+        let quantile = self.quantile.is_some() && (watermark == i64::MIN || self.engine.quantile_due(target).is_some());
+        if target <= watermark || (self.engine.next_due().is_none_or(|d| d > target) && !quantile) {
             return Ok(());
         }
         self.commit(Some(target))?;
@@ -457,13 +463,14 @@ impl Task {
         if self.quantile.is_none() || target == i64::MIN {
             return Ok(());
         }
-        if self.engine.clock().watermark == i64::MIN {
+        let watermark = self.engine.clock().watermark;
+        if watermark == i64::MIN {
             // The partition's first record: its start, and the group's
             // recomputations before it (on this empty state).
             let first = self.exchange(|task, x| {
                 if x.start(task.partition).is_none() {
                     task.still_owner()?;
-                    let start = Published::Start { partition: task.partition, watermark: target };
+                    let start = Published::Start { partition: task.partition, watermark: target, fresh: true };
                     x.publish(task.emitter.sink().producer(), &start)?;
                 }
                 let n = task.shared.input_partitions;
@@ -474,13 +481,37 @@ impl Task {
             if first < target {
                 self.engine.start_watermark_at(first);
             }
+            self.quantile_joined = true;
+        } else if !self.quantile_joined {
+            // State from before quantile mode (or before this quantile
+            // topic): joined at the watermark, no recomputation up to it.
+            self.exchange(|task, x| {
+                if x.start(task.partition).is_none() {
+                    task.still_owner()?;
+                    let start = Published::Start { partition: task.partition, watermark, fresh: false };
+                    x.publish(task.emitter.sink().producer(), &start)?;
+                    tracing::info!(
+                        partition = task.partition,
+                        watermark = %segstream_decode::format_rfc3339_millis(watermark),
+                        "quantile RFM: this partition joins with its state; recomputations start after its watermark"
+                    );
+                }
+                Ok(())
+            })?;
+            self.quantile_joined = true;
         }
         while let Some(at) = self.engine.quantile_due(target) {
             self.engine.advance_watermark(at - 1, &mut self.out)?;
             self.emitter.sink_mut().set_source(source.to_string());
             self.emitter.transitions(&mut self.out)?;
             let whole = self.exchange(|task, x| {
-                let mine = x.start(task.partition).is_some_and(|s| s < at);
+                let n = task.shared.input_partitions;
+                let what = format!("the populations at {}", segstream_decode::format_rfc3339_millis(at));
+                let me = task.partition;
+                let mine = task.wait_for(x, &what, |x| {
+                    x.counts_at(at, me, n)
+                        .ok_or_else(|| format!("no start from partitions {:?}", x.missing(i64::MIN, n)))
+                })?;
                 if mine && x.part(at, task.partition).is_none() {
                     let population = task.engine.population_at(at)?;
                     task.still_owner()?;
@@ -489,8 +520,6 @@ impl Task {
                         &Published::Part { at, partition: task.partition, population },
                     )?;
                 }
-                let what = format!("the populations at {}", segstream_decode::format_rfc3339_millis(at));
-                let n = task.shared.input_partitions;
                 let whole = task.wait_for(x, &what, |x| {
                     x.merged(at, n).ok_or_else(|| format!("nothing yet from partitions {:?}", x.missing(at, n)))
                 })?;

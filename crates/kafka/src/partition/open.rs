@@ -335,6 +335,7 @@ impl Task {
             progress: Arc::new(crate::record::Progress::default()),
             migrated_here: None,
             quantile: quantile.then(|| crate::quantile::Exchange::new(&k.quantile_topic)),
+            quantile_joined: false,
         };
         if fresh {
             // The outputs' current ends must be durable before anything is produced.
