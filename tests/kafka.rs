@@ -878,7 +878,7 @@ fn a_minimum_dwell_gives_file_modes_transitions_in_kafka_mode() {
 fn quantile_rfm_gives_file_modes_transitions_across_partitions_and_crashes() {
     let quantile = "raw:[scoring]\nraw:mode = \"quantile\"\nraw:[scoring.quantile]\nraw:min_customers = 10";
     for (point, extra, partitions) in [
-        (None, "", 3),
+        (None, "metrics_addr = \"127.0.0.1:0\"", 3),
         (Some("after_changelog_states"), "state.commit_every_records = 150", 2),
         (Some("after_output"), "", 2),
     ] {
@@ -925,6 +925,19 @@ fn quantile_rfm_gives_file_modes_transitions_across_partitions_and_crashes() {
                 &missing[..missing.len().min(5)],
                 notes.join("\n")
             );
+        }
+        if point.is_none() {
+            // The query API shows the edges in force, file mode's last ones.
+            let store = segstream_state::StateStore::open_reader(
+                &p.dir.path().join("quantile-state"),
+                &p.dir.path().join("quantile-reader"),
+            )
+            .expect("file mode's state");
+            let last: serde_json::Value =
+                serde_json::from_slice(&store.meta("quantile").expect("meta").expect("recorded")).expect("json");
+            let (status, _, v) = api_get(&format!("{}/v1/segments", api_base(&p, "a")));
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["quantile"]["edges"], last["edges"], "{v}");
         }
         sigterm(&mut child);
     }

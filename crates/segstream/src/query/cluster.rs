@@ -182,19 +182,26 @@ impl Answers for KafkaQuery {
 
     fn segments(&self) -> Result<Value, QueryError> {
         let parts = self.all(PartitionAsk::Counts, |v| {
-            Ok((counts_from_json(&v["counts"])?, v["watermark"].as_i64().unwrap_or(i64::MIN)))
+            Ok((counts_from_json(&v["counts"])?, v["watermark"].as_i64().unwrap_or(i64::MIN), v["quantile"].clone()))
         })?;
         let mut total = SegmentCounts::new();
-        for (counts, _) in &parts {
+        for (counts, _, _) in &parts {
             for (k, c) in counts {
                 let e = total.entry(*k).or_default();
                 e.customers += c.customers;
                 e.mrr_cents += c.mrr_cents;
             }
         }
-        // Every partition has its own watermark: the answer is as of the earliest.
-        let watermark = parts.iter().map(|(_, w)| *w).min().unwrap_or(i64::MIN);
-        Ok(self.names.segments(&total, watermark))
+        // Every partition has its own watermark: the answer is as of the
+        // earliest, and so are the quantile edges (every partition puts the
+        // same ones in force at each recomputation).
+        let earliest = parts.iter().min_by_key(|(_, w, _)| *w);
+        let watermark = earliest.map_or(i64::MIN, |(_, w, _)| *w);
+        let mut answer = self.names.segments(&total, watermark);
+        if let Some((_, _, q)) = earliest.filter(|(_, _, q)| !q.is_null()) {
+            answer["quantile"] = q.clone();
+        }
+        Ok(answer)
     }
 
     fn members(&self, group: &str, segment: &str, after: Option<&str>, limit: usize) -> Result<Value, QueryError> {

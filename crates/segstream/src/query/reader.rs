@@ -290,12 +290,31 @@ impl StateReader {
         Ok(json!({ "customer_id": id, "as_of": ts(t), "segments": segments }))
     }
 
+    /// Quantile mode: the edges in force (the configured thresholds until a
+    /// recomputation changed them) and the last recomputation, as
+    /// `/v1/segments` shows them.
+    pub fn quantile_json(&self) -> Result<Option<Value>, QueryError> {
+        if self.scorer.quantile_min_customers().is_none() {
+            return Ok(None);
+        }
+        let q = self.with_store(|store| self.quantile(store))?;
+        let edges = q.as_ref().map_or_else(|| self.scorer.edges(), |q| q.edges);
+        Ok(Some(json!({
+            "edges": edges,
+            "since": q.as_ref().and_then(|q| q.since).map_or(Value::Null, ts),
+            "computed_at": q.as_ref().map_or(Value::Null, |q| ts(q.computed_at)),
+            "customers": q.as_ref().map(|q| q.customers),
+            "from_population": q.as_ref().is_some_and(|q| q.from_population),
+        })))
+    }
+
     /// A partition's own answers, as another instance asks for them.
     pub fn partition_answer(&self, ask: PartitionAsk) -> Result<Value, QueryError> {
         let mut answer = match ask {
             PartitionAsk::Counts => {
                 let (counts, watermark) = self.counts()?;
-                json!({ "watermark": watermark, "counts": counts_json(&counts) })
+                let quantile = self.quantile_json()?.unwrap_or(Value::Null);
+                json!({ "watermark": watermark, "counts": counts_json(&counts), "quantile": quantile })
             }
             PartitionAsk::Members { group, segment, after, limit } => {
                 let (g, l) = self.names.segment(&group, &segment)?;
@@ -319,18 +338,8 @@ impl Answers for StateReader {
     fn segments(&self) -> Result<Value, QueryError> {
         let (counts, watermark) = self.counts()?;
         let mut answer = self.names.segments(&counts, watermark);
-        if self.scorer.quantile_min_customers().is_some() {
-            // The edges in force: the configured thresholds until a
-            // recomputation changed them.
-            let q = self.with_store(|store| self.quantile(store))?;
-            let edges = q.as_ref().map_or_else(|| self.scorer.edges(), |q| q.edges);
-            answer["quantile"] = json!({
-                "edges": edges,
-                "since": q.as_ref().and_then(|q| q.since).map_or(Value::Null, ts),
-                "computed_at": q.as_ref().map_or(Value::Null, |q| ts(q.computed_at)),
-                "customers": q.as_ref().map(|q| q.customers),
-                "from_population": q.as_ref().is_some_and(|q| q.from_population),
-            });
+        if let Some(q) = self.quantile_json()? {
+            answer["quantile"] = q;
         }
         Ok(answer)
     }
