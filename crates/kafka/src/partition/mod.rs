@@ -430,8 +430,10 @@ impl Task {
         let target = now.saturating_sub(self.shared.engine.lateness_ms());
         let watermark = self.engine.clock().watermark;
         // Quantile RFM: the group waits for every partition at each 00:00,
-        // so time reaching one (or a first start) is worth an advance too.
-        let quantile = self.quantile.is_some() && (watermark == i64::MIN || self.engine.quantile_due(target).is_some());
+        // so time reaching one is worth an advance too, like a boundary. Not
+        // a partition that never had a record: its first records may just be
+        // slow to come, and would all be late after it.
+        let quantile = self.quantile.is_some() && self.engine.quantile_due(target).is_some();
         if target <= watermark || (self.engine.next_due().is_none_or(|d| d > target) && !quantile) {
             return Ok(());
         }
