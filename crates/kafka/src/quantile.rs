@@ -36,8 +36,7 @@ use crate::error::Error;
 use crate::producer::Producer;
 use crate::stop::StopFlag;
 
-/// A record of the quantile topic: `{"start": {…}}` or `{"part": {…}}`
-/// (externally tagged: the counts' integer keys need it).
+/// A record of the quantile topic (postcard).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Published {
@@ -81,28 +80,39 @@ impl Exchange {
     /// Reads what was published since the last read.
     pub fn catch_up(&mut self, reader: &Reader, stop: &StopFlag) -> Result<(), Error> {
         let (low, high) = watermarks(reader, &self.topic, 0, stop)?;
-        let from = self.read_to.max(low);
-        let (parts, starts) = (&mut self.parts, &mut self.starts);
-        let topic = &self.topic;
-        // Up to the last record read, not `high`: a read may end early (an
-        // end-of-partition event before the fetch caught up), and the next
-        // one goes on from there.
-        let mut next = from;
-        read_range(reader, topic, 0, (from, high), stop, |m| {
-            next = m.offset() + 1;
-            match m.payload().map(postcard::from_bytes::<Published>) {
-                Some(Ok(Published::Part { at, partition, population })) => {
-                    parts.entry((at, partition)).or_insert(population);
+        self.read_to = self.read_to.max(low);
+        // Up to `high`, so that a key not read is a key not published: a
+        // read may end early (an end-of-partition event before the fetch
+        // caught up), and is tried again from where it stopped. Reads that
+        // find nothing more are a gap compaction left before `high`.
+        let mut empty = 0;
+        while self.read_to < high && empty < 3 {
+            let (parts, starts) = (&mut self.parts, &mut self.starts);
+            let topic = &self.topic;
+            let mut next = self.read_to;
+            read_range(reader, topic, 0, (self.read_to, high), stop, |m| {
+                next = m.offset() + 1;
+                match m.payload().map(postcard::from_bytes::<Published>) {
+                    Some(Ok(Published::Part { at, partition, population })) => {
+                        parts.entry((at, partition)).or_insert(population);
+                    }
+                    Some(Ok(Published::Start { partition, watermark, fresh })) => {
+                        starts.entry(partition).or_insert((watermark, fresh));
+                    }
+                    Some(Err(e)) => tracing::warn!(topic, offset = m.offset(), "not a population record, ignored: {e}"),
+                    None => {}
                 }
-                Some(Ok(Published::Start { partition, watermark, fresh })) => {
-                    starts.entry(partition).or_insert((watermark, fresh));
-                }
-                Some(Err(e)) => tracing::warn!(topic, offset = m.offset(), "not a population record, ignored: {e}"),
-                None => {}
+                Ok(())
+            })?;
+            if next > self.read_to {
+                self.read_to = next;
+                empty = 0;
+            } else {
+                empty += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Ok(())
-        })?;
-        self.read_to = next.max(self.read_to);
+        }
+        self.read_to = self.read_to.max(high);
         Ok(())
     }
 

@@ -318,6 +318,16 @@ impl Task {
         let idle = self.shared.kafka.idle_advance;
         let every = self.shared.engine.commit_every_records();
         let wait = Duration::from_millis(100).min(interval);
+        // Quantile RFM: a partition with state says at once that it joined,
+        // records or not, so that the others need not wait for it.
+        let watermark = self.engine.clock().watermark;
+        if self.quantile.is_some() && watermark != i64::MIN {
+            let source = format!("{}time", self.source_prefixes[0]);
+            match self.before_watermark(watermark, &source) {
+                Err(Error::Stopped) => return self.hand_over(),
+                other => other?,
+            }
+        }
         loop {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Records(recs)) => {
