@@ -1521,14 +1521,15 @@ fn readiness_follows_restores_and_liveness_fails_when_a_partition_is_stuck() {
     };
     let free_port = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
 
-    // Readiness: a restore held for 4 s.
+    // Readiness: a restore held for 8 s (a CI run under load once took
+    // more than 4 s between two probes and never saw the restore).
     let p = Pipeline::new(sqlite, 1, 20, 20, None);
     p.produce_all();
     let port = free_port();
     let mut a = p.start_env(
         "a",
         &format!("metrics_addr = \"127.0.0.1:{port}\""),
-        &[(segstream_kafka::testhooks::RESTORE_PAUSE_ENV, "4000")],
+        &[(segstream_kafka::testhooks::RESTORE_PAUSE_ENV, "8000")],
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
