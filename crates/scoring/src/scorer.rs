@@ -405,16 +405,18 @@ impl Scorer {
             _ => rfm(r, x),
         });
 
-        let hs = &seg.health;
-        let health = |v: u32| -> u16 {
-            if v >= hs.green_min {
+        // Segment 0 from `high` up, 1 from `low` up, else 2.
+        let tier = |v: u32, high: u32, low: u32| -> u16 {
+            if v >= high {
                 0
-            } else if v >= hs.yellow_min {
+            } else if v >= low {
                 1
             } else {
                 2
             }
         };
+        let hs = &seg.health;
+        let health = |v: u32| tier(v, hs.green_min, hs.yellow_min);
         let v = u32::from(s.health);
         out.push(match margin(1) {
             Some((h, k)) if near(v, k, 0, 100).any(|v| health(v) == h) => h,
@@ -422,15 +424,7 @@ impl Scorer {
         });
 
         let vs = &seg.value;
-        let value = |m: u32| -> u16 {
-            if m >= u32::from(vs.high_touch_min_m) {
-                0
-            } else if m >= u32::from(vs.low_touch_min_m) {
-                1
-            } else {
-                2
-            }
-        };
+        let value = |m: u32| tier(m, u32::from(vs.high_touch_min_m), u32::from(vs.low_touch_min_m));
         let m = u32::from(s.m);
         out.push(match margin(2) {
             Some((h, k)) if near(m, k, 1, 5).any(|m| value(m) == h) => h,

@@ -20,9 +20,9 @@ fn scorer(at_risk_margin: Option<u32>) -> Scorer {
     Scorer::new(ScoringConfig::default(), seg).expect("valid")
 }
 
-/// The rfm transitions (to, at in days after T0, cause) of a customer active
-/// on days 0..=9, then quiet until day 120.
-fn quiet_after_ten_days(s: &Scorer) -> (Vec<(String, f64, String)>, CustomerState) {
+/// A customer active on days 0..=9, then quiet until day `until`, as the
+/// engine runs it; with its transitions.
+fn active_ten_days_then_quiet(s: &Scorer, until: i64) -> (CustomerState, Vec<Transition>) {
     let mut state: Option<CustomerState> = None;
     let mut out: Vec<Transition> = Vec::new();
     for d in 0..10 {
@@ -32,7 +32,14 @@ fn quiet_after_ten_days(s: &Scorer) -> (Vec<(String, f64, String)>, CustomerStat
         s.on_event(&mut state, &login(d), &mut out);
     }
     let mut st = state.expect("exists");
-    s.advance("c", &mut st, T0 + 120 * DAY_MS, &mut out);
+    s.advance("c", &mut st, T0 + until * DAY_MS, &mut out);
+    (st, out)
+}
+
+/// The rfm transitions (to, at in days after T0, cause) of a customer active
+/// on days 0..=9, then quiet until day 120.
+fn quiet_after_ten_days(s: &Scorer) -> (Vec<(String, f64, String)>, CustomerState) {
+    let (st, out) = active_ten_days_then_quiet(s, 120);
     let rows = out
         .iter()
         .filter(|t| &*t.group == "rfm")
@@ -74,16 +81,7 @@ fn a_margin_of_zero_is_no_margin_and_a_rule_migration_keeps_a_held_segment() {
     // Held in at_risk by the margin at day 92 (F = 2): a migration to the
     // same rules, version 2, leaves it there.
     let s = scorer(Some(1));
-    let mut state: Option<CustomerState> = None;
-    let mut out = Vec::new();
-    for d in 0..10 {
-        if let Some(st) = state.as_mut() {
-            s.advance("c", st, T0 + d * DAY_MS, &mut out);
-        }
-        s.on_event(&mut state, &login(d), &mut out);
-    }
-    let mut st = state.expect("exists");
-    s.advance("c", &mut st, T0 + 92 * DAY_MS, &mut out);
+    let (mut st, _) = active_ten_days_then_quiet(&s, 92);
     let mut v2 = scorer(Some(1));
     v2.set_rules_version(2);
     let mut moved = Vec::new();
