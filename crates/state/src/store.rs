@@ -23,7 +23,8 @@ const META_SEGMENT_INDEX: &str = "segments:index";
 const CF_HISTORY: &str = "history";
 const ALL_CFS: [&str; 5] = [CF_CUSTOMERS, CF_TIMERS, CF_META, CF_MEMBERS, CF_HISTORY];
 /// Format 2 added `CustomerState::extra` (attributes and survey answers),
-/// format 3 `CustomerState::rules_version` and `pending`.
+/// format 3 `CustomerState::rules_version` and `pending`, format 4
+/// `CustomerState::quantile_at`.
 const STATE_FORMAT: u8 = 4;
 const STATE_FORMAT_3: u8 = 3;
 const STATE_FORMAT_2: u8 = 2;

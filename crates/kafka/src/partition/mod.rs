@@ -480,11 +480,7 @@ impl Task {
             // The partition's first record: its start, and the group's
             // recomputations before it (on this empty state).
             let first = self.exchange(|task, x| {
-                if x.start(task.partition).is_none() {
-                    task.still_owner()?;
-                    let start = Published::Start { partition: task.partition, watermark: target, fresh: true };
-                    x.publish(task.emitter.sink().producer(), &start)?;
-                }
+                task.publish_start(x, target, true)?;
                 let n = task.shared.input_partitions;
                 task.wait_for(x, "the other partitions' first records", |x| {
                     x.first_start(n).ok_or_else(|| format!("no start from partitions {:?}", x.missing(i64::MIN, n)))
@@ -498,10 +494,7 @@ impl Task {
             // State from before quantile mode (or before this quantile
             // topic): joined at the watermark, no recomputation up to it.
             self.exchange(|task, x| {
-                if x.start(task.partition).is_none() {
-                    task.still_owner()?;
-                    let start = Published::Start { partition: task.partition, watermark, fresh: false };
-                    x.publish(task.emitter.sink().producer(), &start)?;
+                if task.publish_start(x, watermark, false)? {
                     tracing::info!(
                         partition = task.partition,
                         watermark = %segstream_decode::format_rfc3339_millis(watermark),
@@ -541,6 +534,17 @@ impl Task {
             self.engine.supply_population(at, whole);
         }
         Ok(())
+    }
+
+    /// Publishes this partition's start unless one is there already (the
+    /// first one wins); whether it did.
+    fn publish_start(&mut self, x: &Exchange, watermark: i64, fresh: bool) -> Result<bool, Error> {
+        if x.start(self.partition).is_some() {
+            return Ok(false);
+        }
+        self.still_owner()?;
+        x.publish(self.emitter.sink().producer(), &Published::Start { partition: self.partition, watermark, fresh })?;
+        Ok(true)
     }
 
     /// Runs `f` with the quantile exchange, read up to the topic's end first.
