@@ -66,19 +66,12 @@ fn labels_of(v: (i64, usize, i64), e: &Edges) -> (&'static str, &'static str) {
     let r = score(|i| r_ms < i64::from(e.recency_days[i]) * DAY);
     let f = score(|i| days as u32 >= e.min_active_days[i]);
     let m = score(|i| mrr >= e.min_mrr_cents[i]);
-    let grid = [
-        ["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"],
-        ["promising", "potential_loyalists", "potential_loyalists", "loyal_customers", "loyal_customers"],
-        ["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"],
-        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
-        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
-    ];
     let value = match m {
         5 => "high_touch",
         3 | 4 => "low_touch",
         _ => "tech_touch",
     };
-    (grid[usize::from(5 - r)][usize::from(f - 1)], value)
+    (SPEC_RFM_GRID[usize::from(5 - r)][usize::from(f - 1)], value)
 }
 
 fn quantile_config() -> Config {

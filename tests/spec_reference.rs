@@ -133,15 +133,8 @@ fn labels_at(
     };
     let s = 30 * (f - 1) * 25 + 20 * (r - 1) * 25 + 20 * adoption + 10 * support + 10 * billing + 10 * sentiment;
     let health = (s + 50).div_euclid(100);
-    const GRID: [[&str; 5]; 5] = [
-        ["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"],
-        ["promising", "potential_loyalists", "potential_loyalists", "loyal_customers", "loyal_customers"],
-        ["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"],
-        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
-        ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
-    ];
     let column = if fm { ((f + m) as f64 / 2.0).round() as i64 } else { f };
-    let rfm = |r: i64, x: i64| GRID[(5 - r) as usize][(x - 1) as usize];
+    let rfm = |r: i64, x: i64| SPEC_RFM_GRID[(5 - r) as usize][(x - 1) as usize];
     let health_seg = |h: i64| {
         if h >= 70 {
             "green"

@@ -10,6 +10,16 @@ use segstream_output::TransitionRecord;
 
 pub const START: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
+/// SPEC §5's RF grid, written out here for the tests' own references:
+/// `SPEC_RFM_GRID[5 − R][F − 1]`.
+pub const SPEC_RFM_GRID: [[&str; 5]; 5] = [
+    ["new_customers", "potential_loyalists", "potential_loyalists", "champions", "champions"],
+    ["promising", "potential_loyalists", "potential_loyalists", "loyal_customers", "loyal_customers"],
+    ["about_to_sleep", "about_to_sleep", "need_attention", "loyal_customers", "loyal_customers"],
+    ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
+    ["hibernating", "hibernating", "at_risk", "at_risk", "cant_lose"],
+];
+
 pub fn sample(
     dir: &Path,
     name: &str,
