@@ -13,6 +13,12 @@ use segstream::{generate, run_file, Config, GenerateArgs, Mode, RunFlags, Settin
 use segstream_decode::{parse_rfc3339_millis, Format, MAX_TS, MIN_TS};
 use segstream_kafka::{KafkaEnvironment, KafkaOverrides, Metrics, StopFlag};
 
+/// mimalloc: the hot paths allocate per event (decoded strings, transitions,
+/// RocksDB batch entries); glibc's malloc and free were a seventh of a
+/// file-mode profile (ARCHITECTURE.md, "Performance").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "segstream",
