@@ -133,6 +133,49 @@ fn any_order_of_one_file_gives_the_sorted_files_transitions() {
     }
 }
 
+/// Only events count for the time order: records out of order that are not
+/// events leave a file in time order; an event out of order is found at its
+/// line.
+#[test]
+fn the_time_order_of_a_file_is_that_of_its_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let day = 86_400_000i64;
+    let t0 = 1_767_225_600_000i64; // 2026-01-01
+    let ev = |i: i64, ts: i64| format!(r#"{{"event_id":"e{i}","customer_id":"c{}","type":"login","ts":{ts}}}"#, i % 3);
+    let mut lines: Vec<String> = (0..40).map(|i| ev(i, t0 + i * day)).collect();
+    // Earlier than the events around them, and not events: no customer, a
+    // wrong type elsewhere, an unknown type, an empty customer id.
+    lines.insert(5, format!(r#"{{"event_id":"x1","type":"login","ts":{t0}}}"#));
+    lines
+        .insert(9, format!(r#"{{"event_id":"x2","customer_id":"c1","type":"session","ts":{t0},"duration_s":"long"}}"#));
+    lines.insert(14, format!(r#"{{"event_id":"x3","customer_id":"c1","type":"teleport","ts":{t0}}}"#));
+    lines.insert(20, r#"{"event_id":"x4","customer_id":"","type":"login","ts":"1970-01-02T00:00:00Z"}"#.to_string());
+    let cfg = Config::default();
+    let run = |name: &str, lines: &[String]| {
+        let input = dir.path().join(format!("{name}.jsonl"));
+        write_lines(&input, lines);
+        let args = FileSettings::new(&input, dir.path().join(format!("{name}-out.jsonl")), dir.path().join(name));
+        let s = run_file(&engine(&cfg), &args).expect("run");
+        (s, std::fs::read(&args.output).expect("output"))
+    };
+    let (s, out) = run("in-order", &lines);
+    assert_eq!(s.order, Some(InputOrder::InTime), "{}", s.render());
+    assert_eq!(s.counts.invalid, 4, "{}", s.render());
+    let events: Vec<String> = lines.iter().filter(|l| !l.contains("\"x")).cloned().collect();
+    assert!(run("events-only", &events).1 == out, "the same transitions as the events alone");
+
+    // One event a day early, at line 31: sorted, and named.
+    let mut late = lines.clone();
+    late[30] = ev(99, t0 + 22 * day);
+    let (s, _) = run("one-early", &late);
+    match &s.order {
+        Some(InputOrder::Sorted { first_disorder, .. }) => {
+            assert!(first_disorder.ends_with("one-early.jsonl:31"), "{first_disorder}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn an_existing_file_is_never_overwritten_or_mixed_by_mistake() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -199,6 +199,23 @@ pub fn decode_json_line(line: &[u8]) -> Result<Event, DecodeError> {
     build_event(&record)
 }
 
+/// The `ts` of the event a JSON line would decode to, read without decoding
+/// the rest: a cheap pass over a file's event times (is it in time order?).
+/// Every line that [`decode_json_line`] accepts gives its event's `ts` here;
+/// a line it rejects may give one too, or `None`.
+pub fn json_line_ts(line: &[u8]) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct TsOnly<'a> {
+        #[serde(borrow, default)]
+        ts: Option<&'a RawValue>,
+    }
+    let text = std::str::from_utf8(line).ok()?;
+    let only: TsOnly<'_> = serde_json::from_str(text).ok()?;
+    // The same reading of the value as the full decode's.
+    let record = JsonRecord { ts: only.ts, ..JsonRecord::default() };
+    record.timestamp("ts").ok().flatten()
+}
+
 /// Encodes an event as one JSON object (no newline), `ts` as epoch milliseconds.
 pub fn event_to_json(e: &Event) -> String {
     let mut m = serde_json::Map::new();
@@ -239,6 +256,42 @@ mod tests {
 
     fn err(s: &str) -> DecodeError {
         decode_json_line(s.as_bytes()).expect_err("invalid event")
+    }
+
+    #[test]
+    fn the_ts_alone_is_that_of_every_event_decoded() {
+        let lines = [
+            r#"{"event_id":"e","customer_id":"c","type":"login","ts":1767225600000}"#,
+            r#"{"ts":"2026-01-01T10:00:00.250+02:00","event_id":"e","customer_id":"c","type":"login"}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login","ts":"2026-01-01T10:00:00\u005a"}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"profile","ts":5,"attributes":{"ts":7,"x":[ "a" ]}}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login","note":{"ts":9},"ts":-3}"#,
+            r#" {"event_id":"e","customer_id":"c","type":"login","ts":1.0e3}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login","ts":null}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login"}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login","ts":true}"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login","ts":1,"ts":2}"#,
+            r#"[1,2]"#,
+            r#"{"event_id":"e","customer_id":"c","type":"login","ts":4"#,
+            r#"{"event_id":"e","type":"login","ts":8}"#,
+        ];
+        let mut events = 0;
+        for line in lines {
+            let ts = json_line_ts(line.as_bytes());
+            match decode_json_line(line.as_bytes()) {
+                Ok(e) => {
+                    events += 1;
+                    assert_eq!(ts, Some(e.ts), "{line}");
+                }
+                Err(_) => assert!(ts.is_none() || line.contains(r#""ts":8"#), "{line}: {ts:?}"),
+            }
+        }
+        assert_eq!(events, 5);
+        assert_eq!(
+            json_line_ts(br#"{"event_id":"e","type":"login","ts":8}"#),
+            Some(8),
+            "not an event, a ts all the same"
+        );
     }
 
     #[test]

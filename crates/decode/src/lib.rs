@@ -25,5 +25,5 @@ pub use error::{Classify, DecodeError, ErrorClass, InvalidRecord};
 pub use event::{Answer, AttrValue, Event, EventKind, PaymentStatus, Priority, SubscriptionStatus, TicketAction};
 pub use fields::{clip, MAX_ID_BYTES, MAX_RECORD_BYTES, MAX_TEXT_BYTES, MAX_TS, MIN_TS};
 pub use format::Format;
-pub use json::{decode_json_line, event_to_json};
-pub use time_fmt::{format_rfc3339_millis, parse_rfc3339_millis, DAY_MS};
+pub use json::{decode_json_line, event_to_json, json_line_ts};
+pub use time_fmt::{format_rfc3339_millis, parse_rfc3339_millis, write_rfc3339_millis, DAY_MS};

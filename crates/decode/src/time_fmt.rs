@@ -21,26 +21,83 @@ pub fn parse_rfc3339_millis(s: &str) -> Result<i64, String> {
 /// Formats epoch milliseconds as RFC 3339 UTC with exactly three fraction digits,
 /// e.g. `2026-03-01T00:00:00.000Z`.
 pub fn format_rfc3339_millis(ms: i64) -> String {
+    let mut out = Vec::with_capacity(24);
+    write_rfc3339_millis(ms, &mut out);
+    String::from_utf8(out).expect("ASCII")
+}
+
+/// Appends [`format_rfc3339_millis`]'s text to `out`, without allocating
+/// (once per transition written).
+pub fn write_rfc3339_millis(ms: i64, out: &mut Vec<u8>) {
     let secs = ms.div_euclid(1000);
     let milli = ms.rem_euclid(1000);
-    match OffsetDateTime::from_unix_timestamp(secs) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            milli
-        ),
-        Err(_) => format!("{ms}ms"),
-    }
+    let Ok(t) = OffsetDateTime::from_unix_timestamp(secs) else {
+        out.extend_from_slice(format!("{ms}ms").as_bytes());
+        return;
+    };
+    let Ok(year) = u32::try_from(t.year()) else {
+        // Before year 0: as `{:04}` writes it.
+        out.extend_from_slice(
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                milli
+            )
+            .as_bytes(),
+        );
+        return;
+    };
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u32::from(u8::from(t.month())));
+    put(8, 2, u32::from(t.day()));
+    put(11, 2, u32::from(t.hour()));
+    put(14, 2, u32::from(t.minute()));
+    put(17, 2, u32::from(t.second()));
+    put(20, 3, milli as u32);
+    out.extend_from_slice(&b);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_like_the_padded_format_across_the_range() {
+        let padded = |ms: i64| {
+            let t = OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).expect("in range");
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                ms.rem_euclid(1000)
+            )
+        };
+        let mut ms = -62_200_000_000_000i64; // before year 1
+        while ms < 253_402_300_799_999 {
+            assert_eq!(format_rfc3339_millis(ms), padded(ms), "{ms}");
+            ms += 7_777_777_777_777 / 997 * 13 + 1;
+        }
+        assert_eq!(format_rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(format_rfc3339_millis(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_rfc3339_millis(i64::MAX), format!("{}ms", i64::MAX));
+    }
 
     #[test]
     fn parses_offsets_and_fractions() {

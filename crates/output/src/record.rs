@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use apache_avro::types::Value;
 use apache_avro::Schema;
-use segstream_decode::format_rfc3339_millis;
+use segstream_decode::{format_rfc3339_millis, write_rfc3339_millis};
 use segstream_scoring::{Cause, Scores, Transition};
 use serde::{Deserialize, Serialize};
 
@@ -109,7 +109,7 @@ pub fn write_transition_json(t: &Transition, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"to\":");
     opt(out, t.to.as_deref());
     out.extend_from_slice(b",\"at\":\"");
-    out.extend_from_slice(format_rfc3339_millis(t.at).as_bytes());
+    write_rfc3339_millis(t.at, out);
     out.extend_from_slice(b"\",\"cause\":{\"kind\":");
     match &t.cause {
         Cause::Event(id) => {

@@ -145,7 +145,8 @@ impl Transition {
     /// the same input yields the same ids and consumers can de-duplicate.
     pub fn transition_id(&self) -> Uuid {
         let mut name = Vec::with_capacity(self.customer_id.len() + 48);
-        for part in [self.customer_id.as_bytes(), self.group.as_bytes(), self.at.to_string().as_bytes()] {
+        let mut at = itoa::Buffer::new();
+        for part in [self.customer_id.as_bytes(), self.group.as_bytes(), at.format(self.at).as_bytes()] {
             name.extend_from_slice(part);
             name.push(0x1f);
         }

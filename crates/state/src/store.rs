@@ -1050,10 +1050,13 @@ impl StateStore {
 
     /// Total size of the live SST files, bytes.
     pub fn live_sst_bytes(&self) -> u64 {
-        ALL_CFS
-            .iter()
-            .filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), "rocksdb.live-sst-files-size").ok().flatten())
-            .sum()
+        self.live_sst_bytes_per_cf().iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Size of the live SST files of each column family, bytes.
+    pub fn live_sst_bytes_per_cf(&self) -> Vec<(&'static str, u64)> {
+        let live = |cf: &str| self.db.property_int_value_cf(self.cf(cf), "rocksdb.live-sst-files-size").ok().flatten();
+        ALL_CFS.iter().map(|cf| (*cf, live(cf).unwrap_or(0))).collect()
     }
 
     /// RocksDB's figures for monitoring (estimates, cheap to read).

@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Take};
 use std::path::Path;
 
 use segstream_decode::{
-    decode_json_line, event_to_json, AvroFileReader, DecodeError, Event, Format, InvalidRecord, MAX_RECORD_BYTES,
+    decode_json_line, event_to_json, json_line_ts, AvroFileReader, DecodeError, Event, Format, InvalidRecord,
+    MAX_RECORD_BYTES,
 };
 use segstream_engine::TimeWindow;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,53 @@ fn read_line_bounded(r: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> st
         }
     }
     Ok((consumed, line.len() <= max))
+}
+
+/// A JSON input's next non-blank line.
+enum JsonLine<'a> {
+    /// Without its line end.
+    Whole(&'a [u8]),
+    /// Longer than any record: its length and first 64 KiB.
+    TooLarge { len: usize, head: Vec<u8> },
+}
+
+/// Reads the next non-blank line into `line`, counting it (and the blank
+/// lines before it) in `pos`; `None` at the end.
+fn next_json_line<'a>(
+    inner: &mut impl BufRead,
+    line: &'a mut Vec<u8>,
+    pos: &mut Position,
+) -> Option<std::io::Result<JsonLine<'a>>> {
+    loop {
+        line.clear();
+        let (n, whole) = match read_line_bounded(inner, line, MAX_RECORD_BYTES) {
+            Ok((0, _)) => return None,
+            Ok(read) => read,
+            Err(e) => return Some(Err(e)),
+        };
+        pos.offset += n as u64;
+        pos.lines += 1;
+        if !whole {
+            pos.records += 1;
+            line.truncate(64 << 10);
+            return Some(Ok(JsonLine::TooLarge { len: n, head: std::mem::take(line) }));
+        }
+        let mut body = line.as_slice();
+        while let Some((last, rest)) = body.split_last() {
+            if *last == b'\n' || *last == b'\r' {
+                body = rest;
+            } else {
+                break;
+            }
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        pos.records += 1;
+        // Re-borrowed for the lifetime of `line` (the loop is over).
+        let len = body.len();
+        return Some(Ok(JsonLine::Whole(&line[..len])));
+    }
 }
 
 /// One input record: an event, or what was wrong with it.
@@ -125,47 +173,30 @@ impl InputReader {
     /// The next record, `None` at the end of the file.
     pub fn next_record(&mut self) -> Option<std::io::Result<Record>> {
         match &mut self.reader {
-            Reader::Json { inner, line } => loop {
-                line.clear();
-                let (n, whole) = match read_line_bounded(inner, line, MAX_RECORD_BYTES) {
-                    Ok((0, _)) => return None,
-                    Ok(read) => read,
+            Reader::Json { inner, line } => {
+                let line = match next_json_line(inner, line, &mut self.pos)? {
+                    Ok(line) => line,
                     Err(e) => return Some(Err(e)),
                 };
-                self.pos.offset += n as u64;
-                self.pos.lines += 1;
-                if !whole {
-                    // Not held in memory whole: its first bytes are kept for the dead letter.
-                    self.pos.records += 1;
-                    let error = DecodeError::TooLarge { field: "record", len: n, max: MAX_RECORD_BYTES };
-                    let location = format!("{}:{}", self.name, self.pos.lines);
-                    line.truncate(64 << 10);
-                    return Some(Ok(Record::Invalid(InvalidRecord { location, error, raw: std::mem::take(line) })));
-                }
-                let mut body = line.as_slice();
-                while let Some((last, rest)) = body.split_last() {
-                    if *last == b'\n' || *last == b'\r' {
-                        body = rest;
-                    } else {
-                        break;
+                let location = || format!("{}:{}", self.name, self.pos.lines);
+                let body = match line {
+                    JsonLine::Whole(body) => body,
+                    JsonLine::TooLarge { len, head } => {
+                        // Not held in memory whole: its first bytes are kept for the dead letter.
+                        let error = DecodeError::TooLarge { field: "record", len, max: MAX_RECORD_BYTES };
+                        return Some(Ok(Record::Invalid(InvalidRecord { location: location(), error, raw: head })));
                     }
-                }
-                if body.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                self.pos.records += 1;
-                let invalid = |error| {
-                    let location = format!("{}:{}", self.name, self.pos.lines);
-                    Record::Invalid(InvalidRecord { location, error, raw: body.to_vec() })
                 };
-                return Some(Ok(match decode_json_line(body) {
+                let invalid =
+                    |error| Record::Invalid(InvalidRecord { location: location(), error, raw: body.to_vec() });
+                Some(Ok(match decode_json_line(body) {
                     Ok(e) => match self.window.0.check(e.ts, self.window.1) {
                         Ok(()) => Record::Event(e),
                         Err(error) => invalid(error),
                     },
                     Err(error) => invalid(error),
-                }));
-            },
+                }))
+            }
             Reader::Avro(r) => {
                 let item = r.next()?;
                 self.pos.records += 1;
@@ -182,6 +213,27 @@ impl InputReader {
                 }))
             }
         }
+    }
+
+    /// The `ts` of the next record's event without decoding the rest of it
+    /// (JSON lines; Avro records are decoded), `None` inside when it is not
+    /// an event. Every record [`InputReader::next_record`] gives as an event
+    /// gives its `ts` here; a record it gives as invalid may give one too.
+    /// `None` at the end of the file.
+    pub fn next_ts(&mut self) -> Option<std::io::Result<Option<i64>>> {
+        let ts = match &mut self.reader {
+            Reader::Json { inner, line } => match next_json_line(inner, line, &mut self.pos)? {
+                Ok(JsonLine::Whole(body)) => json_line_ts(body),
+                Ok(JsonLine::TooLarge { .. }) => None,
+                Err(e) => return Some(Err(e)),
+            },
+            Reader::Avro(_) => match self.next_record()? {
+                Ok(Record::Event(e)) => Some(e.ts),
+                Ok(Record::Invalid(_)) => None,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        Some(Ok(ts.filter(|ts| self.window.0.check(*ts, self.window.1).is_ok())))
     }
 }
 
@@ -214,6 +266,38 @@ mod tests {
         assert!(matches!(rest.next_record(), Some(Ok(Record::Invalid(i))) if i.location.ends_with(":4")));
         assert!(matches!(rest.next_record(), Some(Ok(Record::Event(e))) if e.event_id == "e3"));
         assert!(rest.next_record().is_none());
+    }
+
+    #[test]
+    fn the_ts_pass_reads_the_records_positions_and_event_times_of_the_full_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("in.jsonl");
+        let ev = |i: u32| format!(r#"{{"event_id":"e{i}","customer_id":"c","type":"login","ts":{i}}}"#);
+        let huge = format!(r#"{{"ts":4,"pad":"{}"}}"#, "x".repeat(MAX_RECORD_BYTES));
+        let text = format!("{}\n\n  \r\n{}\r\nnot json\n{huge}\n{{\"ts\":1}}\n{}\n{}", ev(1), ev(2), ev(9), ev(3));
+        std::fs::write(&p, text).expect("write");
+        let end = std::fs::metadata(&p).expect("meta").len();
+        // A window that makes the event at ts 9 unbelievable (after the reference).
+        let window = TimeWindow { earliest: Some(0), max_future: Some(1) };
+        let open = || {
+            InputReader::open(&p, Format::Json, Position::default(), end).expect("open").with_window(window, Some(5))
+        };
+        let (mut full, mut cheap) = (open(), open());
+        let mut n = 0;
+        let mut times = Vec::new();
+        while let Some(r) = full.next_record() {
+            let ts = cheap.next_ts().expect("as many records").expect("io");
+            times.push(ts);
+            if let Record::Event(e) = r.expect("io") {
+                assert_eq!(ts, Some(e.ts), "record {n}");
+            }
+            assert_eq!(full.position(), cheap.position(), "record {n}");
+            n += 1;
+        }
+        assert!(cheap.next_ts().is_none());
+        assert_eq!(n, 7);
+        // Not json, too large, and beyond the window: none; not an event: its ts.
+        assert_eq!(times, [Some(1), Some(2), None, None, Some(1), None, Some(3)]);
     }
 
     #[test]
