@@ -37,19 +37,7 @@ pub fn write_rfc3339_millis(ms: i64, out: &mut Vec<u8>) {
     };
     let Ok(year) = u32::try_from(t.year()) else {
         // Before year 0: as `{:04}` writes it.
-        out.extend_from_slice(
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                milli
-            )
-            .as_bytes(),
-        );
+        out.extend_from_slice(padded(t, milli).as_bytes());
         return;
     };
     let mut b = *b"0000-00-00T00:00:00.000Z";
@@ -69,6 +57,21 @@ pub fn write_rfc3339_millis(ms: i64, out: &mut Vec<u8>) {
     out.extend_from_slice(&b);
 }
 
+/// The same text through `format!`'s zero padding: years before 0, and the
+/// reference the digit-by-digit writer is tested against.
+fn padded(t: OffsetDateTime, milli: i64) -> String {
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        milli
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,16 +80,7 @@ mod tests {
     fn formats_like_the_padded_format_across_the_range() {
         let padded = |ms: i64| {
             let t = OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).expect("in range");
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                ms.rem_euclid(1000)
-            )
+            padded(t, ms.rem_euclid(1000))
         };
         let mut ms = -62_200_000_000_000i64; // before year 1
         while ms < 253_402_300_799_999 {
