@@ -241,6 +241,23 @@ pub struct StateStore {
     opts: StateOptions,
     /// Per (group, segment), as of the last commit.
     counts: std::collections::BTreeMap<(u16, u16), SegmentCount>,
+    /// Opened for writing (not a secondary reader): flushes its memtables
+    /// when dropped.
+    primary: bool,
+}
+
+impl Drop for StateStore {
+    /// A clean stop flushes every column family's memtable to SST files, so
+    /// the next open does not replay the write-ahead log (RocksDB does not
+    /// flush at close while the WAL is on). What is flushed is only what was
+    /// committed; a crash skips this and the WAL replay covers it.
+    fn drop(&mut self) {
+        if self.primary {
+            if let Err(e) = self.flush() {
+                tracing::warn!(error = %e, "flushing the state at stop failed; the next open replays the write-ahead log");
+            }
+        }
+    }
 }
 
 fn timer_key(due: i64, id: &str) -> Vec<u8> {
@@ -309,9 +326,15 @@ impl StateStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
+        // A column family written rarely (meta, members) would otherwise keep
+        // its memtable, and with it every WAL file since, alive: the next
+        // open replays them all (1.85 s at 100k customers, 7.6 s at 1M). Past
+        // this total RocksDB flushes the column families that pin the oldest
+        // WAL, so a crash replays at most about this much.
+        db_opts.set_max_total_wal_size(2 * opts.write_buffer_bytes as u64);
         let cfs = ALL_CFS.map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        let mut store = Self::with_db(db, opts);
+        let mut store = Self::with_db(db, opts, true);
         store.counts = store.read_counts()?;
         if store.meta(META_SEGMENT_INDEX)?.is_none() {
             store.build_segment_index()?;
@@ -327,7 +350,7 @@ impl StateStore {
         let mut db_opts = Options::default();
         db_opts.set_max_open_files(-1);
         let db = DB::open_cf_as_secondary(&db_opts, dir, secondary, ALL_CFS)?;
-        let mut store = Self::with_db(db, StateOptions::default());
+        let mut store = Self::with_db(db, StateOptions::default(), false);
         if store.meta(META_SEGMENT_INDEX)?.is_none() {
             return Err(StateError::Corrupt {
                 key: META_SEGMENT_INDEX.into(),
@@ -348,7 +371,15 @@ impl StateStore {
         Ok(())
     }
 
-    fn with_db(db: DB, opts: StateOptions) -> Self {
+    /// Writes every column family's memtable to SST files (what was
+    /// committed; done at a clean stop, see `Drop`).
+    pub fn flush(&self) -> Result<(), StateError> {
+        let cfs: Vec<_> = ALL_CFS.iter().map(|n| self.cf(n)).collect();
+        self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        Ok(())
+    }
+
+    fn with_db(db: DB, opts: StateOptions, primary: bool) -> Self {
         Self {
             db,
             index: HashMap::default(),
@@ -359,6 +390,7 @@ impl StateStore {
             ahead_through: None,
             opts,
             counts: std::collections::BTreeMap::new(),
+            primary,
         }
     }
 
@@ -1142,6 +1174,37 @@ mod tests {
         let sid = s.customer("bob").expect("load");
         assert!(s.slot(sid).state.is_none());
         assert_eq!(s.committed_timers().expect("scan"), vec![(5000, "alice".into())]);
+    }
+
+    fn wal_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .expect("state dir")
+            .map(|e| e.expect("entry"))
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| e.metadata().expect("metadata").len())
+            .sum()
+    }
+
+    #[test]
+    fn a_clean_stop_leaves_no_write_ahead_log_to_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut s = StateStore::open(dir.path(), StateOptions::default()).expect("open");
+            for round in 0..5i64 {
+                for i in 0..2_000 {
+                    set(&mut s, &format!("c{i:05}"), Some(state(round, Some(10_000 + i))));
+                }
+                s.commit(&[("input".into(), round.to_be_bytes().to_vec())]).expect("commit");
+            }
+            // Five commits of 2 000 customers each are in the WAL, far
+            // below a memtable's size: nothing was flushed yet.
+            assert!(wal_bytes(dir.path()) > 100_000, "the commits are in the WAL");
+        }
+        assert!(wal_bytes(dir.path()) < 4_096, "WAL after a clean stop: {} bytes", wal_bytes(dir.path()));
+        let s = StateStore::open(dir.path(), StateOptions::default()).expect("reopen");
+        assert_eq!(s.meta("input").expect("meta"), Some(4i64.to_be_bytes().to_vec()));
+        assert_eq!(s.committed_customer("c01999").expect("read"), Some(state(4, Some(11_999))));
+        assert_eq!(s.committed_timers().expect("timers").len(), 2_000);
     }
 
     #[test]
