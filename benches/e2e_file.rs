@@ -10,7 +10,9 @@
 //! smaller size counts in the next, so give them in ascending order or run
 //! one per process for the exact RSS), SEGSTREAM_BENCH_DAYS (default 14);
 //! SEGSTREAM_BENCH_HISTORY: transitions kept per customer (`history.per_customer`,
-//! default 50; 0 turns the query API's history off).
+//! default 50; 0 turns the query API's history off);
+//! SEGSTREAM_BENCH_CACHE_CUSTOMERS: `state.cache_customers` (default 500000),
+//! the customers kept in memory between commits, which bounds peak RSS.
 
 use std::time::Instant;
 
@@ -73,7 +75,7 @@ impl Row {
     }
 }
 
-fn run_size(customers: u64, days: u32, history: u32) -> Row {
+fn run_size(customers: u64, days: u32, history: u32, cache_customers: usize) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("events.jsonl");
     let t = Instant::now();
@@ -99,6 +101,7 @@ fn run_size(customers: u64, days: u32, history: u32) -> Row {
 
     let mut config = Config::default();
     config.history.per_customer = history;
+    config.state.cache_customers = cache_customers;
     let cfg = config.engine_settings().expect("default settings");
     let state = dir.path().join("state");
     let mut args = FileSettings::new(&input, dir.path().join("transitions.jsonl"), &state);
@@ -176,8 +179,9 @@ fn main() {
         .collect();
     let days = env_or("SEGSTREAM_BENCH_DAYS", 14) as u32;
     let history = env_or("SEGSTREAM_BENCH_HISTORY", 50) as u32;
-    println!("history.per_customer = {history}, {days} days");
-    let rows: Vec<Row> = sizes.iter().map(|&n| run_size(n, days, history)).collect();
+    let cache = env_or("SEGSTREAM_BENCH_CACHE_CUSTOMERS", Config::default().state.cache_customers as u64) as usize;
+    println!("history.per_customer = {history}, state.cache_customers = {cache}, {days} days");
+    let rows: Vec<Row> = sizes.iter().map(|&n| run_size(n, days, history, cache)).collect();
     println!();
     println!("| customers | events | events/s wall | CPU-s per million events | peak RSS MiB | restart: open + first event s | state bytes/customer |");
     println!("|---|---|---|---|---|---|---|");
