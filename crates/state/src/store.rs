@@ -329,9 +329,10 @@ impl StateStore {
         // A column family written rarely (meta, members) would otherwise keep
         // its memtable, and with it every WAL file since, alive for the next
         // open to replay (before stops flushed, 1.85 s at 100k customers and
-        // 7.6 s at 1M; a crash still replays). Past this total, which is what full memtables of
-        // every column family hold, RocksDB flushes the column families that
-        // pin the oldest WAL; a lower bound would flush the busy ones early.
+        // 7.6 s at 1M; a crash still replays). Past this total, which is what
+        // full memtables of every column family hold, RocksDB flushes the
+        // column families that pin the oldest WAL; a lower bound would flush
+        // the busy ones early.
         let wal_bytes = ALL_CFS.len() as u64 * opts.write_buffer_bytes as u64;
         db_opts.set_max_total_wal_size(wal_bytes);
         let cfs = ALL_CFS.map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()));
@@ -1202,7 +1203,8 @@ mod tests {
             // below a memtable's size: nothing was flushed yet.
             assert!(wal_bytes(dir.path()) > 100_000, "the commits are in the WAL");
         }
-        assert!(wal_bytes(dir.path()) < 4_096, "WAL after a clean stop: {} bytes", wal_bytes(dir.path()));
+        let left = wal_bytes(dir.path());
+        assert!(left < 4_096, "WAL after a clean stop: {left} bytes");
         let s = StateStore::open(dir.path(), StateOptions::default()).expect("reopen");
         assert_eq!(s.meta("input").expect("meta"), Some(4i64.to_be_bytes().to_vec()));
         assert_eq!(s.committed_customer("c01999").expect("read"), Some(state(4, Some(11_999))));
