@@ -29,12 +29,16 @@ proptest! {
     fn any_commit_interval_and_crash_points_give_the_same_bytes(
         seed in 0u64..1000,
         commit_every in 1u64..300,
+        // Small caches commit when a quarter of them is changed, between
+        // the record-count commits (25 customers in the sample).
+        cache in 1usize..80,
         crashes in proptest::collection::vec(1u64..2_000, 1..4),
         avro in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (input, end) = sample(dir.path(), "e.jsonl", 25, 50, seed, Format::Json, Some(97));
-        let cfg = config_committing_every(commit_every);
+        let mut cfg = config_committing_every(commit_every);
+        cfg.state.cache_customers = cache;
         let ext = if avro { "avro" } else { "jsonl" };
         let whole_out = dir.path().join(format!("whole.{ext}"));
         let (want, want_dlq) = uninterrupted(&cfg, &input, &whole_out, &dir.path().join("s1"), end);

@@ -130,7 +130,7 @@ impl EngineSettings {
             SegmentsConfig::default(),
             Duration::ZERO,
             StateOptions::default(),
-            NonZeroU64::new(100_000).expect("non-zero"),
+            NonZeroU64::new(1_000_000).expect("non-zero"),
         )
         .expect("SPEC's defaults are valid")
     }

@@ -100,7 +100,7 @@ impl Default for StateConfig {
             cache_customers: 500_000,
             block_cache_mib: 64,
             write_buffer_mib: 32,
-            commit_every_records: NonZeroU64::new(100_000).expect("non-zero"),
+            commit_every_records: NonZeroU64::new(1_000_000).expect("non-zero"),
             sort_buffer_mib: DEFAULT_SORT_BUFFER_MIB,
         }
     }

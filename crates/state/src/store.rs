@@ -244,6 +244,8 @@ pub struct StateStore {
     /// Opened for writing (not a secondary reader): flushes its memtables
     /// when dropped.
     primary: bool,
+    /// Customers changed since the last commit (slots with `dirty` set).
+    dirty: usize,
 }
 
 impl Drop for StateStore {
@@ -394,6 +396,7 @@ impl StateStore {
             opts,
             counts: std::collections::BTreeMap::new(),
             primary,
+            dirty: 0,
         }
     }
 
@@ -799,6 +802,7 @@ impl StateStore {
     /// timer (if any) becomes a candidate for [`StateStore::due`].
     pub fn touch(&mut self, sid: SlotId) {
         let slot = &mut self.slots[sid as usize];
+        self.dirty += usize::from(!slot.dirty);
         slot.dirty = true;
         if let Some(t) = slot.state.as_ref().and_then(|s| s.timer) {
             self.heap.push(Reverse((t, sid, slot.generation)));
@@ -1009,6 +1013,7 @@ impl StateStore {
         if let Some(c) = counts {
             self.counts = c;
         }
+        self.dirty = 0;
         for slot in &mut self.slots {
             if slot.dirty {
                 slot.dirty = false;
@@ -1109,6 +1114,16 @@ impl StateStore {
 
     pub fn cached_customers(&self) -> usize {
         self.index.len()
+    }
+
+    /// Whether the customers changed since the last commit fill a quarter of
+    /// `cache_customers`. They stay cached until a commit writes them (the
+    /// cache is trimmed only then), so committing at this point holds the
+    /// cache to 1.25 × its capacity whatever `commit_every_records` is. Being
+    /// a function of the records since the last commit, it commits at the
+    /// same records in a resumed run as in an uninterrupted one.
+    pub fn commit_due(&self) -> bool {
+        self.dirty >= (self.opts.cache_customers / 4).max(1)
     }
 }
 
@@ -1253,6 +1268,27 @@ mod tests {
         }
         let want: Vec<String> = (0..n).map(|i| format!("c{i:05}")).collect();
         assert_eq!(fired, want);
+    }
+
+    #[test]
+    fn a_commit_is_due_once_a_quarter_of_the_cache_is_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s =
+            StateStore::open(dir.path(), StateOptions { cache_customers: 40, ..Default::default() }).expect("open");
+        for i in 0..9 {
+            set(&mut s, &format!("c{i}"), Some(state(0, None)));
+            // Changing the same customer again does not count twice.
+            set(&mut s, &format!("c{i}"), Some(state(1, None)));
+        }
+        assert!(!s.commit_due(), "9 changed customers of a 40-customer cache");
+        set(&mut s, "c9", Some(state(0, None)));
+        assert!(s.commit_due(), "10 changed: a quarter");
+        s.commit(&[]).expect("commit");
+        assert!(!s.commit_due(), "nothing changed since the commit");
+        let sid = s.customer("c0").expect("load");
+        assert!(!s.commit_due(), "reading does not change");
+        s.touch(sid);
+        assert!(!s.commit_due());
     }
 
     #[test]

@@ -786,7 +786,7 @@ impl Task {
             // already past them (skip map), which the replay does not recompute.
             tracing::info!(partition = self.partition, left, "replay caught up with the previous run's output");
         }
-        if self.records_since_commit >= self.shared.engine.commit_every_records() {
+        if self.records_since_commit >= self.shared.engine.commit_every_records() || self.engine.store().commit_due() {
             self.commit(None)?;
         }
         Ok(())

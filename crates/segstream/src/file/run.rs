@@ -384,7 +384,7 @@ pub fn run_file(settings: &EngineSettings, args: &FileSettings) -> anyhow::Resul
             Some(copy) => copy.pos = pos,
             None => progress.read = pos,
         }
-        if pos.records % commit_every == 0 {
+        if pos.records % commit_every == 0 || engine.store().commit_due() {
             commit(&mut engine, out.sink_mut(), &keys, args, &progress)?;
         }
         if args.faults.crash_now(summary.records) {
