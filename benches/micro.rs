@@ -8,7 +8,9 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use segstream::{generate, GenerateArgs};
 use segstream_decode::Format;
-use segstream_decode::{decode_json_line, decode_wire, event_to_wire, Event, StaticSchemas, EVENT_SCHEMA_JSON};
+use segstream_decode::{
+    decode_json_line, decode_wire, event_to_wire, json_line_ts, Event, StaticSchemas, EVENT_SCHEMA_JSON,
+};
 use segstream_engine::{Engine, EngineSettings};
 use segstream_scoring::{CustomerState, Scorer};
 
@@ -42,6 +44,14 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             for l in &lines {
                 black_box(decode_json_line(l.as_bytes()).expect("valid"));
+            }
+        })
+    });
+    // The order check's pass over a file (ADR 005): each line's `ts` only.
+    g.bench_function("json_line_ts", |b| {
+        b.iter(|| {
+            for l in &lines {
+                black_box(json_line_ts(l.as_bytes()).expect("has a ts"));
             }
         })
     });

@@ -2,6 +2,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::path::Path;
 
+use compact_str::CompactString;
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
     DB,
@@ -123,7 +124,7 @@ pub type SlotId = u32;
 #[derive(Debug)]
 pub struct Slot {
     pub state: Option<CustomerState>,
-    id: Box<str>,
+    id: CompactString,
     dirty: bool,
     used: bool,
     /// The timer as it is in the committed index: what a commit must delete
@@ -229,7 +230,7 @@ impl Slot {
 /// against the customer's current timer before it fires.
 pub struct StateStore {
     db: DB,
-    index: HashMap<Box<str>, SlotId, foldhash::fast::RandomState>,
+    index: HashMap<CompactString, SlotId, foldhash::fast::RandomState>,
     slots: Vec<Slot>,
     free: Vec<SlotId>,
     heap: BinaryHeap<Reverse<(i64, SlotId, u32)>>,
@@ -729,7 +730,7 @@ impl StateStore {
         &mut self,
         mut f: impl FnMut(&str, &mut CustomerState) -> bool,
     ) -> Result<Vec<SlotId>, StateError> {
-        let mut cached: Vec<(Box<str>, SlotId)> = self.index.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let mut cached: Vec<(CompactString, SlotId)> = self.index.iter().map(|(k, v)| (k.clone(), *v)).collect();
         cached.sort_unstable();
         let mut next = 0;
         let mut changed: Vec<Changed> = Vec::new();
