@@ -281,10 +281,19 @@ fn parse_timer_key(k: &[u8]) -> Result<(i64, Box<str>), StateError> {
 
 /// Encodes a customer's state: a format byte, then postcard (varint) fields.
 pub fn encode_state(st: &CustomerState) -> Vec<u8> {
-    let mut out = vec![STATE_FORMAT];
-    // Serializing plain data into a Vec cannot fail.
-    out.extend(postcard::to_stdvec(st).expect("state serializes"));
+    let mut out = Vec::new();
+    encode_state_into(st, &mut out);
     out
+}
+
+/// [`encode_state`] into `out`, replacing what it held (a buffer reused
+/// across a commit's customers).
+pub fn encode_state_into(st: &CustomerState, out: &mut Vec<u8>) {
+    let mut buf = std::mem::take(out);
+    buf.clear();
+    buf.push(STATE_FORMAT);
+    // Serializing plain data into a Vec cannot fail.
+    *out = postcard::to_extend(st, buf).expect("state serializes");
 }
 
 pub fn decode_state(key: &[u8], v: &[u8]) -> Result<CustomerState, StateError> {
@@ -906,12 +915,14 @@ impl StateStore {
     /// entries in one synced `WriteBatch`, then trims the cache. Slot ids of
     /// evicted customers become invalid.
     pub fn commit(&mut self, meta: &[(String, Vec<u8>)]) -> Result<(), StateError> {
-        let mut batch = WriteBatch::default();
-        let customers = self.cf(CF_CUSTOMERS);
-        let timers = self.cf(CF_TIMERS);
         // In key order: memtable inserts in order reuse their skip-list
         // position and cost a fraction of random ones.
         let dirty = self.dirty_sorted();
+        // Room for a typical customer's record and keys, so that the batch
+        // is not copied as it doubles.
+        let mut batch = WriteBatch::with_capacity_bytes(dirty.len() * 384);
+        let customers = self.cf(CF_CUSTOMERS);
+        let timers = self.cf(CF_TIMERS);
         let mut timer_ops: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut member_ops: Vec<(Vec<u8>, bool)> = Vec::new();
         let mut deltas: Vec<((u16, u16), i64, i64)> = Vec::new();
@@ -940,9 +951,13 @@ impl StateStore {
                 }
             }
         }
+        let mut value = Vec::new();
         for slot in &dirty {
             match &slot.state {
-                Some(st) => batch.put_cf(customers, slot.id.as_bytes(), encode_state(st)),
+                Some(st) => {
+                    encode_state_into(st, &mut value);
+                    batch.put_cf(customers, slot.id.as_bytes(), &value);
+                }
                 None => batch.delete_cf(customers, slot.id.as_bytes()),
             }
             let timer = slot.state.as_ref().and_then(|s| s.timer);
