@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the per-event hot path: decoding (JSON lines, Avro
 //! wire format), pure scoring, and the engine on RocksDB-backed state with the
-//! working set in memory. Run: `cargo bench -p segstream --bench micro`.
+//! working set in memory, and a Kafka partition's restore from its changelog
+//! (the broker left out). Run: `cargo bench -p segstream --bench micro`.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -12,7 +13,14 @@ use segstream_decode::{
     decode_json_line, decode_wire, event_to_wire, json_line_ts, Event, StaticSchemas, EVENT_SCHEMA_JSON,
 };
 use segstream_engine::{Engine, EngineSettings};
+use segstream_kafka::changelog::{customer_key, decode_entry, encode_customer, history_key};
+use segstream_kafka::restore::{ChangelogTail, Restore};
 use segstream_scoring::{CustomerState, Scorer};
+
+// The binary's allocator (crates/segstream/src/main.rs): the figures are
+// those of the code as it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const START: i64 = 1_767_225_600_000;
 
@@ -105,6 +113,62 @@ fn benches(c: &mut Criterion) {
                     engine.on_event(&e, &mut out).expect("event");
                     out.clear();
                     if i % 100_000 == 99_999 {
+                        engine.commit(Vec::new()).expect("commit");
+                    }
+                }
+                engine.commit(Vec::new()).expect("commit");
+                (dir, engine)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+
+    // A partition's changelog as its commits wrote it (one record per changed
+    // customer and per history entry, every 10 000 events), then restored
+    // into an empty state dir as `partition/open.rs` does, broker left out.
+    let changelog = {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
+        let mut out = Vec::new();
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            engine.on_event(e, &mut out).expect("event");
+            out.clear();
+            if i % 10_000 == 9_999 || i + 1 == events.len() {
+                engine.for_each_history_change(|id, writes| {
+                    for (seq, entry) in writes {
+                        records.push((history_key(id, *seq), entry.as_ref().map(|e| e.encode())));
+                    }
+                });
+                engine.for_each_dirty(|id, st| records.push((customer_key(id), Some(encode_customer(i as i64, st)))));
+                engine.commit(Vec::new()).expect("commit");
+            }
+        }
+        records
+    };
+    let mut g = c.benchmark_group("restore");
+    g.throughput(Throughput::Elements(changelog.len() as u64));
+    g.sample_size(10);
+    g.bench_function("changelog_into_rocksdb", |b| {
+        b.iter_batched(
+            || {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
+                (dir, engine)
+            },
+            |(dir, mut engine)| {
+                let mut tail = ChangelogTail::after(None);
+                for (offset, (key, value)) in changelog.iter().enumerate() {
+                    let entry = decode_entry(key, value.as_deref()).expect("valid");
+                    match tail.apply(key, offset as i64, entry, None) {
+                        Some(Restore::Customer(id, state)) => engine.restore_customer(&id, state).expect("customer"),
+                        Some(Restore::History { id, seq, entry }) => {
+                            engine.restore_history(&id, seq, entry).expect("history")
+                        }
+                        None => {}
+                    }
+                    if tail.records.is_multiple_of(100_000) {
                         engine.commit(Vec::new()).expect("commit");
                     }
                 }
