@@ -53,11 +53,11 @@ pub struct ChangelogTail {
     /// Customers written after the last marker: by a commit that did not
     /// finish. Their states are kept (they include events the marker's
     /// position does not), with the record number they are applied through.
-    ahead: HashMap<String, i64>,
+    ahead: HashMap<String, i64, foldhash::fast::RandomState>,
     /// Customers written after the last marker by a rule-migration batch
     /// (their state is under the migration's target version): their
     /// history came with them, and the migration passes them over.
-    migrated: std::collections::HashSet<String>,
+    migrated: std::collections::HashSet<String, foldhash::fast::RandomState>,
     /// Day counts read after the last marker: applied only once a marker
     /// follows them (an unfinished commit's are noted again by its replay;
     /// a rule migration's renamed ones must not be renamed twice).

@@ -980,10 +980,10 @@ impl StateStore {
         }
         let history = self.cf(CF_HISTORY);
         for slot in &dirty {
-            let prefix = history_prefix(&slot.id);
-            let mut end = prefix.clone();
-            end.extend_from_slice(&[0xff; 5]);
             if slot.history_reset || slot.state.is_none() {
+                let prefix = history_prefix(&slot.id);
+                let mut end = prefix.clone();
+                end.extend_from_slice(&[0xff; 5]);
                 batch.delete_range_cf(history, &prefix, &end);
             }
             if slot.state.is_none() {
