@@ -42,6 +42,14 @@ fn sample() -> (Vec<String>, Vec<Event>) {
     (lines, events)
 }
 
+/// An engine with the default settings on a new state dir (kept alive by
+/// the returned directory).
+fn empty_engine() -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
+    (dir, engine)
+}
+
 fn benches(c: &mut Criterion) {
     let (lines, events) = sample();
     let n = events.len() as u64;
@@ -100,12 +108,8 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("decode_score_state_rocksdb", |b| {
         b.iter_batched(
-            || {
-                // Opening RocksDB is start-up cost, not per-event cost.
-                let dir = tempfile::tempdir().expect("tempdir");
-                let engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
-                (dir, engine)
-            },
+            // Opening RocksDB is start-up cost, not per-event cost.
+            empty_engine,
             |(dir, mut engine)| {
                 let mut out = Vec::new();
                 for (i, l) in lines.iter().enumerate() {
@@ -128,8 +132,7 @@ fn benches(c: &mut Criterion) {
     // customer and per history entry, every 10 000 events), then restored
     // into an empty state dir as `partition/open.rs` does, broker left out.
     let changelog = {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
+        let (_dir, mut engine) = empty_engine();
         let mut out = Vec::new();
         let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for (i, e) in events.iter().enumerate() {
@@ -152,11 +155,7 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("changelog_into_rocksdb", |b| {
         b.iter_batched(
-            || {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let engine = Engine::open(dir.path(), &EngineSettings::spec_default()).expect("open");
-                (dir, engine)
-            },
+            empty_engine,
             |(dir, mut engine)| {
                 let mut tail = ChangelogTail::after(None);
                 for (offset, (key, value)) in changelog.iter().enumerate() {
