@@ -1706,7 +1706,10 @@ fn changelog_states(addr: &str) -> BTreeMap<String, String> {
             if let Some(segstream_kafka::restore::Restore::Customer(id, st)) = tail.apply(&key, r.offset, entry, epoch)
             {
                 match st {
-                    Some(st) => states.insert(id, format!("{st:?}")),
+                    Some(st) => {
+                        let st = st.decode(id.as_bytes()).expect("a state segstream reads");
+                        states.insert(id, format!("{st:?}"))
+                    }
                     None => states.remove(&id),
                 };
             }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use segstream_decode::{Event, DAY_MS};
 use segstream_scoring::{BoundaryKind, Cause, CustomerState, Edges, Group, Outcome, Population, Scorer, Transition};
-use segstream_state::{HistoryEntry, SegmentCount, StateStore};
+use segstream_state::{HistoryEntry, SegmentCount, StateStore, StoredState};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
@@ -489,9 +489,7 @@ impl Engine {
 
     /// A history entry as a restore found it (`None`: deleted).
     pub fn restore_history(&mut self, id: &str, seq: u32, entry: Option<HistoryEntry>) -> Result<(), EngineError> {
-        let sid = self.store.customer(id)?;
-        self.store.restore_history(sid, seq, entry);
-        self.store.touch(sid);
+        self.store.restore_history_of(id, seq, entry);
         Ok(())
     }
 
@@ -612,12 +610,11 @@ impl Engine {
     }
 
     /// Replaces a customer's state with a restored one (`None`: erased), to
-    /// be written at the next commit.
-    pub fn restore_customer(&mut self, id: &str, state: Option<CustomerState>) -> Result<(), EngineError> {
-        let sid = self.store.customer(id)?;
-        let timer = state.as_ref().and_then(|s| s.timer);
-        self.store.slot_mut(sid).state = state;
-        self.store.touch(sid);
+    /// be written at the next commit, which the caller makes before the
+    /// engine goes on: until then only restores and a commit may follow.
+    pub fn restore_customer(&mut self, id: &str, state: Option<StoredState>) -> Result<(), EngineError> {
+        let timer = state.as_ref().and_then(|s| s.head().timer);
+        self.store.restore_state(id, state)?;
         if let Some(n) = timer {
             self.next_due = Some(self.next_due.map_or(n, |d| d.min(n)));
         }
@@ -1100,7 +1097,8 @@ mod tests {
         };
         let mut e = Engine::open(dir.path(), &new).expect("resumes");
         assert_eq!(e.migration().map(|m| m.customers), Some(0));
-        e.restore_customer("a", Some(moved_a)).expect("restored from the changelog");
+        e.restore_customer("a", Some(StoredState::of(&moved_a))).expect("restored from the changelog");
+        e.commit(Vec::new()).expect("commit");
         let mut out = Vec::new();
         let step = e.migrate_step(10, &mut out).expect("the rest");
         assert!(step.done);

@@ -15,7 +15,7 @@
 //! [`crate::fence`]).
 
 use segstream_scoring::CustomerState;
-use segstream_state::{decode_state, encode_state};
+use segstream_state::{encode_state, StoredState};
 use serde::{Deserialize, Serialize};
 
 use crate::marker::Marker;
@@ -124,11 +124,12 @@ pub fn encode_customer(applied_through: i64, state: Option<&CustomerState>) -> V
 pub enum Entry {
     Marker(Box<Marker>),
     /// `state` is `None` for an erased customer; `applied_through` is `None`
-    /// for a tombstone (an erasure already committed).
+    /// for a tombstone (an erasure already committed). The state stays in
+    /// its stored encoding, with its head read (ADR 011).
     Customer {
         id: String,
         applied_through: Option<i64>,
-        state: Option<CustomerState>,
+        state: Option<StoredState>,
     },
     /// `None`: a tombstone (the run's commit is complete).
     Run(Option<LoggedRun>),
@@ -210,7 +211,7 @@ pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry, Changelog
     };
     let applied = i64::from_be_bytes(*applied);
     let state = match tag {
-        b'S' => Some(decode_state(id.as_bytes(), state).map_err(|e| bad(e.to_string()))?),
+        b'S' => Some(StoredState::new(id.as_bytes(), state.to_vec()).map_err(|e| bad(e.to_string()))?),
         b'D' => None,
         other => return Err(bad(format!("unknown tag {other}"))),
     };
@@ -227,6 +228,18 @@ mod tests {
         match decode_entry(&customer_key("c-1"), Some(&v)).expect("decodes") {
             Entry::Customer { id, applied_through, state } => {
                 assert_eq!((id.as_str(), applied_through, state.is_none()), ("c-1", Some(41), true));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut st = CustomerState::new(1_700_000_000_000);
+        st.labels = vec![2, 0, 1];
+        st.timer = Some(1_700_086_400_000);
+        st.mrr_cents = 9_900;
+        match decode_entry(&customer_key("c-3"), Some(&encode_customer(7, Some(&st)))).expect("decodes") {
+            Entry::Customer { applied_through: Some(7), state: Some(stored), .. } => {
+                assert_eq!(stored.bytes(), &encode_state(&st)[..], "the stored encoding, as it came");
+                assert_eq!((&stored.head().labels[..], stored.head().timer), (&[2, 0, 1][..], st.timer));
+                assert_eq!(stored.decode(b"c-3").expect("decodes"), st);
             }
             other => panic!("{other:?}"),
         }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use segstream_scoring::CustomerState;
+use segstream_state::StoredState;
 
 use crate::changelog::{Entry, LoggedRun};
 use crate::marker::{LocalMarker, Marker};
@@ -86,8 +86,8 @@ pub struct ChangelogTail {
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)]
 pub enum Restore {
-    /// A customer's state (`None`: erased).
-    Customer(String, Option<CustomerState>),
+    /// A customer's state (`None`: erased), in its stored encoding.
+    Customer(String, Option<StoredState>),
     /// A customer's history entry (`None`: deleted).
     History { id: String, seq: u32, entry: Option<segstream_state::HistoryEntry> },
 }
@@ -163,7 +163,11 @@ impl ChangelogTail {
             Entry::Run(None) => None,
             Entry::Customer { id, applied_through, state } => {
                 let target = self.last.as_ref().and_then(|(m, _)| m.migration.as_ref()).map(|m| m.to.version);
-                if target.is_some() && state.as_ref().map(|s| s.rules_version) == target {
+                // Its rules version is past the head: the state is decoded
+                // only while a migration is under way.
+                if target.is_some()
+                    && state.as_ref().and_then(|s| s.decode(id.as_bytes()).ok()).map(|s| s.rules_version) == target
+                {
                     self.migrated.insert(id.clone());
                 }
                 match applied_through {

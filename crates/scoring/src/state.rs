@@ -94,7 +94,30 @@ pub struct NamedValues {
 /// fixed bytes (a varint of a random 64-bit value takes 9–10), and "never"
 /// (`i64::MIN`) instants as an absent option (a varint of `i64::MIN` takes 10).
 mod compact {
+    use serde::de::{SeqAccess, Visitor};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// A sequence of `W` read straight into a `Vec` of what `f` makes of
+    /// each (one allocation, sized by the length prefix; a decode of the
+    /// wire type's `Vec` then a conversion allocated twice).
+    struct SeqOf<W, T, F>(F, std::marker::PhantomData<fn(W) -> T>);
+
+    impl<'de, W: Deserialize<'de>, T, F: FnMut(W) -> T> Visitor<'de> for SeqOf<W, T, F> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            // Bounded: a corrupt length must not reserve gigabytes.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(w) = seq.next_element::<W>()? {
+                out.push((self.0)(w));
+            }
+            Ok(out)
+        }
+    }
 
     pub mod instant {
         use super::*;
@@ -116,7 +139,7 @@ mod compact {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-            Ok(Vec::<[u8; 8]>::deserialize(d)?.into_iter().map(u64::from_le_bytes).collect())
+            d.deserialize_seq(SeqOf(|h: [u8; 8]| u64::from_le_bytes(h), std::marker::PhantomData))
         }
     }
 
@@ -128,7 +151,7 @@ mod compact {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<(u64, T)>, D::Error> {
-            Ok(Vec::<([u8; 8], T)>::deserialize(d)?.into_iter().map(|(h, t)| (u64::from_le_bytes(h), t)).collect())
+            d.deserialize_seq(SeqOf(|(h, t): ([u8; 8], T)| (u64::from_le_bytes(h), t), std::marker::PhantomData))
         }
     }
 }

@@ -11,7 +11,10 @@
 //! `WriteBatch` per commit together with the caller's positions, so state and
 //! input position can never disagree after a crash.
 
+mod head;
 mod store;
+
+pub use head::{StateHead, StoredState};
 
 pub use store::{
     decode_state, encode_state, HistoryEntry, SegmentCount, Slot, SlotId, StateError, StateOptions, StateStore,

@@ -9,6 +9,8 @@ use rocksdb::{
 };
 use segstream_scoring::{CustomerState, Scores};
 
+use crate::head::{StateHead, StoredState};
+
 const CF_CUSTOMERS: &str = "customers";
 const CF_TIMERS: &str = "timers";
 const CF_META: &str = "meta";
@@ -247,6 +249,21 @@ pub struct StateStore {
     primary: bool,
     /// Customers changed since the last commit (slots with `dirty` set).
     dirty: usize,
+    /// States a restore brought for customers not in the cache, written as
+    /// they are by the next commit (`None`: erased); a customer loaded
+    /// before then takes its state from here.
+    restored: HashMap<Box<str>, Restored, foldhash::fast::RandomState>,
+}
+
+/// What a restore brought for a customer not in the cache.
+#[derive(Debug, Default)]
+struct Restored {
+    /// Its state (`Some(None)`: erased); `None`: not restored.
+    state: Option<Option<StoredState>>,
+    /// History writes, in order (`None`: a deletion), after the erasure
+    /// of all before when `reset` (the customer was erased).
+    history: Vec<(u32, Option<HistoryEntry>)>,
+    reset: bool,
 }
 
 impl Drop for StateStore {
@@ -294,6 +311,55 @@ pub fn encode_state_into(st: &CustomerState, out: &mut Vec<u8>) {
     buf.push(STATE_FORMAT);
     // Serializing plain data into a Vec cannot fail.
     *out = postcard::to_extend(st, buf).expect("state serializes");
+}
+
+/// The membership changes and count deltas of a customer moving from
+/// `before` to `now` ((segments, MRR); `None`: no state).
+fn membership_ops(
+    id: &str,
+    before: Option<(&[u16], i64)>,
+    now: Option<(&[u16], i64)>,
+    deltas: &mut Vec<((u16, u16), i64, i64)>,
+    member_ops: &mut Vec<(Vec<u8>, bool)>,
+) {
+    if now == before {
+        return;
+    }
+    if let Some((labels, mrr)) = before {
+        for (g, &l) in labels.iter().enumerate() {
+            let g = u16::try_from(g).unwrap_or(u16::MAX);
+            deltas.push(((g, l), -1, -mrr));
+            if now.is_none_or(|(n, _)| n.get(usize::from(g)) != Some(&l)) {
+                member_ops.push((member_key(g, l, id), false));
+            }
+        }
+    }
+    if let Some((labels, mrr)) = now {
+        for (g, &l) in labels.iter().enumerate() {
+            let g = u16::try_from(g).unwrap_or(u16::MAX);
+            deltas.push(((g, l), 1, mrr));
+            if before.is_none_or(|(b, _)| b.get(usize::from(g)) != Some(&l)) {
+                member_ops.push((member_key(g, l, id), true));
+            }
+        }
+    }
+}
+
+/// The timer index change of a customer whose timer moves from `before` to `now`.
+fn timer_op(id: &str, before: Option<i64>, now: Option<i64>, ops: &mut Vec<(Vec<u8>, bool)>) {
+    if now != before {
+        if let Some(old) = before {
+            ops.push((timer_key(old, id), false));
+        }
+        if let Some(new) = now {
+            ops.push((timer_key(new, id), true));
+        }
+    }
+}
+
+/// Whether `f` is a state format this build reads.
+pub(crate) fn known_format(f: u8) -> bool {
+    matches!(f, STATE_FORMAT | STATE_FORMAT_3 | STATE_FORMAT_2 | STATE_FORMAT_1)
 }
 
 pub fn decode_state(key: &[u8], v: &[u8]) -> Result<CustomerState, StateError> {
@@ -407,6 +473,7 @@ impl StateStore {
             counts: std::collections::BTreeMap::new(),
             primary,
             dirty: 0,
+            restored: HashMap::default(),
         }
     }
 
@@ -545,6 +612,7 @@ impl StateStore {
     /// Up to `max` committed customer ids after `after` (from the first
     /// when `None`), in id order: a bounded walk through every customer.
     pub fn customer_ids_after(&self, after: Option<&str>, max: usize) -> Result<Vec<String>, StateError> {
+        self.settled();
         let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
         let mode = IteratorMode::From(&start, Direction::Forward);
         let mut out = Vec::with_capacity(max.min(1 << 16));
@@ -592,6 +660,7 @@ impl StateStore {
     /// Customers and MRR per (group, segment) now: the last commit's counts
     /// moved by the customers changed since.
     pub fn live_counts(&self) -> std::collections::BTreeMap<(u16, u16), SegmentCount> {
+        self.settled();
         let mut counts = self.counts.clone();
         for slot in self.slots.iter().filter(|s| s.dirty) {
             for (m, sign) in [(slot.committed.clone(), -1), (Membership::of(slot.state.as_ref()), 1)] {
@@ -660,12 +729,85 @@ impl StateStore {
             Some(v) => Some(decode_state(id.as_bytes(), &v)?),
             None => None,
         };
+        let restored = match self.restored.remove(id) {
+            Some(r) => {
+                let st = r.state.map(|s| s.map(|s| s.decode(id.as_bytes())).transpose()).transpose()?;
+                Some((st, r.history, r.reset))
+            }
+            None => None,
+        };
         let committed_timer = state.as_ref().and_then(|s| s.timer);
         let committed = Membership::of(state.as_ref());
         // No committed state, no kept history (an erasure deletes both in
         // one commit): its numbering starts at 0 without a lookup.
         let history_next = if state.is_none() { Some(0) } else { None };
-        Ok(self.insert_slot(id, state, committed_timer, committed, history_next))
+        let sid = self.insert_slot(id, state, committed_timer, committed, history_next);
+        if let Some((st, history, reset)) = restored {
+            let slot = &mut self.slots[sid as usize];
+            if let Some(st) = st {
+                slot.state = st;
+            }
+            if reset || !history.is_empty() {
+                slot.history = history;
+                slot.history_reset = reset;
+                slot.history_next = None;
+            }
+            self.touch(sid);
+        }
+        Ok(sid)
+    }
+
+    /// A customer's state as a restore found it (`None`: erased), written
+    /// at the next commit. A customer in the cache takes it decoded; any
+    /// other keeps it as it came until then, undecoded (ADR 011).
+    pub fn restore_state(&mut self, id: &str, state: Option<StoredState>) -> Result<(), StateError> {
+        // An erasure takes the history before it; what is restored after
+        // it (a customer that came back) stays.
+        let erased = state.is_none();
+        if let Some(&sid) = self.index.get(id) {
+            let slot = &mut self.slots[sid as usize];
+            slot.state = state.map(|s| s.decode(id.as_bytes())).transpose()?;
+            if erased {
+                slot.history.clear();
+                slot.history_reset = true;
+                slot.history_next = None;
+            }
+            self.touch(sid);
+        } else {
+            let r = self.restored_entry(id);
+            r.state = Some(state);
+            if erased {
+                r.history.clear();
+                r.reset = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn restored_entry(&mut self, id: &str) -> &mut Restored {
+        if !self.restored.contains_key(id) {
+            self.restored.insert(id.into(), Restored::default());
+        }
+        self.restored.get_mut(id).expect("inserted")
+    }
+
+    /// Writes a history entry as a restore found it (`None`: deleted), at
+    /// the next commit. The next sequence number is looked up again after
+    /// that commit (an erasure may have restarted the numbering).
+    pub fn restore_history_of(&mut self, id: &str, seq: u32, entry: Option<HistoryEntry>) {
+        match self.index.get(id) {
+            Some(&sid) => {
+                self.restore_history(sid, seq, entry);
+                self.touch(sid);
+            }
+            None => self.restored_entry(id).history.push((seq, entry)),
+        }
+    }
+
+    /// Restored states wait for the next commit, and what reads the current
+    /// customers does not see them: a caller commits after a restore.
+    fn settled(&self) {
+        assert!(self.restored.is_empty(), "restored customer states are read only after the commit that writes them");
     }
 
     /// Caches a customer not in the cache, with what its committed version holds.
@@ -715,6 +857,7 @@ impl StateStore {
     /// Calls `f` for every customer that exists now (the cached version
     /// where the cache holds one, else the committed one), in no order.
     pub fn for_each_current(&self, mut f: impl FnMut(&str, &CustomerState)) -> Result<(), StateError> {
+        self.settled();
         for (id, &sid) in &self.index {
             if let Some(st) = &self.slots[sid as usize].state {
                 f(id, st);
@@ -739,6 +882,7 @@ impl StateStore {
         &mut self,
         mut f: impl FnMut(&str, &mut CustomerState) -> bool,
     ) -> Result<Vec<SlotId>, StateError> {
+        self.settled();
         let mut cached: Vec<(CompactString, SlotId)> = self.index.iter().map(|(k, v)| (k.clone(), *v)).collect();
         cached.sort_unstable();
         let mut next = 0;
@@ -797,6 +941,7 @@ impl StateStore {
     /// Calls `f` for every customer changed since the last commit (state
     /// `None`: erased), in customer id order: what a commit will write.
     pub fn for_each_dirty(&self, mut f: impl FnMut(&str, Option<&CustomerState>)) {
+        self.settled();
         for slot in self.dirty_sorted() {
             f(&slot.id, slot.state.as_ref());
         }
@@ -848,6 +993,7 @@ impl StateStore {
     /// The customers whose current timer is in `(after, through]`, in
     /// (due, customer id) order. Loads them into the cache.
     pub fn due(&mut self, after: i64, through: i64) -> Result<Vec<SlotId>, StateError> {
+        self.settled();
         let mut found: Vec<(i64, SlotId)> = Vec::new();
         while let Some(&Reverse((due, sid, generation))) = self.heap.peek() {
             if due > through {
@@ -878,6 +1024,7 @@ impl StateStore {
     /// A lower bound of the earliest timer after `after` (exact, or earlier
     /// when a stale entry is in the way): the engine needs no scan before it.
     pub fn next_due(&mut self, after: i64) -> Result<Option<i64>, StateError> {
+        self.settled();
         while self.ahead.front().is_some_and(|(due, _)| *due <= after) {
             self.ahead.pop_front();
         }
@@ -929,27 +1076,7 @@ impl StateStore {
         for slot in &dirty {
             let now = slot.state.as_ref().map(|s| (&s.labels[..], s.mrr_cents));
             let before = slot.committed.as_ref().map(|m| (&m.labels[..], m.mrr_cents));
-            if now == before {
-                continue;
-            }
-            if let Some((labels, mrr)) = before {
-                for (g, &l) in labels.iter().enumerate() {
-                    let g = u16::try_from(g).unwrap_or(u16::MAX);
-                    deltas.push(((g, l), -1, -mrr));
-                    if now.is_none_or(|(n, _)| n.get(usize::from(g)) != Some(&l)) {
-                        member_ops.push((member_key(g, l, &slot.id), false));
-                    }
-                }
-            }
-            if let Some((labels, mrr)) = now {
-                for (g, &l) in labels.iter().enumerate() {
-                    let g = u16::try_from(g).unwrap_or(u16::MAX);
-                    deltas.push(((g, l), 1, mrr));
-                    if before.is_none_or(|(b, _)| b.get(usize::from(g)) != Some(&l)) {
-                        member_ops.push((member_key(g, l, &slot.id), true));
-                    }
-                }
-            }
+            membership_ops(&slot.id, before, now, &mut deltas, &mut member_ops);
         }
         let mut value = Vec::new();
         for slot in &dirty {
@@ -960,14 +1087,30 @@ impl StateStore {
                 }
                 None => batch.delete_cf(customers, slot.id.as_bytes()),
             }
-            let timer = slot.state.as_ref().and_then(|s| s.timer);
-            if timer != slot.committed_timer {
-                if let Some(old) = slot.committed_timer {
-                    timer_ops.push((timer_key(old, &slot.id), false));
-                }
-                if let Some(new) = timer {
-                    timer_ops.push((timer_key(new, &slot.id), true));
-                }
+            timer_op(&slot.id, slot.committed_timer, slot.state.as_ref().and_then(|s| s.timer), &mut timer_ops);
+        }
+        // Restored states, as they came (ADR 011), against the committed
+        // ones' heads.
+        let mut restored: Vec<(&str, &Restored)> = self.restored.iter().map(|(id, r)| (&**id, r)).collect();
+        restored.sort_unstable_by_key(|(id, _)| *id);
+        for (id, r) in &restored {
+            let Some(state) = &r.state else { continue };
+            let before = match self.db.get_pinned_cf(customers, id.as_bytes())? {
+                Some(v) => Some(StateHead::read(id.as_bytes(), &v)?),
+                None => None,
+            };
+            let now = state.as_ref().map(StoredState::head);
+            membership_ops(
+                id,
+                before.as_ref().map(|h| (&h.labels[..], h.mrr_cents)),
+                now.map(|h| (&h.labels[..], h.mrr_cents)),
+                &mut deltas,
+                &mut member_ops,
+            );
+            timer_op(id, before.and_then(|h| h.timer), now.and_then(|h| h.timer), &mut timer_ops);
+            match state {
+                Some(st) => batch.put_cf(customers, id.as_bytes(), st.bytes()),
+                None => batch.delete_cf(customers, id.as_bytes()),
             }
         }
         timer_ops.sort_unstable();
@@ -979,22 +1122,38 @@ impl StateStore {
             }
         }
         let history = self.cf(CF_HISTORY);
-        for slot in &dirty {
-            if slot.history_reset || slot.state.is_none() {
-                let prefix = history_prefix(&slot.id);
-                let mut end = prefix.clone();
-                end.extend_from_slice(&[0xff; 5]);
-                batch.delete_range_cf(history, &prefix, &end);
-            }
-            if slot.state.is_none() {
-                continue;
-            }
-            for (seq, entry) in &slot.history {
+        let delete_history = |batch: &mut WriteBatch, id: &str| {
+            let prefix = history_prefix(id);
+            let mut end = prefix.clone();
+            end.extend_from_slice(&[0xff; 5]);
+            batch.delete_range_cf(history, &prefix, &end);
+        };
+        let write_history = |batch: &mut WriteBatch, id: &str, writes: &[(u32, Option<HistoryEntry>)]| {
+            for (seq, entry) in writes {
                 match entry {
-                    Some(e) => batch.put_cf(history, history_key(&slot.id, *seq), e.encode()),
-                    None => batch.delete_cf(history, history_key(&slot.id, *seq)),
+                    Some(e) => batch.put_cf(history, history_key(id, *seq), e.encode()),
+                    None => batch.delete_cf(history, history_key(id, *seq)),
                 }
             }
+        };
+        for slot in &dirty {
+            // Erased: its history goes with it, then what came after the
+            // erasure is written. A customer without a state that never
+            // had one keeps the history a restore wrote for it (its state
+            // comes later in the changelog, after this commit).
+            let erased = slot.state.is_none() && slot.committed.is_some() && !slot.history_reset;
+            if slot.history_reset || erased {
+                delete_history(&mut batch, &slot.id);
+            }
+            if !erased {
+                write_history(&mut batch, &slot.id, &slot.history);
+            }
+        }
+        for (id, r) in &restored {
+            if r.reset {
+                delete_history(&mut batch, id);
+            }
+            write_history(&mut batch, id, &r.history);
         }
         member_ops.sort_unstable();
         let members = self.cf(CF_MEMBERS);
@@ -1030,6 +1189,7 @@ impl StateStore {
             self.counts = c;
         }
         self.dirty = 0;
+        self.restored.clear();
         for slot in &mut self.slots {
             if slot.dirty {
                 slot.dirty = false;
@@ -1468,5 +1628,114 @@ mod tests {
         reader.catch_up().expect("catch up");
         assert!(reader.members(1, 4, None, 1000).expect("members").contains(&"new".to_string()));
         assert!(reader.committed_customer("new").expect("read").is_some());
+    }
+
+    /// Everything a store holds for its customers, as text.
+    fn contents(s: &StateStore) -> Vec<String> {
+        let mut out = Vec::new();
+        s.for_each_customer(|id, st| out.push(format!("{id} {st:?}"))).expect("customers");
+        out.push(format!("timers {:?}", s.committed_timers().expect("timers")));
+        out.push(format!("counts {:?}", s.segment_counts()));
+        out.push(format!("members {:?}", scanned(s).0));
+        for g in 0..2u16 {
+            for l in 0..5u16 {
+                out.push(format!("index {g}/{l} {:?}", s.members(g, l, None, 1000).expect("members")));
+            }
+        }
+        for id in s.customer_ids_after(None, 1000).expect("ids") {
+            out.push(format!("history {id} {:?}", s.history_with_seqs(&id).expect("history")));
+        }
+        for i in 0..12 {
+            let id = format!("c{i}");
+            out.push(format!("history {id} {:?}", s.history_with_seqs(&id).expect("history")));
+        }
+        out
+    }
+
+    #[test]
+    fn restored_states_written_as_they_came_equal_decoded_ones() {
+        let opts = StateOptions { cache_customers: 3, history_per_customer: 4, ..StateOptions::default() };
+        let (da, db) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        // `raw` restores through the undecoded path wherever a customer is
+        // not cached; `decoded` loads every customer first, as restores did.
+        let mut raw = StateStore::open(da.path(), opts.clone()).expect("open");
+        let mut decoded = StateStore::open(db.path(), opts).expect("open");
+        let mut seed: u64 = 11;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for step in 0..4000i64 {
+            let id = format!("c{}", next(12));
+            match next(8) {
+                0 => {
+                    raw.restore_state(&id, None).expect("erase");
+                    let sid = decoded.customer(&id).expect("load");
+                    decoded.restore_state(&id, None).expect("erase");
+                    assert!(decoded.slot(sid).state.is_none());
+                }
+                1..=3 => {
+                    let mut st = state(step, (next(2) == 0).then_some(step + next(100) as i64));
+                    st.labels = vec![next(3) as u16, next(5) as u16];
+                    st.mrr_cents = next(1000) as i64;
+                    let stored = StoredState::of(&st);
+                    raw.restore_state(&id, Some(stored.clone())).expect("restore");
+                    decoded.customer(&id).expect("load");
+                    decoded.restore_state(&id, Some(stored)).expect("restore");
+                }
+                4..=6 => {
+                    let seq = next(6) as u32;
+                    let e = (next(4) != 0).then(|| entry(next(2) as u16, next(5) as u16, step));
+                    raw.restore_history_of(&id, seq, e.clone());
+                    decoded.customer(&id).expect("load");
+                    decoded.restore_history_of(&id, seq, e);
+                }
+                _ => {
+                    // A customer loaded mid-restore takes what was restored for it.
+                    let (a, b) = (raw.customer(&id).expect("load"), decoded.customer(&id).expect("load"));
+                    assert_eq!(raw.slot(a).state, decoded.slot(b).state, "{id} at step {step}");
+                }
+            }
+            if next(30) == 0 {
+                raw.commit(&[]).expect("commit");
+                decoded.commit(&[]).expect("commit");
+                assert_eq!(contents(&raw), contents(&decoded), "after step {step}");
+                assert_eq!(raw.segment_counts(), &scanned(&raw).1, "counts at step {step}");
+            }
+        }
+        raw.commit(&[]).expect("commit");
+        decoded.commit(&[]).expect("commit");
+        assert_eq!(contents(&raw), contents(&decoded));
+    }
+
+    #[test]
+    fn history_restored_before_its_customers_first_state_is_kept_across_a_commit() {
+        // The changelog carries a commit's history entries before its
+        // customers: a restore's periodic commit can fall between them.
+        for cached in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut s = StateStore::open(dir.path(), StateOptions::default()).expect("open");
+            if cached {
+                s.customer("new").expect("load");
+            }
+            s.restore_history_of("new", 0, Some(entry(0, 1, 5)));
+            s.commit(&[]).expect("commit");
+            s.restore_state("new", Some(StoredState::of(&state(5, None)))).expect("restore");
+            s.commit(&[]).expect("commit");
+            assert_eq!(s.history("new").expect("history"), vec![entry(0, 1, 5)], "cached first: {cached}");
+            // An erasure restored then takes it away.
+            s.restore_state("new", None).expect("erase");
+            s.commit(&[]).expect("commit");
+            assert!(s.history("new").expect("history").is_empty());
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "restored customer states are read only after the commit")]
+    fn reading_due_timers_before_the_commit_of_a_restore_is_a_bug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = StateStore::open(dir.path(), StateOptions::default()).expect("open");
+        s.restore_state("a", Some(StoredState::of(&state(5, Some(10))))).expect("restore");
+        let _ = s.next_due(0);
     }
 }

@@ -227,6 +227,9 @@ impl Task {
         for (id, seq) in &restored_tail.undo_history {
             engine.restore_history(id, *seq, None)?;
         }
+        // Restored states are written as they came and read back from
+        // RocksDB (ADR 011): committed before the engine goes on.
+        engine.commit(Vec::new())?;
         let (skip, runs, run_keys) = (restored_tail.skip, restored_tail.runs, restored_tail.run_keys);
         let (marker, changelog_offset, fresh) = match restored_tail.last {
             Some((marker, offset)) => (marker, offset, false),
