@@ -153,7 +153,7 @@ mod tests {
         st.nps_ts = 1_700_000_300_000;
         st.profile = Profile { industry: Some("saas ✓".into()), employees: Some(250), country: Some("DE".into()) };
         st.profile_ts = 1_700_000_400_000;
-        st.recent_ids = (0..40).map(|i| i * 0x9e37_79b9_7f4a_7c15_u64).collect();
+        st.recent_ids = (0..40).map(|i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
         st.evaluated_at = 1_700_000_600_000;
         st.labels = vec![3, 0, 11, 2, 65_000];
         st.timer = Some(1_700_086_400_000);
