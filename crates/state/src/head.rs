@@ -2,12 +2,7 @@
 //! without decoding the rest: a changelog restore writes the bytes a
 //! record carries as they came (ADR 011).
 
-use std::marker::PhantomData;
-
-use segstream_decode::{Priority, SubscriptionStatus};
 use segstream_scoring::CustomerState;
-use serde::de::{SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
 
 use crate::store::{decode_state, encode_state, known_format, StateError};
 
@@ -31,10 +26,7 @@ impl StateHead {
     pub fn read(key: &[u8], v: &[u8]) -> Result<Self, StateError> {
         let corrupt = |reason: String| StateError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason };
         match v.split_first() {
-            Some((f, rest)) if known_format(*f) => {
-                let w: Wire<'_> = postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
-                Ok(Self { mrr_cents: w.mrr_cents, labels: w.labels, timer: w.timer })
-            }
+            Some((f, rest)) if known_format(*f) => read_head(rest).map_err(|e| corrupt(e.to_string())),
             Some((f, _)) => Err(corrupt(format!("unknown state format {f}"))),
             None => Err(corrupt("empty value".into())),
         }
@@ -79,63 +71,194 @@ impl StoredState {
     }
 }
 
-/// `CustomerState`'s fields up to `timer`, in its order and wire types,
-/// with what a head does not need skipped without allocating. A change to
-/// `CustomerState`'s fields before `timer` must change this too: the test
-/// `head_reads_what_the_state_holds` fails until it does.
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Wire<'a> {
-    first_seen: i64,
-    last_active: Option<i64>,
-    active_anchor: i64,
-    active_bits: u128,
-    features: Skip<([u8; 8], i64)>,
-    mrr_cents: i64,
-    sub_status: Option<SubscriptionStatus>,
-    sub_ts: Option<i64>,
-    payment_failed: bool,
-    payment_ts: Option<i64>,
-    open_tickets: Skip<([u8; 8], Priority)>,
-    last_nps: Option<u8>,
-    nps_ts: Option<i64>,
-    #[serde(borrow)]
-    profile: (Option<&'a str>, Option<i64>, Option<&'a str>),
-    profile_ts: Option<i64>,
-    recent_ids: Skip<[u8; 8]>,
-    evaluated_at: i64,
-    labels: Vec<u16>,
-    timer: Option<i64>,
+/// Reads `CustomerState`'s postcard fields up to `timer` (a restore reads
+/// one per customer record, so this is a hand-written walk over the bytes
+/// rather than serde: the 32 dedup hashes and the feature and ticket hashes
+/// are skipped by their length, not read one byte at a time). Postcard:
+/// integers are varints (signed ones zigzag), `u8` and `bool` one byte, an
+/// `Option` a 0/1 tag, a sequence or string its varint length first, a
+/// unit enum its variant's varint index, a struct or tuple its fields in
+/// order. A field inserted before `timer` in `CustomerState` must be read
+/// here too: `head_reads_what_the_state_holds` and
+/// `hand_reader_equals_serde_on_random_states` fail until it is.
+fn read_head(v: &[u8]) -> Result<StateHead, postcard::Error> {
+    let mut r = Reader { v, at: 0 };
+    r.i64()?; // first_seen
+    r.option(|r| r.i64().map(drop))?; // last_active
+    r.i64()?; // active_anchor
+    r.varint(19)?; // active_bits (u128)
+    let features = r.len()?;
+    for _ in 0..features {
+        r.skip(8)?;
+        r.i64()?;
+    }
+    let mrr_cents = r.i64()?;
+    r.option(|r| r.variant(4))?; // sub_status
+    r.option(|r| r.i64().map(drop))?; // sub_ts
+    r.bool()?; // payment_failed
+    r.option(|r| r.i64().map(drop))?; // payment_ts
+    let tickets = r.len()?;
+    for _ in 0..tickets {
+        r.skip(8)?;
+        r.variant(4)?;
+    }
+    r.option(|r| r.skip(1))?; // last_nps
+    r.option(|r| r.i64().map(drop))?; // nps_ts
+    r.option(Reader::str)?; // profile.industry
+    r.option(|r| r.i64().map(drop))?; // profile.employees
+    r.option(Reader::str)?; // profile.country
+    r.option(|r| r.i64().map(drop))?; // profile_ts
+    let ids = r.len()?;
+    r.skip(ids.checked_mul(8).ok_or(postcard::Error::DeserializeBadVarint)?)?; // recent_ids
+    r.i64()?; // evaluated_at
+    let n = r.len()?;
+    let mut labels = Vec::with_capacity(n.min(r.v.len()));
+    for _ in 0..n {
+        let l = r.varint(3)?;
+        labels.push(u16::try_from(l).map_err(|_| postcard::Error::DeserializeBadVarint)?);
+    }
+    let mut timer = None;
+    r.option(|r| {
+        timer = Some(r.i64()?);
+        Ok(())
+    })?;
+    Ok(StateHead { mrr_cents, labels, timer })
 }
 
-/// A sequence of `T`, read and dropped.
-struct Skip<T>(PhantomData<T>);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Skip<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_seq(Skip(PhantomData))
-    }
+/// A position in postcard bytes.
+struct Reader<'a> {
+    v: &'a [u8],
+    at: usize,
 }
 
-impl<'de, T: Deserialize<'de>> Visitor<'de> for Skip<T> {
-    type Value = Skip<T>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a sequence")
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8, postcard::Error> {
+        let b = *self.v.get(self.at).ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+        self.at += 1;
+        Ok(b)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<T>()?.is_some() {}
-        Ok(self)
+    fn skip(&mut self, n: usize) -> Result<(), postcard::Error> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.v.len());
+        self.at = end.ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+        Ok(())
+    }
+
+    /// An unsigned varint of at most `max` bytes.
+    fn varint(&mut self, max: usize) -> Result<u128, postcard::Error> {
+        let mut out = 0u128;
+        for i in 0..max {
+            let b = self.byte()?;
+            out |= u128::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(out);
+            }
+        }
+        Err(postcard::Error::DeserializeBadVarint)
+    }
+
+    fn i64(&mut self) -> Result<i64, postcard::Error> {
+        let z = u64::try_from(self.varint(10)?).map_err(|_| postcard::Error::DeserializeBadVarint)?;
+        Ok((z >> 1) as i64 ^ -((z & 1) as i64))
+    }
+
+    fn len(&mut self) -> Result<usize, postcard::Error> {
+        usize::try_from(self.varint(10)?).map_err(|_| postcard::Error::DeserializeBadVarint)
+    }
+
+    fn bool(&mut self) -> Result<bool, postcard::Error> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(postcard::Error::DeserializeBadBool),
+        }
+    }
+
+    /// A unit enum's variant index, below `count`.
+    fn variant(&mut self, count: u128) -> Result<(), postcard::Error> {
+        if self.varint(5)? < count {
+            Ok(())
+        } else {
+            Err(postcard::Error::DeserializeBadEnum)
+        }
+    }
+
+    fn str(&mut self) -> Result<(), postcard::Error> {
+        let n = self.len()?;
+        let start = self.at;
+        self.skip(n)?;
+        std::str::from_utf8(&self.v[start..self.at]).map(drop).map_err(|_| postcard::Error::DeserializeBadUtf8)
+    }
+
+    fn option(&mut self, some: impl FnOnce(&mut Self) -> Result<(), postcard::Error>) -> Result<(), postcard::Error> {
+        match self.byte()? {
+            0 => Ok(()),
+            1 => some(self),
+            _ => Err(postcard::Error::DeserializeBadOption),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::marker::PhantomData;
+
     use segstream_decode::{AttrValue, Priority, SubscriptionStatus};
     use segstream_scoring::{CustomerState, NamedValues, Profile};
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
 
     use super::*;
+
+    /// `CustomerState`'s fields up to `timer`, in its order and wire types,
+    /// read by serde (what a head does not need skipped): the reference the
+    /// hand-written `read_head` is checked against.
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Wire<'a> {
+        first_seen: i64,
+        last_active: Option<i64>,
+        active_anchor: i64,
+        active_bits: u128,
+        features: Skip<([u8; 8], i64)>,
+        mrr_cents: i64,
+        sub_status: Option<SubscriptionStatus>,
+        sub_ts: Option<i64>,
+        payment_failed: bool,
+        payment_ts: Option<i64>,
+        open_tickets: Skip<([u8; 8], Priority)>,
+        last_nps: Option<u8>,
+        nps_ts: Option<i64>,
+        #[serde(borrow)]
+        profile: (Option<&'a str>, Option<i64>, Option<&'a str>),
+        profile_ts: Option<i64>,
+        recent_ids: Skip<[u8; 8]>,
+        evaluated_at: i64,
+        labels: Vec<u16>,
+        timer: Option<i64>,
+    }
+
+    /// A sequence of `T`, read and dropped.
+    struct Skip<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Skip<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_seq(Skip(PhantomData))
+        }
+    }
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Skip<T> {
+        type Value = Skip<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+            while seq.next_element::<T>()?.is_some() {}
+            Ok(self)
+        }
+    }
 
     /// Every field set, so that each is on the wire.
     fn full() -> CustomerState {
@@ -188,5 +311,63 @@ mod tests {
         assert!(StoredState::new(b"c", v[..v.len() / 2].to_vec()).is_err());
         assert!(StoredState::new(b"c", vec![99, 0, 0]).is_err());
         assert!(StoredState::new(b"c", Vec::new()).is_err());
+    }
+
+    /// The serde reader's head, for comparison.
+    fn wire_head(v: &[u8]) -> Result<StateHead, postcard::Error> {
+        let w: Wire<'_> = postcard::from_bytes(&v[1..])?;
+        Ok(StateHead { mrr_cents: w.mrr_cents, labels: w.labels, timer: w.timer })
+    }
+
+    #[test]
+    fn hand_reader_equals_serde_on_random_states() {
+        let mut seed: u64 = 5;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed
+        };
+        // Small, large and extreme values alike.
+        let int = |n: &mut dyn FnMut() -> u64| -> i64 {
+            match n() % 4 {
+                0 => (n() % 300) as i64 - 150,
+                1 => n() as i64,
+                2 => [i64::MIN, i64::MAX, 0, -1][(n() % 4) as usize],
+                _ => 1_700_000_000_000 + (n() % 100_000_000) as i64,
+            }
+        };
+        for _ in 0..3000 {
+            let mut st = CustomerState::new(int(&mut next));
+            let some = |n: &mut dyn FnMut() -> u64| n().is_multiple_of(2);
+            st.last_active = some(&mut next).then(|| int(&mut next));
+            st.active_anchor = int(&mut next);
+            st.active_bits = u128::from(next()) << (next() % 64);
+            st.features = (0..next() % 20).map(|_| (next(), int(&mut next))).collect();
+            st.mrr_cents = int(&mut next);
+            st.sub_status = some(&mut next).then_some(SubscriptionStatus::Canceled);
+            st.sub_ts = int(&mut next);
+            st.payment_failed = some(&mut next);
+            st.payment_ts = int(&mut next);
+            st.open_tickets = (0..next() % 5).map(|_| (next(), Priority::High)).collect();
+            st.last_nps = some(&mut next).then(|| (next() % 11) as u8);
+            st.nps_ts = int(&mut next);
+            st.profile = Profile {
+                industry: some(&mut next).then(|| "é".repeat((next() % 200) as usize)),
+                employees: some(&mut next).then(|| int(&mut next)),
+                country: some(&mut next).then(|| "NL".into()),
+            };
+            st.profile_ts = int(&mut next);
+            st.recent_ids = (0..next() % 33).map(|_| next()).collect();
+            st.evaluated_at = int(&mut next);
+            st.labels = (0..next() % 9).map(|_| (next() % 70_000) as u16).collect();
+            st.timer = some(&mut next).then(|| int(&mut next));
+            let v = encode_state(&st);
+            let hand = StateHead::read(b"c", &v).expect("hand reader reads");
+            assert_eq!(hand, StateHead::of(&st));
+            assert_eq!(wire_head(&v).expect("serde reads"), hand);
+            // Cut anywhere: both readers fail, or both read the same head.
+            let cut = 1 + (next() as usize) % (v.len() - 1);
+            let hand = read_head(&v[1..cut]).ok();
+            assert_eq!(hand, wire_head(&v[..cut]).ok(), "cut at {cut} of {}", v.len());
+        }
     }
 }

@@ -84,7 +84,13 @@ impl HistoryEntry {
     /// Reads an entry, also one written before `rules` or `version` existed
     /// (their zero bytes are appended).
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        match postcard::from_bytes(bytes) {
+            Err(postcard::Error::DeserializeUnexpectedEnd) => {}
+            other => return other,
+        }
+        // An earlier format: its missing last fields read as zeros.
         let mut longer = bytes.to_vec();
+        longer.push(0);
         loop {
             match postcard::from_bytes(&longer) {
                 Err(postcard::Error::DeserializeUnexpectedEnd) if longer.len() < bytes.len() + 2 => longer.push(0),
