@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use segstream_decode::{wire, Format};
-use segstream_output::{transition_schema, transition_to_avro_value, DeadLetter, TransitionRecord, TransitionSink};
+use segstream_output::{transition_schema, transition_to_avro_value, DeadLetter, TransitionSink};
 use segstream_scoring::Transition;
 
 use crate::error::Error;
@@ -39,9 +39,10 @@ impl OutputEncoding {
     fn id(self, t: &Transition) -> Result<(String, Option<Vec<u8>>), Error> {
         match self {
             OutputEncoding::Json => {
-                let rec = TransitionRecord::from(t);
-                let json = serde_json::to_vec(&rec)?;
-                Ok((rec.transition_id, Some(json)))
+                let id = t.transition_id();
+                let mut json = Vec::with_capacity(384);
+                segstream_output::write_transition_json_with_id(t, id, &mut json);
+                Ok((id.hyphenated().to_string(), Some(json)))
             }
             OutputEncoding::Avro(_) => Ok((t.transition_id().to_string(), None)),
         }

@@ -19,5 +19,5 @@ pub use error::OutputError;
 pub use file::{CommittedFile, DeadLetterFile, TransitionFile};
 pub use record::{
     transition_from_avro_value, transition_schema, transition_to_avro_value, transition_to_json, write_transition_json,
-    CauseRecord, TransitionRecord, TRANSITION_SCHEMA_JSON,
+    write_transition_json_with_id, CauseRecord, TransitionRecord, TRANSITION_SCHEMA_JSON,
 };

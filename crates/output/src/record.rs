@@ -88,6 +88,12 @@ pub fn transition_to_json(t: &Transition) -> String {
 /// [`TransitionRecord`] serialized by serde_json (a test keeps them equal),
 /// without building the record's strings first (the output's hot path).
 pub fn write_transition_json(t: &Transition, out: &mut Vec<u8>) {
+    write_transition_json_with_id(t, t.transition_id(), out);
+}
+
+/// [`write_transition_json`] with the transition's id computed already
+/// (`t.transition_id()`, a SHA-1): for a caller that needs the id too.
+pub fn write_transition_json_with_id(t: &Transition, transition_id: uuid::Uuid, out: &mut Vec<u8>) {
     fn text(out: &mut Vec<u8>, s: &str) {
         serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
     }
@@ -153,7 +159,7 @@ pub fn write_transition_json(t: &Transition, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(b"},\"transition_id\":\"");
     let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    out.extend_from_slice(t.transition_id().hyphenated().encode_lower(&mut id).as_bytes());
+    out.extend_from_slice(transition_id.hyphenated().encode_lower(&mut id).as_bytes());
     out.extend_from_slice(b"\",\"rules_version\":");
     num(out, t.rules_version);
     out.push(b'}');
