@@ -93,14 +93,14 @@ fn read_head(v: &[u8]) -> Result<StateHead, postcard::Error> {
         r.i64()?;
     }
     let mrr_cents = r.i64()?;
-    r.option(|r| r.variant(4))?; // sub_status
+    r.option(Reader::variant)?; // sub_status
     r.option(|r| r.i64().map(drop))?; // sub_ts
     r.bool()?; // payment_failed
     r.option(|r| r.i64().map(drop))?; // payment_ts
     let tickets = r.len()?;
     for _ in 0..tickets {
         r.skip(8)?;
-        r.variant(4)?;
+        r.variant()?; // priority
     }
     r.option(|r| r.skip(1))?; // last_nps
     r.option(|r| r.i64().map(drop))?; // nps_ts
@@ -174,13 +174,11 @@ impl Reader<'_> {
         }
     }
 
-    /// A unit enum's variant index, below `count`.
-    fn variant(&mut self, count: u128) -> Result<(), postcard::Error> {
-        if self.varint(5)? < count {
-            Ok(())
-        } else {
-            Err(postcard::Error::DeserializeBadEnum)
-        }
+    /// A unit enum's variant index. Its range is left to the full decode
+    /// when the customer is loaded: a variant added later must not make
+    /// the head of a valid state unreadable.
+    fn variant(&mut self) -> Result<(), postcard::Error> {
+        self.varint(5).map(drop)
     }
 
     fn str(&mut self) -> Result<(), postcard::Error> {
@@ -343,11 +341,18 @@ mod tests {
             st.active_bits = u128::from(next()) << (next() % 64);
             st.features = (0..next() % 20).map(|_| (next(), int(&mut next))).collect();
             st.mrr_cents = int(&mut next);
-            st.sub_status = some(&mut next).then_some(SubscriptionStatus::Canceled);
+            st.sub_status = some(&mut next).then(|| {
+                use SubscriptionStatus::*;
+                [Trialing, Active, PastDue, Canceled][(next() % 4) as usize]
+            });
             st.sub_ts = int(&mut next);
             st.payment_failed = some(&mut next);
             st.payment_ts = int(&mut next);
-            st.open_tickets = (0..next() % 5).map(|_| (next(), Priority::High)).collect();
+            st.open_tickets = (0..next() % 5)
+                .map(|_| {
+                    (next(), [Priority::Low, Priority::Normal, Priority::High, Priority::Urgent][(next() % 4) as usize])
+                })
+                .collect();
             st.last_nps = some(&mut next).then(|| (next() % 11) as u8);
             st.nps_ts = int(&mut next);
             st.profile = Profile {
