@@ -86,7 +86,7 @@ fn read_head(v: &[u8]) -> Result<StateHead, postcard::Error> {
     r.i64()?; // first_seen
     r.option(|r| r.i64().map(drop))?; // last_active
     r.i64()?; // active_anchor
-    r.varint(19)?; // active_bits (u128)
+    r.varint(128)?; // active_bits
     let features = r.len()?;
     for _ in 0..features {
         r.skip(8)?;
@@ -114,8 +114,7 @@ fn read_head(v: &[u8]) -> Result<StateHead, postcard::Error> {
     let n = r.len()?;
     let mut labels = Vec::with_capacity(n.min(r.v.len()));
     for _ in 0..n {
-        let l = r.varint(3)?;
-        labels.push(u16::try_from(l).map_err(|_| postcard::Error::DeserializeBadVarint)?);
+        labels.push(r.varint(16)? as u16);
     }
     let mut timer = None;
     r.option(|r| {
@@ -144,11 +143,16 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// An unsigned varint of at most `max` bytes.
-    fn varint(&mut self, max: usize) -> Result<u128, postcard::Error> {
+    /// An unsigned varint of a `bits`-bit integer: at most ⌈bits / 7⌉
+    /// bytes, the last of which holds only the top bits (as postcard checks).
+    fn varint(&mut self, bits: u32) -> Result<u128, postcard::Error> {
+        let max = bits.div_ceil(7);
         let mut out = 0u128;
         for i in 0..max {
             let b = self.byte()?;
+            if i == max - 1 && u32::from(b & 0x7f) >> (bits - 7 * i) != 0 {
+                return Err(postcard::Error::DeserializeBadVarint);
+            }
             out |= u128::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
                 return Ok(out);
@@ -158,12 +162,12 @@ impl Reader<'_> {
     }
 
     fn i64(&mut self) -> Result<i64, postcard::Error> {
-        let z = u64::try_from(self.varint(10)?).map_err(|_| postcard::Error::DeserializeBadVarint)?;
+        let z = self.varint(64)? as u64;
         Ok((z >> 1) as i64 ^ -((z & 1) as i64))
     }
 
     fn len(&mut self) -> Result<usize, postcard::Error> {
-        usize::try_from(self.varint(10)?).map_err(|_| postcard::Error::DeserializeBadVarint)
+        usize::try_from(self.varint(64)?).map_err(|_| postcard::Error::DeserializeBadVarint)
     }
 
     fn bool(&mut self) -> Result<bool, postcard::Error> {
@@ -178,7 +182,7 @@ impl Reader<'_> {
     /// when the customer is loaded: a variant added later must not make
     /// the head of a valid state unreadable.
     fn variant(&mut self) -> Result<(), postcard::Error> {
-        self.varint(5).map(drop)
+        self.varint(32).map(drop)
     }
 
     fn str(&mut self) -> Result<(), postcard::Error> {
@@ -374,5 +378,31 @@ mod tests {
             let hand = read_head(&v[1..cut]).ok();
             assert_eq!(hand, wire_head(&v[..cut]).ok(), "cut at {cut} of {}", v.len());
         }
+    }
+
+    #[test]
+    fn hand_reader_rejects_overlong_varints_and_bad_tags_as_postcard_does() {
+        let st = full();
+        let v = encode_state(&st);
+        // `first_seen` is the first field: replace it with hostile varints.
+        let first_len = v[1..].iter().position(|b| b & 0x80 == 0).expect("varint ends") + 1;
+        let with_first = |first: &[u8]| [&v[..1], first, &v[1 + first_len..]].concat();
+        for first in [
+            &[0x80u8; 10][..],                                             // never ends
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], // 65 bits
+        ] {
+            let bad = with_first(first);
+            assert!(read_head(&bad[1..]).is_err());
+            assert!(wire_head(&bad).is_err());
+        }
+        // The largest zigzag value still reads.
+        let max = with_first(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(read_head(&max[1..]).ok(), wire_head(&max).ok());
+        assert!(read_head(&max[1..]).is_ok());
+        // `last_active` is an Option: its tag is 0 or 1.
+        let mut bad = v.clone();
+        bad[1 + first_len] = 2;
+        assert!(read_head(&bad[1..]).is_err());
+        assert!(wire_head(&bad).is_err());
     }
 }
